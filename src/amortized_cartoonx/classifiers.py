@@ -1,0 +1,205 @@
+"""Classifiers: load one from a spec string, normalise its input, run it frozen without side effects.
+
+Spec strings (``--classifier``)::
+
+    torchvision:NAME                 a torchvision model with its pretrained default weights (downloads once)
+    torchvision:NAME:none            the same architecture, random weights (offline; for tests)
+    torchvision:NAME:/path/w.pth     the architecture with a state dict (loaded with weights_only=True)
+    torchvision:NAME:IMAGENET1K_V1   a named torchvision weights entry
+    PATH.pt | PATH.ts                a TorchScript file (torch.jit.load)
+    PATH.pt2                         a torch.export ExportedProgram (torch.export.load)
+    package.module:callable          imported and called with no arguments; returns an nn.Module
+    synthetic[:PATH]                 the classifier of the synthetic cartoon benchmark (cartoonx train-classifier)
+
+Every classifier maps images in [0, 1] to logits ``(N, K)``. torchvision models get the ImageNet
+normalisation inside the wrapper; files and callables take [0, 1] unless ``normalize="imagenet"``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ClassifierError, ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+NORMALIZATIONS = ("auto", "imagenet", "none")
+_CALLABLE_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_FILE_SUFFIXES = (".pt", ".ts", ".jit", ".pt2")
+
+
+class Classifier(nn.Module):
+    """A classifier on images in [0, 1]: optional input normalisation, then the wrapped model.
+
+    The wrapper never changes the wrapped model's flags on its own: :meth:`train` only sets the wrapper's
+    flag, and :func:`frozen` restores everything it changes. Classifiers loaded from a spec belong to the
+    wrapper and are frozen once for good (eval mode, no parameter gradients).
+
+    Args:
+        model: any module mapping ``(N, C, H, W)`` to logits ``(N, K)``.
+        mean, std: per-channel normalisation applied first, or None for none.
+        spec: where the model came from (recorded in outputs and checkpoints).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
+        spec: str = "<module>",
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.spec = spec
+        if (mean is None) != (std is None):
+            raise ConfigError("give both mean and std for the input normalisation, or neither")
+        self.normalization = None if mean is None else (tuple(mean), tuple(std))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(N, C, H, W)`` in [0, 1] -> logits ``(N, K)``."""
+        if self.normalization is not None:
+            mean, std = (torch.tensor(v, device=x.device, dtype=x.dtype).view(1, -1, 1, 1) for v in self.normalization)
+            x = (x - mean) / std
+        return self.model(x)
+
+    def train(self, mode: bool = True) -> Classifier:
+        """Set only the wrapper's flag: a frozen classifier stays in eval mode inside a training module."""
+        self.training = mode
+        return self
+
+
+def freeze_(model: nn.Module) -> nn.Module:
+    """Put a model the caller owns into eval mode with no parameter gradients, for good."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+@contextmanager
+def frozen(model: object) -> Iterator[object]:
+    """Run ``model`` in eval mode without parameter gradients, restoring every flag afterwards.
+
+    Works on any ``nn.Module`` (TorchScript modules included); other callables pass through.
+    """
+    if not isinstance(model, nn.Module):
+        yield model
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for m, _ in modes:  # not model.eval(): a Classifier's train() leaves the wrapped model alone
+            m.training = False
+        for p, _ in grads:
+            p.requires_grad_(False)
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        for p, flag in grads:
+            p.requires_grad_(flag)
+
+
+def _normalization(normalize: str, default: str) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    if normalize not in NORMALIZATIONS:
+        raise ConfigError(f"unknown normalisation {normalize!r}; choose from: {', '.join(NORMALIZATIONS)}")
+    chosen = default if normalize == "auto" else normalize
+    return (IMAGENET_MEAN, IMAGENET_STD) if chosen == "imagenet" else (None, None)
+
+
+def _torchvision_model(name: str, weights: str | None) -> nn.Module:
+    import torchvision
+
+    if name not in torchvision.models.list_models():
+        raise ClassifierError(f"torchvision has no model {name!r}; see torchvision.models.list_models()")
+    if weights is None or weights.lower() == "none":
+        return torchvision.models.get_model(name, weights=None)
+    path = Path(weights).expanduser()
+    if path.suffix in (".pth", ".pt", ".bin", ".ckpt") or path.exists():
+        if not path.is_file():
+            raise ClassifierError(f"weights file not found: {path}")
+        model = torchvision.models.get_model(name, weights=None)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+        except Exception as exc:  # noqa: BLE001 - any loading failure is the user's file
+            raise ClassifierError(f"cannot load weights {path} into torchvision:{name}: {exc}") from None
+        return model
+    try:
+        return torchvision.models.get_model(name, weights=weights)
+    except Exception as exc:  # noqa: BLE001 - no network, unknown weights name, ...
+        raise ClassifierError(f"cannot load torchvision:{name} with weights {weights!r}: {exc}") from None
+
+
+def _file_model(path: Path) -> nn.Module:
+    if not path.is_file():
+        raise ClassifierError(f"classifier file not found: {path}")
+    try:
+        if path.suffix == ".pt2":
+            return torch.export.load(str(path)).module()
+        with warnings.catch_warnings():  # torch >= 2.9 flags TorchScript as deprecated; it still loads
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:  # noqa: BLE001
+        kind = "ExportedProgram" if path.suffix == ".pt2" else "TorchScript"
+        raise ClassifierError(f"cannot load {path} as a {kind} file: {str(exc).splitlines()[0]}") from None
+
+
+def _callable_model(spec: str) -> nn.Module:
+    module_name, attr = spec.split(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ClassifierError(f"cannot import {spec}: {exc}") from None
+    model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+    if not isinstance(model, nn.Module):
+        raise ClassifierError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def load_classifier(spec: str, normalize: str = "auto", device: str | torch.device = "cpu") -> Classifier:
+    """Load, freeze and wrap the classifier named by ``spec`` (see the module docstring).
+
+    Args:
+        spec: the spec string.
+        normalize: ``auto`` (ImageNet normalisation for torchvision models, none otherwise), ``imagenet``
+            or ``none``.
+        device: where to put it.
+    """
+    default_norm = "none"
+    if spec.startswith("torchvision:"):
+        parts = spec.split(":", 2)
+        weights = parts[2] if len(parts) == 3 else "DEFAULT"
+        model = _torchvision_model(parts[1], weights)
+        default_norm = "imagenet"
+    elif spec == "synthetic" or spec.startswith("synthetic:"):
+        from .synthetic.classifier import load_synthetic_classifier  # issue 5's benchmark classifier
+
+        model = load_synthetic_classifier(spec.partition(":")[2] or None)
+    elif Path(spec).suffix in _FILE_SUFFIXES:
+        model = _file_model(Path(spec).expanduser())
+    elif _CALLABLE_SPEC.match(spec):
+        model = _callable_model(spec)
+    else:
+        raise ClassifierError(
+            f"cannot read classifier spec {spec!r}: use torchvision:NAME[:WEIGHTS], a .pt/.pt2 file, "
+            "package.module:callable or synthetic[:PATH]"
+        )
+    mean, std = _normalization(normalize, default_norm)
+    return Classifier(freeze_(model), mean=mean, std=std, spec=spec).to(device)
+
+
+def wrap_classifier(model: nn.Module, normalize: str = "none") -> Classifier:
+    """Wrap a caller's model without changing it (no freezing, no device move)."""
+    if isinstance(model, Classifier):
+        return model
+    mean, std = _normalization(normalize, "none")
+    return Classifier(model, mean=mean, std=std)

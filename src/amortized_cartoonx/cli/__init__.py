@@ -1,0 +1,55 @@
+"""The ``cartoonx`` command. Sub-command modules are import-light: heavy imports happen in ``run``.
+
+``cartoonx --help`` must answer fast, so nothing here imports torch or Lightning.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+from .common import Parser
+
+#: sub-command -> module (each defines ``add_parser(subparsers)`` which sets ``run``).
+COMMANDS = {
+    "explain": "amortized_cartoonx.cli.explain",
+}
+
+
+def build_parser() -> Parser:
+    parser = Parser(
+        prog="cartoonx",
+        description="CartoonX explanations of image classifiers: exact optimizer, amortized explainer, evaluation.",
+    )
+    from amortized_cartoonx import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    for module in COMMANDS.values():
+        importlib.import_module(module).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.INFO, format="cartoonx: %(message)s", stream=sys.stderr, force=False)
+    from amortized_cartoonx.errors import CartoonXError
+
+    try:
+        return int(args.run(args) or 0)
+    except CartoonXError as exc:
+        print(f"cartoonx {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cartoonx {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # python -m amortized_cartoonx.cli
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Image folders as datasets (no Lightning here): ids, optional ``labels.csv``, deterministic splits."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+from .errors import InputError
+from .images import list_images, load_image
+
+
+def read_labels_csv(path: str | Path) -> dict[str, int]:
+    """``file -> class_index`` from a CSV with at least the columns ``file`` and ``class_index``."""
+    path = Path(path)
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    except OSError as exc:
+        raise InputError(f"cannot read labels file {path}: {exc}") from None
+    if rows and not {"file", "class_index"} <= set(rows[0]):
+        raise InputError(f"{path} needs the columns file and class_index, has {', '.join(rows[0])}")
+    try:
+        return {row["file"]: int(row["class_index"]) for row in rows}
+    except ValueError as exc:
+        raise InputError(f"{path}: class_index must be an integer ({exc})") from None
+
+
+class ImageFolder(Dataset):
+    """The images directly in ``root`` (sorted by name), resized and centre-cropped to ``size``.
+
+    Each item is a dict: ``image`` ``(3, size, size)`` float in [0, 1], ``id`` (the file name, the key
+    that joins teacher masks and caches), ``index`` (position in the folder) and ``label`` (from
+    ``labels.csv``, -1 when unknown).
+
+    Args:
+        root: the folder.
+        size: side of the square images. Default 256 (the paper's).
+        labels: ``"auto"`` reads ``root/labels.csv`` when it exists; a path reads that file; None reads none.
+        ids: restrict to these file names (in this order).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        size: int = 256,
+        labels: str | Path | None = "auto",
+        ids: Sequence[str] | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.size = size
+        files = list_images(self.root)
+        by_name = {p.name: p for p in files}
+        if ids is not None:
+            missing = [i for i in ids if i not in by_name]
+            if missing:
+                raise InputError(f"{len(missing)} images not found in {self.root}, e.g. {missing[0]}")
+            files = [by_name[i] for i in ids]
+        self.files = files
+        self.ids = [p.name for p in files]
+        if labels == "auto":
+            labels = self.root / "labels.csv" if (self.root / "labels.csv").is_file() else None
+        self.labels = read_labels_csv(labels) if labels is not None else {}
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict:
+        return {
+            "image": load_image(self.files[index], self.size),
+            "id": self.ids[index],
+            "index": index,
+            "label": self.labels.get(self.ids[index], -1),
+        }
+
+
+def split_ids(ids: Sequence[str], val_fraction: float, seed: int = 0) -> tuple[list[str], list[str]]:
+    """A deterministic train/validation split that does not depend on the order or number of ``ids``.
+
+    An id goes to validation when the hash of ``(seed, id)`` falls below ``val_fraction``, so adding
+    images to a folder never moves an existing image to the other side.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise InputError(f"the validation fraction must be in [0, 1), got {val_fraction}")
+
+    def unit(image_id: str) -> float:
+        digest = hashlib.sha256(f"{seed}:{image_id}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64
+
+    train, val = [], []
+    for image_id in ids:
+        (val if unit(image_id) < val_fraction else train).append(image_id)
+    return train, val

@@ -1,0 +1,23 @@
+"""Exceptions the library raises for bad input.
+
+The command-line tool turns every :class:`CartoonXError` into one line on stderr and exit code 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class CartoonXError(Exception):
+    """Base class of the errors a user can cause (bad input, bad configuration)."""
+
+
+class InputError(CartoonXError, ValueError):
+    """An image, tensor or file that cannot be used as given."""
+
+
+class ConfigError(CartoonXError, ValueError):
+    """An unknown name or an invalid hyper-parameter."""
+
+
+class ClassifierError(CartoonXError):
+    """A classifier that cannot be loaded or whose output is not ``(N, classes)`` logits."""

@@ -1,0 +1,205 @@
+"""The result every explainer returns, and the final measurements that fill it.
+
+Every mask explainer (the exact optimizer, the amortized network, warm start) answers
+``explain(images, target=None) -> Explanation``; :func:`measure_mask` computes the same final numbers for
+all of them, on noise drawn from the same per-image seeds, so their losses can be compared directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import InputError
+from .io import atomic_torch_save
+from .rde import RDEObjective, RDEProblem, make_generators, rde_loss, target_prob
+from .wavelets import Coefficients, grey
+
+#: Seed streams: the optimizer's noise and the final measurement's noise are independent draws.
+OPTIMIZE_STREAM = 0
+MEASURE_STREAM = 1
+
+
+def stream_seeds(seeds: Sequence[int], stream: int) -> list[int]:
+    """Derive independent per-image seeds for one use (``stream``) from the user's per-image seeds."""
+    return [int(np.random.SeedSequence([int(s), stream]).generate_state(1)[0]) for s in seeds]
+
+
+def image_seeds(num_images: int, seed: int, seeds: Sequence[int] | None = None) -> list[int]:
+    """Per-image seeds: ``seeds`` if given, else ``seed, seed + 1, ...``."""
+    if seeds is None:
+        return [seed + i for i in range(num_images)]
+    seeds = [int(s) for s in seeds]
+    if len(seeds) != num_images:
+        raise InputError(f"got {len(seeds)} seeds for {num_images} images")
+    return seeds
+
+
+@dataclass
+class LossHistory:
+    """The RDE loss at every step, before that step's update; each ``(S, N)`` (steps x images).
+
+    Entries after an image stopped early repeat its last value.
+    """
+
+    distortion: Tensor
+    sparsity: Tensor
+    total: Tensor
+
+    def select(self, index: int) -> LossHistory:
+        return LossHistory(*(t[:, index : index + 1] for t in (self.distortion, self.sparsity, self.total)))
+
+
+@dataclass
+class Explanation:
+    """Explanations of a batch of N images. Tensors are on the explainer's device unless moved.
+
+    Attributes:
+        method: ``cartoonx``, ``pixel-rde``, ``amortized`` or ``warm``.
+        mask: the mask in [0, 1], bands ``(N, 1, ...)``: wavelet coefficients, or pixels for Pixel RDE.
+        image: ``(N, 1, H, W)`` the explanation in grey: ``clamp(f(mask * DWT(grey(x))), 0, 1)``.
+        target: ``(N,)`` the explained class.
+        prob_original: ``(N,)`` p(target) on the image.
+        prob_masked: ``(N,)`` p(target) on ``clamp(f(mask * h))``, the colour coefficients times the mask.
+        prob_obfuscated: ``(N,)`` p(target) averaged over noisy obfuscations.
+        distortion: ``(N,)`` the final mean distortion over the measurement's noise samples.
+        mask_mean: ``(N,)`` the mean of the mask.
+        loss: ``(N,)`` ``distortion + l1_lambda * mask_mean``.
+        steps: ``(N,)`` optimizer steps run (0 for a single forward pass).
+        seconds: wall-clock seconds for the whole batch.
+        history: per-step losses, or None without optimization.
+        settings: the explainer's settings (for outputs).
+    """
+
+    method: str
+    mask: Coefficients
+    image: Tensor
+    target: Tensor
+    prob_original: Tensor
+    prob_masked: Tensor
+    prob_obfuscated: Tensor
+    distortion: Tensor
+    mask_mean: Tensor
+    loss: Tensor
+    steps: Tensor
+    seconds: float
+    history: LossHistory | None = None
+    settings: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.target.shape[0]
+
+    def cpu(self) -> Explanation:
+        """A copy with every tensor on the CPU."""
+        hist = self.history
+        if hist is not None:
+            hist = LossHistory(hist.distortion.cpu(), hist.sparsity.cpu(), hist.total.cpu())
+        return Explanation(
+            method=self.method,
+            mask=self.mask.to("cpu"),
+            image=self.image.cpu(),
+            target=self.target.cpu(),
+            prob_original=self.prob_original.cpu(),
+            prob_masked=self.prob_masked.cpu(),
+            prob_obfuscated=self.prob_obfuscated.cpu(),
+            distortion=self.distortion.cpu(),
+            mask_mean=self.mask_mean.cpu(),
+            loss=self.loss.cpu(),
+            steps=self.steps.cpu(),
+            seconds=self.seconds,
+            history=hist,
+            settings=dict(self.settings),
+        )
+
+    def summary(self, index: int) -> dict:
+        """The scalar results of image ``index`` as plain Python values."""
+        hist = self.history
+        return {
+            "method": self.method,
+            "target": int(self.target[index]),
+            "prob_original": float(self.prob_original[index]),
+            "prob_masked": float(self.prob_masked[index]),
+            "prob_obfuscated": float(self.prob_obfuscated[index]),
+            "distortion": float(self.distortion[index]),
+            "mask_mean": float(self.mask_mean[index]),
+            "loss_first": float(hist.total[0, index]) if hist is not None and len(hist.total) else None,
+            "loss_final": float(self.loss[index]),
+            "steps": int(self.steps[index]),
+            "seconds": self.seconds / len(self),
+        }
+
+    def save(self, path: str | Path, index: int, metadata: dict | None = None) -> None:
+        """Write image ``index``'s mask, explanation and metadata to ``path`` atomically.
+
+        The file holds only tensors and plain values: ``torch.load(path, weights_only=True)`` reads it.
+        Keys: ``mask`` (flat, ``(K,)`` in :meth:`Coefficients.flatten` order), ``mask_bands`` (list of
+        band tensors), ``explanation`` ``(1, H, W)``, ``metadata`` (dict of plain values).
+        """
+        one = self.mask.select(index)
+        payload = {
+            "mask": one.flatten()[0].detach().cpu(),
+            "mask_bands": [b[0].detach().cpu() for b in one.bands],
+            "explanation": self.image[index].detach().cpu(),
+            "metadata": {**self.summary(index), **self.settings, **(metadata or {})},
+        }
+        atomic_torch_save(payload, Path(path))
+
+
+def as_mask(mask: Coefficients | Tensor, like: Coefficients) -> Coefficients:
+    """Accept a mask as :class:`Coefficients` ``(N, 1, ...)``, a flat ``(N, K)`` tensor or, for pixel
+    masks, an ``(N, 1, H, W)`` tensor; check it against ``like`` (the image coefficients)."""
+    expected = like.mask_like().band_shapes()
+    if isinstance(mask, Tensor):
+        if mask.ndim == 2:
+            mask = like.unflatten(mask)
+        elif like.levels == 0 and mask.ndim == 4:
+            mask = like.with_bands([mask])
+        else:
+            raise InputError(f"a mask tensor must be flat (N, K), got shape {tuple(mask.shape)}")
+    if mask.levels != like.levels or mask.band_shapes() != expected or mask.num_images != like.num_images:
+        raise InputError(
+            f"mask does not fit the images: {mask.num_images} masks with bands {mask.band_shapes()}, "
+            f"expected {like.num_images} with {expected}"
+        )
+    if mask.num_channels != 1:
+        raise InputError(f"a mask has one channel (shared by the colours), got {mask.num_channels}")
+    return mask.to(device=like.device, dtype=like.dtype)
+
+
+@torch.no_grad()
+def measure_mask(
+    objective: RDEObjective,
+    problem: RDEProblem,
+    mask: Coefficients,
+    seeds: Sequence[int],
+    num_samples: int,
+) -> dict[str, Tensor]:
+    """The final numbers of a mask, the same for every explainer.
+
+    Draws ``num_samples`` noise samples per image from the measurement stream of ``seeds`` (so two
+    explainers given the same seeds are measured on the same noise).
+
+    Returns: ``distortion``, ``mask_mean``, ``loss``, ``prob_original``, ``prob_masked``, ``prob_obfuscated``
+    (each ``(N,)``) and ``image`` ``(N, 1, H, W)``.
+    """
+    generators = make_generators(stream_seeds(seeds, MEASURE_STREAM), problem.images.device)
+    noise = objective.sample_noise(problem, num_samples, generators)
+    logits_y = objective.obfuscated_logits(problem, mask, noise)  # (N, L, K)
+    loss = rde_loss(objective.distortion_fn(problem.logits, logits_y, problem.target), mask, objective.l1_lambda)
+    representation = objective.representation
+    grey_coeffs = representation.encode(grey(problem.images))
+    image = representation.decode(grey_coeffs * mask).clamp(0.0, 1.0)
+    return {
+        "distortion": loss.distortion,
+        "mask_mean": loss.sparsity,
+        "loss": loss.total,
+        "prob_original": problem.prob_original(),
+        "prob_masked": objective.masked_target_prob(problem, mask),
+        "prob_obfuscated": target_prob(logits_y, problem.target).mean(1),
+        "image": image,
+    }

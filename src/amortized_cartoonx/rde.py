@@ -1,0 +1,348 @@
+"""The rate-distortion explanation (RDE) objective, pure torch: noise, obfuscation, distortion, loss.
+
+One objective serves the exact optimizer, the amortized explainer's training and the evaluation::
+
+    y_l = clamp(f(s * h + (1 - s) * v_l), 0, 1),  v_l ~ V(h),  l = 1..L
+    loss(s) = mean_l d(p(x), p(y_l)) + lambda * mean(s)
+
+per image, with ``h`` the coefficients of ``x`` in a :class:`~amortized_cartoonx.wavelets.Representation`
+``f`` and ``p = softmax(classifier(.))``. The formulas and defaults follow ``docs/algorithm.md``.
+
+Shapes: N images, L noise samples, K classes; coefficients as in :mod:`amortized_cartoonx.wavelets`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .errors import ClassifierError, InputError
+from .registry import Registry
+from .wavelets import Coefficients, Representation
+
+#: Default sparsity weights (the coefficient of the mean of the mask), the reference code's.
+DEFAULT_LAMBDA = {"cartoonx": 20.0, "pixel-rde": 4.0}
+
+# ---------------------------------------------------------------------------------------------------------
+# Noise
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NoiseStatistics:
+    """Per image and per group (band): ``mean, std: (N, G)``, G = 1 + J groups (low-pass first)."""
+
+    mean: Tensor
+    std: Tensor
+
+
+def band_statistics(coeffs: Coefficients) -> NoiseStatistics:
+    """Mean and unbiased std of every band of every image, pooling orientations and colour channels.
+
+    For Pixel RDE (one band, the image) this is the global mean and std of the image's pixels.
+    """
+    means, stds = [], []
+    for band in coeffs.bands:
+        flat = band.detach().flatten(1)  # (N, C * 3 * H_j * W_j)
+        means.append(flat.mean(1))
+        stds.append(flat.std(1) if flat.shape[1] > 1 else torch.zeros_like(flat[:, 0]))
+    return NoiseStatistics(mean=torch.stack(means, 1), std=torch.stack(stds, 1))
+
+
+#: ``sampler(coeffs, stats, num_samples, generators) -> noise`` with every band ``(N, L, C, ...)``.
+NoiseSampler = Callable[[Coefficients, NoiseStatistics, int, Sequence[torch.Generator]], Coefficients]
+OBFUSCATIONS: Registry[NoiseSampler] = Registry("obfuscation")
+
+
+def _standard_draws(
+    coeffs: Coefficients, num_samples: int, generators: Sequence[torch.Generator], draw: str
+) -> list[Tensor]:
+    """Per band, ``(N, L, C, ...)`` standard draws; image n's come from ``generators[n]`` alone.
+
+    One call per image, so image n's noise does not depend on the other images of the batch.
+    """
+    if len(generators) != coeffs.num_images:
+        raise ValueError(f"need one generator per image: {coeffs.num_images} images, {len(generators)} generators")
+    channels = coeffs.num_channels
+    sizes = [channels * b[0, 0].numel() for b in coeffs.bands]
+    per_image = []
+    for gen in generators:
+        shape = (num_samples, sum(sizes))
+        if draw == "normal":
+            z = torch.randn(shape, generator=gen, device=coeffs.device, dtype=coeffs.dtype)
+        else:
+            z = torch.rand(shape, generator=gen, device=coeffs.device, dtype=coeffs.dtype)
+        per_image.append(z)
+    flat = torch.stack(per_image)  # (N, L, C * K)
+    parts = torch.split(flat, sizes, dim=2)
+    return [p.reshape(coeffs.num_images, num_samples, *band.shape[1:]) for p, band in zip(parts, coeffs.bands)]
+
+
+def _broadcast(stat: Tensor, band: Tensor) -> Tensor:
+    """``(N,) -> (N, 1, 1, ...)`` against a band ``(N, L, C, ...)``."""
+    return stat.reshape(-1, *([1] * (band.ndim - 1)))
+
+
+@OBFUSCATIONS.register("gaussian-adaptive")
+def gaussian_adaptive_noise(coeffs, stats, num_samples, generators) -> Coefficients:
+    """``v ~ N(mean_g, std_g^2)`` per coefficient and channel, with the band g's statistics (the paper's)."""
+    draws = _standard_draws(coeffs, num_samples, generators, "normal")
+    bands = [_broadcast(stats.mean[:, g], z) + _broadcast(stats.std[:, g], z) * z for g, z in enumerate(draws)]
+    return coeffs.with_bands(bands)
+
+
+@OBFUSCATIONS.register("uniform")
+def uniform_noise(coeffs, stats, num_samples, generators) -> Coefficients:
+    """``v ~ U[mean_g - std_g, mean_g + std_g]`` (the ShearletX code's variant)."""
+    draws = _standard_draws(coeffs, num_samples, generators, "uniform")
+    bands = [
+        _broadcast(stats.mean[:, g], u) + _broadcast(stats.std[:, g], u) * (2 * u - 1) for g, u in enumerate(draws)
+    ]
+    return coeffs.with_bands(bands)
+
+
+@OBFUSCATIONS.register("zero")
+def zero_noise(coeffs, stats, num_samples, generators) -> Coefficients:
+    """``v = 0``: deleted coefficients are set to zero (deterministic)."""
+    return coeffs.map(lambda b: torch.zeros(b.shape[0], num_samples, *b.shape[1:], device=b.device, dtype=b.dtype))
+
+
+def make_generators(seeds: Sequence[int], device: torch.device | str) -> list[torch.Generator]:
+    """One seeded generator per image on ``device``."""
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Obfuscation
+# ---------------------------------------------------------------------------------------------------------
+
+
+def obfuscate(representation: Representation, coeffs: Coefficients, mask: Coefficients, noise: Coefficients) -> Tensor:
+    """``(N*L, C, H, W)``: ``clamp(f(s * h + (1 - s) * v), 0, 1)`` for every image and noise sample.
+
+    Args:
+        coeffs: ``h``, bands ``(N, C, ...)``.
+        mask: ``s``, bands ``(N, 1, ...)`` (shared by the channels).
+        noise: ``v``, bands ``(N, L, C, ...)``.
+
+    Rows are image-major: row ``n * L + l`` is image n, sample l.
+    """
+    mixed = []
+    for h, s, v in zip(coeffs.bands, mask.bands, noise.bands):
+        y = v + s.unsqueeze(1) * (h.unsqueeze(1) - v)  # (N, L, C, ...) = s*h + (1-s)*v
+        mixed.append(y.flatten(0, 1))  # (N*L, C, ...)
+    return representation.decode(coeffs.with_bands(mixed)).clamp(0.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Distortion
+# ---------------------------------------------------------------------------------------------------------
+
+#: ``distortion(logits_x (N, K), logits_y (N, L, K), target (N,)) -> (N, L)``.
+Distortion = Callable[[Tensor, Tensor, Tensor], Tensor]
+DISTORTIONS: Registry[Distortion] = Registry("distortion")
+
+
+def target_prob(logits: Tensor, target: Tensor) -> Tensor:
+    """``p_c`` for logits ``(N, K)`` or ``(N, L, K)`` and ``target (N,)``: ``(N,)`` or ``(N, L)``."""
+    probs = logits.softmax(-1)
+    index = target.reshape(-1, *([1] * (logits.ndim - 1)))
+    index = index.expand(*logits.shape[:-1], 1)
+    return probs.gather(-1, index).squeeze(-1)
+
+
+@DISTORTIONS.register("label")
+def label_distortion(logits_x: Tensor, logits_y: Tensor, target: Tensor) -> Tensor:
+    """``(p_c(x) - p_c(y))^2`` (the default)."""
+    return (target_prob(logits_x, target).unsqueeze(1) - target_prob(logits_y, target)) ** 2
+
+
+@DISTORTIONS.register("maximize-target")
+def maximize_target_distortion(logits_x: Tensor, logits_y: Tensor, target: Tensor) -> Tensor:
+    """``(1 - p_c(y))^2``."""
+    return (1.0 - target_prob(logits_y, target)) ** 2
+
+
+@DISTORTIONS.register("l2")
+def l2_distortion(logits_x: Tensor, logits_y: Tensor, target: Tensor) -> Tensor:
+    """``||p(x) - p(y)||_2`` over all classes (not squared; the Fig. 7 measure)."""
+    return (logits_x.softmax(-1).unsqueeze(1) - logits_y.softmax(-1)).norm(dim=-1)
+
+
+@DISTORTIONS.register("kl")
+def kl_distortion(logits_x: Tensor, logits_y: Tensor, target: Tensor) -> Tensor:
+    """``KL(p(y) || p(x)) = sum_k p_k(y) (log p_k(y) - log p_k(x))``, from log-softmax."""
+    log_py = logits_y.log_softmax(-1)
+    log_px = logits_x.log_softmax(-1).unsqueeze(1)
+    return (log_py.exp() * (log_py - log_px)).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loss
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RDELoss:
+    """The RDE loss per image, all ``(N,)``: ``total = distortion + l1_lambda * sparsity``."""
+
+    distortion: Tensor
+    sparsity: Tensor
+    total: Tensor
+
+
+def rde_loss(distortion: Tensor, mask: Coefficients, l1_lambda: float) -> RDELoss:
+    """Combine ``distortion: (N, L)`` (per noise sample) with the mean of ``mask`` per image."""
+    mean_distortion = distortion.mean(1)
+    sparsity = mask.mean_per_image()
+    return RDELoss(distortion=mean_distortion, sparsity=sparsity, total=mean_distortion + l1_lambda * sparsity)
+
+
+@dataclass
+class RDEProblem:
+    """Everything about a batch of images that does not depend on the mask.
+
+    Attributes:
+        images: ``(N, C, H, W)`` in [0, 1].
+        coeffs: their coefficients ``h``.
+        stats: per-band noise statistics.
+        logits: ``(N, K)`` the classifier's logits on the images (no gradient).
+        target: ``(N,)`` the class each image is explained for.
+    """
+
+    images: Tensor
+    coeffs: Coefficients
+    stats: NoiseStatistics
+    logits: Tensor
+    target: Tensor
+
+    @property
+    def num_classes(self) -> int:
+        return self.logits.shape[1]
+
+    def prob_original(self) -> Tensor:
+        """``(N,)``: the probability of the target on the original images."""
+        return target_prob(self.logits, self.target)
+
+
+class RDEObjective:
+    """The RDE loss of a classifier in a representation: shared by optimizer, training and evaluation.
+
+    Args:
+        classifier: maps ``(N, C, H, W)`` in [0, 1] to logits ``(N, K)`` (see :mod:`.classifiers`).
+        representation: where the mask lives (wavelet for CartoonX, pixel for Pixel RDE).
+        l1_lambda: weight of the mean of the mask. Default 20 (CartoonX; 4 is Pixel RDE's).
+        obfuscation: a name in :data:`OBFUSCATIONS`. Default ``gaussian-adaptive``.
+        distortion: a name in :data:`DISTORTIONS`. Default ``label``.
+    """
+
+    def __init__(
+        self,
+        classifier: Callable[[Tensor], Tensor],
+        representation: Representation,
+        l1_lambda: float = DEFAULT_LAMBDA["cartoonx"],
+        obfuscation: str = "gaussian-adaptive",
+        distortion: str = "label",
+    ) -> None:
+        self.classifier = classifier
+        self.representation = representation
+        self.l1_lambda = float(l1_lambda)
+        self.obfuscation = obfuscation
+        self.distortion = distortion
+        self.sample_noise_fn = OBFUSCATIONS.get(obfuscation)
+        self.distortion_fn = DISTORTIONS.get(distortion)
+
+    def describe(self) -> dict:
+        """The settings, for manifests and checkpoints."""
+        return {
+            **self.representation.describe(),
+            "l1_lambda": self.l1_lambda,
+            "obfuscation": self.obfuscation,
+            "distortion": self.distortion,
+        }
+
+    @torch.no_grad()
+    def prepare(self, images: Tensor, target: Tensor | Sequence[int] | int | None = None) -> RDEProblem:
+        """Coefficients, noise statistics, logits and target of ``images: (N, C, H, W)``.
+
+        ``target`` is the predicted class by default, else one class for all or one per image.
+        """
+        check_images(images)
+        logits = self.classifier(images)
+        check_logits(logits, images.shape[0])
+        target = resolve_target(target, logits)
+        coeffs = self.representation.encode(images)
+        return RDEProblem(images=images, coeffs=coeffs, stats=band_statistics(coeffs), logits=logits, target=target)
+
+    def sample_noise(
+        self, problem: RDEProblem, num_samples: int, generators: Sequence[torch.Generator]
+    ) -> Coefficients:
+        """Noise ``v`` with bands ``(N, L, C, ...)``, image n's drawn from ``generators[n]``."""
+        return self.sample_noise_fn(problem.coeffs, problem.stats, num_samples, generators)
+
+    def obfuscated_logits(self, problem: RDEProblem, mask: Coefficients, noise: Coefficients) -> Tensor:
+        """``(N, L, K)``: the classifier's logits on every obfuscation (with gradient w.r.t. ``mask``)."""
+        num_images, num_samples = noise.lowpass.shape[:2]
+        obfuscated = obfuscate(self.representation, problem.coeffs, mask, noise)  # (N*L, C, H, W)
+        return self.classifier(obfuscated).reshape(num_images, num_samples, -1)
+
+    def distortions(self, problem: RDEProblem, mask: Coefficients, noise: Coefficients) -> Tensor:
+        """``(N, L)``: the distortion of every obfuscation (with gradient w.r.t. ``mask``)."""
+        return self.distortion_fn(problem.logits, self.obfuscated_logits(problem, mask, noise), problem.target)
+
+    def loss(self, problem: RDEProblem, mask: Coefficients, noise: Coefficients) -> RDELoss:
+        """The RDE loss per image for ``mask`` under the noise samples ``noise``."""
+        return rde_loss(self.distortions(problem, mask, noise), mask, self.l1_lambda)
+
+    @torch.no_grad()
+    def masked_target_prob(self, problem: RDEProblem, mask: Coefficients) -> Tensor:
+        """``(N,)``: the probability of the target on ``clamp(f(s * h))`` (no noise)."""
+        masked = self.representation.decode(problem.coeffs * mask).clamp(0.0, 1.0)
+        return target_prob(self.classifier(masked), problem.target)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Validation shared by every explainer
+# ---------------------------------------------------------------------------------------------------------
+
+
+def check_images(images: Tensor) -> None:
+    """Reject what no explainer can use: wrong rank, empty, non-finite."""
+    if not isinstance(images, Tensor):
+        raise InputError(f"images must be a tensor (N, C, H, W), got {type(images).__name__}")
+    if images.ndim != 4:
+        raise InputError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
+    if images.numel() == 0:
+        raise InputError("images is empty")
+    if not torch.isfinite(images).all():
+        raise InputError("images contain NaN or infinite values")
+
+
+def check_logits(logits: Tensor, num_images: int) -> None:
+    """Reject classifier outputs that are not logits ``(N, K)``."""
+    if not isinstance(logits, Tensor) or logits.ndim != 2 or logits.shape[0] != num_images:
+        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ClassifierError(
+            f"the classifier returned {shape}; expected logits of shape (N, classes) = ({num_images}, K)"
+        )
+
+
+def resolve_target(target: Tensor | Sequence[int] | int | None, logits: Tensor) -> Tensor:
+    """``(N,)`` long: the predicted class by default, one class for all, or one per image; range-checked."""
+    num_images, num_classes = logits.shape
+    if target is None:
+        return logits.argmax(1)
+    target = torch.as_tensor(target, dtype=torch.long, device=logits.device).reshape(-1)
+    if target.numel() == 1:
+        target = target.expand(num_images).clone()
+    if target.numel() != num_images:
+        raise InputError(f"got {target.numel()} targets for {num_images} images")
+    bad = (target < 0) | (target >= num_classes)
+    if bad.any():
+        raise InputError(
+            f"target class {int(target[bad][0])} is out of range: the classifier has {num_classes} classes"
+        )
+    return target

@@ -1,0 +1,328 @@
+"""Image representations for RDE: the discrete wavelet transform (CartoonX) and the identity (Pixel RDE).
+
+Both representations turn an image batch ``x: (N, C, H, W)`` into :class:`Coefficients`: one low-pass
+band and zero or more detail levels. Pixel RDE is the special case with no detail levels and the
+image itself as the "low-pass" band, so every piece of RDE (noise, masking, loss, ranking) has one code path.
+
+Shapes (N images, C channels, J levels, level j = 1 is the finest)::
+
+    lowpass     (N, C, H_J, W_J)
+    details[j]  (N, C, 3, H_j, W_j)      3 orientations; details[0] is level 1
+    mask        the same with C = 1: one entry per coefficient position, shared by the colour channels
+
+At 256x256 with db3, J=5 and zero padding: low-pass 12x12, details 130, 67, 36, 20, 12 pixels square,
+69,831 mask entries.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigError, InputError
+
+logger = logging.getLogger(__name__)
+
+with warnings.catch_warnings():  # pytorch_wavelets imports the deprecated pkg_resources
+    warnings.simplefilter("ignore")
+    import pywt
+    from pytorch_wavelets import DWTForward, DWTInverse
+
+#: The DWT's default settings, the paper's.
+DEFAULT_WAVE = "db3"
+DEFAULT_LEVELS = 5
+DEFAULT_MODE = "zero"
+PAD_MODES = ("zero", "symmetric", "reflect", "periodization")
+
+
+@dataclass(frozen=True)
+class Coefficients:
+    """A batch of coefficients: a low-pass band and the detail levels, finest first.
+
+    Attributes:
+        lowpass: ``(N, C, H_J, W_J)``.
+        details: ``J`` tensors ``(N, C, 3, H_j, W_j)``; ``details[0]`` is the finest level. Empty for pixels.
+        image_size: ``(H, W)`` of the image these coefficients decode to.
+
+    A mask is a ``Coefficients`` with ``C = 1``; ``coeffs * mask`` broadcasts it over the colour channels.
+    """
+
+    lowpass: Tensor
+    details: tuple[Tensor, ...]
+    image_size: tuple[int, int]
+
+    # ---- structure -------------------------------------------------------------------------------------
+    @property
+    def bands(self) -> tuple[Tensor, ...]:
+        """``(lowpass, details[0], ..., details[J-1])``: the groups of the adaptive noise, in flat order."""
+        return (self.lowpass, *self.details)
+
+    def with_bands(self, bands: Sequence[Tensor]) -> Coefficients:
+        """New coefficients of the same structure from ``bands`` in :attr:`bands` order."""
+        if len(bands) != 1 + len(self.details):
+            raise ValueError(f"expected {1 + len(self.details)} bands, got {len(bands)}")
+        return replace(self, lowpass=bands[0], details=tuple(bands[1:]))
+
+    @property
+    def levels(self) -> int:
+        """J, the number of detail levels (0 for the pixel representation)."""
+        return len(self.details)
+
+    @property
+    def num_images(self) -> int:
+        return self.lowpass.shape[0]
+
+    @property
+    def num_channels(self) -> int:
+        return self.lowpass.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.lowpass.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lowpass.dtype
+
+    def band_shapes(self) -> list[tuple[int, ...]]:
+        """Per band, its shape without the leading N and C axes."""
+        return [tuple(b.shape[2:]) for b in self.bands]
+
+    def numel_per_channel(self) -> int:
+        """Coefficient positions per image (= mask entries per image)."""
+        return sum(math.prod(s) for s in self.band_shapes())
+
+    # ---- element-wise arithmetic (broadcasting, e.g. a C=1 mask against C=3 coefficients) --------------
+    def map(self, fn: Callable[[Tensor], Tensor]) -> Coefficients:
+        return self.with_bands([fn(b) for b in self.bands])
+
+    def zip_map(self, other: Coefficients, fn: Callable[[Tensor, Tensor], Tensor]) -> Coefficients:
+        if other.levels != self.levels:
+            raise ValueError(f"cannot combine {self.levels} and {other.levels} detail levels")
+        return self.with_bands([fn(a, b) for a, b in zip(self.bands, other.bands)])
+
+    def __mul__(self, other: Coefficients | float) -> Coefficients:
+        if isinstance(other, Coefficients):
+            return self.zip_map(other, torch.mul)
+        return self.map(lambda b: b * other)
+
+    __rmul__ = __mul__
+
+    def __add__(self, other: Coefficients) -> Coefficients:
+        return self.zip_map(other, torch.add)
+
+    def __sub__(self, other: Coefficients) -> Coefficients:
+        return self.zip_map(other, torch.sub)
+
+    def to(self, *args, **kwargs) -> Coefficients:
+        return self.map(lambda b: b.to(*args, **kwargs))
+
+    def detach(self) -> Coefficients:
+        return self.map(Tensor.detach)
+
+    def clone(self) -> Coefficients:
+        return self.map(Tensor.clone)
+
+    def clamp(self, low: float = 0.0, high: float = 1.0) -> Coefficients:
+        return self.map(lambda b: b.clamp(low, high))
+
+    def select(self, index: int | slice | Tensor) -> Coefficients:
+        """The images ``index`` of the batch (an int keeps the batch axis)."""
+        if isinstance(index, int):
+            index = slice(index, index + 1)
+        return self.map(lambda b: b[index])
+
+    @staticmethod
+    def cat(items: Sequence[Coefficients]) -> Coefficients:
+        """Concatenate batches along N."""
+        first = items[0]
+        return first.with_bands([torch.cat(parts) for parts in zip(*(c.bands for c in items))])
+
+    # ---- masks -------------------------------------------------------------------------------------------
+    def mask_like(self, value: float = 1.0, requires_grad: bool = False) -> Coefficients:
+        """A channel-shared mask ``(N, 1, ...)`` for these coefficients, filled with ``value``."""
+        return self.map(
+            lambda b: torch.full(
+                (b.shape[0], 1, *b.shape[2:]), value, device=b.device, dtype=b.dtype, requires_grad=requires_grad
+            )
+        )
+
+    def mean_per_image(self) -> Tensor:
+        """``(N,)``: the mean over every entry of each image (for a mask: the paper's l1 / k)."""
+        total = sum(b.flatten(1).sum(1) for b in self.bands)
+        count = sum(b[0].numel() for b in self.bands)
+        return total / count
+
+    # ---- flat vectors (ranking coefficients, storing masks) ---------------------------------------------
+    def flatten(self) -> Tensor:
+        """``(N, C * K)``: per image, the bands in :attr:`bands` order, each in row-major order.
+
+        For a mask (C = 1) this is one entry per coefficient position, ``K = numel_per_channel()``.
+        """
+        return torch.cat([b.flatten(1) for b in self.bands], dim=1)
+
+    def unflatten(self, flat: Tensor) -> Coefficients:
+        """The inverse of :meth:`flatten` for a ``flat: (N', C' * K)`` with this object's band layout.
+
+        The channel count is inferred from ``flat``, so a mask vector can be unflattened against
+        colour coefficients and the other way round.
+        """
+        shapes = self.band_shapes()
+        per_channel = sum(math.prod(s) for s in shapes)
+        if flat.ndim != 2 or flat.shape[1] % per_channel:
+            raise InputError(
+                f"flat tensor of shape {tuple(flat.shape)} does not fit {per_channel} coefficients per channel"
+            )
+        channels = flat.shape[1] // per_channel
+        sizes = [channels * math.prod(s) for s in shapes]
+        parts = torch.split(flat, sizes, dim=1)
+        return self.with_bands([p.reshape(flat.shape[0], channels, *s) for p, s in zip(parts, shapes)])
+
+    def per_band_means(self) -> Tensor:
+        """``(N, 1 + J)``: the mean of each band per image (low-pass first, then levels 1..J)."""
+        return torch.stack([b.flatten(1).mean(1) for b in self.bands], dim=1)
+
+
+def band_sizes(size: int, wave: str, levels: int, mode: str = DEFAULT_MODE) -> list[int]:
+    """Lengths of the detail bands of a 1-D signal of length ``size`` (finest first), as pytorch_wavelets gives."""
+    filt = pywt.Wavelet(wave).dec_len
+    out = []
+    for _ in range(levels):
+        size = pywt.dwt_coeff_len(size, filt, "periodization" if mode == "periodization" else "zero")
+        out.append(size)
+    return out
+
+
+def max_levels(height: int, width: int, wave: str, mode: str = DEFAULT_MODE) -> int:
+    """The largest J whose coarsest band still has at least the filter's length on both axes (0 if none).
+
+    pytorch_wavelets' inverse is not exact when a level is smaller than the filter (its issue 42).
+    """
+    filt = pywt.Wavelet(wave).dec_len
+    levels = 0
+    while True:
+        sizes = [band_sizes(n, wave, levels + 1, mode)[-1] for n in (height, width)]
+        if min(sizes) < filt or levels >= 16:
+            return levels
+        levels += 1
+
+
+def check_wavelet(wave: str) -> str:
+    """Validate a discrete wavelet name (``db3``, ``haar``, ``sym4``, ...)."""
+    if wave not in pywt.wavelist(kind="discrete"):
+        raise ConfigError(
+            f"unknown wavelet {wave!r}; choose a discrete wavelet of PyWavelets, e.g. db3, haar, sym4, coif2"
+        )
+    return wave
+
+
+class Representation(nn.Module):
+    """A linear image representation ``x = f(h)`` in which RDE masks coefficients."""
+
+    #: Short name, recorded in outputs and checkpoints.
+    name: str = ""
+
+    def encode(self, x: Tensor) -> Coefficients:
+        """``x: (N, C, H, W) -> Coefficients``."""
+        raise NotImplementedError
+
+    def decode(self, coeffs: Coefficients) -> Tensor:
+        """``Coefficients -> (N, C, H, W)`` with ``(H, W) = coeffs.image_size``."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """The settings that define the representation (for manifests and checkpoints)."""
+        return {"representation": self.name}
+
+
+class PixelRepresentation(Representation):
+    """The identity: one "band", the image itself. Used by Pixel RDE."""
+
+    name = "pixel"
+
+    def encode(self, x: Tensor) -> Coefficients:
+        return Coefficients(lowpass=x, details=(), image_size=(x.shape[-2], x.shape[-1]))
+
+    def decode(self, coeffs: Coefficients) -> Tensor:
+        if coeffs.levels:
+            raise ValueError("pixel coefficients have no detail levels")
+        return coeffs.lowpass
+
+
+class WaveletRepresentation(Representation):
+    """The 2-D DWT of pytorch_wavelets (CartoonX).
+
+    Args:
+        wave: any discrete wavelet of PyWavelets. Default ``db3`` (the paper's).
+        levels: J, the number of scales. Default 5. Capped per image size (with a logged warning) so that
+            the coarsest band is at least as long as the filter.
+        mode: padding, one of ``zero`` (default, the paper's), ``symmetric``, ``reflect``, ``periodization``.
+    """
+
+    name = "wavelet"
+
+    def __init__(self, wave: str = DEFAULT_WAVE, levels: int = DEFAULT_LEVELS, mode: str = DEFAULT_MODE):
+        super().__init__()
+        if mode not in PAD_MODES:
+            raise ConfigError(f"unknown wavelet padding mode {mode!r}; choose from: {', '.join(PAD_MODES)}")
+        if levels < 1:
+            raise ConfigError(f"the number of wavelet levels must be at least 1, got {levels}")
+        self.wave = check_wavelet(wave)
+        self.levels = levels
+        self.mode = mode
+        self.inverse = DWTInverse(wave=wave, mode=mode)
+        self.forwards = nn.ModuleDict()  # one DWTForward per J actually used (J depends on the image size)
+        self._warned: set[tuple[int, int]] = set()
+
+    def levels_for(self, height: int, width: int) -> int:
+        """The J used for an ``height x width`` image: ``levels``, capped for small images."""
+        cap = max_levels(height, width, self.wave, self.mode)
+        if cap < 1:
+            raise InputError(
+                f"image of {height}x{width} pixels is too small for the {self.wave} wavelet "
+                f"(filter length {pywt.Wavelet(self.wave).dec_len}); use a larger --size"
+            )
+        if cap < self.levels and (height, width) not in self._warned:
+            self._warned.add((height, width))
+            logger.warning(
+                "%dx%d images allow at most J=%d levels of %s; using J=%d instead of %d",
+                height,
+                width,
+                cap,
+                self.wave,
+                cap,
+                self.levels,
+            )
+        return min(cap, self.levels)
+
+    def _forward_module(self, levels: int, like: Tensor) -> DWTForward:
+        key = str(levels)
+        if key not in self.forwards:
+            self.forwards[key] = DWTForward(J=levels, wave=self.wave, mode=self.mode)
+        return self.forwards[key].to(device=like.device, dtype=like.dtype)
+
+    def encode(self, x: Tensor) -> Coefficients:
+        height, width = x.shape[-2:]
+        levels = self.levels_for(height, width)
+        lowpass, details = self._forward_module(levels, x)(x)
+        return Coefficients(lowpass=lowpass, details=tuple(details), image_size=(height, width))
+
+    def decode(self, coeffs: Coefficients) -> Tensor:
+        self.inverse.to(device=coeffs.device, dtype=coeffs.dtype)
+        x = self.inverse((coeffs.lowpass, list(coeffs.details)))
+        height, width = coeffs.image_size
+        return x[..., :height, :width]  # odd sizes come back one pixel larger
+
+    def describe(self) -> dict:
+        return {"representation": self.name, "wave": self.wave, "levels": self.levels, "mode": self.mode}
+
+
+def grey(x: Tensor) -> Tensor:
+    """``(N, C, H, W) -> (N, 1, H, W)``: the channel mean, the paper's greyscale image."""
+    return x.mean(dim=1, keepdim=True)

@@ -1,0 +1,66 @@
+"""Shared fixtures: a tiny seeded CNN, small images, and the optional ../shared material."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+class TinyCNN(nn.Module):
+    """A small convolutional classifier over [0, 1] images of any size (5 classes by default)."""
+
+    def __init__(self, num_classes: int = 5, channels: int = 3) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(4),
+        )
+        self.head = nn.Linear(16 * 16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).flatten(1))
+
+
+def make_tiny_cnn(num_classes: int = 5, channels: int = 3, seed: int = 0) -> TinyCNN:
+    """A seeded TinyCNN whose logits are large enough that its predictions are confident."""
+    torch.manual_seed(seed)
+    model = TinyCNN(num_classes, channels)
+    with torch.no_grad():
+        model.head.weight.mul_(20.0)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_cnn() -> TinyCNN:
+    return make_tiny_cnn()
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    """``(3, 3, 48, 48)`` seeded smooth-ish images in [0, 1]."""
+    gen = torch.Generator().manual_seed(1)
+    coarse = torch.rand(3, 3, 6, 6, generator=gen)
+    x = nn.functional.interpolate(coarse, size=(48, 48), mode="bilinear", align_corners=False)
+    return (x + 0.05 * torch.rand(3, 3, 48, 48, generator=gen)).clamp(0, 1)
+
+
+@pytest.fixture
+def shared() -> Path:
+    """The ../shared folder, or a skip when it is absent."""
+    if not (SHARED / "models").is_dir():
+        pytest.skip("../shared (real classifiers and photos) is not present")
+    return SHARED
