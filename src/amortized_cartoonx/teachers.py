@@ -7,8 +7,9 @@ Layout of a store folder::
 
 Each shard holds the tensors ``masks (n, K) float16`` (flat masks in
 :meth:`~amortized_cartoonx.wavelets.Coefficients.flatten` order), ``targets (n,) int64``, ``loss``,
-``distortion``, ``mask_mean`` ``(n,) float32``, and in its metadata ``ids``: a JSON list of the n image
-ids. Reading never runs code (safetensors + JSON).
+``distortion``, ``mask_mean`` ``(n,) float32``, optionally ``seeds (n,) int64`` (the per-image seed the
+optimizer used; absent in shards written without it), and in its metadata ``ids``: a JSON list of the n
+image ids. Reading never runs code (safetensors + JSON).
 """
 
 from __future__ import annotations
@@ -29,12 +30,16 @@ from .io import atomic_write, atomic_write_text
 
 MANIFEST = "manifest.json"
 SHARD_GLOB = "shard-*.safetensors"
+TEMP_GLOB = ".shard-*.safetensors.tmp"  # what io.atomic_path leaves behind when a writer is killed
 FORMAT_VERSION = 1
 
 
 @dataclass
 class TeacherRecord:
-    """One image's teacher mask: ``mask (K,)`` float32 in [0, 1] and the optimizer's final numbers."""
+    """One image's teacher mask: ``mask (K,)`` float32 in [0, 1] and the optimizer's final numbers.
+
+    ``seed`` is the per-image seed of the optimizer's noise (None for shards written without seeds).
+    """
 
     id: str
     mask: Tensor
@@ -42,6 +47,7 @@ class TeacherRecord:
     loss: float
     distortion: float
     mask_mean: float
+    seed: int | None = None
 
 
 def manifest_differences(old: dict, new: dict) -> list[str]:
@@ -77,7 +83,9 @@ class TeacherStore:
             diff = manifest_differences(old, manifest)
             if diff:
                 details = "; ".join(f"{k}: {old.get(k)!r} there, {manifest.get(k)!r} now" for k in diff)
-                raise ConfigError(f"{folder} holds teacher masks made with other settings ({details}); use another --out")
+                raise ConfigError(
+                    f"{folder} holds teacher masks made with other settings ({details}); use another --out"
+                )
         else:
             folder.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -93,6 +101,7 @@ class TeacherStore:
         loss: Tensor,
         distortion: Tensor,
         mask_mean: Tensor,
+        seeds: Sequence[int] | Tensor | None = None,
     ) -> Path:
         """Write one shard atomically; ``masks: (n, K)``, the others ``(n,)``. Returns its path."""
         n = len(ids)
@@ -105,10 +114,22 @@ class TeacherStore:
             "distortion": distortion.detach().to("cpu", torch.float32).contiguous(),
             "mask_mean": mask_mean.detach().to("cpu", torch.float32).contiguous(),
         }
+        if seeds is not None:
+            tensors["seeds"] = torch.as_tensor(seeds, dtype=torch.int64).detach().cpu().reshape(n).contiguous()
         path = self.folder / f"shard-{tag}.safetensors"
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"ids": json.dumps(list(ids))}))
         self._index = None
         return path
+
+    def remove_temporary(self) -> int:
+        """Delete the temporary files of shard writes that never finished (a killed run); returns how many.
+
+        Call it only while no writer is running on this folder.
+        """
+        stale = list(self.folder.glob(TEMP_GLOB))
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return len(stale)
 
     # ---- reading -----------------------------------------------------------------------------------------
     def shards(self) -> list[Path]:
@@ -150,6 +171,7 @@ class TeacherStore:
             loss=float(data["loss"][row]),
             distortion=float(data["distortion"][row]),
             mask_mean=float(data["mask_mean"][row]),
+            seed=int(data["seeds"][row]) if "seeds" in data else None,
         )
 
 
