@@ -78,7 +78,10 @@ class Classifier(nn.Module):
 
 def freeze_(model: nn.Module) -> nn.Module:
     """Put a model the caller owns into eval mode with no parameter gradients, for good."""
-    model.eval()
+    try:
+        model.eval()
+    except NotImplementedError:  # torch.export's unflattened modules refuse eval(): they are traced in eval mode
+        pass
     for p in model.parameters():
         p.requires_grad_(False)
     return model

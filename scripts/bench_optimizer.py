@@ -1,0 +1,136 @@
+"""Benchmark the exact optimizer against the bare classifier it is built on.
+
+For each (B images, L noise samples) it prints: seconds per optimizer step, seconds of one bare classifier
+forward+backward (gradient w.r.t. the input) on the same B*L batch, their ratio (the optimizer's overhead:
+noise, DWT/IDWT, loss, Adam; the aim is <= 1.2), and images per second at the paper's 2000 steps.
+
+    python scripts/bench_optimizer.py --classifier ../shared/models/mobilenet_v3_small_imagenet.pt \\
+        --size 256 --batch 1,4 --samples 16,64 --device cpu
+
+Seconds per step are measured as (time of S + W steps - time of W steps) / S, so the fixed costs of a call
+(classifier on the clean image, DWT, final measurement) cancel out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+import warnings
+
+import torch
+
+warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
+
+from amortized_cartoonx.classifiers import load_classifier  # noqa: E402
+from amortized_cartoonx.optimizer import CartoonX, PixelRDE  # noqa: E402
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn, device: torch.device, repeats: int) -> float:
+    """Median wall-clock seconds of ``fn()`` over ``repeats`` runs (after one warm-up)."""
+    fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bare_forward_backward(classifier, batch: int, size: int, device: torch.device, repeats: int) -> float:
+    """Seconds of one forward+backward of the classifier on ``batch`` images, gradient w.r.t. the input."""
+    x = torch.rand(batch, 3, size, size, device=device, requires_grad=True)
+
+    def step():
+        x.grad = None
+        classifier(x).softmax(-1)[:, 0].sum().backward()
+
+    return time_call(step, device, repeats)
+
+
+def optimizer_step(explainer, images: torch.Tensor, steps: int, warmup: int, repeats: int) -> float:
+    """Seconds per optimizer step, fixed per-call costs cancelled."""
+    device = images.device
+    long = time_call(lambda: explainer.explain(images, steps=warmup + steps), device, repeats)
+    short = time_call(lambda: explainer.explain(images, steps=warmup), device, repeats)
+    return max(long - short, 1e-9) / steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--classifier", required=True)
+    p.add_argument("--method", default="cartoonx", choices=("cartoonx", "pixel-rde"))
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--batch", default="1,4", help="comma-separated B values")
+    p.add_argument("--samples", default="16,64", help="comma-separated L values")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--paper-steps", type=int, default=2000)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", default=None, help="also write the rows here")
+    args = p.parse_args(argv)
+
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
+    classifier = load_classifier(args.classifier, device=device)
+    hardware = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+    )
+    print(
+        f"# bench_optimizer: {args.method}, {args.classifier}, {args.size}px, device {device} ({hardware}), "
+        f"torch {torch.__version__}"
+    )
+    print()
+    print("| B | L | s/step | bare fwd+bwd s | overhead ratio | img/s at 2000 steps |")
+    print("|---|---|---|---|---|---|")
+    rows = []
+    for b in (int(v) for v in args.batch.split(",")):
+        for L in (int(v) for v in args.samples.split(",")):
+            gen = torch.Generator().manual_seed(0)
+            images = torch.rand(b, 3, args.size, args.size, generator=gen).to(device)
+            cls = PixelRDE if args.method == "pixel-rde" else CartoonX
+            explainer = cls(classifier, num_samples=L, measure_samples=1)
+            step = optimizer_step(explainer, images, args.steps, args.warmup, args.repeats)
+            bare = bare_forward_backward(classifier, b * L, args.size, device, args.repeats)
+            row = {
+                "B": b,
+                "L": L,
+                "seconds_per_step": step,
+                "bare_seconds": bare,
+                "ratio": step / bare,
+                "images_per_second": b / (step * args.paper_steps),
+                "device": str(device),
+                "hardware": hardware,
+                "size": args.size,
+                "classifier": args.classifier,
+                "method": args.method,
+            }
+            rows.append(row)
+            print(
+                f"| {b} | {L} | {step:.4f} | {bare:.4f} | {step / bare:.2f} | {row['images_per_second']:.4f} |",
+                flush=True,
+            )
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

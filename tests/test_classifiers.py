@@ -1,0 +1,130 @@
+"""Classifier specs, normalisation and side-effect-free freezing."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+import torch
+
+from amortized_cartoonx.classifiers import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Classifier,
+    frozen,
+    load_classifier,
+    wrap_classifier,
+)
+from amortized_cartoonx.errors import ClassifierError, ConfigError
+
+from .conftest import make_tiny_cnn
+
+
+def test_torchvision_random_weights_get_imagenet_normalisation():
+    clf = load_classifier("torchvision:mobilenet_v3_small:none")
+    assert clf.normalization == (IMAGENET_MEAN, IMAGENET_STD)
+    assert not clf.model.training and not any(p.requires_grad for p in clf.parameters())
+    x = torch.rand(2, 3, 64, 64)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    logits = clf(x)
+    assert logits.shape == (2, 1000)
+    torch.testing.assert_close(logits, clf.model((x - mean) / std))
+    assert load_classifier("torchvision:mobilenet_v3_small:none", normalize="none").normalization is None
+
+
+def test_torchvision_state_dict_file(tmp_path):
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model("resnet18", weights=None, num_classes=1000).eval()
+    torch.save(model.state_dict(), tmp_path / "w.pth")
+    clf = load_classifier(f"torchvision:resnet18:{tmp_path / 'w.pth'}")
+    x = torch.rand(1, 3, 32, 32)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(clf(x), model((x - mean) / std))
+
+
+def test_torchscript_and_exported_program_files(tmp_path):
+    model = make_tiny_cnn()
+    x = torch.rand(3, 3, 32, 32)
+    torch.jit.script(model).save(str(tmp_path / "m.pt"))
+    clf = load_classifier(str(tmp_path / "m.pt"))
+    assert clf.normalization is None
+    torch.testing.assert_close(clf(x), model(x))
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(tmp_path / "m.pt2"))
+    clf2 = load_classifier(str(tmp_path / "m.pt2"), normalize="imagenet")
+    assert clf2.normalization is not None
+    assert clf2(torch.rand(5, 3, 32, 32)).shape == (5, 5)
+
+
+def test_callable_spec(tmp_path, monkeypatch):
+    (tmp_path / "cx_spec_models.py").write_text(
+        textwrap.dedent(
+            """
+            import torch
+            from torch import nn
+
+            def make():
+                torch.manual_seed(0)
+                return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 4))
+
+            def not_a_model():
+                return 42
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    clf = load_classifier("cx_spec_models:make")
+    assert clf(torch.rand(2, 3, 8, 8)).shape == (2, 4)
+    with pytest.raises(ClassifierError, match="not a torch.nn.Module"):
+        load_classifier("cx_spec_models:not_a_model")
+    with pytest.raises(ClassifierError, match="cannot import"):
+        load_classifier("cx_spec_models:missing")
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("torchvision:not_a_model", "torchvision has no model"),
+        ("/nonexistent/model.pt", "not found"),
+        ("what is this", "cannot read classifier spec"),
+        ("torchvision:resnet18:/nonexistent/w.pth", "weights file not found"),
+    ],
+)
+def test_bad_specs(spec, message):
+    with pytest.raises(ClassifierError, match=message):
+        load_classifier(spec)
+
+
+def test_corrupt_torchscript_file(tmp_path):
+    (tmp_path / "bad.pt").write_bytes(b"garbage")
+    with pytest.raises(ClassifierError, match="TorchScript"):
+        load_classifier(str(tmp_path / "bad.pt"))
+
+
+def test_bad_normalisation_name():
+    with pytest.raises(ConfigError, match="normalisation"):
+        load_classifier("torchvision:resnet18:none", normalize="cifar")
+
+
+def test_frozen_restores_every_flag():
+    model = make_tiny_cnn().train()
+    model.head.weight.requires_grad_(False)
+    with frozen(model):
+        assert not any(m.training for m in model.modules())
+        assert not any(p.requires_grad for p in model.parameters())
+    assert all(m.training for m in model.modules())
+    assert not model.head.weight.requires_grad and model.head.bias.requires_grad
+
+
+def test_wrapper_train_leaves_the_wrapped_model_alone():
+    model = make_tiny_cnn().eval()
+    wrapped = wrap_classifier(model)
+    assert isinstance(wrapped, Classifier) and wrapped.model is model
+    wrapped.train()
+    assert wrapped.training and not model.training
+    with frozen(wrapped):
+        assert not model.training
+    assert not model.training

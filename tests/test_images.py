@@ -1,0 +1,69 @@
+"""Reading images of every kind."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from amortized_cartoonx.errors import InputError
+from amortized_cartoonx.images import list_images, load_image, resize_center_crop
+
+
+def test_rgb_jpeg_and_resize(tmp_path):
+    arr = (np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8)
+    Image.fromarray(arr).save(tmp_path / "a.png")
+    x = load_image(tmp_path / "a.png", 32)
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+    assert 0 <= x.min() and x.max() <= 1
+    assert load_image(tmp_path / "a.png", None).shape == (3, 40, 60)
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA", "CMYK", "1"])
+def test_modes_are_converted(tmp_path, mode):
+    img = Image.fromarray((np.random.default_rng(1).random((16, 16, 3)) * 255).astype(np.uint8)).convert(mode)
+    img.save(tmp_path / f"x.{'jpg' if mode == 'CMYK' else 'png'}")
+    x = load_image(next(tmp_path.iterdir()), 16)
+    assert x.shape == (3, 16, 16) and 0 <= x.min() and x.max() <= 1
+
+
+def test_transparent_pixels_become_white(tmp_path):
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)  # black, fully transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "t.png")
+    torch.testing.assert_close(load_image(tmp_path / "t.png", None), torch.ones(3, 8, 8))
+
+
+def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path):
+    arr = np.full((8, 8), 32768, dtype=np.uint16)
+    Image.fromarray(arr).save(tmp_path / "g16.png")
+    x = load_image(tmp_path / "g16.png", None)
+    torch.testing.assert_close(x, torch.full((3, 8, 8), 32768 / 65535))
+
+
+def test_missing_and_corrupt_files(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        load_image(tmp_path / "nope.png")
+    (tmp_path / "bad.jpg").write_bytes(b"not an image at all")
+    with pytest.raises(InputError, match="cannot read image"):
+        load_image(tmp_path / "bad.jpg")
+    good = tmp_path / "trunc.png"
+    Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(good)
+    good.write_bytes(good.read_bytes()[:60])
+    with pytest.raises(InputError):
+        load_image(good)
+
+
+def test_center_crop_keeps_the_centre():
+    x = torch.zeros(1, 10, 30)
+    x[:, :, 10:20] = 1.0
+    y = resize_center_crop(x, 10)
+    assert y.shape == (1, 10, 10) and torch.allclose(y, torch.ones(1, 10, 10))
+
+
+def test_list_images(tmp_path):
+    with pytest.raises(InputError, match="no images"):
+        list_images(tmp_path)
+    for name in ("b.png", "a.JPG", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [p.name for p in list_images(tmp_path)] == ["a.JPG", "b.png"]

@@ -1,0 +1,144 @@
+"""The exact batched optimizer (CartoonX and Pixel RDE)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from amortized_cartoonx.errors import ConfigError, InputError
+from amortized_cartoonx.optimizer import CartoonX, OptimizerConfig, PixelRDE
+
+FAST = {"steps": 30, "num_samples": 4}
+
+
+def test_explanation_fields_and_shapes(tiny_cnn, images):
+    exp = CartoonX(tiny_cnn, levels=3, **FAST).explain(images)
+    n = images.shape[0]
+    assert exp.method == "cartoonx" and len(exp) == n
+    assert exp.image.shape == (n, 1, 48, 48)
+    assert exp.mask.num_channels == 1 and exp.mask.levels == 3
+    for name in (
+        "target",
+        "prob_original",
+        "prob_masked",
+        "prob_obfuscated",
+        "distortion",
+        "mask_mean",
+        "loss",
+        "steps",
+    ):
+        assert getattr(exp, name).shape == (n,), name
+    assert exp.history.total.shape == (30, n)
+    assert exp.steps.tolist() == [30] * n
+    assert exp.seconds > 0
+    torch.testing.assert_close(exp.loss, exp.distortion + 20.0 * exp.mask_mean)
+    torch.testing.assert_close(exp.mask_mean, exp.mask.mean_per_image())
+    assert exp.settings["l1_lambda"] == 20.0 and exp.settings["wave"] == "db3"
+    assert exp.image.min() >= 0 and exp.image.max() <= 1
+
+
+def test_mask_stays_in_unit_interval_and_loss_falls(tiny_cnn, images):
+    exp = CartoonX(tiny_cnn, levels=3, steps=40, num_samples=4, lr=0.05).explain(images)
+    flat = exp.mask.flatten()
+    assert flat.min() >= 0 and flat.max() <= 1
+    assert (flat == 0).any()  # the projection was active
+    assert (exp.history.total[-5:].mean(0) < exp.history.total[:5].mean(0)).all()
+
+
+def test_batch_equals_one_by_one(tiny_cnn, images):
+    opt = CartoonX(tiny_cnn, levels=3, steps=15, num_samples=4, lr=0.02)
+    batch = opt.explain(images, seeds=[5, 6, 7])
+    for i, seed in enumerate([5, 6, 7]):
+        single = opt.explain(images[i : i + 1], seeds=[seed])
+        torch.testing.assert_close(single.mask.flatten(), batch.mask.flatten()[i : i + 1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(single.history.total[:, 0], batch.history.total[:, i], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(single.distortion, batch.distortion[i : i + 1], atol=1e-6, rtol=1e-4)
+
+
+def test_chunked_samples_equal_unchunked(tiny_cnn, images):
+    full = CartoonX(tiny_cnn, levels=3, steps=10, num_samples=6, lr=0.02).explain(images)
+    chunked = CartoonX(tiny_cnn, levels=3, steps=10, num_samples=6, lr=0.02, chunk_size=4).explain(images)
+    torch.testing.assert_close(chunked.mask.flatten(), full.mask.flatten(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(chunked.history.total, full.history.total, atol=1e-5, rtol=1e-5)
+
+
+def test_same_seed_same_result_other_seed_other_result(tiny_cnn, images):
+    opt = CartoonX(tiny_cnn, levels=3, steps=10, num_samples=4, lr=0.02)
+    a, b, c = (
+        opt.explain(images, seeds=[1, 2, 3]),
+        opt.explain(images, seeds=[1, 2, 3]),
+        opt.explain(images, seeds=[4, 5, 6]),
+    )
+    assert torch.equal(a.mask.flatten(), b.mask.flatten())
+    assert not torch.equal(a.mask.flatten(), c.mask.flatten())
+
+
+def test_callers_model_is_left_as_it_was(tiny_cnn, images):
+    tiny_cnn.train()
+    tiny_cnn.features[0].weight.requires_grad_(True)
+    tiny_cnn.head.bias.requires_grad_(False)
+    flags = [(m, m.training) for m in tiny_cnn.modules()]
+    grads = [(p, p.requires_grad) for p in tiny_cnn.parameters()]
+    state = copy.deepcopy(tiny_cnn.state_dict())
+    CartoonX(tiny_cnn, levels=3, **FAST).explain(images)
+    assert all(m.training == mode for m, mode in flags)
+    assert all(p.requires_grad == flag for p, flag in grads)
+    assert all(p.grad is None for p in tiny_cnn.parameters())
+    for key, value in tiny_cnn.state_dict().items():
+        assert torch.equal(value, state[key]), key  # BatchNorm running stats untouched (eval mode inside)
+
+
+def test_targets_per_image(tiny_cnn, images):
+    exp = CartoonX(tiny_cnn, levels=3, steps=2, num_samples=2).explain(images, target=[4, 0, 2])
+    assert exp.target.tolist() == [4, 0, 2]
+    probs = tiny_cnn.eval()(images).softmax(1)
+    torch.testing.assert_close(exp.prob_original, probs[torch.arange(3), torch.tensor([4, 0, 2])])
+
+
+def test_init_mask_with_zero_steps_is_returned_clamped(tiny_cnn, images):
+    opt = CartoonX(tiny_cnn, levels=3, **FAST)
+    like = opt.representation.encode(images).mask_like()
+    init = torch.rand(like.flatten().shape, generator=torch.Generator().manual_seed(0)) * 1.4 - 0.2
+    exp = opt.explain(images, init_mask=init, steps=0)
+    torch.testing.assert_close(exp.mask.flatten(), init.clamp(0, 1))
+    assert exp.steps.tolist() == [0, 0, 0] and exp.history.total.shape == (0, 3)
+    warm = opt.explain(images, init_mask=init, steps=5)
+    assert warm.steps.tolist() == [5, 5, 5]
+    with pytest.raises(InputError, match="does not fit"):
+        opt.explain(images, init_mask=torch.ones(3, 10))
+
+
+def test_early_stopping_stops_each_image(tiny_cnn, images):
+    exp = CartoonX(tiny_cnn, levels=3, steps=400, num_samples=2, lr=0.1, stop_patience=5, stop_tolerance=0.05).explain(
+        images
+    )
+    assert (exp.steps < 400).all()
+    last = exp.history.total[-1]
+    for n in range(3):  # history after an image stopped repeats its last value
+        torch.testing.assert_close(exp.history.total[int(exp.steps[n]) - 1, n], last[n])
+
+
+def test_pixel_rde_uses_a_pixel_mask_and_its_own_lambda(tiny_cnn, images):
+    exp = PixelRDE(tiny_cnn, steps=5, num_samples=2).explain(images)
+    assert exp.method == "pixel-rde"
+    assert exp.mask.levels == 0 and exp.mask.lowpass.shape == (3, 1, 48, 48)
+    assert exp.settings["l1_lambda"] == 4.0
+    # explanation = mask * grey image
+    torch.testing.assert_close(exp.image, (exp.mask.lowpass * images.mean(1, keepdim=True)).clamp(0, 1))
+
+
+def test_full_mask_keeps_the_decision(tiny_cnn, images):
+    exp = CartoonX(tiny_cnn, levels=3, steps=0, num_samples=4).explain(images)
+    torch.testing.assert_close(exp.prob_masked, exp.prob_original, atol=1e-4, rtol=0)
+    torch.testing.assert_close(exp.distortion, torch.zeros(3), atol=1e-8, rtol=0)
+
+
+def test_bad_configuration_is_refused(tiny_cnn):
+    with pytest.raises(ConfigError, match="num_samples"):
+        CartoonX(tiny_cnn, num_samples=0)
+    with pytest.raises(ConfigError, match="unknown distortion"):
+        CartoonX(tiny_cnn, distortion="l3")
+    with pytest.raises(ConfigError, match="steps"):
+        OptimizerConfig(steps=-1).validate()

@@ -1,0 +1,166 @@
+"""Noise, obfuscation, distortions and the RDE loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from amortized_cartoonx.classifiers import wrap_classifier
+from amortized_cartoonx.errors import ConfigError, InputError
+from amortized_cartoonx.rde import (
+    DISTORTIONS,
+    OBFUSCATIONS,
+    RDEObjective,
+    band_statistics,
+    make_generators,
+    obfuscate,
+    rde_loss,
+    target_prob,
+)
+from amortized_cartoonx.wavelets import PixelRepresentation, WaveletRepresentation
+
+
+def test_band_statistics_pool_orientations_and_channels():
+    coeffs = WaveletRepresentation("db3", 3).encode(torch.rand(2, 3, 48, 48))
+    stats = band_statistics(coeffs)
+    assert stats.mean.shape == (2, 4) and stats.std.shape == (2, 4)
+    for n in range(2):
+        for g, band in enumerate(coeffs.bands):
+            torch.testing.assert_close(stats.mean[n, g], band[n].mean())
+            torch.testing.assert_close(stats.std[n, g], band[n].std())  # unbiased, as torch.std
+
+
+def test_pixel_statistics_are_global():
+    x = torch.rand(2, 3, 16, 16)
+    stats = band_statistics(PixelRepresentation().encode(x))
+    torch.testing.assert_close(stats.mean[:, 0], x.flatten(1).mean(1))
+    torch.testing.assert_close(stats.std[:, 0], x.flatten(1).std(1))
+
+
+def test_adaptive_noise_has_the_band_statistics():
+    coeffs = WaveletRepresentation("db3", 2).encode(torch.rand(2, 3, 40, 40))
+    stats = band_statistics(coeffs)
+    noise = OBFUSCATIONS.get("gaussian-adaptive")(coeffs, stats, 400, make_generators([0, 1], "cpu"))
+    for g, band in enumerate(noise.bands):
+        assert band.shape == (2, 400, *coeffs.bands[g].shape[1:])
+        flat = band.flatten(1)
+        torch.testing.assert_close(flat.mean(1), stats.mean[:, g], atol=0.02 * stats.std[:, g].max().item(), rtol=0)
+        torch.testing.assert_close(flat.std(1), stats.std[:, g], rtol=0.02, atol=1e-6)
+
+
+def test_uniform_and_zero_noise():
+    coeffs = WaveletRepresentation("db3", 2).encode(torch.rand(1, 3, 40, 40))
+    stats = band_statistics(coeffs)
+    gens = make_generators([3], "cpu")
+    uni = OBFUSCATIONS.get("uniform")(coeffs, stats, 50, gens)
+    for g, band in enumerate(uni.bands):
+        assert band.min() >= stats.mean[0, g] - stats.std[0, g] - 1e-6
+        assert band.max() <= stats.mean[0, g] + stats.std[0, g] + 1e-6
+    zero = OBFUSCATIONS.get("zero")(coeffs, stats, 5, gens)
+    assert all(torch.count_nonzero(b) == 0 for b in zero.bands)
+
+
+def test_noise_of_an_image_depends_on_its_seed_only():
+    rep = WaveletRepresentation("db3", 2)
+    x = torch.rand(3, 3, 40, 40)
+    sample = OBFUSCATIONS.get("gaussian-adaptive")
+    batch = rep.encode(x)
+    together = sample(batch, band_statistics(batch), 4, make_generators([10, 11, 12], "cpu"))
+    alone_coeffs = batch.select(1)
+    alone = sample(alone_coeffs, band_statistics(alone_coeffs), 4, make_generators([11], "cpu"))
+    for a, b in zip(together.bands, alone.bands):
+        torch.testing.assert_close(a[1:2], b)
+
+
+def test_a_full_mask_reproduces_the_image():
+    rep = WaveletRepresentation("db3", 3)
+    x = torch.rand(2, 3, 48, 48)
+    coeffs = rep.encode(x)
+    noise = OBFUSCATIONS.get("gaussian-adaptive")(coeffs, band_statistics(coeffs), 3, make_generators([0, 1], "cpu"))
+    y = obfuscate(rep, coeffs, coeffs.mask_like(1.0), noise)
+    assert y.shape == (6, 3, 48, 48)
+    torch.testing.assert_close(y, x.repeat_interleave(3, 0), atol=1e-5, rtol=0)
+    empty = obfuscate(rep, coeffs, coeffs.mask_like(0.0), noise)
+    assert empty.min() >= 0 and empty.max() <= 1  # clamped
+    assert not torch.allclose(empty, x.repeat_interleave(3, 0), atol=1e-2)
+
+
+@pytest.mark.parametrize("name", ["label", "l2", "kl"])
+def test_distortion_is_zero_when_the_obfuscation_equals_the_input(name):
+    logits_x = torch.randn(4, 7)
+    logits_y = logits_x[:, None].expand(4, 3, 7)
+    d = DISTORTIONS.get(name)(logits_x, logits_y, logits_x.argmax(1))
+    assert d.shape == (4, 3)
+    torch.testing.assert_close(d, torch.zeros(4, 3), atol=1e-6, rtol=0)
+
+
+def test_maximize_target_is_zero_when_the_input_is_certain_and_positive_otherwise():
+    certain = torch.tensor([[50.0, 0.0, 0.0]])
+    d = DISTORTIONS.get("maximize-target")(certain, certain[:, None], torch.tensor([0]))
+    torch.testing.assert_close(d, torch.zeros(1, 1), atol=1e-6, rtol=0)
+    unsure = torch.tensor([[1.0, 0.5, 0.0]])
+    d = DISTORTIONS.get("maximize-target")(unsure, unsure[:, None], torch.tensor([0]))
+    expected = (1 - unsure.softmax(-1)[0, 0]) ** 2
+    torch.testing.assert_close(d[0, 0], expected)
+
+
+def test_distortion_values():
+    logits_x = torch.tensor([[2.0, 0.0, -1.0]])
+    logits_y = torch.tensor([[[0.0, 1.0, 0.0]]])
+    px, py = logits_x.softmax(-1), logits_y.softmax(-1)[:, 0]
+    target = torch.tensor([0])
+    torch.testing.assert_close(DISTORTIONS.get("label")(logits_x, logits_y, target)[0, 0], (px[0, 0] - py[0, 0]) ** 2)
+    torch.testing.assert_close(DISTORTIONS.get("l2")(logits_x, logits_y, target)[0, 0], (px - py).norm())
+    kl = (py * (py.log() - px.log())).sum()
+    torch.testing.assert_close(DISTORTIONS.get("kl")(logits_x, logits_y, target)[0, 0], kl)
+    # kl stays finite where softmax underflows
+    extreme = DISTORTIONS.get("kl")(torch.tensor([[500.0, -500.0]]), torch.tensor([[[-500.0, 500.0]]]), target)
+    assert torch.isfinite(extreme).all()
+
+
+def test_unknown_names_list_the_valid_ones():
+    with pytest.raises(ConfigError, match="choose from: label, maximize-target, l2, kl"):
+        DISTORTIONS.get("l3")
+    with pytest.raises(ConfigError, match="unknown obfuscation"):
+        RDEObjective(lambda x: x, PixelRepresentation(), obfuscation="blur")
+
+
+def test_rde_loss_is_mean_distortion_plus_lambda_mean_mask():
+    coeffs = WaveletRepresentation("db3", 2).encode(torch.rand(2, 3, 32, 32))
+    mask = coeffs.mask_like(0.25)
+    distortion = torch.tensor([[0.1, 0.3], [0.0, 0.2]])
+    loss = rde_loss(distortion, mask, 20.0)
+    torch.testing.assert_close(loss.distortion, torch.tensor([0.2, 0.1]))
+    torch.testing.assert_close(loss.sparsity, torch.tensor([0.25, 0.25]))
+    torch.testing.assert_close(loss.total, torch.tensor([0.2 + 5.0, 0.1 + 5.0]))
+
+
+def test_objective_prepare_checks_inputs(tiny_cnn, images):
+    objective = RDEObjective(wrap_classifier(tiny_cnn), WaveletRepresentation("db3", 3))
+    problem = objective.prepare(images)
+    assert torch.equal(problem.target, tiny_cnn(images).argmax(1))
+    torch.testing.assert_close(problem.prob_original(), target_prob(problem.logits, problem.target))
+    assert objective.prepare(images, target=2).target.tolist() == [2, 2, 2]
+    with pytest.raises(InputError, match="out of range"):
+        objective.prepare(images, target=[0, 1, 9])
+    with pytest.raises(InputError, match="2 targets for 3 images"):
+        objective.prepare(images, target=[0, 1])
+    bad = images.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(InputError, match="NaN"):
+        objective.prepare(bad)
+    with pytest.raises(InputError, match="shape"):
+        objective.prepare(images[0])
+
+
+def test_objective_refuses_a_classifier_without_2d_logits(images):
+    from amortized_cartoonx.errors import ClassifierError
+
+    class Spatial(nn.Module):
+        def forward(self, x):
+            return x.mean(1)  # (N, H, W)
+
+    objective = RDEObjective(Spatial(), PixelRepresentation())
+    with pytest.raises(ClassifierError, match=r"expected logits of shape \(N, classes\)"):
+        objective.prepare(images)
