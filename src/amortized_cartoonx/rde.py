@@ -6,7 +6,7 @@ One objective serves the exact optimizer, the amortized explainer's training and
     loss(s) = mean_l d(p(x), p(y_l)) + lambda * mean(s)
 
 per image, with ``h`` the coefficients of ``x`` in a :class:`~amortized_cartoonx.wavelets.Representation`
-``f`` and ``p = softmax(classifier(.))``. The formulas and defaults follow ``docs/algorithm.md``.
+``f`` and ``p = softmax(classifier(.))``. The formulas and defaults follow ``docs/algorithm.md`` in the repository.
 
 Shapes: N images, L noise samples, K classes; coefficients as in :mod:`amortized_cartoonx.wavelets`.
 """

@@ -87,6 +87,23 @@ def build_explainer(args: argparse.Namespace, classifier, device):
     raise ConfigError(f"--method {args.method} needs the amortized explainer, which this build does not include")
 
 
+def preflight(classifier, explainer, images, targets, device) -> None:
+    """Fail on what would fail later (classifier output, target range, image size) before any output."""
+    import torch
+
+    from amortized_cartoonx.rde import check_logits, resolve_target
+
+    with torch.no_grad():
+        first = images[:1].to(device)
+        logits = classifier(first)
+        check_logits(logits, 1)
+        if targets is not None:
+            resolve_target(targets, logits.expand(len(targets), -1))
+        representation = getattr(explainer, "representation", None)
+        if representation is not None:
+            representation.encode(first)
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
@@ -107,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     classifier = load_classifier(args.classifier, normalize=args.normalize, device=device)
     explainer = build_explainer(args, classifier, device)
+    preflight(classifier, explainer, images, targets, device)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

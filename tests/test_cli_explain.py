@@ -1,0 +1,239 @@
+"""``cartoonx explain`` end to end, and its handling of bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from amortized_cartoonx.cli import main
+
+MODELS = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    def tiny():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                              nn.Linear(16, 5))
+        with torch.no_grad():
+            model[-1].weight.mul_(10)
+        return model
+
+    class _Spatial(nn.Module):
+        def forward(self, x):
+            return x.mean(1)
+
+    def spatial():
+        return _Spatial()
+    """
+)
+
+
+@pytest.fixture
+def spec(tmp_path, monkeypatch):
+    (tmp_path / "cx_cli_models.py").write_text(MODELS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "cx_cli_models:tiny"
+
+
+@pytest.fixture
+def pictures(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    paths = []
+    for name, mode in (("rgb.png", "RGB"), ("grey.png", "L"), ("alpha.png", "RGBA")):
+        img = Image.fromarray((rng.random((40, 50, 3)) * 255).astype(np.uint8)).convert(mode)
+        img.save(folder / name)
+        paths.append(str(folder / name))
+    Image.fromarray(np.full((40, 40), 40000, dtype=np.uint16)).save(folder / "deep.png")
+    paths.append(str(folder / "deep.png"))
+    return paths
+
+
+def run(args, capsys):
+    code = main(["explain", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_explain_writes_figures_tensors_and_summary(tmp_path, spec, pictures, capsys):
+    out = tmp_path / "out"
+    code, stdout, _ = run(
+        [
+            *pictures,
+            "--classifier",
+            spec,
+            "--out",
+            str(out),
+            "--size",
+            "32",
+            "--steps",
+            "4",
+            "--samples",
+            "2",
+            "--batch-size",
+            "3",
+            "--device",
+            "cpu",
+            "--target",
+            "1",
+        ],
+        capsys,
+    )
+    assert code == 0, stdout
+    lines = [json.loads(line) for line in (out / "summary.jsonl").read_text().splitlines()]
+    assert [line["image"] for line in lines] == pictures
+    required = {
+        "image",
+        "method",
+        "target",
+        "target_name",
+        "prob_original",
+        "prob_masked",
+        "prob_obfuscated",
+        "distortion",
+        "mask_mean",
+        "loss_first",
+        "loss_final",
+        "steps",
+        "seconds",
+    }
+    for line in lines:
+        assert required <= set(line) and line["target"] == 1 and line["steps"] == 4
+    for stem in ("rgb", "grey", "alpha", "deep"):
+        assert (out / f"{stem}.png").stat().st_size > 0
+        saved = torch.load(out / f"{stem}.pt", weights_only=True)
+        assert saved["explanation"].shape == (1, 32, 32)
+        assert saved["mask"].ndim == 1 and saved["metadata"]["method"] == "cartoonx"
+    assert not list(out.glob(".*"))  # no temporary files left
+
+
+def test_pixel_rde_and_labels(tmp_path, spec, pictures, capsys):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("zero\none\ntwo\nthree\nfour\n")
+    out = tmp_path / "out"
+    code, _, _ = run(
+        [
+            pictures[0],
+            "--classifier",
+            spec,
+            "--out",
+            str(out),
+            "--size",
+            "32",
+            "--steps",
+            "2",
+            "--samples",
+            "2",
+            "--method",
+            "pixel-rde",
+            "--labels",
+            str(labels),
+            "--device",
+            "cpu",
+        ],
+        capsys,
+    )
+    assert code == 0
+    line = json.loads((out / "summary.jsonl").read_text())
+    assert (
+        line["method"] == "pixel-rde" and line["target_name"] == ["zero", "one", "two", "three", "four"][line["target"]]
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--wavelet", "db99"], "unknown wavelet"),
+        (["--target", "7"], "out of range"),
+        (["--target", "1,2"], "2 classes for 1 images"),
+        (["--size", "4"], "too small"),
+        (["--classifier", "cx_cli_models:spatial"], "expected logits"),
+        (["--classifier", "/nope/model.pt"], "not found"),
+        (["--batch-size", "0"], "batch-size"),
+        (["--samples", "0"], "num_samples"),
+        (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "nonsense"], "device"),
+    ],
+)
+def test_bad_input_gives_one_line_and_exit_2(tmp_path, spec, pictures, capsys, extra, message):
+    out = tmp_path / "out"
+    args = [pictures[0], "--classifier", spec, "--out", str(out), "--size", "32", "--steps", "1", "--samples", "2"]
+    code, _, err = run([*args, *extra], capsys)
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("bad", ["missing", "corrupt", "directory"])
+def test_bad_image_files(tmp_path, spec, pictures, capsys, bad):
+    path = tmp_path / "bad.png"
+    if bad == "corrupt":
+        path.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    elif bad == "directory":
+        path.mkdir()
+    out = tmp_path / "out"
+    code, _, err = run([pictures[0], str(path), "--classifier", spec, "--out", str(out), "--size", "32"], capsys)
+    assert code == 2 and "bad.png" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"), [(["--method", "magic"], "invalid choice"), (["--distortion", "l3"], "invalid choice")]
+)
+def test_unknown_choices_exit_2(spec, pictures, capsys, extra, message):
+    with pytest.raises(SystemExit) as exc:
+        main(["explain", pictures[0], "--classifier", spec, "--out", "x", *extra])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_help_does_not_import_torch_or_lightning():
+    code = (
+        "import sys\n"
+        "from amortized_cartoonx.cli import build_parser\n"
+        "build_parser().format_help()\n"
+        "heavy = [m for m in ('torch', 'pytorch_lightning', 'lightning', 'wandb') if m in sys.modules]\n"
+        "print(','.join(heavy))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""
+
+
+@pytest.mark.shared
+def test_explain_with_a_real_classifier_and_photo(tmp_path, shared, capsys):
+    photo = sorted((shared / "data" / "imagenet-samples").glob("*.jpg"))[0]
+    out = tmp_path / "out"
+    code, _, _ = run(
+        [
+            str(photo),
+            "--classifier",
+            str(shared / "models" / "mobilenet_v1_025_imagenet.pt"),
+            "--out",
+            str(out),
+            "--size",
+            "128",
+            "--steps",
+            "10",
+            "--samples",
+            "4",
+            "--device",
+            "cpu",
+            "--labels",
+            str(shared / "models" / "imagenet_classes.txt"),
+        ],
+        capsys,
+    )
+    assert code == 0
+    line = json.loads((out / "summary.jsonl").read_text())
+    assert line["target_name"] and 0 < line["prob_original"] <= 1
+    assert (out / f"{photo.stem}.png").is_file()
