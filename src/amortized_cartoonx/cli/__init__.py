@@ -14,6 +14,7 @@ from .common import Parser
 #: sub-command -> module (each defines ``add_parser(subparsers)`` which sets ``run``).
 COMMANDS = {
     "explain": "amortized_cartoonx.cli.explain",
+    "evaluate": "amortized_cartoonx.cli.evaluate",
     "targets": "amortized_cartoonx.cli.targets",
 }
 

@@ -1,0 +1,220 @@
+"""Baselines of the evaluation: gradient attributions through captum, and random orderings.
+
+Gradient methods explain the same class as every other method (the predicted one by default), on the
+:class:`~amortized_cartoonx.classifiers.Classifier` wrapper (which normalises inside), so the gradient is taken
+with respect to the [0, 1] image. Their ranking score, per pixel, is ``|attribution|`` summed over the colour
+channels (Grad-CAM: its bilinearly upsampled, ReLU'd map). Settings follow the paper (Section 5.2):
+
+- ``integrated-gradients``: captum ``IntegratedGradients``, 100 steps, black (all-zero) baseline.
+- ``smoothgrad``: the mean over 10 noisy copies ``x + N(0, 0.1^2)`` of captum's ``Saliency`` (the signed
+  gradient); the noise comes from per-image seeded generators (captum's ``NoiseTunnel`` draws from the
+  global random state, which would make a batch's result depend on its other images).
+- ``guided-backprop``: captum ``GuidedBackprop``. It rewrites the backward pass of ``nn.ReLU`` modules, so it
+  needs a plain ``nn.Module`` with ``nn.ReLU`` modules; on a TorchScript model captum silently computes the
+  plain gradient instead, so the method is skipped there with a message.
+- ``grad-cam``: captum ``LayerGradCam`` on the last ``nn.Conv2d`` of the model (found automatically); skipped
+  for a model without one it can hook (TorchScript, torch.export).
+- ``random-pixel``, ``random-wavelet``: a uniform random score per position, from the image's seed: the
+  baseline ordering of each representation. They count as masks (the score is in [0, 1]).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..classifiers import frozen
+from ..explanation import stream_seeds
+from ..rde import make_generators
+from ..wavelets import PixelRepresentation, Representation
+from .methods import ATTRIBUTION, MASK, METHODS, Attribution, EvaluationMethod, MethodContext, MethodUnavailable
+from .methods import explained_target as _explained_target
+
+#: Seed streams of the baselines (the core uses 0 and 1; the evaluation's noise uses 10 and 11).
+SMOOTHGRAD_STREAM = 20
+RANDOM_ORDER_STREAM = 21
+
+
+def _scripted(model: nn.Module) -> bool:
+    return any(isinstance(m, torch.jit.ScriptModule) for m in model.modules())
+
+
+def hook_problem(classifier, layer_type: type[nn.Module], method: str) -> str | None:
+    """Why ``method`` cannot hook ``layer_type`` modules of ``classifier``, or None when it can."""
+    if not isinstance(classifier, nn.Module):
+        return f"{method} needs an nn.Module classifier to hook its layers; got {type(classifier).__name__}"
+    if _scripted(classifier):
+        return f"{method} cannot hook the layers of a TorchScript classifier; skipped (use an nn.Module spec)"
+    if not any(isinstance(m, layer_type) for m in classifier.modules()):
+        return f"{method} found no {layer_type.__name__} module to hook in the classifier; skipped"
+    return None
+
+
+class GradientMethod(EvaluationMethod):
+    """A pixel attribution ``(N, C, H, W)`` whose ranking score is ``|attribution|`` summed over channels."""
+
+    kind = ATTRIBUTION
+
+    def __init__(self, name: str, classifier, settings: dict) -> None:
+        self.name = name
+        self.classifier = classifier
+        self.representation = PixelRepresentation()
+        self._settings = settings
+
+    def settings(self) -> dict:
+        return {"method": self.name, **self.representation.describe(), **self._settings}
+
+    def attribute(self, inputs: Tensor, target: Tensor, seeds: Sequence[int]) -> Tensor:
+        """``(N, C, H, W)`` or ``(N, 1, H, W)`` attributions of ``inputs`` (which require grad)."""
+        raise NotImplementedError
+
+    def explain(self, images: Tensor, target: Tensor | None = None, *, seeds: Sequence[int]) -> Attribution:
+        start = time.perf_counter()
+        with frozen(self.classifier), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # captum's notes on hooks and input gradients
+            target = _explained_target(self.classifier, images, target)
+            inputs = images.detach().clone().requires_grad_(True)
+            attr = self.attribute(inputs, target, seeds).detach()
+        relevance = attr.abs().sum(1).flatten(1)  # (N, H * W)
+        if images.device.type == "cuda":
+            torch.cuda.synchronize(images.device)
+        return Attribution(self.name, relevance, target, time.perf_counter() - start)
+
+
+class IntegratedGradientsMethod(GradientMethod):
+    def __init__(self, classifier, steps: int, internal_batch: int) -> None:
+        super().__init__("integrated-gradients", classifier, {"steps": steps, "baseline": "zeros"})
+        self.steps = steps
+        self.internal_batch = internal_batch
+
+    def attribute(self, inputs: Tensor, target: Tensor, seeds: Sequence[int]) -> Tensor:
+        from captum.attr import IntegratedGradients
+
+        return IntegratedGradients(self.classifier).attribute(
+            inputs,
+            baselines=torch.zeros_like(inputs),
+            target=target,
+            n_steps=self.steps,
+            internal_batch_size=self.internal_batch,
+        )
+
+
+class SmoothGradMethod(GradientMethod):
+    def __init__(self, classifier, samples: int, std: float) -> None:
+        super().__init__("smoothgrad", classifier, {"samples": samples, "std": std})
+        self.samples = samples
+        self.std = std
+
+    def attribute(self, inputs: Tensor, target: Tensor, seeds: Sequence[int]) -> Tensor:
+        from captum.attr import Saliency
+
+        num_images = inputs.shape[0]
+        gens = make_generators(stream_seeds(seeds, SMOOTHGRAD_STREAM), inputs.device)
+        noise = torch.stack(
+            [
+                torch.randn(self.samples, *inputs.shape[1:], generator=g, device=inputs.device, dtype=inputs.dtype)
+                for g in gens
+            ]
+        )  # (N, S, C, H, W)
+        noisy = (inputs.detach().unsqueeze(1) + self.std * noise).flatten(0, 1).requires_grad_(True)
+        grads = Saliency(self.classifier).attribute(noisy, target=target.repeat_interleave(self.samples), abs=False)
+        return grads.reshape(num_images, self.samples, *inputs.shape[1:]).mean(1)
+
+
+class GuidedBackpropMethod(GradientMethod):
+    def __init__(self, classifier) -> None:
+        super().__init__("guided-backprop", classifier, {})
+
+    def attribute(self, inputs: Tensor, target: Tensor, seeds: Sequence[int]) -> Tensor:
+        from captum.attr import GuidedBackprop
+
+        return GuidedBackprop(self.classifier).attribute(inputs, target=target)
+
+
+class GradCamMethod(GradientMethod):
+    def __init__(self, classifier, layer_name: str, layer: nn.Module) -> None:
+        super().__init__("grad-cam", classifier, {"layer": layer_name, "upsample": "bilinear"})
+        self.layer = layer
+
+    def attribute(self, inputs: Tensor, target: Tensor, seeds: Sequence[int]) -> Tensor:
+        from captum.attr import LayerAttribution, LayerGradCam
+
+        cam = LayerGradCam(self.classifier, self.layer).attribute(inputs, target=target, relu_attributions=True)
+        cam = LayerAttribution.interpolate(cam, tuple(inputs.shape[-2:]), interpolate_mode="bilinear")
+        return cam.clamp_min(0.0)  # (N, 1, H, W); bilinear interpolation of non-negative values stays >= 0
+
+
+def last_conv(classifier: nn.Module) -> tuple[str, nn.Module]:
+    """The name and module of the last ``nn.Conv2d`` in ``classifier.modules()`` order."""
+    return [(n, m) for n, m in classifier.named_modules() if isinstance(m, nn.Conv2d)][-1]
+
+
+@METHODS.register("integrated-gradients")
+def _integrated_gradients(ctx: MethodContext) -> EvaluationMethod:
+    return IntegratedGradientsMethod(ctx.classifier, ctx.baselines.ig_steps, ctx.baselines.ig_internal_batch)
+
+
+@METHODS.register("smoothgrad")
+def _smoothgrad(ctx: MethodContext) -> EvaluationMethod:
+    return SmoothGradMethod(ctx.classifier, ctx.baselines.smoothgrad_samples, ctx.baselines.smoothgrad_std)
+
+
+@METHODS.register("guided-backprop")
+def _guided_backprop(ctx: MethodContext) -> EvaluationMethod:
+    problem = hook_problem(ctx.classifier, nn.ReLU, "guided-backprop")
+    if problem:
+        raise MethodUnavailable(problem)
+    return GuidedBackpropMethod(ctx.classifier)
+
+
+@METHODS.register("grad-cam")
+def _grad_cam(ctx: MethodContext) -> EvaluationMethod:
+    problem = hook_problem(ctx.classifier, nn.Conv2d, "grad-cam")
+    if problem:
+        raise MethodUnavailable(problem)
+    name, layer = last_conv(ctx.classifier)
+    return GradCamMethod(ctx.classifier, name, layer)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Random orderings
+# ---------------------------------------------------------------------------------------------------------
+
+
+class RandomOrdering(EvaluationMethod):
+    """A uniform random score in [0, 1] per position of ``representation``, drawn from the image's seed."""
+
+    kind = MASK
+
+    def __init__(self, name: str, representation: Representation, classifier) -> None:
+        self.name = name
+        self.representation = representation
+        self.classifier = classifier
+
+    def explain(self, images: Tensor, target: Tensor | None = None, *, seeds: Sequence[int]) -> Attribution:
+        start = time.perf_counter()
+        target = _explained_target(self.classifier, images, target)
+        num_positions = self.representation.encode(images[:1]).numel_per_channel()
+        scores = []
+        for seed in stream_seeds(seeds, RANDOM_ORDER_STREAM):  # on the CPU: the same on every device
+            gen = torch.Generator().manual_seed(int(seed))
+            scores.append(torch.rand(num_positions, generator=gen))
+        relevance = torch.stack(scores).to(images.device)
+        return Attribution(self.name, relevance, target, time.perf_counter() - start)
+
+
+@METHODS.register("random-pixel")
+def _random_pixel(ctx: MethodContext) -> EvaluationMethod:
+    return RandomOrdering("random-pixel", PixelRepresentation(), ctx.classifier)
+
+
+@METHODS.register("random-wavelet")
+def _random_wavelet(ctx: MethodContext) -> EvaluationMethod:
+    return RandomOrdering("random-wavelet", ctx.wavelet(), ctx.classifier)
+
+
+__all__ = ["GradientMethod", "RandomOrdering", "hook_problem", "last_conv"]

@@ -1,0 +1,363 @@
+"""Writing an evaluation's results: ``curves.csv``, ``summary.json``, ``rate_distortion.png``,
+``examples.png`` and ``report.md`` (every file atomically).
+
+- ``curves.csv``: one row per (image, method, curve, r): columns ``image, method, curve, r, distortion, lambda``;
+  ``curve`` is ``keep`` (a), ``randomise`` (b) or ``lambda`` (c; then ``r`` is the image's mask mean and
+  ``lambda`` the sparsity weight).
+- ``summary.json``: per method the mean and standard error over images of each area, of the seconds per
+  explanation and, with ground truth, of each localisation metric; panel (c) per lambda; the settings.
+- ``rate_distortion.png``: the three panels of the paper's Fig. 7 (mean curve, band = +-1 standard error).
+- ``examples.png``: the first images, one column per method (explanation image or heat map).
+- ``report.md``: the command, the settings, the tables and the figures.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from ..io import atomic_write_text
+from ..plotting import METHOD_TITLES, save_figure
+from .runner import EvaluationResults, mean_se
+
+TITLES = {
+    **METHOD_TITLES,
+    "integrated-gradients": "Integrated Gradients",
+    "smoothgrad": "SmoothGrad",
+    "guided-backprop": "Guided Backprop",
+    "grad-cam": "Grad-CAM",
+    "random-pixel": "Random (pixels)",
+    "random-wavelet": "Random (wavelets)",
+}
+COLOURS = {
+    "cartoonx": "tab:blue",
+    "amortized": "tab:cyan",
+    "warm": "tab:purple",
+    "pixel-rde": "tab:red",
+    "integrated-gradients": "tab:green",
+    "smoothgrad": "tab:olive",
+    "guided-backprop": "tab:brown",
+    "grad-cam": "tab:orange",
+    "random-pixel": "0.55",
+    "random-wavelet": "0.2",
+}
+AREA_KEYS = ("area_keep", "area_keep_early", "area_randomise", "area_randomise_early")
+
+
+def title(name: str) -> str:
+    return TITLES.get(name, name)
+
+
+def _style(name: str, representation: str) -> dict:
+    return {
+        "color": COLOURS.get(name),
+        "linestyle": "-" if representation == "wavelet" else "--",
+        "label": title(name),
+    }
+
+
+# ---- data files -------------------------------------------------------------------------------------------------
+def curves_csv(results: EvaluationResults) -> str:
+    """The long-format table of every curve value (see the module docstring)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["image", "method", "curve", "r", "distortion", "lambda"])
+    for name, res in results.methods.items():
+        for n, image_id in enumerate(results.ids):
+            for curve in ("keep", "randomise"):
+                for r, d in zip(results.rates, getattr(res, curve)[n]):
+                    writer.writerow([image_id, name, curve, f"{r:.6g}", f"{d:.8g}", ""])
+    for name, points in results.lambda_points.items():
+        for p in points:
+            writer.writerow(
+                [p["image"], name, "lambda", f"{p['mask_mean']:.8g}", f"{p['distortion']:.8g}", p["lambda"]]
+            )
+    return buf.getvalue()
+
+
+def lambda_summary(results: EvaluationResults) -> dict[str, list[dict]]:
+    """Panel (c) per method: per lambda, mean and standard error of mask mean and distortion."""
+    out: dict[str, list[dict]] = {}
+    for name, points in results.lambda_points.items():
+        rows = []
+        for lam in sorted({p["lambda"] for p in points}):
+            at = [p for p in points if p["lambda"] == lam]
+            rows.append(
+                {
+                    "lambda": lam,
+                    "mask_mean": mean_se([p["mask_mean"] for p in at]),
+                    "distortion": mean_se([p["distortion"] for p in at]),
+                    "optimizer_distortion": mean_se([p["optimizer_distortion"] for p in at]),
+                    "seconds_per_explanation": mean_se([p["seconds"] for p in at]),
+                }
+            )
+        out[name] = rows
+    return out
+
+
+def summary(results: EvaluationResults) -> dict:
+    """The content of ``summary.json``."""
+    early = results.settings["evaluation"]["early_rate"]
+    methods = {}
+    for name, res in results.methods.items():
+        areas = res.areas(results.rates, early)
+        entry = {
+            "representation": res.representation,
+            "kind": res.kind,
+            "images": len(results.ids),
+            **{k: mean_se(v) for k, v in areas.items()},
+            "seconds_per_explanation": mean_se(res.seconds),
+            "mean_curve": {c: getattr(res, c).mean(0).tolist() for c in ("keep", "randomise")},
+        }
+        if res.scalars:
+            entry["mask_scalars"] = {k: mean_se(v) for k, v in res.scalars.items()}
+        if res.ground_truth:
+            entry["ground_truth"] = {k: mean_se(v) for k, v in res.ground_truth.items()}
+        methods[name] = entry
+    return {
+        "images": results.ids,
+        "rates": results.rates,
+        "early_rate": early,
+        "methods": methods,
+        "skipped": results.skipped,
+        "lambda_panel": lambda_summary(results),
+        "computed_this_run": results.computed,
+        "settings": results.settings,
+    }
+
+
+# ---- figures ------------------------------------------------------------------------------------------------------
+def _band(ax, x, values: np.ndarray, style: dict) -> None:
+    mean = values.mean(0)
+    se = values.std(0, ddof=1) / math.sqrt(values.shape[0]) if values.shape[0] > 1 else np.zeros_like(mean)
+    ax.plot(x, mean, **style, linewidth=1.5)
+    ax.fill_between(x, mean - se, mean + se, color=style["color"], alpha=0.18, linewidth=0)
+
+
+def rate_distortion_figure(results: EvaluationResults) -> Figure:
+    """Fig. 7's three panels: (a) keep, (b) randomise, (c) distortion against mean mask over lambda."""
+    fig = Figure(figsize=(15, 4.4))
+    axes = fig.subplots(1, 3)
+    rates = np.asarray(results.rates)
+    for name, res in results.methods.items():
+        style = _style(name, res.representation)
+        _band(axes[0], rates, res.keep, style)
+        _band(axes[1], rates, res.randomise, style)
+    axes[0].set(
+        title="(a) keep the most relevant, randomise the rest",
+        xlabel="rate: fraction of coefficients kept",
+        ylabel=r"distortion $\|p(x) - p(y)\|_2$",
+    )
+    axes[1].set(
+        title="(b) randomise the most relevant, keep the rest",
+        xlabel="fraction of most relevant coefficients randomised",
+        ylabel=r"distortion $\|p(x) - p(y)\|_2$",
+    )
+    axes[0].legend(fontsize=7, loc="upper right")
+    ax = axes[2]
+    panel = lambda_summary(results)
+    if panel:
+        for name, rows in panel.items():
+            res = results.methods.get(name)
+            style = _style(name, res.representation if res else "wavelet")
+            x = [r["mask_mean"]["mean"] for r in rows]
+            y = [r["distortion"]["mean"] for r in rows]
+            ax.errorbar(
+                x,
+                y,
+                xerr=[r["mask_mean"]["se"] for r in rows],
+                yerr=[r["distortion"]["se"] for r in rows],
+                marker="o",
+                markersize=4,
+                capsize=2,
+                **style,
+            )
+            for r, xi, yi in zip(rows, x, y):
+                ax.annotate(f"{r['lambda']:g}", (xi, yi), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.legend(fontsize=7)
+        ax.set(
+            title=r"(c) over $\lambda$ (labels): distortion vs mask",
+            xlabel=r"mean of the mask (normalised $\ell_1$)",
+            ylabel=r"distortion $\|p(x) - p(y)\|_2$",
+        )
+    else:
+        ax.text(0.5, 0.5, "panel (c) skipped\n(no lambda grid)", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+    for a in axes[:2]:
+        a.set_xlim(0, 1)
+        a.grid(alpha=0.3)
+    if panel:
+        ax.grid(alpha=0.3)
+        ax.ticklabel_format(useOffset=False)
+    fig.suptitle(f"{len(results.ids)} images; band: +-1 standard error", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def examples_figure(results: EvaluationResults, class_names: list[str] | None = None) -> Figure | None:
+    """A grid: one row per example image, the input then one column per method."""
+    if results.example_images is None or not results.examples:
+        return None
+    names = list(results.examples)
+    rows, cols = results.example_images.shape[0], 1 + len(names)
+    fig = Figure(figsize=(1.9 * cols, 2.0 * rows + 0.3))
+    axes = np.atleast_2d(fig.subplots(rows, cols, squeeze=False))
+    first = names[0]
+    for r in range(rows):
+        target = results.example_targets[first][r]
+        label = class_names[target] if class_names and target < len(class_names) else f"class {target}"
+        axes[r, 0].imshow(results.example_images[r].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+        axes[r, 0].set_title(f"{results.ids[r]}\n{label}", fontsize=6)
+        for c, name in enumerate(names, start=1):
+            img = results.examples[name][r, 0].numpy()
+            heat = results.methods[name].representation == "pixel"
+            axes[r, c].imshow(img, cmap="inferno" if heat else "gray", vmin=0, vmax=1, interpolation="nearest")
+            if r == 0:
+                axes[r, c].set_title(title(name), fontsize=7)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+# ---- report.md -----------------------------------------------------------------------------------------------------
+def _fmt(stat: dict, digits: int = 4) -> str:
+    if not stat or stat.get("n", 0) == 0 or not math.isfinite(stat["mean"]):
+        return "-"
+    return f"{stat['mean']:.{digits}f} ± {stat['se']:.{digits}f}"
+
+
+def _best(entries: dict, key: str, lower: bool) -> str | None:
+    values = {n: e[key]["mean"] for n, e in entries.items() if key in e and math.isfinite(e[key]["mean"])}
+    if not values:
+        return None
+    return (min if lower else max)(values, key=values.get)
+
+
+def report_markdown(results: EvaluationResults, summary_data: dict, figures: list[str]) -> str:
+    s = results.settings
+    ev = s["evaluation"]
+    opt = s["optimizer"]
+    methods = summary_data["methods"]
+    lines = [
+        "# Rate-distortion evaluation",
+        "",
+        f"{len(results.ids)} images from `{s['images_dir']}`, classifier `{s['classifier']}`, "
+        f"{s['image_size']}x{s['image_size']} px, device `{s['device']}`.",
+        "",
+        "Command:",
+        "",
+        f"```\n{s.get('command') or '(called from Python)'}\n```",
+        "",
+        "## Settings",
+        "",
+        "| setting | value |",
+        "| --- | --- |",
+        f"| rates | {ev['rates']} points on [0, 1] |",
+        f"| noise draws per rate | {ev['noise_draws']} ({ev['obfuscation']}, the same draws for every method "
+        "of a representation) |",
+        f"| distortion | `{ev['distortion']}` (softmax) |",
+        f"| early areas | over r in [0, {ev['early_rate']}] |",
+        f"| exact optimizer (cartoonx, pixel-rde) | {opt['steps']} steps, {opt['num_samples']} samples, lr "
+        f"{opt['lr']}, lambda {opt['l1_lambda'] if opt['l1_lambda'] is not None else 'default (20 / 4)'}, "
+        f"distortion `{opt['distortion']}` |",
+        f"| DWT | {s['dwt']['wave']}, J={s['dwt']['levels']}, {s['dwt']['mode']} padding |",
+        f"| baselines | IG {s['baselines']['ig_steps']} steps; SmoothGrad {s['baselines']['smoothgrad_samples']} "
+        f"samples, std {s['baselines']['smoothgrad_std']} |",
+        f"| seed | {ev['seed']} |",
+    ]
+    if s.get("checkpoint"):
+        lines.append(f"| amortized checkpoint | `{s['checkpoint']}` (warm start: {s['refine_steps']} steps) |")
+    lines += [
+        "",
+        "## Areas under the curves (mean ± standard error over images)",
+        "",
+        "(a) keep the top fraction r, randomise the rest: **lower is better**. (b) randomise the top fraction r, "
+        "keep the rest: **higher is better**. Bold: the best method per column (random orderings included).",
+        "",
+        "| method | representation | area (a) ↓ | early (a) ↓ | area (b) ↑ | early (b) ↑ | seconds / explanation |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    best = {
+        "area_keep": _best(methods, "area_keep", True),
+        "area_keep_early": _best(methods, "area_keep_early", True),
+        "area_randomise": _best(methods, "area_randomise", False),
+        "area_randomise_early": _best(methods, "area_randomise_early", False),
+    }
+    for name, e in methods.items():
+        cells = []
+        for key in AREA_KEYS:
+            text = _fmt(e[key])
+            cells.append(f"**{text}**" if best[key] == name else text)
+        lines.append(
+            f"| {title(name)} | {e['representation']} | {' | '.join(cells)} | {_fmt(e['seconds_per_explanation'], 3)} |"
+        )
+    if results.has_ground_truth:
+        metric_names = sorted({k for e in methods.values() for k in e.get("ground_truth", {})})
+        lines += [
+            "",
+            "## Ground truth (decisive object vs distractors)",
+            "",
+            "Pixel relevance R per method as defined in docs/evaluation.md (mask methods: the energy of what the "
+            "mask keeps; gradient methods: |attribution| summed over channels).",
+            "",
+            "| method | " + " | ".join(metric_names) + " |",
+            "| --- | " + " | ".join("---" for _ in metric_names) + " |",
+        ]
+        for name, e in methods.items():
+            gt = e.get("ground_truth", {})
+            lines.append(f"| {title(name)} | " + " | ".join(_fmt(gt.get(m, {}), 3) for m in metric_names) + " |")
+    panel = summary_data["lambda_panel"]
+    if panel:
+        lines += [
+            "",
+            "## Panel (c): the exact optimizer over lambda",
+            "",
+            f"Steps: {ev['lambda_steps'] or opt['steps']}; images: "
+            f"{ev['lambda_limit'] or len(results.ids)} (the first ones). Distortion as in (a) and (b), of the "
+            "continuous mask.",
+            "",
+            "| method | lambda | mean mask ↓ | distortion ↓ | seconds / explanation |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for name, rows in panel.items():
+            for r in rows:
+                lines.append(
+                    f"| {title(name)} | {r['lambda']:g} | {_fmt(r['mask_mean'])} | {_fmt(r['distortion'])} | "
+                    f"{_fmt(r['seconds_per_explanation'], 3)} |"
+                )
+    if results.skipped:
+        lines += ["", "## Skipped methods", ""]
+        lines += [f"- {title(n)}: {reason}" for n, reason in results.skipped.items()]
+    lines += ["", "## Figures", ""]
+    lines += [f"![{f}]({f})" for f in figures]
+    lines += [
+        "",
+        "Files: `curves.csv` (every curve value), `summary.json` (these tables and more), `cache/` (per-image "
+        "results, reused by the next run).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(results: EvaluationResults, out_dir: str | Path, class_names: list[str] | None = None) -> dict:
+    """Write every output file into ``out_dir``; returns the summary dict."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "curves.csv", curves_csv(results))
+    data = summary(results)
+    atomic_write_text(out / "summary.json", json.dumps(data, indent=2, default=str) + "\n")
+    figures = ["rate_distortion.png"]
+    save_figure(rate_distortion_figure(results), out / "rate_distortion.png")
+    grid = examples_figure(results, class_names)
+    if grid is not None:
+        save_figure(grid, out / "examples.png")
+        figures.append("examples.png")
+    atomic_write_text(out / "report.md", report_markdown(results, data, figures))
+    return data
