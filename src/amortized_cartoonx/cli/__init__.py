@@ -16,6 +16,7 @@ COMMANDS = {
     "explain": "amortized_cartoonx.cli.explain",
     "evaluate": "amortized_cartoonx.cli.evaluate",
     "targets": "amortized_cartoonx.cli.targets",
+    "train-classifier": "amortized_cartoonx.cli.train_classifier",
 }
 
 

@@ -1,0 +1,106 @@
+"""``cartoonx train-classifier``: train the synthetic cartoon benchmark's classifier (PyTorch Lightning).
+
+Writes ``OUT/classifier.safetensors`` (weights) and ``OUT/classifier.json`` (architecture, dataset settings,
+held-out accuracy); every command then accepts ``--classifier synthetic`` (the default OUT) or
+``--classifier synthetic:OUT``. An existing classifier trained with the same settings is reused (and said so);
+``--force`` retrains. Optionally exports benchmark images with ground-truth masks (``--export DIR``).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import add_device_arg
+
+_DEFAULTS = {  # mirror of TrainConfig's defaults; kept here so --help needs no torch (a test checks they agree)
+    "size": 64,
+    "train_size": 6000,
+    "epochs": 5,
+    "batch_size": 64,
+    "lr": 4e-3,
+    "held_out": 2000,
+    "seed": 0,
+}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train-classifier",
+        help="train the synthetic cartoon benchmark's classifier",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    d = _DEFAULTS
+    p.add_argument("--out", default="checkpoints/synthetic", metavar="DIR", help="default: checkpoints/synthetic")
+    p.add_argument("--size", type=int, default=d["size"], help=f"image side in pixels (default {d['size']})")
+    p.add_argument(
+        "--train-size", type=int, default=d["train_size"], help=f"training images (default {d['train_size']})"
+    )
+    p.add_argument(
+        "--epochs", type=int, default=d["epochs"], help=f"passes over the training images (default {d['epochs']})"
+    )
+    p.add_argument("--max-steps", type=int, default=None, help="optimiser steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"], help=f"default {d['batch_size']}")
+    p.add_argument("--lr", type=float, default=d["lr"], help=f"peak learning rate, one-cycle AdamW (default {d['lr']})")
+    p.add_argument(
+        "--held-out", type=int, default=d["held_out"], help=f"held-out test images (default {d['held_out']})"
+    )
+    p.add_argument(
+        "--seed", type=int, default=d["seed"], help=f"training data and initialisation seed (default {d['seed']})"
+    )
+    p.add_argument("--no-augment", dest="augment", action="store_false", help="no random flips and quarter turns")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (default 1: the network is tiny; 0: torch's choice)"
+    )
+    p.add_argument("--force", action="store_true", help="retrain even if a classifier exists at --out")
+    p.add_argument("--export", default=None, metavar="DIR", help="also write held-out benchmark images to DIR")
+    p.add_argument("--export-images", type=int, default=100, help="images for --export (default 100)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    add_device_arg(p)
+    p.set_defaults(run=run)
+
+
+_ACCELERATORS = {"cpu": "cpu", "cuda": "gpu", "mps": "mps"}
+
+
+def run(args: argparse.Namespace) -> int:
+    from amortized_cartoonx.errors import ConfigError
+    from amortized_cartoonx.synthetic.training import TrainConfig, train_synthetic_classifier
+
+    from .common import resolve_device
+
+    device = resolve_device(args.device)
+    if args.threads < 0:
+        raise ConfigError(f"--threads must be 0 (torch's choice) or more, got {args.threads}")
+    config = TrainConfig(
+        size=args.size,
+        train_size=args.train_size,
+        epochs=args.epochs,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        augment=args.augment,
+        held_out=args.held_out,
+        seed=args.seed,
+    ).validate()
+    result = train_synthetic_classifier(
+        args.out,
+        config,
+        force=args.force,
+        accelerator=_ACCELERATORS[device.type],
+        progress=args.progress,
+        threads=args.threads or None,
+    )
+    if result.reused:
+        print(f"reusing the classifier at {result.weights} (held-out accuracy {result.accuracy:.2%}); --force retrains")
+    else:
+        print(
+            f"trained in {result.seconds:.0f} s: held-out accuracy {result.accuracy:.2%} on {config.held_out} images; "
+            f"saved {result.weights} and {result.metadata.name}"
+        )
+    if args.export:
+        from amortized_cartoonx.synthetic.export import write_synthetic_folder
+
+        write_synthetic_folder(args.export, args.export_images, size=args.size, progress=args.progress)
+        print(f"wrote {args.export_images} held-out images with ground truth to {args.export}/")
+    return 0
