@@ -142,7 +142,7 @@ def _torchvision_model(name: str, weights: str | None) -> nn.Module:
         raise ClassifierError(f"cannot load torchvision:{name} with weights {weights!r}: {exc}") from None
 
 
-def _file_model(path: Path) -> nn.Module:
+def _file_model(path: Path, device: str | torch.device = "cpu") -> nn.Module:
     if not path.is_file():
         raise ClassifierError(f"classifier file not found: {path}")
     try:
@@ -150,7 +150,9 @@ def _file_model(path: Path) -> nn.Module:
             return torch.export.load(str(path)).module()
         with warnings.catch_warnings():  # torch >= 2.9 flags TorchScript as deprecated; it still loads
             warnings.simplefilter("ignore", FutureWarning)
-            return torch.jit.load(str(path), map_location="cpu")
+            # map_location places every tensor of the archive, constants included: a traced model may hold its
+            # weights as constants, which Module.to() does not move (the ../shared models do)
+            return torch.jit.load(str(path), map_location=device)
     except Exception as exc:  # noqa: BLE001
         kind = "ExportedProgram" if path.suffix == ".pt2" else "TorchScript"
         raise ClassifierError(f"cannot load {path} as a {kind} file: {str(exc).splitlines()[0]}") from None
@@ -188,7 +190,7 @@ def load_classifier(spec: str, normalize: str = "auto", device: str | torch.devi
 
         model = load_synthetic_classifier(spec.partition(":")[2] or None)
     elif Path(spec).suffix in _FILE_SUFFIXES:
-        model = _file_model(Path(spec).expanduser())
+        model = _file_model(Path(spec).expanduser(), device)
     elif _CALLABLE_SPEC.match(spec):
         model = _callable_model(spec)
     else:
