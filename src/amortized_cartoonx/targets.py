@@ -249,7 +249,11 @@ class TeacherMaskModule(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         if self.classifier is None:
-            self.classifier = load_classifier(self.settings.classifier, normalize=self.settings.normalize)
+            # load straight onto this process's device: TorchScript constants do not follow Module.to()
+            device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+            self.classifier = load_classifier(
+                self.settings.classifier, normalize=self.settings.normalize, device=device
+            )
             self.explainer = self.settings.build_optimizer(self.classifier)
         trainable = [name for name, p in self.named_parameters() if p.requires_grad]
         if trainable:  # load_classifier freezes; a trainable parameter would make DDP wrap the module
