@@ -283,7 +283,7 @@ def train_synthetic_classifier(
                 "pass --force (force=True) to retrain, or choose another --out"
             )
         acc = float(record.get("held_out", {}).get("accuracy", float("nan")))
-        log.info("reusing the synthetic classifier at %s (held-out accuracy %.4f); --force retrains", weights, acc)
+        log.debug("reusing the synthetic classifier at %s (held-out accuracy %.4f)", weights, acc)
         return TrainResult(weights, meta_path, acc, 0.0, reused=True)
 
     start = time.perf_counter()
@@ -301,7 +301,7 @@ def train_synthetic_classifier(
         "held_out": {"split": "test", "seed": HELD_OUT_SEED, "num_images": config.held_out, "accuracy": acc},
     }
     weights, meta_path = save_synthetic_classifier(model, out, metadata)
-    log.info("held-out accuracy %.4f on %d images; saved %s (%.0f s)", acc, config.held_out, weights, seconds)
+    log.debug("held-out accuracy %.4f on %d images; saved %s (%.0f s)", acc, config.held_out, weights, seconds)
     return TrainResult(weights, meta_path, acc, seconds, reused=False)
 
 
