@@ -482,7 +482,12 @@ def generate_targets(
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        trainer.predict(module, datamodule=data, return_predictions=False)
+        try:
+            trainer.predict(module, datamodule=data, return_predictions=False)
+        except SystemExit:  # Lightning turns Ctrl+C into exit(1) after a graceful stop: report an interrupt
+            if trainer.interrupted:
+                raise KeyboardInterrupt from None
+            raise
     trainer.strategy.barrier("cartoonx-targets-end")  # every rank's shards are written before the summary
     seconds = time.perf_counter() - start
     if trainer.global_rank != 0:
