@@ -430,3 +430,67 @@ def test_ground_truth_metrics_for_every_method(tmp_path):
         assert set(gt) == {"energy_object", "energy_distractors", "energy_background", "pointing_game"}
         assert all(0.0 <= gt[k]["mean"] <= 1.0 and gt[k]["n"] == 2 for k in gt)
     assert "## Ground truth" in (out / "report.md").read_text()
+
+
+# ---- amortized and warm start ------------------------------------------------------------------------------------
+def write_checkpoint(path: Path, classifier_spec: str) -> Path:
+    """An (untrained) amortized explainer checkpoint in the format ``cartoonx fit`` writes."""
+    pytest.importorskip("amortized_cartoonx.amortized", reason="the amortized explainer (issue 3) is not here")
+    training = pytest.importorskip("amortized_cartoonx.training", reason="the amortized training (issue 3) is not here")
+    module = training.AmortizedCartoonXModule(classifier=classifier_spec, image_size=SIZE, levels=2)
+    state = {f"explainer.{k}": v for k, v in module.explainer.state_dict().items()}
+    torch.save({"state_dict": state, "cartoonx": module.settings()}, path)
+    return path
+
+
+def evaluate_args(classifier: Path, images_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "evaluate",
+        "--classifier",
+        str(classifier),
+        "--images",
+        str(images_dir),
+        "--out",
+        str(out),
+        "--size",
+        str(SIZE),
+        "--levels",
+        "2",
+        "--samples",
+        "2",
+        "--rates",
+        "3",
+        "--noise-draws",
+        "1",
+        "--lambdas",
+        "--examples",
+        "1",
+        "--device",
+        "cpu",
+        *extra,
+    ]
+
+
+def test_amortized_and_warm_methods(tmp_path, scripted_classifier, count_explains):
+    checkpoint = write_checkpoint(tmp_path / "explainer.ckpt", str(scripted_classifier))
+    images_dir = write_folder(tmp_path / "images", 2)
+    out = tmp_path / "out"
+    args = evaluate_args(scripted_classifier, images_dir, out, "--checkpoint", str(checkpoint), "--refine-steps", "2")
+    assert main([*args, "--methods", "amortized", "warm"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["methods"]) == {"amortized", "warm"}
+    assert all(e["representation"] == "wavelet" for e in summary["methods"].values())
+    assert count_explains == {"amortized": 2, "warm": 2}
+
+
+def test_a_checkpoint_for_another_classifier_exits_2(tmp_path, scripted_classifier, capsys):
+    checkpoint = write_checkpoint(tmp_path / "explainer.ckpt", str(scripted_classifier))
+    other = tmp_path / "other.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.script(make_tiny_cnn(seed=7)).save(str(other))
+    images_dir = write_folder(tmp_path / "images", 1)
+    args = evaluate_args(other, images_dir, tmp_path / "out", "--checkpoint", str(checkpoint), "--methods", "amortized")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "classifier" in err and len(err.splitlines()) == 1
