@@ -29,6 +29,7 @@ from amortized_cartoonx.evaluation.curves import (
 from amortized_cartoonx.evaluation.maps import mask_energy_map
 from amortized_cartoonx.evaluation.methods import (
     METHODS,
+    AmortizedMethod,
     BaselineConfig,
     MaskMethod,
     MethodContext,
@@ -252,7 +253,7 @@ def count_explains(monkeypatch):
 
         monkeypatch.setattr(cls, "explain", counted)
 
-    for cls in (MaskMethod, GradientMethod, RandomOrdering):
+    for cls in (MaskMethod, AmortizedMethod, GradientMethod, RandomOrdering):
         wrap(cls)
     return calls
 
