@@ -14,6 +14,7 @@ from .common import Parser
 #: sub-command -> module (each defines ``add_parser(subparsers)`` which sets ``run``).
 COMMANDS = {
     "explain": "amortized_cartoonx.cli.explain",
+    "fit": "amortized_cartoonx.cli.fit",
     "evaluate": "amortized_cartoonx.cli.evaluate",
     "targets": "amortized_cartoonx.cli.targets",
     "train-classifier": "amortized_cartoonx.cli.train_classifier",
@@ -36,6 +37,8 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["fit"]:  # LightningCLI parses every argument of fit itself (its --help included)
+        return importlib.import_module(COMMANDS["fit"]).main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

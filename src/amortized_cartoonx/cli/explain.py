@@ -84,7 +84,28 @@ def build_explainer(args: argparse.Namespace, classifier, device):
         if args.checkpoint:
             raise ConfigError(f"--checkpoint is for --method amortized or warm, not {args.method}")
         return build_optimizer(args.method, classifier, args)
-    raise ConfigError(f"--method {args.method} needs the amortized explainer, which this build does not include")
+    if not args.checkpoint:
+        raise ConfigError(f"--method {args.method} needs --checkpoint CKPT (a cartoonx fit checkpoint)")
+    from amortized_cartoonx.amortized import AmortizedExplainer, WarmStartExplainer
+
+    from .common import optimizer_config
+
+    amortized = AmortizedExplainer.from_checkpoint(args.checkpoint, classifier=classifier, device=device)
+    amortized.check_compatible(
+        args.classifier,
+        image_size=args.size,
+        wave=args.wavelet,
+        levels=args.levels,
+        mode=args.mode,
+        l1_lambda=args.l1_lambda,
+        distortion=args.distortion,
+        obfuscation=args.obfuscation,
+    )
+    amortized.measure_samples = args.samples  # measured on as many noise samples as the exact optimizer
+    amortized.seed = args.seed
+    if args.method == "amortized":
+        return amortized
+    return WarmStartExplainer(amortized, refine_steps=args.refine_steps, config=optimizer_config(args))
 
 
 def preflight(classifier, explainer, images, targets, device) -> None:

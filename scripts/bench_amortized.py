@@ -1,0 +1,406 @@
+#!/usr/bin/env python
+"""Benchmark the amortized explainer against exact CartoonX on held-out images.
+
+For every image (batched, ``--batch-size`` at a time) it runs
+
+(a) the amortized explainer (one forward pass),
+(b) exact CartoonX for ``--exact-steps`` steps from the all-ones mask (the paper: 2000),
+(c) warm start: the amortized mask refined by K exact steps, for each K in ``--refine`` (default 50,100,200),
+
+and measures every mask the same way (:func:`~amortized_cartoonx.explanation.measure_mask`: same lambda,
+distortion and obfuscation as training, same per-image seeds, ``--measure-samples`` noise samples), so the RDE losses
+compare directly. It reports per image and as medians: the losses; the steps the cold optimizer needs to reach
+each warm start's loss and the steps warm start needs to reach the cold optimizer's final loss (from the loss
+histories, smoothed by a centred moving average of ``--smooth`` steps followed by a running minimum: the
+per-step losses are single noisy estimates); seconds per image; the ratios amortized/exact for loss and time;
+and the agreement of the amortized mask with the exact one (Spearman rank correlation, top-10% overlap).
+
+Seconds are wall-clock per image (batch time / batch size) for producing the mask: the amortized explainer's
+classifier pass (for the target) and network pass; the optimizers' explain() minus the final measurement, which
+is the same reporting cost for every method and is timed and shown separately. Timings on a shared machine are
+noisy. Images: the checkpoint's held-out test split of ``--images`` when it has one (``--split``).
+
+Example (CPU-sized)::
+
+    python scripts/bench_amortized.py --checkpoint checkpoints/RUN/best.ckpt \\
+        --images ../shared/data/imagenet-samples --limit 4 --exact-steps 1000 --samples 8 --json bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
+
+import torch  # noqa: E402
+
+from amortized_cartoonx.amortized import AmortizedExplainer, WarmStartExplainer, mask_agreement  # noqa: E402
+from amortized_cartoonx.classifiers import frozen  # noqa: E402
+from amortized_cartoonx.errors import CartoonXError, InputError  # noqa: E402
+from amortized_cartoonx.explanation import image_seeds, measure_mask  # noqa: E402
+from amortized_cartoonx.images import list_images, load_images  # noqa: E402
+from amortized_cartoonx.optimizer import CartoonX, OptimizerConfig  # noqa: E402
+
+logger = logging.getLogger("bench_amortized")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a cartoonx fit checkpoint")
+    p.add_argument("--images", required=True, help="image folder")
+    p.add_argument(
+        "--split",
+        default="auto",
+        choices=("auto", "test", "val", "train", "all"),
+        help="which images of the folder: auto = the checkpoint's test split if it has one, else all",
+    )
+    p.add_argument("--limit", type=int, default=8, help="at most this many images (default 8)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per batch, for every method (default 4)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--refine", default="50,100,200", help="warm-start steps K, comma-separated")
+    p.add_argument("--exact-steps", type=int, default=2000, help="steps of the cold exact optimizer (default 2000)")
+    p.add_argument("--samples", type=int, default=64, help="noise samples per optimizer step (default 64)")
+    p.add_argument(
+        "--measure-samples", type=int, default=64, help="noise samples of the final measurement (default 64)"
+    )
+    p.add_argument("--chunk-size", type=int, default=None, help="noise samples per forward pass (memory)")
+    p.add_argument("--smooth", type=int, default=25, help="moving-average window for the step counts (default 25)")
+    p.add_argument("--seed", type=int, default=0, help="image k is seeded seed + k")
+    p.add_argument("--classifier", default=None, help="classifier spec (default: the checkpoint's)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", default=None, help="write every number to this JSON file")
+    return p.parse_args(argv)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def smoothed(history: torch.Tensor, window: int) -> torch.Tensor:
+    """``(S,)`` per-step losses -> centred moving average over ``window`` steps (shorter at the ends), then a
+    running minimum. Centred, so a steady trend is not delayed; the running minimum makes "reached" final."""
+    if history.numel() == 0:
+        return history
+    size = history.numel()
+    half = max(0, window // 2)
+    csum = torch.cat([history.new_zeros(1, dtype=torch.float64), history.double().cumsum(0)])
+    idx = torch.arange(size)
+    lo, hi = (idx - half).clamp(min=0), (idx + half + 1).clamp(max=size)
+    average = (csum[hi] - csum[lo]) / (hi - lo)
+    return average.cummin(0).values.float()
+
+
+def steps_to_reach(history: torch.Tensor, level: float, window: int) -> int | None:
+    """The first step count s (1-based: after s steps) whose smoothed loss is <= ``level``; None if never.
+
+    ``history[s]`` is the loss before update s, i.e. after s steps.
+    """
+    curve = smoothed(history, window)
+    hits = (curve <= level).nonzero()
+    return int(hits[0]) if len(hits) else None
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def fmt(value: float | None, digits: int = 4) -> str:
+    if value is None:
+        return "n/a"
+    if abs(value) >= 1000 or (0 < abs(value) < 10 ** -(digits - 1)):
+        return f"{value:.3g}"
+    return f"{value:.{digits}f}"
+
+
+def select_images(args: argparse.Namespace, amortized: AmortizedExplainer) -> tuple[list[Path], str]:
+    files = list_images(args.images)
+    by_id = {p.name: p for p in files}
+    split = args.split
+    if split == "auto":
+        data = amortized.meta.get("data") or {}
+        split = "test" if data.get("test_fraction", 0) > 0 else "all"
+    if split != "all":
+        ids = amortized.split(list(by_id))[split]
+        files = [by_id[i] for i in ids]
+    if not files:
+        raise InputError(f"no images in the {split} split of {args.images}")
+    return files[: args.limit], split
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    refine = sorted({int(k) for k in args.refine.split(",") if k.strip()})
+    amortized = AmortizedExplainer.from_checkpoint(args.checkpoint, device=device)
+    if args.classifier:
+        amortized.check_compatible(args.classifier)
+    amortized.measure_samples = args.measure_samples
+    amortized.seed = args.seed
+    meta = amortized.meta
+    files, split = select_images(args, amortized)
+    images_all = load_images(files, meta["image_size"])
+    config = OptimizerConfig(
+        steps=args.exact_steps,
+        num_samples=args.samples,
+        l1_lambda=meta["l1_lambda"],
+        distortion=meta["distortion"],
+        obfuscation=meta["obfuscation"],
+        chunk_size=args.chunk_size,
+        measure_samples=args.measure_samples,
+        seed=args.seed,
+    )
+    exact = CartoonX(amortized.classifier, wave=meta["wave"], levels=meta["levels"], mode=meta["mode"], config=config)
+    warm = {k: WarmStartExplainer(amortized, refine_steps=k, config=config) for k in refine}
+    logger.info("%d %s images of %s at %dpx on %s", len(files), split, args.images, meta["image_size"], device)
+
+    # warm-up (TorchScript's profiling runs, allocator): not timed
+    first = images_all[: args.batch_size].to(device)
+    amortized.explain(first)
+    exact.explain(first, steps=2)
+
+    records: list[dict] = []
+    for lo in range(0, len(files), args.batch_size):
+        batch = images_all[lo : lo + args.batch_size].to(device)
+        n = batch.shape[0]
+        seeds = image_seeds(n, args.seed + lo)
+        # (a) amortized: the mask alone, then the full explanation for the measured numbers
+        sync(device)
+        start = time.perf_counter()
+        amortized.predict_mask(batch)
+        sync(device)
+        t_amortized = (time.perf_counter() - start) / n
+        e_amortized = amortized.explain(batch, seeds=seeds).cpu()
+        # the measurement alone (the reporting cost every method pays once)
+        with frozen(amortized.classifier):
+            problem = amortized.objective.prepare(batch)
+            sync(device)
+            start = time.perf_counter()
+            measure_mask(amortized.objective, problem, e_amortized.mask.to(device), seeds, args.measure_samples)
+            sync(device)
+            t_measure = (time.perf_counter() - start) / n
+        # (b) exact from ones
+        e_exact = exact.explain(batch, seeds=seeds).cpu()
+        t_exact = e_exact.seconds / n - t_measure
+        # (c) warm starts
+        e_warm = {k: w.explain(batch, seeds=seeds).cpu() for k, w in warm.items()}
+        agreement = mask_agreement(e_amortized.mask.flatten(), e_exact.mask.flatten())
+        k_max = refine[-1] if refine else None
+        for i in range(n):
+            exact_history = e_exact.history.total[:, i]
+            record = {
+                "image": files[lo + i].name,
+                "target": int(e_exact.target[i]),
+                "prob_original": float(e_exact.prob_original[i]),
+                "amortized": {
+                    "loss": float(e_amortized.loss[i]),
+                    "distortion": float(e_amortized.distortion[i]),
+                    "mask_mean": float(e_amortized.mask_mean[i]),
+                    "seconds": t_amortized,
+                    "cold_steps_to_reach": steps_to_reach(exact_history, float(e_amortized.loss[i]), args.smooth),
+                },
+                "exact": {
+                    "loss": float(e_exact.loss[i]),
+                    "distortion": float(e_exact.distortion[i]),
+                    "mask_mean": float(e_exact.mask_mean[i]),
+                    "seconds": t_exact,
+                    "steps": args.exact_steps,
+                },
+                "warm": {},
+                "measure_seconds": t_measure,
+                "spearman_amortized_exact": float(agreement["spearman"][i]),
+                "top10_overlap_amortized_exact": float(agreement["top_overlap"][i]),
+            }
+            for k, e in e_warm.items():
+                record["warm"][str(k)] = {
+                    "loss": float(e.loss[i]),
+                    "distortion": float(e.distortion[i]),
+                    "mask_mean": float(e.mask_mean[i]),
+                    "seconds": e.seconds / n - t_measure,
+                    "cold_steps_to_reach": steps_to_reach(exact_history, float(e.loss[i]), args.smooth),
+                }
+            if k_max is not None:
+                record["warm_steps_to_exact"] = steps_to_reach(
+                    e_warm[k_max].history.total[:, i], float(e_exact.loss[i]), args.smooth
+                )
+            records.append(record)
+        logger.info("%d/%d images done", len(records), len(files))
+    return summarise(args, records, refine, split, device, meta)
+
+
+def summarise(args, records, refine, split, device, meta) -> dict:
+    def med(path):
+        values = []
+        for r in records:
+            value = r
+            for key in path:
+                value = value.get(key) if isinstance(value, dict) else None
+            values.append(value)
+        return median(values)
+
+    exact_loss, exact_time = med(["exact", "loss"]), med(["exact", "seconds"])
+    rows = [("amortized", ["amortized"]), (f"exact ({args.exact_steps} steps)", ["exact"])]
+    rows += [(f"warm K={k}", ["warm", str(k)]) for k in refine]
+    summary = []
+    for name, path in rows:
+        loss, seconds = med([*path, "loss"]), med([*path, "seconds"])
+        ratios = [
+            r_loss / r_exact
+            for r_loss, r_exact in ((_get(r, [*path, "loss"]), r["exact"]["loss"]) for r in records)
+            if r_exact
+        ]
+        summary.append(
+            {
+                "method": name,
+                "loss": loss,
+                "distortion": med([*path, "distortion"]),
+                "mask_mean": med([*path, "mask_mean"]),
+                "seconds": seconds,
+                "loss_ratio": median(ratios),
+                "time_ratio": seconds / exact_time if seconds is not None and exact_time else None,
+                "cold_steps_to_reach": med([*path, "cold_steps_to_reach"]) if path != ["exact"] else None,
+                "reached_by_cold": sum(_get(r, [*path, "cold_steps_to_reach"]) is not None for r in records)
+                if path != ["exact"]
+                else None,
+            }
+        )
+    return {
+        "settings": {
+            "checkpoint": str(args.checkpoint),
+            "images": str(args.images),
+            "split": split,
+            "count": len(records),
+            "image_size": meta["image_size"],
+            "classifier": meta["classifier"],
+            "wave": meta["wave"],
+            "levels": meta["levels"],
+            "l1_lambda": meta["l1_lambda"],
+            "distortion": meta["distortion"],
+            "obfuscation": meta["obfuscation"],
+            "exact_steps": args.exact_steps,
+            "refine": refine,
+            "samples": args.samples,
+            "measure_samples": args.measure_samples,
+            "batch_size": args.batch_size,
+            "smooth": args.smooth,
+            "seed": args.seed,
+        },
+        "machine": {
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else platform.processor() or platform.machine(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "summary": summary,
+        "medians": {
+            "exact_loss": exact_loss,
+            "measure_seconds": med(["measure_seconds"]),
+            "warm_steps_to_exact": med(["warm_steps_to_exact"]),
+            "warm_reached_exact": sum(r.get("warm_steps_to_exact") is not None for r in records),
+            "spearman_amortized_exact": med(["spearman_amortized_exact"]),
+            "top10_overlap_amortized_exact": med(["top10_overlap_amortized_exact"]),
+        },
+        "images": records,
+    }
+
+
+def _get(record: dict, path: list[str]):
+    value = record
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def markdown(result: dict) -> str:
+    s, m = result["settings"], result["medians"]
+    n = s["count"]
+    lines = [
+        f"Images: {n} ({s['split']} split of {s['images']}), {s['image_size']} px, classifier {s['classifier']}, "
+        f"{s['wave']} J={s['levels']}, lambda {s['l1_lambda']}, {s['distortion']} distortion, "
+        f"L = {s['samples']} noise samples per optimizer step, {s['measure_samples']} for the final measurement, "
+        f"batches of {s['batch_size']}; "
+        f"machine: {result['machine']['device']} ({result['machine']['device_name']}, "
+        f"{result['machine']['torch_threads']} threads).",
+        "",
+        "| method | median RDE loss | median distortion | median mask mean | s / image | loss / exact | "
+        "time / exact | cold steps to reach (median, reached) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in result["summary"]:
+        reach = (
+            "-"
+            if row["reached_by_cold"] is None
+            else f"{fmt(row['cold_steps_to_reach'], 0)} ({row['reached_by_cold']}/{n})"
+        )
+        lines.append(
+            f"| {row['method']} | {fmt(row['loss'])} | {fmt(row['distortion'])} | {fmt(row['mask_mean'])} | "
+            f"{fmt(row['seconds'], 3)} | {fmt(row['loss_ratio'], 3)} | {fmt(row['time_ratio'], 3)} | {reach} |"
+        )
+    speed = next(r for r in result["summary"] if r["method"] == "amortized")["time_ratio"]
+    lines += [
+        "",
+        f"Amortized vs exact: speed-up {fmt(1 / speed if speed else None, 1)}x; mask agreement: Spearman "
+        f"{fmt(m['spearman_amortized_exact'], 3)}, top-10% overlap {fmt(m['top10_overlap_amortized_exact'], 3)} "
+        f"(medians). Warm start K={s['refine'][-1] if s['refine'] else '-'} reaches the exact loss after a median "
+        f"of {fmt(m['warm_steps_to_exact'], 0)} steps ({m['warm_reached_exact']}/{n} images reach it). "
+        f"Final measurement: {fmt(m['measure_seconds'], 3)} s / image (not in the times above). Step counts: "
+        f"centred {s['smooth']}-step moving average of the per-step loss, then running minimum.",
+        "",
+        "Per image (RDE loss; cold steps to reach in brackets):",
+        "",
+        "| image | amortized | exact | " + " | ".join(f"warm K={k}" for k in s["refine"]) + " |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in s["refine"]) + " |",
+    ]
+    for r in result["images"]:
+        never = ">" + str(s["exact_steps"])
+        warm = " | ".join(
+            f"{fmt(r['warm'][str(k)]['loss'])} ({_steps(r['warm'][str(k)]['cold_steps_to_reach'], never)})"
+            for k in s["refine"]
+        )
+        reach = _steps(r["amortized"]["cold_steps_to_reach"], never)
+        lines.append(f"| {r['image']} | {fmt(r['amortized']['loss'])} ({reach}) | {fmt(r['exact']['loss'])} | {warm} |")
+    return "\n".join(lines)
+
+
+def _steps(value: int | None, never: str) -> str:
+    return never if value is None else str(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="bench: %(message)s", stream=sys.stderr)
+    args = parse_args(argv)
+    try:
+        result = run(args)
+    except CartoonXError as exc:
+        print(f"bench_amortized: error: {exc}", file=sys.stderr)
+        return 2
+    print(markdown(result))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        print(f"\nwrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,443 @@
+"""Single-pass CartoonX from a trained mask predictor, and exact CartoonX warm-started from its prediction.
+
+No Lightning here: a checkpoint written by ``cartoonx fit`` is read with ``torch.load(..., weights_only=True)``
+(it holds only tensors and plain values) and the network is rebuilt from the settings it records::
+
+    from amortized_cartoonx.amortized import AmortizedExplainer, WarmStartExplainer
+    amortized = AmortizedExplainer.from_checkpoint("checkpoints/run/best.ckpt")   # loads its classifier
+    explanation = amortized.explain(images)                  # one forward pass; Explanation, steps = 0
+    refined = WarmStartExplainer(amortized, refine_steps=100).explain(images)     # + 100 exact steps
+
+Both answer the same ``explain(images, target=None, *, seeds=None)`` as the exact optimizer and fill the
+:class:`~amortized_cartoonx.explanation.Explanation` with :func:`~amortized_cartoonx.explanation.measure_mask`
+on noise from the same per-image seeds, so their losses compare directly with the optimizer's.
+
+A checkpoint records the classifier, the image size, the wavelet (wave, J, padding), lambda, distortion and
+obfuscation it was trained for; :meth:`AmortizedExplainer.check_compatible` refuses anything else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .classifiers import Classifier, frozen, load_classifier, wrap_classifier
+from .data import split_ids
+from .errors import ClassifierError, ConfigError, InputError
+from .explainer import MaskPredictor, MaskPredictorConfig
+from .explanation import Explanation, image_seeds, measure_mask
+from .optimizer import OptimizerConfig, RDEOptimizer
+from .rde import RDEObjective, check_images, resolve_target
+from .wavelets import Coefficients, WaveletRepresentation
+
+logger = logging.getLogger(__name__)
+
+#: Version of the ``checkpoint["cartoonx"]`` settings dict.
+CHECKPOINT_FORMAT = 1
+_FILE_SUFFIXES = (".pt", ".ts", ".jit", ".pt2")
+#: Measurement noise samples of :meth:`AmortizedExplainer.explain` (the optimizer's default L).
+DEFAULT_MEASURE_SAMPLES = OptimizerConfig().num_samples
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Classifier identity, data split, mask agreement (plain helpers shared with training and the benchmark)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _is_file_spec(spec: str) -> bool:
+    return Path(spec).suffix in _FILE_SUFFIXES
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def classifier_identity(spec: str) -> dict:
+    """``classifier`` (the spec as given) and, for a model file, its absolute path and SHA-256.
+
+    File specs are matched by content, so ``../shared/m.pt`` and ``/work/shared/m.pt`` are the same classifier.
+    """
+    identity = {"classifier": spec, "classifier_path": None, "classifier_sha256": None}
+    if _is_file_spec(spec):
+        path = Path(spec).expanduser()
+        if path.is_file():
+            identity["classifier_path"] = str(path.resolve())
+            identity["classifier_sha256"] = _sha256(path)
+    return identity
+
+
+def same_classifier(spec: str, identity: dict) -> bool:
+    """Whether ``spec`` names the classifier described by ``identity`` (see :func:`classifier_identity`)."""
+    if spec == identity.get("classifier"):
+        return True
+    if _is_file_spec(spec) and identity.get("classifier_sha256"):
+        path = Path(spec).expanduser()
+        if identity.get("classifier_path") == str(path.resolve()):
+            return True
+        return path.is_file() and _sha256(path) == identity["classifier_sha256"]
+    return False
+
+
+def split_train_val_test(
+    ids: Sequence[str], val_fraction: float, test_fraction: float = 0.0, seed: int = 0
+) -> dict[str, list[str]]:
+    """A deterministic three-way split by hashing each id (adding images never moves an existing one).
+
+    ``test`` is held out first (hash with ``seed + 1``), then the rest is split into ``train`` and ``val``
+    (hash with ``seed``), both with :func:`~amortized_cartoonx.data.split_ids`. With ``test_fraction = 0`` the
+    train/val split is exactly ``split_ids(ids, val_fraction, seed)``.
+    """
+    if not 0.0 <= test_fraction < 1.0:
+        raise InputError(f"the test fraction must be in [0, 1), got {test_fraction}")
+    rest, test = split_ids(ids, test_fraction, seed + 1) if test_fraction > 0 else (list(ids), [])
+    train, val = split_ids(rest, val_fraction, seed)
+    return {"train": train, "val": val, "test": test}
+
+
+def average_ranks(values: Tensor) -> Tensor:
+    """``(K,) -> (K,)`` float64 ranks 0..K-1, ties sharing their average rank (as Spearman's rho needs)."""
+    ordered, order = values.sort()
+    _, inverse, counts = torch.unique_consecutive(ordered, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    averages = ends - (counts.double() + 1) / 2  # mean of the ranks ends-counts .. ends-1
+    ranks = torch.empty(values.shape[0], dtype=torch.float64, device=values.device)
+    ranks[order] = averages[inverse]
+    return ranks
+
+
+@torch.no_grad()
+def mask_agreement(pred: Tensor, ref: Tensor, top_fraction: float = 0.1) -> dict[str, Tensor]:
+    """How well the masks ``pred`` agree with ``ref``, both flat ``(N, K)``.
+
+    Returns ``spearman (N,)``: the rank correlation of the mask values (ties get average ranks; 0 when either
+    mask is constant), and ``top_overlap (N,)``: the share of ``ref``'s top ``top_fraction`` coefficients that
+    are also in ``pred``'s (ties at the threshold are broken arbitrarily by ``topk``).
+    """
+    if pred.shape != ref.shape or pred.ndim != 2:
+        raise InputError(f"masks to compare must both be (N, K), got {tuple(pred.shape)} and {tuple(ref.shape)}")
+    count = max(1, round(top_fraction * pred.shape[1]))
+    spearman, overlap = [], []
+    for a, b in zip(pred.float(), ref.float()):
+        ra, rb = average_ranks(a), average_ranks(b)
+        ra, rb = ra - ra.mean(), rb - rb.mean()
+        denominator = (ra.square().sum() * rb.square().sum()).sqrt()
+        spearman.append((ra * rb).sum() / denominator if denominator > 0 else denominator.new_zeros(()))
+        top_a = torch.zeros_like(a, dtype=torch.bool)
+        top_b = torch.zeros_like(b, dtype=torch.bool)
+        top_a[a.topk(count).indices] = True
+        top_b[b.topk(count).indices] = True
+        overlap.append((top_a & top_b).sum().double() / count)
+    return {"spearman": torch.stack(spearman).float(), "top_overlap": torch.stack(overlap).float()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The explainers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class AmortizedExplainer:
+    """CartoonX masks in one forward pass of a trained :class:`~amortized_cartoonx.explainer.MaskPredictor`.
+
+    Build it with :meth:`from_checkpoint`. Attributes: ``network``, ``classifier``, ``representation``,
+    ``objective`` (the RDE objective the network was trained for), ``meta`` (the checkpoint's settings),
+    ``measure_samples`` (noise samples of the final measurement; default 64, the optimizer's L),
+    ``seed`` (image n of a call is seeded ``seed + n`` unless ``seeds`` are given), ``strict_size``
+    (refuse images of another size than the training size; default True).
+    """
+
+    method = "amortized"
+
+    def __init__(
+        self,
+        network: MaskPredictor,
+        classifier: Classifier,
+        meta: dict,
+        *,
+        path: str | Path | None = None,
+        measure_samples: int = DEFAULT_MEASURE_SAMPLES,
+        seed: int = 0,
+    ) -> None:
+        self.network = network.eval()
+        self.classifier = classifier
+        self.meta = dict(meta)
+        self.path = None if path is None else str(path)
+        self.measure_samples = measure_samples
+        self.seed = seed
+        self.strict_size = True
+        self.representation = WaveletRepresentation(meta["wave"], meta["levels"], meta["mode"])
+        self.objective = RDEObjective(
+            classifier, self.representation, meta["l1_lambda"], meta["obfuscation"], meta["distortion"]
+        )
+
+    # ---- loading -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        classifier: Classifier | torch.nn.Module | None = None,
+        device: str | torch.device = "cpu",
+    ) -> AmortizedExplainer:
+        """Load a ``cartoonx fit`` checkpoint (``best.ckpt`` / ``last.ckpt``) without Lightning.
+
+        Args:
+            path: the checkpoint.
+            classifier: None loads the classifier the checkpoint names (its spec, or the file it recorded);
+                a loaded :class:`Classifier` with another spec is refused; any other module is wrapped as is.
+            device: where to run.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"checkpoint not found: {path}")
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any reading failure is the user's file
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise InputError(f"cannot read checkpoint {path}: {first}") from None
+        meta = checkpoint.get("cartoonx") if isinstance(checkpoint, dict) else None
+        if not isinstance(meta, dict) or meta.get("kind") != "amortized-cartoonx":
+            raise ConfigError(f"{path} is not an amortized CartoonX checkpoint (train one with cartoonx fit)")
+        if int(meta.get("format_version", 0)) > CHECKPOINT_FORMAT:
+            raise ConfigError(
+                f"{path} has checkpoint format {meta['format_version']}; this version reads "
+                f"{CHECKPOINT_FORMAT}: update amortized-cartoonx"
+            )
+        network = MaskPredictor(MaskPredictorConfig(**meta["explainer"]))
+        prefix = "explainer."
+        state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+        try:
+            network.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ConfigError(
+                f"{path}: the weights do not fit the recorded network ({str(exc).splitlines()[0]})"
+            ) from None
+        device = torch.device(device)
+        if classifier is None:
+            classifier = load_classifier(_loadable_spec(meta), normalize=meta["normalize"], device=device)
+        elif isinstance(classifier, Classifier):
+            if classifier.spec != "<module>" and not same_classifier(classifier.spec, meta):
+                raise ConfigError(
+                    f"checkpoint {path.name} was trained for classifier {meta['classifier']!r}, not {classifier.spec!r}"
+                )
+            normalize = "none" if classifier.normalization is None else "imagenet"
+            if classifier.spec != "<module>" and normalize != meta["normalize"]:
+                raise ConfigError(
+                    f"checkpoint {path.name} was trained with input normalisation {meta['normalize']}, "
+                    f"the classifier uses {normalize}: use --normalize {meta['normalize']}"
+                )
+        else:
+            classifier = wrap_classifier(classifier)
+        return cls(network.to(device), classifier, meta, path=path)
+
+    # ---- settings and checks ----------------------------------------------------------------------------------
+    def settings(self) -> dict:
+        """The settings that determine the masks (plain values): classifier, image size, DWT, loss."""
+        meta = self.meta
+        keys = ("classifier", "image_size", "wave", "levels", "mode", "l1_lambda", "distortion", "obfuscation")
+        return {
+            "method": self.method,
+            "checkpoint": self.path,
+            "representation": "wavelet",
+            **{k: meta[k] for k in keys},
+            "normalize": meta["normalize"],
+            "measure_samples": self.measure_samples,
+            "seed": self.seed,
+        }
+
+    def check_compatible(
+        self,
+        classifier_spec: str | None = None,
+        image_size: int | Sequence[int] | None = None,
+        wave: str | None = None,
+        levels: int | None = None,
+        mode: str | None = None,
+        *,
+        l1_lambda: float | None = None,
+        distortion: str | None = None,
+        obfuscation: str | None = None,
+    ) -> None:
+        """Raise :class:`ConfigError` (one line, naming every mismatch) when a setting differs from training."""
+        meta = self.meta
+        size = int(meta["image_size"])
+        problems = []
+        if classifier_spec is not None and not same_classifier(classifier_spec, meta):
+            problems.append(f"classifier {classifier_spec!r} (trained for {meta['classifier']!r})")
+        if image_size is not None:
+            h, w = (int(image_size), int(image_size)) if isinstance(image_size, int) else map(int, image_size)
+            if (h, w) != (size, size):
+                problems.append(f"image size {h}x{w} (trained on {size}x{size}: use --size {size})")
+        if wave is not None and wave != meta["wave"]:
+            problems.append(f"wavelet {wave} (trained with {meta['wave']}: use --wavelet {meta['wave']})")
+        if levels is not None and levels not in (meta["levels"], meta.get("levels_used")):
+            problems.append(f"J={levels} levels (trained with J={meta['levels']}: use --levels {meta['levels']})")
+        if mode is not None and mode != meta["mode"]:
+            problems.append(f"padding {mode} (trained with {meta['mode']}: use --mode {meta['mode']})")
+        if l1_lambda is not None and float(l1_lambda) != float(meta["l1_lambda"]):
+            problems.append(f"lambda {l1_lambda} (trained with {meta['l1_lambda']})")
+        if distortion is not None and distortion != meta["distortion"]:
+            problems.append(f"distortion {distortion} (trained with {meta['distortion']})")
+        if obfuscation is not None and obfuscation != meta["obfuscation"]:
+            problems.append(f"obfuscation {obfuscation} (trained with {meta['obfuscation']})")
+        if problems:
+            name = Path(self.path).name if self.path else "the checkpoint"
+            raise ConfigError(f"{name} does not fit: " + "; ".join(problems))
+
+    def split(self, ids: Sequence[str]) -> dict[str, list[str]]:
+        """The training run's train / val / test split of ``ids`` (``test``: never trained on nor selected by).
+
+        Raises :class:`ConfigError` when the checkpoint does not record its split.
+        """
+        data = self.meta.get("data")
+        if not data:
+            raise ConfigError("the checkpoint does not record its data split")
+        return split_train_val_test(ids, data["val_fraction"], data["test_fraction"], data["split_seed"])
+
+    def _check_inputs(self, images: Tensor) -> None:
+        check_images(images)
+        if self.strict_size:
+            self.check_compatible(image_size=tuple(images.shape[-2:]))
+
+    def _check_logits(self, logits: Tensor) -> None:
+        expected = self.network.config.num_classes
+        if logits.shape[-1] != expected:
+            raise ClassifierError(
+                f"the classifier has {logits.shape[-1]} classes; the explainer was trained for {expected}"
+            )
+
+    # ---- explaining ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict_mask(self, images: Tensor, target: Tensor | Sequence[int] | int | None = None) -> Coefficients:
+        """The predicted mask, bands ``(N, 1, ...)`` in [0, 1], for ``images: (N, 3, H, W)`` in [0, 1].
+
+        ``target``: None explains the classifier's predicted class; else one class for all or one per image.
+        """
+        self._check_inputs(images)
+        with frozen(self.classifier):
+            if target is None:
+                logits = self.classifier(images)
+                self._check_logits(logits)
+                target = logits.argmax(1)
+            else:
+                target = resolve_target(target, images.new_zeros(images.shape[0], self.network.config.num_classes))
+            return self.network.mask(images, target.to(images.device))
+
+    def explain(
+        self,
+        images: Tensor,
+        target: Tensor | Sequence[int] | int | None = None,
+        *,
+        seeds: Sequence[int] | None = None,
+        progress: bool = False,
+    ) -> Explanation:
+        """Explain ``images: (N, 3, H, W)`` in one forward pass; measured like the exact optimizer.
+
+        ``seeds`` (default ``seed + n``) drive only the final measurement's noise, the same stream the exact
+        optimizer measures with, so ``loss`` compares directly. ``progress`` is accepted for the common
+        signature (there are no steps to show).
+        """
+        start = time.perf_counter()
+        self._check_inputs(images)
+        with frozen(self.classifier), torch.no_grad():
+            problem = self.objective.prepare(images, target)
+            self._check_logits(problem.logits)
+            mask = self.network.mask(images, problem.target)
+            seeds = image_seeds(images.shape[0], self.seed, seeds)
+            measured = measure_mask(self.objective, problem, mask, seeds, self.measure_samples)
+        _synchronize(images.device)
+        return Explanation(
+            method=self.method,
+            mask=mask,
+            image=measured.pop("image"),
+            target=problem.target,
+            steps=torch.zeros(images.shape[0], dtype=torch.long, device=images.device),
+            seconds=time.perf_counter() - start,
+            history=None,
+            settings=self.settings(),
+            **measured,
+        )
+
+
+def _loadable_spec(meta: dict) -> str:
+    """The checkpoint's classifier spec, or the absolute path it recorded when the relative spec is gone."""
+    spec = meta["classifier"]
+    if _is_file_spec(spec) and not Path(spec).expanduser().is_file() and meta.get("classifier_path"):
+        recorded = Path(meta["classifier_path"])
+        if recorded.is_file():
+            return str(recorded)
+    return spec
+
+
+class WarmStartExplainer:
+    """Exact CartoonX started from the amortized explainer's mask: ``refine_steps`` optimizer steps.
+
+    Args:
+        amortized: the single-pass explainer (its classifier, DWT and loss are used).
+        refine_steps: K, the optimizer steps after the prediction. 0 returns the predicted mask unchanged.
+        config: the optimizer's settings (steps are ignored: K is used). Its ``l1_lambda`` (when set),
+            ``distortion`` and ``obfuscation`` must be the checkpoint's; its ``seed``, ``num_samples``, ``lr``,
+            ``chunk_size`` and ``measure_samples`` apply. Default: the paper's :class:`OptimizerConfig`.
+    """
+
+    method = "warm"
+
+    def __init__(
+        self, amortized: AmortizedExplainer, refine_steps: int = 100, config: OptimizerConfig | None = None
+    ) -> None:
+        if refine_steps < 0:
+            raise ConfigError(f"refine_steps must be at least 0, got {refine_steps}")
+        meta = amortized.meta
+        if config is None:
+            config = OptimizerConfig(distortion=meta["distortion"], obfuscation=meta["obfuscation"])
+        amortized.check_compatible(
+            l1_lambda=config.l1_lambda, distortion=config.distortion, obfuscation=config.obfuscation
+        )
+        config = dataclasses.replace(config, l1_lambda=float(amortized.meta["l1_lambda"]), steps=refine_steps)
+        self.amortized = amortized
+        self.refine_steps = refine_steps
+        self.optimizer = RDEOptimizer(amortized.classifier, amortized.representation, config, method="cartoonx")
+        self.representation = amortized.representation
+        self.classifier = amortized.classifier
+
+    def settings(self) -> dict:
+        return {
+            **self.optimizer.settings(),
+            "method": self.method,
+            "checkpoint": self.amortized.path,
+            "refine_steps": self.refine_steps,
+            "image_size": self.amortized.meta["image_size"],
+            "classifier": self.amortized.meta["classifier"],
+        }
+
+    def explain(
+        self,
+        images: Tensor,
+        target: Tensor | Sequence[int] | int | None = None,
+        *,
+        seeds: Sequence[int] | None = None,
+        progress: bool = False,
+    ) -> Explanation:
+        """The predicted mask refined by ``refine_steps`` exact steps (same seeds, same measurement)."""
+        start = time.perf_counter()
+        init = self.amortized.predict_mask(images, target)
+        explanation = self.optimizer.explain(
+            images, target, init_mask=init, seeds=seeds, steps=self.refine_steps, progress=progress
+        )
+        _synchronize(images.device)
+        return dataclasses.replace(
+            explanation, method=self.method, seconds=time.perf_counter() - start, settings=self.settings()
+        )

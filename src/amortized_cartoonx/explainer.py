@@ -1,0 +1,279 @@
+"""The mask-predictor network: one forward pass from an image and a class to a CartoonX mask. Pure torch.
+
+The network predicts a logit for every DWT coefficient position of the image (the low-pass band and the J
+detail levels x 3 orientations, shared by the colour channels, as the exact optimizer's mask), for any
+image size the wavelet accepts. Its shape follows the DWT:
+
+* a convolutional encoder whose stage s (s = 1..J) has stride ``2^s``, so the feature map of stage s
+  lives on the same grid as the detail coefficients of level s;
+* a top-down decoder (an FPN / U-Net without the full-resolution output) that brings the coarse, more
+  semantic features back to every level;
+* per level, a 3-channel head (one logit per orientation); on the coarsest level, a 1-channel head for
+  the low-pass band (every parameter takes part in every forward pass at the training size, as DDP needs;
+  build the network with the J the training size allows);
+* class conditioning by FiLM: an embedding of the target class scales and shifts the features of every
+  block, so the same image can be explained for any class.
+
+Feature maps and coefficient bands differ by a few positions: with ``mode="zero"`` a level-j band of a
+length-n signal has ``floor((n_{j-1} + F - 1) / 2)`` entries (F = filter length), the extra ones covering the
+padding around the image. :func:`align_to_band` places the feature map centred in the band (a shift, no
+stretching) and replicates its border into the margins, so coefficient k of level j reads the features at
+the image position it describes.
+
+The heads start with tiny weights and a bias of ``init_bias`` (default 4, sigmoid 0.982): an untrained
+network predicts nearly "keep everything", the exact optimizer's starting point.
+
+Shapes: N images, C = 3 colour channels, H x W pixels, J levels, level j = 1 the finest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import ConfigError, InputError
+from .wavelets import (
+    DEFAULT_LEVELS,
+    DEFAULT_MODE,
+    DEFAULT_WAVE,
+    PAD_MODES,
+    Coefficients,
+    band_sizes,
+    check_wavelet,
+    max_levels,
+)
+
+#: Input standardisation of the network (images arrive in [0, 1]); a fixed affine map, not the classifier's.
+_INPUT_MEAN = 0.45
+_INPUT_STD = 0.25
+
+
+@dataclass
+class MaskPredictorConfig:
+    """Hyper-parameters of :class:`MaskPredictor` (stored in checkpoints as a plain dict).
+
+    Attributes:
+        num_classes: K, the classifier's number of classes (size of the class embedding table).
+        wave, levels, mode: the DWT whose coefficients are masked (db3, J=5, zero padding: the paper's).
+            ``levels`` is the largest J; smaller images use fewer levels, as the wavelet representation does.
+        width: channels of the first encoder stage; stage s has ``width * min(2^(s-1), max_multiplier)``.
+            Default 32 (about 3 million parameters with the defaults).
+        max_multiplier: cap of the channel multiplier. Default 8.
+        decoder_width: channels of the decoder levels (capped by the encoder stage's). Default 64.
+        embed_dim: size of the class embedding. Default 128.
+        init_bias: initial bias of every head; ``sigmoid(init_bias)`` is the initial mask. Default 4.0.
+        init_std: standard deviation of the heads' initial weights. Default 1e-3.
+        groups: GroupNorm groups (batch-size independent normalisation). Default 8.
+    """
+
+    num_classes: int = 1000
+    wave: str = DEFAULT_WAVE
+    levels: int = DEFAULT_LEVELS
+    mode: str = DEFAULT_MODE
+    width: int = 32
+    max_multiplier: int = 8
+    decoder_width: int = 64
+    embed_dim: int = 128
+    init_bias: float = 4.0
+    init_std: float = 1e-3
+    groups: int = 8
+
+    def validate(self) -> MaskPredictorConfig:
+        if self.num_classes < 1:
+            raise ConfigError(f"num_classes must be at least 1, got {self.num_classes}")
+        if self.levels < 1:
+            raise ConfigError(f"levels must be at least 1, got {self.levels}")
+        check_wavelet(self.wave)
+        if self.mode not in PAD_MODES:
+            raise ConfigError(f"unknown wavelet padding mode {self.mode!r}; choose from: {', '.join(PAD_MODES)}")
+        for name in ("width", "decoder_width", "embed_dim", "max_multiplier", "groups"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("width", "decoder_width"):
+            if getattr(self, name) % self.groups:
+                raise ConfigError(f"{name} ({getattr(self, name)}) must be a multiple of groups ({self.groups})")
+        return self
+
+    def stage_channels(self) -> list[int]:
+        """Channels of encoder stages 1..J."""
+        return [self.width * min(2**s, self.max_multiplier) for s in range(self.levels)]
+
+    def decoder_channels(self) -> list[int]:
+        """Channels of decoder levels 1..J: ``decoder_width``, but never more than the encoder stage's."""
+        return [min(self.decoder_width, c) for c in self.stage_channels()]
+
+
+class FiLM(nn.Module):
+    """Feature-wise affine modulation by the class embedding: ``x * (1 + gamma) + beta``, identity at init."""
+
+    def __init__(self, embed_dim: int, channels: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(embed_dim, 2 * channels)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: Tensor, embedding: Tensor) -> Tensor:
+        """``x: (N, C, h, w)``, ``embedding: (N, E)``."""
+        gamma, beta = self.proj(embedding)[:, :, None, None].chunk(2, dim=1)  # (N, C, 1, 1) each
+        return x * (1 + gamma) + beta
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv3x3 -> GroupNorm -> FiLM -> SiLU -> conv3x3, plus the input."""
+
+    def __init__(self, channels: int, embed_dim: int, groups: int) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(min(groups, channels), channels)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.norm2 = nn.GroupNorm(min(groups, channels), channels)
+        self.film = FiLM(embed_dim, channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor, embedding: Tensor) -> Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.film(self.norm2(h), embedding)))
+        return x + h
+
+
+def align_to_band(features: Tensor, size: tuple[int, int]) -> Tensor:
+    """Resample ``features: (N, C, h, w)`` onto a coefficient band of ``size = (H_j, W_j)``.
+
+    The band's index k reads the feature map at ``k - (H_j - h) / 2``: the map is centred in the band
+    (bilinear for half-integer offsets), with its border replicated into the margins that the DWT's
+    padding adds. Equal sizes pass through unchanged.
+    """
+    height, width = features.shape[-2:]
+    if (height, width) == tuple(size):
+        return features
+
+    def axis(n_band: int, n_feat: int) -> Tensor:
+        pos = torch.arange(n_band, device=features.device, dtype=torch.float32) - (n_band - n_feat) / 2
+        return 2 * pos / max(n_feat - 1, 1) - 1 if n_feat > 1 else torch.zeros_like(pos)
+
+    ys, xs = axis(size[0], height), axis(size[1], width)
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # (H_j, W_j, 2) as (x, y)
+    grid = grid.unsqueeze(0).expand(features.shape[0], -1, -1, -1)
+    out = F.grid_sample(features.float(), grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return out.to(features.dtype)
+
+
+class MaskPredictor(nn.Module):
+    """Predict CartoonX mask logits for every DWT coefficient of an image, for a given class.
+
+    Args:
+        config: a :class:`MaskPredictorConfig` (or its fields as keyword arguments).
+
+    ``forward(images (N, 3, H, W) in [0, 1], target (N,) long) -> Coefficients`` of logits with bands
+    ``(N, 1, H_J, W_J)`` and ``(N, 1, 3, H_j, W_j)``; :meth:`mask` applies the sigmoid.
+    """
+
+    def __init__(self, config: MaskPredictorConfig | None = None, **fields) -> None:
+        super().__init__()
+        if config is not None and fields:
+            raise TypeError("give a MaskPredictorConfig or keyword fields, not both")
+        self.config = (config or MaskPredictorConfig(**fields)).validate()
+        cfg = self.config
+        channels = cfg.stage_channels()
+        groups = cfg.groups
+
+        self.embedding = nn.Embedding(cfg.num_classes, cfg.embed_dim)
+        nn.init.normal_(self.embedding.weight, std=1.0)
+        stem_out = max(channels[0] // 2, 8)
+        self.stem = nn.Conv2d(3, stem_out, 3, padding=1)  # full resolution: the finest details need the pixels
+        self.down = nn.ModuleList()
+        self.encoder = nn.ModuleList()
+        previous = stem_out
+        for c in channels:  # stage s: stride 2^s
+            self.down.append(nn.Conv2d(previous, c, 3, stride=2, padding=1))
+            self.encoder.append(ResBlock(c, cfg.embed_dim, groups))
+            previous = c
+        widths = cfg.decoder_channels()
+        self.lateral = nn.ModuleList(nn.Conv2d(c, d, 1) for c, d in zip(channels, widths))
+        self.top_down = nn.ModuleList(  # level s + 1's decoder output -> level s's width
+            nn.Conv2d(widths[s + 1], widths[s], 1) if widths[s + 1] != widths[s] else nn.Identity()
+            for s in range(len(widths) - 1)
+        )
+        self.decoder = nn.ModuleList(ResBlock(d, cfg.embed_dim, groups) for d in widths)
+        self.detail_heads = nn.ModuleList(self._head(d, 3) for d in widths)
+        self.lowpass_head = self._head(widths[-1], 1)  # on the coarsest level
+
+    def _head(self, width: int, out: int) -> nn.Sequential:
+        conv = nn.Conv2d(width, out, 1)
+        nn.init.normal_(conv.weight, std=self.config.init_std)
+        nn.init.constant_(conv.bias, self.config.init_bias)
+        return nn.Sequential(nn.GroupNorm(min(self.config.groups, width), width), nn.SiLU(), conv)
+
+    def settings(self) -> dict:
+        """The configuration as a plain dict (what a checkpoint stores)."""
+        return asdict(self.config)
+
+    def band_shapes(self, height: int, width: int) -> tuple[int, list[tuple[int, int]]]:
+        """``(J, [(H_j, W_j) for j = 1..J])`` for an ``height x width`` image; J is capped as the DWT does."""
+        cap = max_levels(height, width, self.config.wave, self.config.mode)
+        if cap < 1:
+            raise InputError(f"image of {height}x{width} pixels is too small for the {self.config.wave} wavelet")
+        levels = min(cap, self.config.levels)  # as WaveletRepresentation.levels_for
+        rows = band_sizes(height, self.config.wave, levels, self.config.mode)
+        cols = band_sizes(width, self.config.wave, levels, self.config.mode)
+        return levels, list(zip(rows, cols))
+
+    def forward(self, images: Tensor, target: Tensor) -> Coefficients:
+        """Mask logits. ``images: (N, 3, H, W)`` in [0, 1]; ``target: (N,)`` class indices."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise InputError(f"the mask predictor takes images (N, 3, H, W), got {tuple(images.shape)}")
+        target = torch.as_tensor(target, device=images.device).long().reshape(-1)
+        if target.shape[0] != images.shape[0]:
+            raise InputError(f"got {target.shape[0]} targets for {images.shape[0]} images")
+        if bool(((target < 0) | (target >= self.config.num_classes)).any()):
+            raise InputError(f"target classes must be in [0, {self.config.num_classes}), got {target.tolist()}")
+        height, width = images.shape[-2:]
+        levels, shapes = self.band_shapes(height, width)
+
+        embedding = self.embedding(target)  # (N, E)
+        x = self.stem((images - _INPUT_MEAN) / _INPUT_STD)  # (N, c0, H, W)
+        features = []
+        for down, block in zip(self.down, self.encoder):
+            x = block(down(F.silu(x)), embedding)  # stage s: (N, c_s, ~H/2^s, ~W/2^s)
+            features.append(x)
+
+        decoded: list[Tensor] = [None] * len(features)  # type: ignore[list-item]
+        top = None
+        for s in reversed(range(len(features))):  # coarse to fine
+            lateral = self.lateral[s](features[s])
+            if top is not None:
+                top = F.interpolate(
+                    self.top_down[s](top), size=lateral.shape[-2:], mode="bilinear", align_corners=False
+                )
+                lateral = lateral + top
+            top = self.decoder[s](lateral, embedding)
+            decoded[s] = top
+
+        details = []
+        for j in range(levels):  # level j + 1: (N, 1, 3, H_j, W_j)
+            logits = align_to_band(self.detail_heads[j](decoded[j]), shapes[j])  # (N, 3, H_j, W_j)
+            details.append(logits.unsqueeze(1))
+        lowpass = self.lowpass_head(decoded[-1])  # (N, 1, ~H/2^J, ~W/2^J) at the network's coarsest level
+        if levels < len(decoded):  # a small image caps J: bring it to the grid of level J's features
+            lowpass = F.interpolate(lowpass, size=decoded[levels - 1].shape[-2:], mode="bilinear", align_corners=False)
+        lowpass = align_to_band(lowpass, shapes[-1])  # (N, 1, H_J, W_J)
+        return Coefficients(lowpass=lowpass, details=tuple(details), image_size=(height, width))
+
+    def mask(self, images: Tensor, target: Tensor) -> Coefficients:
+        """The predicted mask in [0, 1] (sigmoid of :meth:`forward`)."""
+        return self(images, target).map(torch.sigmoid)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def describe_size(module: nn.Module) -> str:
+    """``"3.1M parameters"``."""
+    n = count_parameters(module)
+    return f"{n / 1e6:.1f}M parameters" if n >= 1e5 else f"{n} parameters"
+
+
+__all__ = ["MaskPredictor", "MaskPredictorConfig", "FiLM", "ResBlock", "align_to_band", "count_parameters"]

@@ -1,0 +1,202 @@
+"""The amortized explainer and warm start: checkpoint loading without Lightning, explain, refusals, CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from amortized_cartoonx.amortized import (
+    AmortizedExplainer,
+    WarmStartExplainer,
+    average_ranks,
+    mask_agreement,
+    split_train_val_test,
+)
+from amortized_cartoonx.classifiers import load_classifier
+from amortized_cartoonx.errors import ConfigError, InputError
+from amortized_cartoonx.explanation import Explanation
+from amortized_cartoonx.optimizer import CartoonX, OptimizerConfig
+
+TESTS = Path(__file__).resolve().parent
+if str(TESTS) not in sys.path:  # the classifier spec imports conftest.make_tiny_cnn
+    sys.path.insert(0, str(TESTS))
+SPEC = "conftest:make_tiny_cnn"
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A checkpoint as ``cartoonx fit`` writes it (the module's own save hook), of an untrained tiny network
+    whose heads are perturbed so that masks vary between coefficients."""
+    pytest.importorskip("pytorch_lightning")
+    from amortized_cartoonx.training import AmortizedCartoonXModule
+
+    torch.manual_seed(0)
+    module = AmortizedCartoonXModule(
+        SPEC, image_size=SIZE, levels=3, width=8, decoder_width=8, embed_dim=8, init_bias=1.0, num_samples=2
+    )
+    with torch.no_grad():
+        for head in [*module.explainer.detail_heads, module.explainer.lowpass_head]:
+            head[-1].weight.normal_(std=0.5)
+    state = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(state)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
+    torch.save(state, path)
+    return path
+
+
+@pytest.fixture
+def small_images() -> torch.Tensor:
+    gen = torch.Generator().manual_seed(3)
+    x = torch.nn.functional.interpolate(torch.rand(3, 3, 4, 4, generator=gen), size=(SIZE, SIZE), mode="bilinear")
+    return x.clamp(0, 1)
+
+
+def test_checkpoint_loads_without_lightning(checkpoint):
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[2]); import torch\n"
+        "from amortized_cartoonx.amortized import AmortizedExplainer\n"
+        "e = AmortizedExplainer.from_checkpoint(sys.argv[1])\n"
+        "e.predict_mask(torch.rand(1, 3, 32, 32))\n"
+        "assert 'pytorch_lightning' not in sys.modules and 'lightning' not in sys.modules, 'Lightning imported'\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(checkpoint), str(TESTS)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_explain_is_measured_like_the_optimizer(checkpoint, small_images):
+    explainer = AmortizedExplainer.from_checkpoint(checkpoint)
+    explainer.measure_samples = 8
+    explanation = explainer.explain(small_images, seeds=[5, 6, 7])
+    assert isinstance(explanation, Explanation) and explanation.method == "amortized"
+    assert explanation.steps.tolist() == [0, 0, 0] and explanation.history is None
+    assert explanation.image.shape == (3, 1, SIZE, SIZE)
+    flat = explanation.mask.flatten()
+    assert bool(((flat >= 0) & (flat <= 1)).all()) and float(flat.std()) > 0.01
+    # the exact optimizer started at this mask and run for 0 steps reports exactly the same numbers
+    exact = CartoonX(explainer.classifier, levels=3, steps=0, num_samples=8)
+    reference = exact.explain(small_images, init_mask=explanation.mask, seeds=[5, 6, 7])
+    assert torch.allclose(explanation.loss, reference.loss)
+    assert torch.allclose(explanation.distortion, reference.distortion)
+    # an explicit target is explained (class-conditional), and predict_mask agrees with explain
+    chosen = explainer.explain(small_images, target=[1, 2, 3], seeds=[5, 6, 7])
+    assert chosen.target.tolist() == [1, 2, 3]
+    assert torch.equal(explainer.predict_mask(small_images, [1, 2, 3]).flatten(), chosen.mask.flatten())
+    settings = explainer.settings()
+    assert settings["classifier"] == SPEC and settings["image_size"] == SIZE and settings["wave"] == "db3"
+
+
+def test_warm_start_with_zero_steps_returns_the_predicted_mask(checkpoint, small_images):
+    amortized = AmortizedExplainer.from_checkpoint(checkpoint)
+    predicted = amortized.predict_mask(small_images)
+    warm = WarmStartExplainer(amortized, refine_steps=0, config=OptimizerConfig(num_samples=8))
+    explanation = warm.explain(small_images, seeds=[1, 2, 3])
+    assert explanation.method == "warm" and explanation.steps.tolist() == [0, 0, 0]
+    assert torch.equal(explanation.mask.flatten(), predicted.flatten())
+    amortized.measure_samples = 8
+    assert torch.allclose(explanation.loss, amortized.explain(small_images, seeds=[1, 2, 3]).loss)
+
+    refined = WarmStartExplainer(amortized, refine_steps=3, config=OptimizerConfig(num_samples=4)).explain(
+        small_images, seeds=[1, 2, 3]
+    )
+    assert refined.steps.tolist() == [3, 3, 3] and refined.history.total.shape == (3, 3)
+    assert not torch.equal(refined.mask.flatten(), predicted.flatten())
+    assert refined.settings["refine_steps"] == 3 and refined.settings["method"] == "warm"
+
+
+def test_mismatched_settings_are_refused(checkpoint, small_images):
+    explainer = AmortizedExplainer.from_checkpoint(checkpoint)
+    explainer.check_compatible(SPEC, SIZE, "db3", 3, "zero")  # the training settings pass
+    with pytest.raises(ConfigError, match=r"image size 48x48 \(trained on 32x32: use --size 32\)"):
+        explainer.check_compatible(image_size=48)
+    with pytest.raises(ConfigError, match="wavelet haar"):
+        explainer.check_compatible(wave="haar")
+    with pytest.raises(ConfigError, match="classifier 'torchvision:resnet18:none'"):
+        explainer.check_compatible("torchvision:resnet18:none")
+    with pytest.raises(ConfigError, match="lambda 40"):
+        explainer.check_compatible(l1_lambda=40.0)
+    with pytest.raises(ConfigError, match="image size"):
+        explainer.explain(torch.rand(1, 3, 48, 48))
+    with pytest.raises(ConfigError, match="distortion kl"):
+        WarmStartExplainer(explainer, 5, OptimizerConfig(distortion="kl"))
+    other = load_classifier("torchvision:squeezenet1_0:none")
+    with pytest.raises(ConfigError, match="was trained for classifier"):
+        AmortizedExplainer.from_checkpoint(checkpoint, classifier=other)
+
+
+def test_unreadable_checkpoints_are_refused(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        AmortizedExplainer.from_checkpoint(tmp_path / "missing.ckpt")
+    torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
+    with pytest.raises(ConfigError, match="not an amortized CartoonX checkpoint"):
+        AmortizedExplainer.from_checkpoint(tmp_path / "other.ckpt")
+    (tmp_path / "junk.ckpt").write_text("junk")
+    with pytest.raises(InputError, match="cannot read checkpoint"):
+        AmortizedExplainer.from_checkpoint(tmp_path / "junk.ckpt")
+
+
+def test_cli_explain_amortized_and_warm(checkpoint, small_images, tmp_path, capsys):
+    from PIL import Image
+
+    from amortized_cartoonx.cli import main
+
+    paths = []
+    for i, image in enumerate(small_images[:2]):
+        paths.append(str(tmp_path / f"im{i}.png"))
+        Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(paths[-1])
+    common = [
+        "--classifier",
+        SPEC,
+        "--checkpoint",
+        str(checkpoint),
+        "--size",
+        str(SIZE),
+        "--levels",
+        "3",
+        "--samples",
+        "4",
+        "--device",
+        "cpu",
+    ]
+    assert main(["explain", *paths, "--method", "amortized", "--out", str(tmp_path / "a"), *common]) == 0
+    assert (
+        main(["explain", *paths, "--method", "warm", "--refine-steps", "2", "--out", str(tmp_path / "w"), *common]) == 0
+    )
+    for folder, method, steps in (("a", "amortized", 0), ("w", "warm", 2)):
+        lines = (tmp_path / folder / "summary.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines]
+        assert [r["method"] for r in records] == [method, method] and records[0]["steps"] == steps
+        assert (tmp_path / folder / "im0.png").is_file()
+        saved = torch.load(tmp_path / folder / "im0.pt", weights_only=True)
+        assert saved["metadata"]["method"] == method
+    capsys.readouterr()
+    args = ["explain", paths[0], "--method", "amortized", "--out", str(tmp_path / "x"), *common]
+    assert main([*args[:-8], "--size", "48", *args[-6:]]) == 2  # trained at 32 px
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "use --size 32" in error[0]
+    assert main(["explain", paths[0], "--method", "warm", "--classifier", SPEC, "--out", str(tmp_path / "y")]) == 2
+    assert "needs --checkpoint" in capsys.readouterr().err
+
+
+def test_agreement_and_split_helpers():
+    ranks = average_ranks(torch.tensor([0.5, 0.1, 0.5, 0.9]))
+    assert ranks.tolist() == [1.5, 0.0, 1.5, 3.0]
+    a = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]])
+    same = mask_agreement(a, a * 0.5)
+    assert same["spearman"].item() == pytest.approx(1.0) and same["top_overlap"].item() == 1.0
+    reverse = mask_agreement(a, a.flip(1))
+    assert reverse["spearman"].item() == pytest.approx(-1.0) and reverse["top_overlap"].item() == 0.0
+    assert mask_agreement(a, torch.ones_like(a))["spearman"].item() == 0.0  # a constant mask: no correlation
+
+    ids = [f"{i:03d}.jpg" for i in range(200)]
+    split = split_train_val_test(ids, 0.1, 0.2, seed=0)
+    assert sorted(split["train"] + split["val"] + split["test"]) == ids
+    assert 20 < len(split["test"]) < 60 and 5 < len(split["val"]) < 40
+    assert split_train_val_test(ids[:50], 0.1, 0.2, seed=0)["test"] == [i for i in split["test"] if i in ids[:50]]

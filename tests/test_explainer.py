@@ -1,0 +1,90 @@
+"""The mask-predictor network: band shapes for any size and J, range, initial masks, class conditioning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from amortized_cartoonx.errors import ConfigError, InputError
+from amortized_cartoonx.explainer import MaskPredictor, MaskPredictorConfig, align_to_band, count_parameters
+from amortized_cartoonx.wavelets import WaveletRepresentation
+
+SMALL = dict(width=8, decoder_width=8, embed_dim=8)
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "levels", "wave"),
+    [(32, 32, 5, "db3"), (48, 48, 3, "db3"), (64, 64, 5, "db3"), (100, 80, 4, "db3"), (64, 64, 2, "haar")],
+)
+def test_mask_bands_match_the_dwt(height, width, levels, wave):
+    net = MaskPredictor(num_classes=4, levels=levels, wave=wave, **SMALL)
+    images = torch.rand(2, 3, height, width)
+    mask = net.mask(images, torch.tensor([0, 3]))
+    reference = WaveletRepresentation(wave, levels).encode(images).mask_like()
+    assert mask.band_shapes() == reference.band_shapes()
+    assert mask.levels == reference.levels  # J capped for small images, as the DWT does
+    assert mask.image_size == (height, width)
+    assert mask.num_channels == 1 and mask.num_images == 2
+    flat = mask.flatten()
+    assert flat.shape == (2, reference.numel_per_channel())
+    assert bool(((flat >= 0) & (flat <= 1)).all())
+
+
+def test_initial_mask_is_near_keep_everything():
+    torch.manual_seed(0)
+    net = MaskPredictor(num_classes=10, **SMALL)
+    with torch.no_grad():
+        flat = net.mask(torch.rand(3, 3, 64, 64), torch.tensor([1, 2, 3])).flatten()
+    assert float(flat.min()) > 0.97  # sigmoid(4) = 0.982, tiny head weights
+    net = MaskPredictor(num_classes=10, init_bias=0.0, **SMALL)
+    with torch.no_grad():
+        assert abs(float(net.mask(torch.rand(1, 3, 64, 64), torch.tensor([0])).flatten().mean()) - 0.5) < 0.01
+
+
+def test_class_conditioning_changes_the_mask():
+    torch.manual_seed(0)
+    net = MaskPredictor(num_classes=10, init_std=0.5, **SMALL)
+    for p in net.parameters():  # FiLM starts as the identity: give it weights, as training would
+        if p.ndim == 2:
+            torch.nn.init.normal_(p, std=0.2)
+    images = torch.rand(1, 3, 48, 48).expand(2, -1, -1, -1)
+    mask = net(images, torch.tensor([1, 7])).flatten()
+    assert not torch.allclose(mask[0], mask[1], atol=1e-4)
+    same = net(images, torch.tensor([4, 4])).flatten()
+    assert torch.allclose(same[0], same[1])
+
+
+def test_gradients_reach_every_level():
+    net = MaskPredictor(num_classes=3, **SMALL)
+    mask = net.mask(torch.rand(2, 3, 64, 64), torch.tensor([0, 1]))
+    sum(b.sum() for b in mask.bands).backward()
+    unused = [name for name, p in net.named_parameters() if p.grad is None]
+    assert not unused  # every parameter takes part (DDP without find_unused_parameters)
+    for head in net.detail_heads:
+        assert float(head[-1].weight.grad.abs().sum()) > 0
+
+
+def test_default_network_is_a_few_million_parameters():
+    count = count_parameters(MaskPredictor(num_classes=1000))
+    assert 1e6 < count < 8e6
+
+
+def test_align_to_band_centres_the_features():
+    feat = torch.arange(4.0).reshape(1, 1, 1, 4).expand(1, 1, 2, 4)
+    out = align_to_band(feat, (2, 6))  # one margin column each side, replicated border
+    assert torch.allclose(out[0, 0, 0], torch.tensor([0.0, 0.0, 1.0, 2.0, 3.0, 3.0]))
+    assert align_to_band(feat, (2, 4)) is feat
+
+
+def test_bad_inputs_are_refused():
+    net = MaskPredictor(num_classes=3, **SMALL)
+    with pytest.raises(InputError, match="target classes"):
+        net(torch.rand(1, 3, 32, 32), torch.tensor([3]))
+    with pytest.raises(InputError, match="targets for"):
+        net(torch.rand(2, 3, 32, 32), torch.tensor([0]))
+    with pytest.raises(InputError, match="too small"):
+        net(torch.rand(1, 3, 4, 4), torch.tensor([0]))
+    with pytest.raises(ConfigError, match="wavelet"):
+        MaskPredictorConfig(wave="nope").validate()
+    with pytest.raises(ConfigError, match="multiple of groups"):
+        MaskPredictorConfig(width=12).validate()

@@ -1,0 +1,233 @@
+"""Training the amortized explainer: a few Lightning steps lower the loss, teachers, checkpoints, cartoonx fit."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from amortized_cartoonx.errors import ConfigError
+from amortized_cartoonx.rde import make_generators
+
+pl = pytest.importorskip("pytorch_lightning")
+
+from amortized_cartoonx.amortized import AmortizedExplainer  # noqa: E402
+from amortized_cartoonx.optimizer import CartoonX  # noqa: E402
+from amortized_cartoonx.teachers import TeacherStore  # noqa: E402
+from amortized_cartoonx.training import (  # noqa: E402
+    AmortizedCartoonXModule,
+    ExplainerDataModule,
+    check_teachers,
+    noise_seeds,
+    warmup_cosine,
+)
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+if str(TESTS) not in sys.path:  # the classifier spec imports conftest.make_tiny_cnn
+    sys.path.insert(0, str(TESTS))
+SPEC = "conftest:make_tiny_cnn"
+SIZE = 32
+TINY_NET = dict(levels=3, width=8, decoder_width=8, embed_dim=8)
+
+
+def write_images(folder: Path, count: int = 12, size: int = SIZE, seed: int = 0) -> Path:
+    """Smooth random RGB images as PNG files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    for i in range(count):
+        x = torch.nn.functional.interpolate(torch.rand(1, 3, 4, 4, generator=gen), size=(size, size), mode="bilinear")
+        array = (x[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(array).save(folder / f"img{i:02d}.png")
+    return folder
+
+
+def trainer(**overrides) -> pl.Trainer:
+    settings = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    return pl.Trainer(**{**settings, **overrides})
+
+
+def fixed_loss(module: AmortizedCartoonXModule, images: torch.Tensor) -> float:
+    """The RDE loss of the module's masks on fixed noise (seeds 0..N-1, 4 samples)."""
+    with torch.no_grad():
+        problem = module.objective.prepare(images)
+        mask = module(images, problem.target)
+        noise = module.objective.sample_noise(problem, 4, make_generators(range(images.shape[0]), "cpu"))
+        return float(module.objective.loss(problem, mask, noise).total.mean())
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory) -> Path:
+    return write_images(tmp_path_factory.mktemp("train") / "images")
+
+
+def test_fit_lowers_the_loss_saves_and_resumes(image_dir, tmp_path):
+    torch.manual_seed(0)
+    module = AmortizedCartoonXModule(SPEC, image_size=SIZE, num_samples=2, lr=0.05, warmup_steps=0, **TINY_NET)
+    data = ExplainerDataModule(str(image_dir), image_size=SIZE, labels=None, batch_size=4, num_workers=0)
+    data.setup()
+    images = torch.stack([data.datasets["val"][i]["image"] for i in range(len(data.datasets["val"]))])
+    before = fixed_loss(module, images)
+    fit = trainer(max_steps=6)
+    fit.fit(module, datamodule=data)
+    after = fixed_loss(module, images)
+    assert after < before - 0.1, (before, after)  # the RDE loss on held-out images went down
+    assert float(fit.callback_metrics["train/rde_loss_step"]) < before
+
+    # checkpoint: plain data, explainer weights only, the settings recorded; round trip gives identical masks
+    path = tmp_path / "model.ckpt"
+    fit.save_checkpoint(path)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    assert all(k.startswith("explainer.") for k in checkpoint["state_dict"])
+    meta = checkpoint["cartoonx"]
+    for key, value in (
+        ("classifier", SPEC),
+        ("image_size", SIZE),
+        ("wave", "db3"),
+        ("levels", 3),
+        ("mode", "zero"),
+        ("l1_lambda", 20.0),
+        ("distortion", "label"),
+        ("obfuscation", "gaussian-adaptive"),
+    ):
+        assert meta[key] == value
+    assert meta["data"]["val_fraction"] == 0.1
+    explainer = AmortizedExplainer.from_checkpoint(path)
+    target = torch.arange(images.shape[0]) % 5
+    with torch.no_grad():
+        expected = module.explainer.mask(images, target).flatten()
+    assert torch.equal(explainer.predict_mask(images, target).flatten(), expected)
+
+    # resume from the checkpoint: the classifier (not saved) is put back, training goes on to step 8
+    resumed = AmortizedCartoonXModule(SPEC, image_size=SIZE, num_samples=2, lr=0.05, warmup_steps=0, **TINY_NET)
+    again = trainer(max_steps=8)
+    again.fit(resumed, datamodule=data, ckpt_path=str(path))
+    assert again.global_step == 8
+
+
+def test_fit_with_teacher_masks_logs_distillation_and_agreement(image_dir, tmp_path):
+    from conftest import make_tiny_cnn
+
+    data = ExplainerDataModule(str(image_dir), image_size=SIZE, labels=None, batch_size=4, num_workers=0)
+    data.setup()
+    ids = data.splits["train"][:6] + data.splits["val"][:2]
+    images = torch.stack(
+        [data.datasets["train"].folder.__class__(image_dir, SIZE, None, ids=ids)[i]["image"] for i in range(len(ids))]
+    )
+    exact = CartoonX(make_tiny_cnn(), levels=3, steps=3, num_samples=2)
+    explanation = exact.explain(images)
+    store = TeacherStore.create(
+        tmp_path / "teachers",
+        {
+            "classifier": SPEC,
+            "size": SIZE,
+            "wave": "db3",
+            "levels": 3,
+            "mode": "zero",
+            "l1_lambda": 20.0,
+            "distortion": "label",
+            "obfuscation": "gaussian-adaptive",
+            "mask_length": explanation.mask.flatten().shape[1],
+        },
+    )
+    store.write_shard(
+        "a",
+        ids,
+        explanation.mask.flatten(),
+        explanation.target,
+        explanation.loss,
+        explanation.distortion,
+        explanation.mask_mean,
+    )
+
+    module = AmortizedCartoonXModule(SPEC, image_size=SIZE, num_samples=2, distill_weight=1.0, **TINY_NET)
+    with_teachers = ExplainerDataModule(
+        str(image_dir), image_size=SIZE, labels=None, teachers=str(store.folder), batch_size=4, num_workers=0
+    )
+    fit = trainer(max_steps=2, limit_val_batches=1)
+    fit.fit(module, datamodule=with_teachers)
+    metrics = fit.callback_metrics
+    for key in (
+        "train/distill_loss_step",
+        "train/spearman_step",
+        "train/top10_overlap_step",
+        "val/distill_loss",
+        "val/spearman",
+        "val/top10_overlap",
+        "val/rde_loss",
+        "val/mask_mean",
+        "val/distortion",
+    ):
+        assert key in metrics and torch.isfinite(metrics[key]), key
+    assert 0.0 <= float(metrics["val/top10_overlap"]) <= 1.0
+
+    item = with_teachers.datasets["train"][with_teachers.datasets["train"].folder.ids.index(ids[0])]
+    assert item["has_teacher"] and item["target"] == item["teacher_target"] == int(explanation.target[0])
+
+
+def test_teachers_of_another_size_are_refused():
+    settings = {
+        "classifier": SPEC,
+        "image_size": 32,
+        "wave": "db3",
+        "mode": "zero",
+        "levels_used": 3,
+        "l1_lambda": 20.0,
+        "distortion": "label",
+        "obfuscation": "gaussian-adaptive",
+    }
+    check_teachers({"classifier": SPEC, "size": 32, "mask_length": 100}, settings, 100)
+    with pytest.raises(ConfigError, match="size 48"):
+        check_teachers({"classifier": SPEC, "size": 48, "mask_length": 200}, settings, 100)
+    with pytest.raises(ConfigError, match="classifier"):
+        check_teachers({"classifier": "other:model"}, settings, 100)
+
+
+def test_noise_seeds_and_schedule():
+    first = noise_seeds(0, "train", 3, ["a.jpg", "b.jpg"])
+    assert first == noise_seeds(0, "train", 3, ["a.jpg", "b.jpg"])  # reproducible
+    assert len(set(first)) == 2  # per image
+    assert noise_seeds(0, "train", 3, ["b.jpg"])[0] == first[1]  # independent of the batch's other images
+    assert first != noise_seeds(0, "train", 4, ["a.jpg", "b.jpg"])  # fresh noise every step
+    assert first != noise_seeds(0, "val", 3, ["a.jpg", "b.jpg"])
+    assert warmup_cosine(0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine(10, 10, 100, 0.1) == pytest.approx(1.0)
+    assert warmup_cosine(100, 10, 100, 0.1) == pytest.approx(0.1)
+    assert warmup_cosine(5, 0, float("inf"), 0.1) == 1.0
+
+
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+def test_cartoonx_fit_with_the_tiny_config(tmp_path, monkeypatch, capsys):
+    from amortized_cartoonx.cli import main
+
+    write_images(tmp_path / "tiny-images")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    args = ["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), "--trainer.max_steps", "2"]
+    assert main(args) == 0
+    for name in ("best.ckpt", "last.ckpt"):
+        assert (tmp_path / "checkpoints" / "tiny" / name).is_file()
+    assert (tmp_path / "logs" / "tiny" / "config.yaml").is_file()
+    with (tmp_path / "logs" / "tiny" / "metrics.csv").open() as fh:
+        columns = next(csv.reader(fh))
+    assert {"train/rde_loss_step", "val/rde_loss", "val/mask_mean", "val/distortion"} <= set(columns)
+    checkpoint = torch.load(tmp_path / "checkpoints" / "tiny" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 2 and checkpoint["cartoonx"]["image_size"] == SIZE
+
+    capsys.readouterr()
+    assert main(args + ["--model.classifier", "no_such_module:factory", "--run_name", "bad"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("cartoonx fit: error: cannot import no_such")
