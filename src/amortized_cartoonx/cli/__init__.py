@@ -18,6 +18,7 @@ COMMANDS = {
     "evaluate": "amortized_cartoonx.cli.evaluate",
     "targets": "amortized_cartoonx.cli.targets",
     "train-classifier": "amortized_cartoonx.cli.train_classifier",
+    "demo": "amortized_cartoonx.cli.demo",
 }
 
 
