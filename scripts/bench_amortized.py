@@ -196,10 +196,10 @@ def run(args: argparse.Namespace) -> dict:
             sync(device)
             t_measure = (time.perf_counter() - start) / n
         # (b) exact from ones
-        e_exact = exact.explain(batch, seeds=seeds).cpu()
+        e_exact = exact.explain(batch, seeds=seeds, progress=True).cpu()
         t_exact = e_exact.seconds / n - t_measure
         # (c) warm starts
-        e_warm = {k: w.explain(batch, seeds=seeds).cpu() for k, w in warm.items()}
+        e_warm = {k: w.explain(batch, seeds=seeds, progress=True).cpu() for k, w in warm.items()}
         agreement = mask_agreement(e_amortized.mask.flatten(), e_exact.mask.flatten())
         k_max = refine[-1] if refine else None
         for i in range(n):
