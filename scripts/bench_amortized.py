@@ -18,12 +18,14 @@ and the agreement of the amortized mask with the exact one (Spearman rank correl
 Seconds are wall-clock per image (batch time / batch size) for producing the mask: the amortized explainer's
 classifier pass (for the target) and network pass; the optimizers' explain() minus the final measurement, which
 is the same reporting cost for every method and is timed and shown separately. Timings on a shared machine are
-noisy. Images: the checkpoint's held-out test split of ``--images`` when it has one (``--split``).
+noisy; on a CPU shared with other processes use ``--threads 1`` (two torch threads waiting on each other ran
+up to 90x slower for the small single-pass network here). Images: the checkpoint's held-out test split of
+``--images`` when it has one (``--split``).
 
 Example (CPU-sized)::
 
     python scripts/bench_amortized.py --checkpoint checkpoints/RUN/best.ckpt \\
-        --images ../shared/data/imagenet-samples --limit 4 --exact-steps 1000 --samples 8 --json bench.json
+        --images ../shared/data/imagenet-samples --limit 8 --exact-steps 2000 --samples 8 --threads 1 --json b.json
 """
 
 from __future__ import annotations
