@@ -15,6 +15,7 @@ from amortized_cartoonx.errors import ConfigError
 from amortized_cartoonx.rde import make_generators
 
 pl = pytest.importorskip("pytorch_lightning")
+pytestmark = pytest.mark.filterwarnings(r"ignore:Found \d+ module\(s\) in eval mode")  # the frozen classifier
 
 from amortized_cartoonx.amortized import AmortizedExplainer  # noqa: E402
 from amortized_cartoonx.optimizer import CartoonX  # noqa: E402
