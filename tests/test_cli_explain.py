@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import torch
 from PIL import Image
 
 from amortized_cartoonx.cli import main
+from amortized_cartoonx.explanation import load_saved_explanation
 
 MODELS = textwrap.dedent(
     """
@@ -111,9 +113,12 @@ def test_explain_writes_figures_tensors_and_summary(tmp_path, spec, pictures, ca
         assert required <= set(line) and line["target"] == 1 and line["steps"] == 4
     for stem in ("rgb", "grey", "alpha", "deep"):
         assert (out / f"{stem}.png").stat().st_size > 0
-        saved = torch.load(out / f"{stem}.pt", weights_only=True)
+        saved = load_saved_explanation(out / f"{stem}.safetensors")
         assert saved["explanation"].shape == (1, 32, 32)
         assert saved["mask"].ndim == 1 and saved["metadata"]["method"] == "cartoonx"
+        assert Path(saved["metadata"]["image"]).stem == stem and saved["metadata"]["target"] == 1
+        assert sum(band.numel() for band in saved["mask_bands"]) == saved["mask"].numel()
+        assert saved["mask_bands"][0].shape[0] == 1  # the low-pass band, one channel
     assert not list(out.glob(".*"))  # no temporary files left
 
 

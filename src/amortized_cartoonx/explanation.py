@@ -7,6 +7,7 @@ all of them, on noise drawn from the same per-image seeds, so their losses can b
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .errors import InputError
-from .io import atomic_torch_save
+from .io import atomic_write
 from .rde import RDEObjective, RDEProblem, make_generators, rde_loss, target_prob
 from .wavelets import Coefficients, grey
 
@@ -134,20 +135,52 @@ class Explanation:
         }
 
     def save(self, path: str | Path, index: int, metadata: dict | None = None) -> None:
-        """Write image ``index``'s mask, explanation and metadata to ``path`` atomically.
+        """Write image ``index``'s mask, explanation and metadata to a safetensors file, atomically.
 
-        The file holds only tensors and plain values: ``torch.load(path, weights_only=True)`` reads it.
-        Keys: ``mask`` (flat, ``(K,)`` in :meth:`Coefficients.flatten` order), ``mask_bands`` (list of
-        band tensors), ``explanation`` ``(1, H, W)``, ``metadata`` (dict of plain values).
+        Tensors: ``mask`` (flat, ``(K,)`` in :meth:`Coefficients.flatten` order), ``mask_band_<i>`` (band ``i``
+        without the image axis: low-pass ``(1, H_J, W_J)``, then details ``(1, 3, H_j, W_j)`` from coarse to fine,
+        as in :attr:`Coefficients.bands`), ``explanation`` ``(1, H, W)``. The summary, settings and ``metadata``
+        (plain JSON values) are in the file's metadata. Read it back with :func:`load_saved_explanation`.
         """
+        from safetensors.torch import save_file
+
         one = self.mask.select(index)
-        payload = {
-            "mask": one.flatten()[0].detach().cpu(),
-            "mask_bands": [b[0].detach().cpu() for b in one.bands],
-            "explanation": self.image[index].detach().cpu(),
-            "metadata": {**self.summary(index), **self.settings, **(metadata or {})},
-        }
-        atomic_torch_save(payload, Path(path))
+        tensors = {"mask": one.flatten()[0], "explanation": self.image[index]}
+        tensors |= {f"mask_band_{i}": band[0] for i, band in enumerate(one.bands)}
+        tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+        info = {**self.summary(index), **self.settings, **(metadata or {})}
+        header = {"format": SAVED_FORMAT, "metadata": json.dumps(info, default=str)}
+        atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=header))
+
+
+SAVED_FORMAT = "amortized-cartoonx/explanation-v1"
+
+
+def load_saved_explanation(path: str | Path) -> dict:
+    """Read a file written by :meth:`Explanation.save` (no code runs: safetensors and JSON only).
+
+    Returns ``{"mask": (K,), "mask_bands": [band, ...], "explanation": (1, H, W), "metadata": dict}``.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except FileNotFoundError:
+        raise InputError(f"explanation file not found: {path}") from None
+    except Exception as error:  # safetensors raises its own error types for corrupt files
+        raise InputError(f"cannot read explanation file {path}: {error}") from None
+    if header.get("format") != SAVED_FORMAT:
+        raise InputError(f"{path} is not a saved explanation (format {header.get('format')!r})")
+    bands = [tensors[f"mask_band_{i}"] for i in range(sum(name.startswith("mask_band_") for name in tensors))]
+    return {
+        "mask": tensors["mask"],
+        "mask_bands": bands,
+        "explanation": tensors["explanation"],
+        "metadata": json.loads(header["metadata"]),
+    }
 
 
 def as_mask(mask: Coefficients | Tensor, like: Coefficients) -> Coefficients:

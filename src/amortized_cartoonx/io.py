@@ -39,10 +39,3 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
-def atomic_torch_save(obj: object, path: str | Path) -> None:
-    """``torch.save`` atomically (only tensors and plain values, so ``weights_only=True`` loads it)."""
-    import torch
-
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))

@@ -1,8 +1,8 @@
 """``cartoonx explain IMAGE [IMAGE ...] --classifier SPEC --out DIR``: explain images, one figure each.
 
-Writes per image ``DIR/<stem>.png`` (figure), ``DIR/<stem>.pt`` (mask, explanation, metadata; read it with
-``torch.load(path, weights_only=True)``) and one JSON line in ``DIR/summary.jsonl``. Every file is written
-atomically; all images are read and checked before any work starts.
+Writes per image ``DIR/<stem>.png`` (figure), ``DIR/<stem>.safetensors`` (mask, explanation, metadata; read
+it with :func:`amortized_cartoonx.explanation.load_saved_explanation`) and one JSON line in ``DIR/summary.jsonl``.
+Every file is written atomically; all images are read and checked before any work starts.
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
             name = labels[target_k] if labels and target_k < len(labels) else None
             record = {"image": str(paths[k]), "target_name": name, **explanation.summary(i)}
             explanation.save(
-                out / f"{stems[k]}.pt", i, metadata={"image": str(paths[k]), "classifier": args.classifier}
+                out / f"{stems[k]}.safetensors", i, metadata={"image": str(paths[k]), "classifier": args.classifier}
             )
             save_figure(explanation_figure(images[k], explanation, i, name), out / f"{stems[k]}.png")
             lines.append(json.dumps(record))
@@ -174,5 +174,5 @@ def run(args: argparse.Namespace) -> int:
             mask=f"{float(explanation.mask_mean.mean()):.3f}",
         )
     bar.close()
-    print(f"wrote {len(paths)} explanations to {out}/ (summary.jsonl, <image>.png, <image>.pt)")
+    print(f"wrote {len(paths)} explanations to {out}/ (summary.jsonl, <image>.png, <image>.safetensors)")
     return 0
