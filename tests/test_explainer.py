@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from amortized_cartoonx.errors import ConfigError, InputError
-from amortized_cartoonx.explainer import MaskPredictor, MaskPredictorConfig, align_to_band, count_parameters
+from amortized_cartoonx.explainer import (
+    MaskPredictor,
+    MaskPredictorConfig,
+    align_to_band,
+    count_parameters,
+    logits_to_mask,
+)
 from amortized_cartoonx.wavelets import WaveletRepresentation
 
 SMALL = dict(width=8, decoder_width=8, embed_dim=8)
@@ -88,3 +94,19 @@ def test_bad_inputs_are_refused():
         MaskPredictorConfig(wave="nope").validate()
     with pytest.raises(ConfigError, match="multiple of groups"):
         MaskPredictorConfig(width=12).validate()
+    with pytest.raises(ConfigError, match="stretch"):
+        MaskPredictorConfig(stretch=0.5).validate()
+
+
+def test_stretched_masks_reach_zero_and_one_and_keep_a_gradient():
+    logits = torch.tensor([-20.0, -3.0, 0.0, 3.0, 20.0], requires_grad=True)
+    assert torch.equal(logits_to_mask(logits, 0.0), torch.sigmoid(logits))  # stretch 0: the plain sigmoid
+    mask = logits_to_mask(logits, 0.05)
+    assert mask[0].item() == 0.0 and mask[-1].item() == 1.0  # exact 0 and 1, which a sigmoid never reaches
+    assert mask[2].item() == pytest.approx(0.5)
+    assert bool(((mask >= 0) & (mask <= 1)).all())
+    mask.sum().backward()
+    expected = 1.1 * torch.sigmoid(logits.detach()) * (1 - torch.sigmoid(logits.detach()))
+    torch.testing.assert_close(logits.grad, expected)  # straight through the clamp: a clamped entry can return
+    net = MaskPredictor(num_classes=3, stretch=0.05, init_bias=-6.0, **SMALL)
+    assert net.mask(torch.rand(1, 3, 64, 64), torch.tensor([0])).flatten().max().item() == 0.0

@@ -24,6 +24,7 @@ from amortized_cartoonx.training import (  # noqa: E402
     AmortizedCartoonXModule,
     ExplainerDataModule,
     check_teachers,
+    l1_ramp,
     noise_seeds,
     warmup_cosine,
 )
@@ -209,6 +210,8 @@ def test_noise_seeds_and_schedule():
     assert warmup_cosine(10, 10, 100, 0.1) == pytest.approx(1.0)
     assert warmup_cosine(100, 10, 100, 0.1) == pytest.approx(0.1)
     assert warmup_cosine(5, 0, float("inf"), 0.1) == 1.0
+    assert [l1_ramp(step, 4) for step in (0, 2, 4, 9)] == [0.0, 0.5, 1.0, 1.0]
+    assert l1_ramp(0, 0) == 1.0  # no ramp: the full lambda from the first step
 
 
 @pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")

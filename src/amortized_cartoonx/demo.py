@@ -170,7 +170,9 @@ def _folder_complete(folder: Path, count: int) -> bool:
 def stage_classifier(cfg: DemoConfig) -> dict:
     from .synthetic.training import TrainConfig, ensure_synthetic_classifier
 
-    config = TrainConfig(size=cfg.size, train_size=cfg.classifier_train_size, epochs=cfg.classifier_epochs, seed=cfg.seed)
+    config = TrainConfig(
+        size=cfg.size, train_size=cfg.classifier_train_size, epochs=cfg.classifier_epochs, seed=cfg.seed
+    )
     if cfg.classifier_train_size < 1000:  # the tiny test configuration: a quick, small held-out check
         config = replace(config, val_size=16, held_out=32, batch_size=16)
     result = ensure_synthetic_classifier(cfg.classifier_dir, config, progress=cfg.progress)
@@ -185,12 +187,14 @@ def stage_data(cfg: DemoConfig) -> bool:
     reused = True
     if not _folder_complete(cfg.train_dir, cfg.train_images):
         # a stream of its own: not the classifier's training images, not the held-out ones
-        write_synthetic_folder(cfg.train_dir, cfg.train_images, cfg.size, seed=cfg.seed + 1, split="train",
-                               progress=cfg.progress)
+        write_synthetic_folder(
+            cfg.train_dir, cfg.train_images, cfg.size, seed=cfg.seed + 1, split="train", progress=cfg.progress
+        )
         reused = False
     if not _folder_complete(cfg.test_dir, cfg.test_images):
-        write_synthetic_folder(cfg.test_dir, cfg.test_images, cfg.size, seed=HELD_OUT_SEED, split="test",
-                               progress=cfg.progress)
+        write_synthetic_folder(
+            cfg.test_dir, cfg.test_images, cfg.size, seed=HELD_OUT_SEED, split="test", progress=cfg.progress
+        )
         reused = False
     return reused
 
@@ -338,7 +342,9 @@ def amortized_figures(results) -> dict:
     return out
 
 
-def report_markdown(cfg: DemoConfig, classifier: dict, teachers: dict, fast: dict, summary: dict, times: StageTimes) -> str:
+def report_markdown(
+    cfg: DemoConfig, classifier: dict, teachers: dict, fast: dict, summary: dict, times: StageTimes
+) -> str:
     lines = [
         "# cartoonx demo: the synthetic cartoon benchmark",
         "",

@@ -65,6 +65,9 @@ class MaskPredictorConfig:
         decoder_width: channels of the decoder levels (capped by the encoder stage's). Default 64.
         embed_dim: size of the class embedding. Default 128.
         init_bias: initial bias of every head; ``sigmoid(init_bias)`` is the initial mask. Default 4.0.
+        stretch: the mask is ``clamp((1 + 2 * stretch) * sigmoid(z) - stretch, 0, 1)`` (see :func:`logits_to_mask`).
+            0 (default): the plain sigmoid. With ``stretch > 0`` (e.g. 0.05), masks reach exactly 0 and 1, as the
+            exact optimizer's projected masks do, instead of sigmoid tails that cost ``l1_lambda * floor``.
         init_std: standard deviation of the heads' initial weights. Default 1e-3.
         groups: GroupNorm groups (batch-size independent normalisation). Default 8.
     """
@@ -78,6 +81,7 @@ class MaskPredictorConfig:
     decoder_width: int = 64
     embed_dim: int = 128
     init_bias: float = 4.0
+    stretch: float = 0.0
     init_std: float = 1e-3
     groups: int = 8
 
@@ -92,6 +96,8 @@ class MaskPredictorConfig:
         for name in ("width", "decoder_width", "embed_dim", "max_multiplier", "groups"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0.0 <= self.stretch < 0.5:
+            raise ConfigError(f"stretch must be in [0, 0.5), got {self.stretch}")
         for name in ("width", "decoder_width"):
             if getattr(self, name) % self.groups:
                 raise ConfigError(f"{name} ({getattr(self, name)}) must be a multiple of groups ({self.groups})")
@@ -167,7 +173,7 @@ class MaskPredictor(nn.Module):
         config: a :class:`MaskPredictorConfig` (or its fields as keyword arguments).
 
     ``forward(images (N, 3, H, W) in [0, 1], target (N,) long) -> Coefficients`` of logits with bands
-    ``(N, 1, H_J, W_J)`` and ``(N, 1, 3, H_j, W_j)``; :meth:`mask` applies the sigmoid.
+    ``(N, 1, H_J, W_J)`` and ``(N, 1, 3, H_j, W_j)``; :meth:`mask` maps them to [0, 1] (:func:`logits_to_mask`).
     """
 
     def __init__(self, config: MaskPredictorConfig | None = None, **fields) -> None:
@@ -262,8 +268,24 @@ class MaskPredictor(nn.Module):
         return Coefficients(lowpass=lowpass, details=tuple(details), image_size=(height, width))
 
     def mask(self, images: Tensor, target: Tensor) -> Coefficients:
-        """The predicted mask in [0, 1] (sigmoid of :meth:`forward`)."""
-        return self(images, target).map(torch.sigmoid)
+        """The predicted mask in [0, 1]: :func:`logits_to_mask` of :meth:`forward`."""
+        return self.mask_from_logits(self(images, target))
+
+    def mask_from_logits(self, logits: Coefficients) -> Coefficients:
+        return logits.map(lambda z: logits_to_mask(z, self.config.stretch))
+
+
+def logits_to_mask(logits: Tensor, stretch: float = 0.0) -> Tensor:
+    """``clamp((1 + 2 * stretch) * sigmoid(logits) - stretch, 0, 1)``; the plain sigmoid when ``stretch`` is 0.
+
+    The clamp passes gradients straight through (the value is clamped, the gradient is the stretched
+    sigmoid's), like the exact optimizer's projection: a coefficient at 0 can come back.
+    """
+    mask = torch.sigmoid(logits)
+    if stretch == 0.0:
+        return mask
+    stretched = (1.0 + 2.0 * stretch) * mask - stretch
+    return stretched + (stretched.clamp(0.0, 1.0) - stretched).detach()
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -276,4 +298,12 @@ def describe_size(module: nn.Module) -> str:
     return f"{n / 1e6:.1f}M parameters" if n >= 1e5 else f"{n} parameters"
 
 
-__all__ = ["MaskPredictor", "MaskPredictorConfig", "FiLM", "ResBlock", "align_to_band", "count_parameters"]
+__all__ = [
+    "MaskPredictor",
+    "MaskPredictorConfig",
+    "FiLM",
+    "ResBlock",
+    "align_to_band",
+    "count_parameters",
+    "logits_to_mask",
+]

@@ -72,6 +72,11 @@ def noise_seeds(base: int, stage: str, step: int, ids: list[str]) -> list[int]:
     return [int(np.random.SeedSequence([base, _STREAMS[stage], step, id_seed(i)]).generate_state(1)[0]) for i in ids]
 
 
+def l1_ramp(step: int, warmup: int) -> float:
+    """Fraction of ``l1_lambda`` in the training loss at ``step``: linear from 0 to 1 over ``warmup`` steps."""
+    return 1.0 if warmup <= 0 else min(1.0, step / warmup)
+
+
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
     """The learning-rate factor: linear warm-up over ``warmup`` steps, then cosine down to ``min_ratio``."""
     if warmup > 0 and step < warmup:
@@ -101,9 +106,14 @@ class AmortizedCartoonXModule(pl.LightningModule):
         val_samples: L for validation (default: ``num_samples``).
         distill_weight: weight of the distillation term; 0 (default) trains with the RDE loss alone.
         distill_loss: ``bce`` (default; teacher masks as soft targets) or ``l1``.
-        width, decoder_width, embed_dim, init_bias: the network (:class:`MaskPredictorConfig`).
+        width, decoder_width, embed_dim, init_bias, stretch: the network (:class:`MaskPredictorConfig`).
         lr, weight_decay: AdamW. Defaults 1e-3 and 1e-4 (no decay on biases and norms).
         warmup_steps, min_lr_ratio: linear warm-up, then cosine decay to ``lr * min_lr_ratio``.
+        l1_warmup_steps: ramp the sparsity weight of the training loss linearly from 0 to ``l1_lambda`` over
+            this many steps (0, the default: no ramp). A network starts at "keep everything", where the
+            distortion has no gradient, so the uniform sparsity pull can shrink every mask together into the
+            empty-mask optimum before the network learns where it matters; the ramp gives the distortion
+            time. Validation (and checkpoint selection) always uses the full lambda.
         noise_seed: base seed of the per-image noise.
         log_images: explanations logged per validation epoch to loggers that take images (wandb); 0: none.
     """
@@ -127,10 +137,12 @@ class AmortizedCartoonXModule(pl.LightningModule):
         decoder_width: int = 64,
         embed_dim: int = 128,
         init_bias: float = 4.0,
+        stretch: float = 0.0,
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.05,
+        l1_warmup_steps: int = 0,
         noise_seed: int = 0,
         log_images: int = 4,
     ) -> None:
@@ -164,6 +176,7 @@ class AmortizedCartoonXModule(pl.LightningModule):
                 decoder_width=decoder_width,
                 embed_dim=embed_dim,
                 init_bias=init_bias,
+                stretch=stretch,
             )
         )
         self.classifier_identity = classifier_identity(classifier)
@@ -199,15 +212,19 @@ class AmortizedCartoonXModule(pl.LightningModule):
         problem = dataclasses.replace(problem, target=target)
 
         logits = self.explainer(images, target)  # mask logits, bands (N, 1, ...)
-        mask = logits.map(torch.sigmoid)
+        mask = self.explainer.mask_from_logits(logits)
         step = self.global_step if stage == "train" else 0
         generators = make_generators(noise_seeds(hp.noise_seed, stage, step, list(batch["id"])), images.device)
         samples = hp.num_samples if stage == "train" else (hp.val_samples or hp.num_samples)
         noise = self.objective.sample_noise(problem, samples, generators)  # bands (N, L, C, ...)
         rde = self.objective.loss(problem, mask, noise)  # each (N,)
-        loss = rde.total.mean()
-        metrics = {
-            "rde_loss": loss.detach(),
+        loss = rde.total.mean()  # the RDE loss with the full lambda (logged; selects checkpoints)
+        metrics = {"rde_loss": loss.detach()}
+        if stage == "train" and hp.l1_warmup_steps > 0:  # sparsity ramped in: learn what matters first
+            ramp = l1_ramp(self.global_step, hp.l1_warmup_steps)
+            loss = (rde.distortion + ramp * self.objective.l1_lambda * rde.sparsity).mean()
+            metrics["l1_ramp"] = torch.tensor(ramp)
+        metrics |= {
             "distortion": rde.distortion.mean().detach(),
             "mask_mean": rde.sparsity.mean().detach(),
         }
