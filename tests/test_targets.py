@@ -157,6 +157,20 @@ def test_lost_shard_is_recomputed_and_a_finished_folder_is_left_alone(reference,
     assert {p.name: p.stat().st_mtime_ns for p in TeacherStore(out).shards()} == shards
 
 
+def test_limit_takes_the_first_images_and_the_rest_follows_later(reference, tmp_path):
+    images, full = reference
+    out = tmp_path / "store"
+    names = sorted(p.name for p in images.iterdir())
+    first = generate_targets(images, out, SPEC, **SETTINGS, **RUN, limit=2)
+    assert (first.done, first.total) == (2, 2) and sorted(TeacherStore(out).ids()) == names[:2]
+    rest = generate_targets(images, out, SPEC, **SETTINGS, **RUN)
+    assert (rest.done, rest.skipped) == (NUM_IMAGES - 2, 2)
+    # image k keeps seed k with or without a limit: the masks are the one-run masks
+    torch.testing.assert_close(stored_masks(TeacherStore(out), names), stored_masks(TeacherStore(full), names))
+    with pytest.raises(ConfigError, match="limit"):
+        generate_targets(images, out, SPEC, **SETTINGS, **RUN, limit=0)
+
+
 def test_other_settings_are_refused(reference):
     images, folder = reference
     before = shard_ids(folder)

@@ -148,9 +148,12 @@ def new_run_id() -> str:
     return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
 
 
-def plan_targets(images: str | Path, store: TeacherStore, seed: int) -> TargetPlan:
-    """The images of folder ``images`` not yet in ``store``; image k of the folder gets seed ``seed + k``."""
+def plan_targets(images: str | Path, store: TeacherStore, seed: int, limit: int | None = None) -> TargetPlan:
+    """The images of folder ``images`` (the first ``limit`` by name, if given) not yet in ``store``; image k of
+    the folder gets seed ``seed + k`` (so a limit does not change any image's mask)."""
     files = list_images(images)  # InputError when the folder is missing or has no images
+    if limit is not None:
+        files = files[:limit]
     done = set(store.ids())
     ids, seeds = [], []
     for k, path in enumerate(files):
@@ -419,6 +422,7 @@ def generate_targets(
     num_nodes: int = 1,
     progress: bool = True,
     callbacks: Sequence[Callback] = (),
+    limit: int | None = None,
     **overrides,
 ) -> TargetsSummary:
     """Compute the exact CartoonX mask of every image of folder ``images`` not yet stored in ``out``.
@@ -433,6 +437,8 @@ def generate_targets(
         accelerator, devices, strategy, num_nodes: passed to :class:`pytorch_lightning.Trainer`.
         progress: progress bars (images with images/s, and the optimizer's steps) on rank 0.
         callbacks: extra Lightning callbacks (run after the writer).
+        limit: only the first ``limit`` images of the folder (sorted by name); None (default): all. Training can
+            use the whole folder: images without a teacher are trained with the RDE loss alone.
 
     Returns:
         a :class:`TargetsSummary`; on ranks other than 0 it covers nothing (``done`` 0).
@@ -442,6 +448,8 @@ def generate_targets(
         ClassifierError: a classifier that cannot be loaded. ConfigError: bad settings, or ``out`` made with others.
     """
     _check_positive(size=size, batch_size=batch_size, num_nodes=num_nodes)
+    if limit is not None:
+        _check_positive(limit=limit)
     if num_workers < 0:
         raise ConfigError(f"num_workers must be at least 0, got {num_workers}")
     config = replace(config or OptimizerConfig(), **overrides).validate()
@@ -453,7 +461,7 @@ def generate_targets(
     store = TeacherStore.create(out, manifest)
     settings.levels = manifest["levels"]  # the J used at this size (the cap was already reported)
     del optimizer, loaded
-    plan = plan_targets(images, store, config.seed)
+    plan = plan_targets(images, store, config.seed, limit)
     if not plan.ids:
         logger.info("all %d images of %s are already in %s; nothing to do", plan.total, images, out)
         return TargetsSummary(Path(out), plan.total, 0, plan.skipped, 0.0, None)

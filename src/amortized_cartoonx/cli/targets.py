@@ -38,6 +38,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="teacher-mask folder (created, or resumed)")
     add_classifier_args(p)
     p.add_argument("--size", type=int, default=256, help="images are resized and centre-cropped to SIZE (default 256)")
+    p.add_argument(
+        "--limit", type=int, default=None, metavar="N", help="only the first N images, by name (default: all)"
+    )
     p.add_argument("--batch-size", type=int, default=4, help="images optimised together per device (default 4)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers per device (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -74,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         strategy=args.strategy,
         num_nodes=args.num_nodes,
         progress=not args.no_progress,
+        limit=args.limit,
     )
     if summary.rank == 0:
         print(summary.line())
