@@ -5,8 +5,8 @@ Stages, each reused when its output already exists (so a second run only redoes 
 1. **classifier**: train the synthetic benchmark's CNN (``checkpoints/synthetic/``) unless it exists.
 2. **data**: write the explainer's training images and the held-out test images, with ground truth
    (``outputs/demo/data/{train,test}``).
-3. **teachers**: exact CartoonX masks of the training images (``checkpoints/demo/teachers``), through the
-   same Lightning predict path as ``cartoonx targets``.
+3. **teachers**: exact CartoonX masks of the first ``teacher_images`` training images
+   (``checkpoints/demo/teachers``), through the same Lightning predict path as ``cartoonx targets``.
 4. **fit**: the amortized explainer, RDE loss + distillation to the teachers, through the same LightningCLI
    as ``cartoonx fit`` (``checkpoints/demo/explainer/best.ckpt``).
 5. **evaluate**: exact CartoonX, the amortized explainer, warm start, Pixel RDE and baselines on the held-out
@@ -45,7 +45,9 @@ class DemoConfig:
             ``classifier_dir``.
         classifier_dir: the synthetic classifier (``cartoonx train-classifier``'s default place).
         size: image side (the synthetic classifier is trained at this size).
-        train_images: images the amortized explainer learns from (each gets a teacher mask).
+        train_images: images the amortized explainer learns from.
+        teacher_images: how many of them (the first, by name) get an exact CartoonX teacher mask; the others
+            train with the RDE loss alone. Teachers are the demo's most expensive stage.
         test_images: held-out images of the evaluation (the classifier's held-out ``test`` stream).
         steps, samples, lr: the exact optimizer of the teachers and of the evaluation's reference. Fewer
             steps than the paper's 2000 with a larger learning rate, so masks can reach 0 in time.
@@ -53,6 +55,10 @@ class DemoConfig:
         levels: DWT scales (J = 5 fits 64 px with db3).
         fit_steps, fit_batch, fit_samples, distill_weight, val_fraction, width: the amortized explainer's
             training (``val_fraction`` of the training images select the checkpoint).
+        l1_warmup_fraction, stretch: the explainer's sparsity ramp (over this fraction of ``fit_steps``) and
+            stretched sigmoid (see
+            :class:`~amortized_cartoonx.training.AmortizedCartoonXModule`); without the ramp, training on many
+            images without teachers collapses to the empty mask on this benchmark.
         refine_steps: warm-start refinement steps in the evaluation.
         eval_rates, noise_draws: the evaluation's rate grid and noise draws per rate.
         methods: the evaluated methods.
@@ -65,19 +71,22 @@ class DemoConfig:
     checkpoints: str = "checkpoints/demo"
     classifier_dir: str = "checkpoints/synthetic"
     size: int = 64
-    train_images: int = 256
+    train_images: int = 1024
+    teacher_images: int = 128
     test_images: int = 16
     steps: int = 200
     samples: int = 8
     lr: float = 0.02
     l1_lambda: float = 20.0
     levels: int = 5
-    fit_steps: int = 300
+    fit_steps: int = 1000
     fit_batch: int = 16
     fit_samples: int = 4
     distill_weight: float = 1.0
-    val_fraction: float = 0.125
+    val_fraction: float = 0.0625
     width: int = 16
+    l1_warmup_fraction: float = 0.6
+    stretch: float = 0.05
     refine_steps: int = 50
     eval_rates: int = 11
     noise_draws: int = 4
@@ -98,6 +107,7 @@ class DemoConfig:
             classifier_dir=str(root / "classifier"),
             size=32,
             train_images=8,
+            teacher_images=6,
             test_images=3,
             steps=3,
             samples=2,
@@ -122,6 +132,10 @@ class DemoConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.train_images < 4:
             raise ConfigError("the explainer needs at least 4 training images (one for validation)")
+        if not 0.0 <= self.l1_warmup_fraction <= 1.0:
+            raise ConfigError(f"l1_warmup_fraction must be in [0, 1], got {self.l1_warmup_fraction}")
+        if not 0 <= self.teacher_images <= self.train_images:
+            raise ConfigError(f"teacher_images must be in [0, train_images], got {self.teacher_images}")
         return self
 
     # ---- paths ------------------------------------------------------------------------------------------
@@ -208,6 +222,8 @@ def _optimizer_config(cfg: DemoConfig):
 
 
 def stage_teachers(cfg: DemoConfig) -> dict:
+    if cfg.teacher_images == 0:
+        return {"done": 0, "skipped": 0, "mean_loss": None}
     from .targets import generate_targets
 
     summary = generate_targets(
@@ -221,6 +237,7 @@ def stage_teachers(cfg: DemoConfig) -> dict:
         accelerator="cpu",
         devices=1,
         progress=cfg.progress,
+        limit=cfg.teacher_images,
     )
     return {"done": summary.done, "skipped": summary.skipped, "mean_loss": summary.mean_loss}
 
@@ -259,15 +276,17 @@ def stage_fit(cfg: DemoConfig) -> bool:
         f"--model.embed_dim={4 * cfg.width}",
         "--model.lr=0.003",
         f"--model.warmup_steps={max(1, cfg.fit_steps // 20)}",
+        f"--model.l1_warmup_steps={round(cfg.l1_warmup_fraction * cfg.fit_steps)}",
+        f"--model.stretch={cfg.stretch}",
         f"--model.noise_seed={cfg.seed}",
         "--model.log_images=0",
         f"--data.images={cfg.train_dir}",
         f"--data.image_size={cfg.size}",
-        f"--data.teachers={cfg.teachers_dir}",
         f"--data.val_fraction={cfg.val_fraction}",
         f"--data.split_seed={cfg.seed}",
         f"--data.batch_size={cfg.fit_batch}",
         "--data.num_workers=0",
+        *([f"--data.teachers={cfg.teachers_dir}"] if cfg.teacher_images else []),
         *cfg.extra_fit_args,
     ]
     run_fit(args)
@@ -348,8 +367,9 @@ def report_markdown(
     lines = [
         "# cartoonx demo: the synthetic cartoon benchmark",
         "",
-        f"Images {cfg.size} px; explainer trained on {cfg.train_images} images with exact CartoonX teacher masks "
-        f"({cfg.steps} steps, {cfg.samples} noise samples, lr {cfg.lr}, lambda {cfg.l1_lambda}); evaluated on "
+        f"Images {cfg.size} px; explainer trained for {cfg.fit_steps} steps on {cfg.train_images} images, "
+        f"{cfg.teacher_images} of them with exact CartoonX teacher masks ({cfg.steps} steps, {cfg.samples} noise "
+        f"samples, lr {cfg.lr}, lambda {cfg.l1_lambda}); evaluated on "
         f"{cfg.test_images} held-out images. Classifier held-out accuracy: {classifier['accuracy']:.2%}.",
         "",
         "## Fast paths against the exact optimizer (RDE loss, same lambda, same noise seeds; medians per image)",

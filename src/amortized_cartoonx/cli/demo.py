@@ -18,13 +18,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", default="outputs/demo", help="outputs: data, evaluation, report (default outputs/demo)")
     p.add_argument("--checkpoints", default="checkpoints/demo", help="what the demo trains (default checkpoints/demo)")
-    p.add_argument("--train-images", type=int, default=None, help="explainer training images (default 256)")
-    p.add_argument("--test-images", type=int, default=None, help="held-out evaluation images (default 16)")
-    p.add_argument("--steps", type=int, default=None, help="exact optimizer steps (default 200)")
-    p.add_argument("--fit-steps", type=int, default=None, help="explainer training steps (default 300)")
+    defaults = _defaults()
+    for flag, field, what in (
+        ("--train-images", "train_images", "explainer training images"),
+        ("--teacher-images", "teacher_images", "training images with an exact teacher mask, 0 for none"),
+        ("--test-images", "test_images", "held-out evaluation images"),
+        ("--steps", "steps", "exact optimizer steps (teachers and reference)"),
+        ("--fit-steps", "fit_steps", "explainer training steps"),
+    ):
+        p.add_argument(flag, type=int, default=None, dest=field, help=f"{what} (default {defaults[field]})")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
+
+
+def _defaults() -> dict:
+    """The demo's defaults, read from :class:`DemoConfig` itself (a light import: no Lightning)."""
+    from dataclasses import fields
+
+    from amortized_cartoonx.demo import DemoConfig
+
+    return {f.name: f.default for f in fields(DemoConfig)}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,10 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = {
-        "train_images": args.train_images,
-        "test_images": args.test_images,
-        "steps": args.steps,
-        "fit_steps": args.fit_steps,
+        name: getattr(args, name) for name in ("train_images", "teacher_images", "test_images", "steps", "fit_steps")
     }
     cfg = DemoConfig(
         out=args.out,
