@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+
+import pytest
 
 from amortized_cartoonx.demo import DemoConfig, run_demo
+from amortized_cartoonx.errors import ConfigError
 from amortized_cartoonx.teachers import TeacherStore
 
 
@@ -28,3 +32,7 @@ def test_tiny_demo_runs_end_to_end_and_reuses_its_outputs(tmp_path, monkeypatch)
 
     again = run_demo(cfg)  # everything exists: every stage is reused
     assert all(again["stages"]["reused"].values()), again["stages"]
+
+    other = replace(cfg, fit_steps=3)  # an explainer trained with other settings is never silently reused
+    with pytest.raises(ConfigError, match="trained with other settings"):
+        run_demo(other)

@@ -72,7 +72,7 @@ class DemoConfig:
     classifier_dir: str = "checkpoints/synthetic"
     size: int = 64
     train_images: int = 1024
-    teacher_images: int = 128
+    teacher_images: int = 256
     test_images: int = 16
     steps: int = 200
     samples: int = 8
@@ -243,13 +243,37 @@ def stage_teachers(cfg: DemoConfig) -> dict:
 
 
 def stage_fit(cfg: DemoConfig) -> bool:
-    """Train the explainer unless its checkpoint exists; returns True when reused."""
+    """Train the explainer unless a checkpoint trained with the same settings exists; returns True when reused.
+
+    Raises:
+        ConfigError: the checkpoint folder holds an explainer trained with other settings.
+    """
+    args = fit_arguments(cfg)
+    record = cfg.explainer_checkpoint.with_name("demo-fit.json")  # the settings the checkpoint was trained with
+    settings = [a for a in args if not a.startswith("--trainer.enable_progress_bar")]
     if cfg.explainer_checkpoint.is_file():
-        return True
+        if record.is_file() and json.loads(record.read_text()) == settings:
+            return True
+        raise ConfigError(
+            f"{cfg.explainer_checkpoint.parent} holds an explainer trained with other settings; delete that folder "
+            "to train a new one (or give --checkpoints another folder)"
+        )
     from .training import run_fit
 
+    run_fit(args)
+    if not cfg.explainer_checkpoint.is_file():
+        last = cfg.explainer_checkpoint.with_name("last.ckpt")
+        if not last.is_file():
+            raise ConfigError(f"training wrote no checkpoint in {cfg.explainer_checkpoint.parent}")
+        cfg.explainer_checkpoint.write_bytes(last.read_bytes())  # no validation ran: keep the last state
+    atomic_write_text(record, json.dumps(settings, indent=1) + "\n")
+    return False
+
+
+def fit_arguments(cfg: DemoConfig) -> list[str]:
+    """The ``cartoonx fit`` command line of the demo's explainer (LightningCLI arguments)."""
     checkpoint_dir = Path(cfg.checkpoints)
-    args = [
+    return [
         "fit",
         f"--seed_everything={cfg.seed}",
         "--run_name=explainer",
@@ -289,13 +313,6 @@ def stage_fit(cfg: DemoConfig) -> bool:
         *([f"--data.teachers={cfg.teachers_dir}"] if cfg.teacher_images else []),
         *cfg.extra_fit_args,
     ]
-    run_fit(args)
-    if not cfg.explainer_checkpoint.is_file():
-        last = cfg.explainer_checkpoint.with_name("last.ckpt")
-        if not last.is_file():
-            raise ConfigError(f"training wrote no checkpoint in {cfg.explainer_checkpoint.parent}")
-        cfg.explainer_checkpoint.write_bytes(last.read_bytes())  # no validation ran: keep the last state
-    return False
 
 
 def stage_evaluate(cfg: DemoConfig):
