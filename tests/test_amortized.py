@@ -19,7 +19,7 @@ from amortized_cartoonx.amortized import (
 )
 from amortized_cartoonx.classifiers import load_classifier
 from amortized_cartoonx.errors import ConfigError, InputError
-from amortized_cartoonx.explanation import Explanation
+from amortized_cartoonx.explanation import Explanation, load_saved_explanation
 from amortized_cartoonx.optimizer import CartoonX, OptimizerConfig
 
 TESTS = Path(__file__).resolve().parent
@@ -174,8 +174,8 @@ def test_cli_explain_amortized_and_warm(checkpoint, small_images, tmp_path, caps
         records = [json.loads(line) for line in lines]
         assert [r["method"] for r in records] == [method, method] and records[0]["steps"] == steps
         assert (tmp_path / folder / "im0.png").is_file()
-        saved = torch.load(tmp_path / folder / "im0.pt", weights_only=True)
-        assert saved["metadata"]["method"] == method
+        saved = load_saved_explanation(tmp_path / folder / "im0.safetensors")
+        assert saved["metadata"]["method"] == method and saved["metadata"]["steps"] == steps
     capsys.readouterr()
     args = ["explain", paths[0], "--method", "amortized", "--out", str(tmp_path / "x"), *common]
     assert main([*args[:-8], "--size", "48", *args[-6:]]) == 2  # trained at 32 px
