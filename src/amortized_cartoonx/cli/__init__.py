@@ -36,6 +36,19 @@ def build_parser() -> Parser:
     return parser
 
 
+def configure_logging() -> None:
+    """``cartoonx: message`` lines on stderr at INFO, without Lightning's advertising tips."""
+    logging.basicConfig(level=logging.INFO, format="cartoonx: %(message)s", stream=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _DropTips) for f in handler.filters):
+            handler.addFilter(_DropTips())
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in str(record.msg)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["fit"]:  # LightningCLI parses every argument of fit itself (its --help included)
@@ -45,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.INFO, format="cartoonx: %(message)s", stream=sys.stderr, force=False)
+    configure_logging()
     from amortized_cartoonx.errors import CartoonXError
 
     try:

@@ -15,7 +15,6 @@ and to CSV under ``logs/<run_name>/``; checkpoints (best by ``val/rde_loss``, an
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 
@@ -34,8 +33,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def main(argv: list[str]) -> int:
     """Run ``cartoonx fit ARGV`` through LightningCLI; a :class:`CartoonXError` becomes one line and exit 2."""
-    logging.basicConfig(level=logging.INFO, format="cartoonx: %(message)s", stream=sys.stderr)
+    from amortized_cartoonx.cli import configure_logging
     from amortized_cartoonx.errors import CartoonXError
+
+    configure_logging()
     from amortized_cartoonx.training import run_fit
 
     # LightningCLI reads sys.argv itself when the command came from the command line: DDP re-launches the
