@@ -14,7 +14,7 @@ Stages, each reused when its output already exists (so a second run only redoes 
 6. **report**: ``outputs/demo/report.md`` with the loss ratio amortized / exact, the warm start, the
    localisation of every method and the figures.
 
-The defaults fit in about 15 minutes on 2 CPU cores; :meth:`DemoConfig.tiny` runs in seconds (tests).
+The defaults take 11-13 minutes on 2 CPU cores (budget: 15); :meth:`DemoConfig.tiny` runs in seconds (tests).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ DEMO_METHODS = ("cartoonx", "amortized", "warm", "pixel-rde", "integrated-gradie
 
 @dataclass
 class DemoConfig:
-    """Settings of ``cartoonx demo``. The defaults are sized for about 15 minutes on 2 CPU cores.
+    """Settings of ``cartoonx demo``. The defaults take 11-13 minutes on 2 CPU cores.
 
     Attributes:
         out: outputs (data, evaluation, report).
