@@ -19,7 +19,6 @@ obfuscation it was trained for; :meth:`AmortizedExplainer.check_compatible` refu
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -28,12 +27,13 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .classifiers import Classifier, frozen, load_classifier, wrap_classifier
+from .classifiers import Classifier, frozen, is_file_spec, load_classifier, wrap_classifier
 from .data import split_ids
 from .errors import ClassifierError, ConfigError, InputError
 from .explainer import MaskPredictor, MaskPredictorConfig
 from .explanation import Explanation, image_seeds, measure_mask
-from .optimizer import OptimizerConfig, RDEOptimizer
+from .io import file_sha256
+from .optimizer import OptimizerConfig, RDEOptimizer, synchronize
 from .rde import RDEObjective, check_images, resolve_target
 from .wavelets import Coefficients, WaveletRepresentation
 
@@ -41,7 +41,6 @@ logger = logging.getLogger(__name__)
 
 #: Version of the ``checkpoint["cartoonx"]`` settings dict.
 CHECKPOINT_FORMAT = 1
-_FILE_SUFFIXES = (".pt", ".ts", ".jit", ".pt2")
 #: Measurement noise samples of :meth:`AmortizedExplainer.explain` (the optimizer's default L).
 DEFAULT_MEASURE_SAMPLES = OptimizerConfig().num_samples
 
@@ -51,29 +50,17 @@ DEFAULT_MEASURE_SAMPLES = OptimizerConfig().num_samples
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _is_file_spec(spec: str) -> bool:
-    return Path(spec).suffix in _FILE_SUFFIXES
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def classifier_identity(spec: str) -> dict:
     """``classifier`` (the spec as given) and, for a model file, its absolute path and SHA-256.
 
     File specs are matched by content, so ``../shared/m.pt`` and ``/work/shared/m.pt`` are the same classifier.
     """
     identity = {"classifier": spec, "classifier_path": None, "classifier_sha256": None}
-    if _is_file_spec(spec):
+    if is_file_spec(spec):
         path = Path(spec).expanduser()
         if path.is_file():
             identity["classifier_path"] = str(path.resolve())
-            identity["classifier_sha256"] = _sha256(path)
+            identity["classifier_sha256"] = file_sha256(path)
     return identity
 
 
@@ -81,11 +68,11 @@ def same_classifier(spec: str, identity: dict) -> bool:
     """Whether ``spec`` names the classifier described by ``identity`` (see :func:`classifier_identity`)."""
     if spec == identity.get("classifier"):
         return True
-    if _is_file_spec(spec) and identity.get("classifier_sha256"):
+    if is_file_spec(spec) and identity.get("classifier_sha256"):
         path = Path(spec).expanduser()
         if identity.get("classifier_path") == str(path.resolve()):
             return True
-        return path.is_file() and _sha256(path) == identity["classifier_sha256"]
+        return path.is_file() and file_sha256(path) == identity["classifier_sha256"]
     return False
 
 
@@ -144,11 +131,6 @@ def mask_agreement(pred: Tensor, ref: Tensor, top_fraction: float = 0.1) -> dict
 # ---------------------------------------------------------------------------------------------------------
 # The explainers
 # ---------------------------------------------------------------------------------------------------------
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class AmortizedExplainer:
@@ -358,7 +340,7 @@ class AmortizedExplainer:
             mask = self.network.mask(images, problem.target)
             seeds = image_seeds(images.shape[0], self.seed, seeds)
             measured = measure_mask(self.objective, problem, mask, seeds, self.measure_samples)
-        _synchronize(images.device)
+        synchronize(images.device)
         return Explanation(
             method=self.method,
             mask=mask,
@@ -375,7 +357,7 @@ class AmortizedExplainer:
 def _loadable_spec(meta: dict) -> str:
     """The checkpoint's classifier spec, or the absolute path it recorded when the relative spec is gone."""
     spec = meta["classifier"]
-    if _is_file_spec(spec) and not Path(spec).expanduser().is_file() and meta.get("classifier_path"):
+    if is_file_spec(spec) and not Path(spec).expanduser().is_file() and meta.get("classifier_path"):
         recorded = Path(meta["classifier_path"])
         if recorded.is_file():
             return str(recorded)
@@ -437,7 +419,7 @@ class WarmStartExplainer:
         explanation = self.optimizer.explain(
             images, target, init_mask=init, seeds=seeds, steps=self.refine_steps, progress=progress
         )
-        _synchronize(images.device)
+        synchronize(images.device)
         return dataclasses.replace(
             explanation, method=self.method, seconds=time.perf_counter() - start, settings=self.settings()
         )

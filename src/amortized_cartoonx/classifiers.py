@@ -142,6 +142,11 @@ def _torchvision_model(name: str, weights: str | None) -> nn.Module:
         raise ClassifierError(f"cannot load torchvision:{name} with weights {weights!r}: {exc}") from None
 
 
+def is_file_spec(spec: str) -> bool:
+    """Whether a classifier spec names a model file (TorchScript ``.pt``/``.ts``/``.jit`` or ``.pt2``)."""
+    return Path(spec).suffix in _FILE_SUFFIXES
+
+
 def _file_model(path: Path, device: str | torch.device = "cpu") -> nn.Module:
     if not path.is_file():
         raise ClassifierError(f"classifier file not found: {path}")
@@ -189,7 +194,7 @@ def load_classifier(spec: str, normalize: str = "auto", device: str | torch.devi
         from .synthetic.classifier import load_synthetic_classifier  # issue 5's benchmark classifier
 
         model = load_synthetic_classifier(spec.partition(":")[2] or None)
-    elif Path(spec).suffix in _FILE_SUFFIXES:
+    elif is_file_spec(spec):
         model = _file_model(Path(spec).expanduser(), device)
     elif _CALLABLE_SPEC.match(spec):
         model = _callable_model(spec)

@@ -169,7 +169,7 @@ class RDEOptimizer:
                 mask = as_mask(init_mask, problem.coeffs).detach().clone().clamp(0.0, 1.0)
             mask, history, steps_run = self._optimize(problem, mask, seeds, num_steps, progress)
             measured = measure_mask(self.objective, problem, mask, seeds, cfg.measure_samples or cfg.num_samples)
-        _synchronize(images.device)
+        synchronize(images.device)
         return Explanation(
             method=self.method,
             mask=mask,
@@ -248,7 +248,8 @@ class RDEOptimizer:
         return final, LossHistory(*history), steps_run
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (so wall-clock timings are honest on a GPU); nothing on a CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from ..classifiers import frozen
 from ..explanation import stream_seeds
+from ..optimizer import synchronize
 from ..rde import make_generators
 from ..wavelets import PixelRepresentation, Representation
 from .methods import ATTRIBUTION, MASK, METHODS, Attribution, EvaluationMethod, MethodContext, MethodUnavailable
@@ -80,8 +81,7 @@ class GradientMethod(EvaluationMethod):
             inputs = images.detach().clone().requires_grad_(True)
             attr = self.attribute(inputs, target, seeds).detach()
         relevance = attr.abs().sum(1).flatten(1)  # (N, H * W)
-        if images.device.type == "cuda":
-            torch.cuda.synchronize(images.device)
+        synchronize(images.device)
         return Attribution(self.name, relevance, target, time.perf_counter() - start)
 
 

@@ -40,15 +40,6 @@ def settings_hash(settings: dict) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def file_digest(path: str | Path) -> str:
-    """The sha256 of a file's bytes (identifies a checkpoint in a settings hash)."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def safe_name(image_id: str) -> str:
     """A file-name-safe version of an image id; ids that needed changes get a short hash suffix."""
     cleaned = _UNSAFE.sub("_", image_id)

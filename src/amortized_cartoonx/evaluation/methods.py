@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, InputError
-from ..optimizer import CartoonX, OptimizerConfig, PixelRDE
+from ..optimizer import CartoonX, OptimizerConfig, PixelRDE, synchronize
 from ..registry import Registry
 from ..wavelets import Representation, WaveletRepresentation
 
@@ -220,9 +220,9 @@ def load_amortized(ctx: MethodContext):
 
 
 def _checkpoint_settings(ctx: MethodContext) -> dict:
-    from .cache import file_digest
+    from ..io import file_sha256
 
-    return {"checkpoint_sha256": file_digest(Path(ctx.checkpoint).expanduser())}
+    return {"checkpoint_sha256": file_sha256(Path(ctx.checkpoint).expanduser())}
 
 
 class AmortizedMethod(MaskMethod):
@@ -237,8 +237,7 @@ class AmortizedMethod(MaskMethod):
         start = time.perf_counter()
         target = explained_target(self.explainer.classifier, images, target)
         self.explainer.predict_mask(images, target)
-        if images.device.type == "cuda":
-            torch.cuda.synchronize(images.device)
+        synchronize(images.device)
         seconds = time.perf_counter() - start
         exp = self.explainer.explain(images, target, seeds=list(seeds))  # the same mask, measured
         scalars = {k: getattr(exp, k).detach().float() for k in _EXPLANATION_SCALARS}

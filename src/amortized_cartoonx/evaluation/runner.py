@@ -30,12 +30,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..classifiers import frozen
+from ..classifiers import frozen, is_file_spec
 from ..errors import ConfigError, InputError
 from ..explanation import stream_seeds
 from ..images import list_images, load_images
+from ..io import file_sha256
 from ..rde import DISTORTIONS, OBFUSCATIONS, RDEObjective, make_generators
-from .cache import ResultCache, as_scalar_tensors, file_digest, settings_hash
+from .cache import ResultCache, as_scalar_tensors, settings_hash
 from .curves import CURVES, area, rate_distortion_curves, rate_grid
 from .lambdas import LAMBDA_METHODS, lambda_optimizer, lambda_points
 from .maps import display_image, pixel_relevance
@@ -226,8 +227,8 @@ class Evaluation:
         spec = self.context.classifier_spec
         identity = {"classifier": spec}
         path = Path(spec).expanduser()
-        if path.suffix in (".pt", ".ts", ".jit", ".pt2") and path.is_file():
-            identity["classifier_sha256"] = file_digest(path)
+        if is_file_spec(spec) and path.is_file():
+            identity["classifier_sha256"] = file_sha256(path)
         normalization = getattr(self.classifier, "normalization", None)
         identity["normalization"] = list(normalization) if normalization else None
         return identity
