@@ -33,6 +33,7 @@ def test_tiny_demo_runs_end_to_end_and_reuses_its_outputs(tmp_path, monkeypatch)
     again = run_demo(cfg)  # everything exists: every stage is reused
     assert all(again["stages"]["reused"].values()), again["stages"]
 
-    other = replace(cfg, fit_steps=3)  # an explainer trained with other settings is never silently reused
-    with pytest.raises(ConfigError, match="trained with other settings"):
-        run_demo(other)
+    # an explainer trained with other settings, or on other images or teachers, is never silently reused
+    for other in (replace(cfg, fit_steps=3), replace(cfg, teacher_images=cfg.teacher_images - 1)):
+        with pytest.raises(ConfigError, match="trained with other settings"):
+            run_demo(other)

@@ -250,7 +250,11 @@ def stage_fit(cfg: DemoConfig) -> bool:
     """
     args = fit_arguments(cfg)
     record = cfg.explainer_checkpoint.with_name("demo-fit.json")  # the settings the checkpoint was trained with
-    settings = [a for a in args if not a.startswith("--trainer.enable_progress_bar")]
+    settings = {  # the command line, and what it reads without naming it: how many images, how many teachers
+        "fit": [a for a in args if not a.startswith("--trainer.enable_progress_bar")],
+        "train_images": cfg.train_images,
+        "teacher_images": cfg.teacher_images,
+    }
     if cfg.explainer_checkpoint.is_file():
         if record.is_file() and json.loads(record.read_text()) == settings:
             return True
