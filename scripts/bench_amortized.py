@@ -49,7 +49,7 @@ from amortized_cartoonx.classifiers import frozen  # noqa: E402
 from amortized_cartoonx.errors import CartoonXError, InputError  # noqa: E402
 from amortized_cartoonx.explanation import image_seeds, measure_mask  # noqa: E402
 from amortized_cartoonx.images import list_images, load_images  # noqa: E402
-from amortized_cartoonx.optimizer import CartoonX, OptimizerConfig  # noqa: E402
+from amortized_cartoonx.optimizer import CartoonX, OptimizerConfig, synchronize  # noqa: E402
 
 logger = logging.getLogger("bench_amortized")
 
@@ -110,11 +110,6 @@ def steps_to_reach(history: torch.Tensor, level: float, window: int) -> int | No
     curve = smoothed(history, window)
     hits = (curve <= level).nonzero()
     return int(hits[0]) if len(hits) else None
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def median(values: list[float | None]) -> float | None:
@@ -183,19 +178,19 @@ def run(args: argparse.Namespace) -> dict:
         n = batch.shape[0]
         seeds = image_seeds(n, args.seed + lo)
         # (a) amortized: the mask alone, then the full explanation for the measured numbers
-        sync(device)
+        synchronize(device)
         start = time.perf_counter()
         amortized.predict_mask(batch)
-        sync(device)
+        synchronize(device)
         t_amortized = (time.perf_counter() - start) / n
         e_amortized = amortized.explain(batch, seeds=seeds).cpu()
         # the measurement alone (the reporting cost every method pays once)
         with frozen(amortized.classifier):
             problem = amortized.objective.prepare(batch)
-            sync(device)
+            synchronize(device)
             start = time.perf_counter()
             measure_mask(amortized.objective, problem, e_amortized.mask.to(device), seeds, args.measure_samples)
-            sync(device)
+            synchronize(device)
             t_measure = (time.perf_counter() - start) / n
         # (b) exact from ones
         e_exact = exact.explain(batch, seeds=seeds, progress=True).cpu()

@@ -26,23 +26,18 @@ import torch
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
 from amortized_cartoonx.classifiers import load_classifier  # noqa: E402
-from amortized_cartoonx.optimizer import CartoonX, PixelRDE  # noqa: E402
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from amortized_cartoonx.optimizer import CartoonX, PixelRDE, synchronize  # noqa: E402
 
 
 def time_call(fn, device: torch.device, repeats: int) -> float:
     """Median wall-clock seconds of ``fn()`` over ``repeats`` runs (after one warm-up)."""
     fn()
-    sync(device)
+    synchronize(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
