@@ -335,35 +335,8 @@ def scripted_classifier(tmp_path) -> Path:
 def test_cli_runs_and_skips_grad_cam_on_torchscript(tmp_path, scripted_classifier, caplog):
     images_dir = write_folder(tmp_path / "images", 2)
     out = tmp_path / "out"
-    args = [
-        "evaluate",
-        "--classifier",
-        str(scripted_classifier),
-        "--images",
-        str(images_dir),
-        "--out",
-        str(out),
-        "--methods",
-        "pixel-rde,grad-cam",
-        "random-wavelet",
-        "--size",
-        str(SIZE),
-        "--levels",
-        "2",
-        "--steps",
-        "2",
-        "--samples",
-        "2",
-        "--rates",
-        "3",
-        "--noise-draws",
-        "1",
-        "--lambdas",
-        "--examples",
-        "1",
-        "--device",
-        "cpu",
-    ]
+    methods = ["--methods", "pixel-rde,grad-cam", "random-wavelet", "--steps", "2"]
+    args = evaluate_args(scripted_classifier, images_dir, out, *methods)
     with caplog.at_level(logging.WARNING):
         assert main(args) == 0
     assert "grad-cam" in caplog.text and "TorchScript" in caplog.text
