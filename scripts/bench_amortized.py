@@ -44,12 +44,15 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
 import torch  # noqa: E402
 
-from amortized_cartoonx.amortized import AmortizedExplainer, WarmStartExplainer, mask_agreement  # noqa: E402
+from amortized_cartoonx.amortized import AmortizedExplainer, WarmStartExplainer  # noqa: E402
 from amortized_cartoonx.classifiers import frozen  # noqa: E402
 from amortized_cartoonx.errors import CartoonXError, InputError  # noqa: E402
-from amortized_cartoonx.explanation import image_seeds, measure_mask  # noqa: E402
+from amortized_cartoonx.evaluation.agreement import mask_agreement  # noqa: E402
+from amortized_cartoonx.explanation import measure_mask  # noqa: E402
 from amortized_cartoonx.images import list_images, load_images  # noqa: E402
-from amortized_cartoonx.optimizer import CartoonX, OptimizerConfig, synchronize  # noqa: E402
+from amortized_cartoonx.optimizer import CartoonX, OptimizerConfig  # noqa: E402
+from amortized_cartoonx.runtime import synchronize  # noqa: E402
+from amortized_cartoonx.seeding import image_seeds  # noqa: E402
 
 logger = logging.getLogger("bench_amortized")
 

@@ -26,7 +26,8 @@ import torch
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
 from amortized_cartoonx.classifiers import load_classifier  # noqa: E402
-from amortized_cartoonx.optimizer import CartoonX, PixelRDE, synchronize  # noqa: E402
+from amortized_cartoonx.optimizer import CartoonX, PixelRDE  # noqa: E402
+from amortized_cartoonx.runtime import synchronize  # noqa: E402
 
 
 def time_call(fn, device: torch.device, repeats: int) -> float:

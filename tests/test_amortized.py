@@ -10,15 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from amortized_cartoonx.amortized import (
-    AmortizedExplainer,
-    WarmStartExplainer,
-    average_ranks,
-    mask_agreement,
-    split_train_val_test,
-)
+from amortized_cartoonx.amortized import AmortizedExplainer, WarmStartExplainer
 from amortized_cartoonx.classifiers import load_classifier
+from amortized_cartoonx.data import split_train_val_test
 from amortized_cartoonx.errors import ConfigError, InputError
+from amortized_cartoonx.evaluation.agreement import average_ranks, mask_agreement
 from amortized_cartoonx.explanation import Explanation, load_saved_explanation
 from amortized_cartoonx.optimizer import CartoonX, OptimizerConfig
 
@@ -41,7 +37,7 @@ def checkpoint(tmp_path_factory) -> Path:
         SPEC, image_size=SIZE, levels=3, width=8, decoder_width=8, embed_dim=8, init_bias=1.0, num_samples=2
     )
     with torch.no_grad():
-        for head in [*module.explainer.detail_heads, module.explainer.lowpass_head]:
+        for head in [*module.mask_predictor.detail_heads, module.mask_predictor.lowpass_head]:
             head[-1].weight.normal_(std=0.5)
     state = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
     module.on_save_checkpoint(state)

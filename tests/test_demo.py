@@ -9,7 +9,7 @@ import pytest
 
 from amortized_cartoonx.demo import DemoConfig, run_demo
 from amortized_cartoonx.errors import ConfigError
-from amortized_cartoonx.teachers import TeacherStore
+from amortized_cartoonx.teacher_masks.store import TeacherMaskStore
 
 
 def test_tiny_demo_runs_end_to_end_and_reuses_its_outputs(tmp_path, monkeypatch):
@@ -26,7 +26,7 @@ def test_tiny_demo_runs_end_to_end_and_reuses_its_outputs(tmp_path, monkeypatch)
     summary = json.loads((out / "evaluation" / "summary.json").read_text())
     assert "ground_truth" in summary["methods"]["cartoonx"]
     assert cfg.explainer_checkpoint.is_file()
-    store = TeacherStore(cfg.teachers_dir)  # teachers for the first teacher_images training images only
+    store = TeacherMaskStore(cfg.teachers_dir)  # teachers for the first teacher_images training images only
     assert sorted(store.ids()) == sorted(p.name for p in cfg.train_dir.glob("*.png"))[: cfg.teacher_images]
     assert f"{cfg.teacher_images} of them with exact CartoonX teacher masks" in report
 

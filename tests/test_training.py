@@ -19,7 +19,7 @@ pytestmark = pytest.mark.filterwarnings(r"ignore:Found \d+ module\(s\) in eval m
 
 from amortized_cartoonx.amortized import AmortizedExplainer  # noqa: E402
 from amortized_cartoonx.optimizer import CartoonX  # noqa: E402
-from amortized_cartoonx.teachers import TeacherStore  # noqa: E402
+from amortized_cartoonx.teacher_masks.store import TeacherMaskStore  # noqa: E402
 from amortized_cartoonx.training import (  # noqa: E402
     AmortizedCartoonXModule,
     ExplainerDataModule,
@@ -94,7 +94,7 @@ def test_fit_lowers_the_loss_saves_and_resumes(image_dir, tmp_path):
     path = tmp_path / "model.ckpt"
     fit.save_checkpoint(path)
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    assert all(k.startswith("explainer.") for k in checkpoint["state_dict"])
+    assert all(k.startswith("mask_predictor.") for k in checkpoint["state_dict"])
     meta = checkpoint["cartoonx"]
     for key, value in (
         ("classifier", SPEC),
@@ -111,7 +111,7 @@ def test_fit_lowers_the_loss_saves_and_resumes(image_dir, tmp_path):
     explainer = AmortizedExplainer.from_checkpoint(path)
     target = torch.arange(images.shape[0]) % 5
     with torch.no_grad():
-        expected = module.explainer.mask(images, target).flatten()
+        expected = module.mask_predictor.mask(images, target).flatten()
     assert torch.equal(explainer.predict_mask(images, target).flatten(), expected)
 
     # resume from the checkpoint: the classifier (not saved) is put back, training goes on to step 8
@@ -132,7 +132,7 @@ def test_fit_with_teacher_masks_logs_distillation_and_agreement(image_dir, tmp_p
     )
     exact = CartoonX(make_tiny_cnn(), levels=3, steps=3, num_samples=2)
     explanation = exact.explain(images)
-    store = TeacherStore.create(
+    store = TeacherMaskStore.create(
         tmp_path / "teachers",
         {
             "classifier": SPEC,

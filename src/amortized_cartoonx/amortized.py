@@ -27,105 +27,30 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .classifiers import Classifier, frozen, is_file_spec, load_classifier, wrap_classifier
-from .data import split_ids
+from .checkpoint import (
+    CHECKPOINT_KIND,
+    LEGACY_NETWORK_KEY,
+    LEGACY_STATE_PREFIX,
+    META_KEY,
+    NETWORK_KEY,
+    READABLE_FORMATS,
+    STATE_PREFIX,
+)
+from .classifiers import Classifier, frozen, is_file_spec, load_classifier, same_classifier, wrap_classifier
+from .data import split_train_val_test
 from .errors import ClassifierError, ConfigError, InputError
-from .explainer import MaskPredictor, MaskPredictorConfig
-from .explanation import Explanation, image_seeds, measure_mask
-from .io import file_sha256
-from .optimizer import OptimizerConfig, RDEOptimizer, synchronize
+from .explanation import Explanation, measure_mask
+from .mask_predictor import MaskPredictor, MaskPredictorConfig
+from .optimizer import OptimizerConfig, RDEOptimizer
 from .rde import RDEObjective, check_images, resolve_target
+from .runtime import synchronize
+from .seeding import image_seeds
 from .wavelets import Coefficients, WaveletRepresentation
 
 logger = logging.getLogger(__name__)
 
-#: Version of the ``checkpoint["cartoonx"]`` settings dict.
-CHECKPOINT_FORMAT = 1
 #: Measurement noise samples of :meth:`AmortizedExplainer.explain` (the optimizer's default L).
 DEFAULT_MEASURE_SAMPLES = OptimizerConfig().num_samples
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Classifier identity, data split, mask agreement (plain helpers shared with training and the benchmark)
-# ---------------------------------------------------------------------------------------------------------
-
-
-def classifier_identity(spec: str) -> dict:
-    """``classifier`` (the spec as given) and, for a model file, its absolute path and SHA-256.
-
-    File specs are matched by content, so ``../shared/m.pt`` and ``/work/shared/m.pt`` are the same classifier.
-    """
-    identity = {"classifier": spec, "classifier_path": None, "classifier_sha256": None}
-    if is_file_spec(spec):
-        path = Path(spec).expanduser()
-        if path.is_file():
-            identity["classifier_path"] = str(path.resolve())
-            identity["classifier_sha256"] = file_sha256(path)
-    return identity
-
-
-def same_classifier(spec: str, identity: dict) -> bool:
-    """Whether ``spec`` names the classifier described by ``identity`` (see :func:`classifier_identity`)."""
-    if spec == identity.get("classifier"):
-        return True
-    if is_file_spec(spec) and identity.get("classifier_sha256"):
-        path = Path(spec).expanduser()
-        if identity.get("classifier_path") == str(path.resolve()):
-            return True
-        return path.is_file() and file_sha256(path) == identity["classifier_sha256"]
-    return False
-
-
-def split_train_val_test(
-    ids: Sequence[str], val_fraction: float, test_fraction: float = 0.0, seed: int = 0
-) -> dict[str, list[str]]:
-    """A deterministic three-way split by hashing each id (adding images never moves an existing one).
-
-    ``test`` is held out first (hash with ``seed + 1``), then the rest is split into ``train`` and ``val``
-    (hash with ``seed``), both with :func:`~amortized_cartoonx.data.split_ids`. With ``test_fraction = 0`` the
-    train/val split is exactly ``split_ids(ids, val_fraction, seed)``.
-    """
-    if not 0.0 <= test_fraction < 1.0:
-        raise InputError(f"the test fraction must be in [0, 1), got {test_fraction}")
-    rest, test = split_ids(ids, test_fraction, seed + 1) if test_fraction > 0 else (list(ids), [])
-    train, val = split_ids(rest, val_fraction, seed)
-    return {"train": train, "val": val, "test": test}
-
-
-def average_ranks(values: Tensor) -> Tensor:
-    """``(K,) -> (K,)`` float64 ranks 0..K-1, ties sharing their average rank (as Spearman's rho needs)."""
-    ordered, order = values.sort()
-    _, inverse, counts = torch.unique_consecutive(ordered, return_inverse=True, return_counts=True)
-    ends = counts.cumsum(0).double()
-    averages = ends - (counts.double() + 1) / 2  # mean of the ranks ends-counts .. ends-1
-    ranks = torch.empty(values.shape[0], dtype=torch.float64, device=values.device)
-    ranks[order] = averages[inverse]
-    return ranks
-
-
-@torch.no_grad()
-def mask_agreement(pred: Tensor, ref: Tensor, top_fraction: float = 0.1) -> dict[str, Tensor]:
-    """How well the masks ``pred`` agree with ``ref``, both flat ``(N, K)``.
-
-    Returns ``spearman (N,)``: the rank correlation of the mask values (ties get average ranks; 0 when either
-    mask is constant), and ``top_overlap (N,)``: the share of ``ref``'s top ``top_fraction`` coefficients that
-    are also in ``pred``'s (ties at the threshold are broken arbitrarily by ``topk``).
-    """
-    if pred.shape != ref.shape or pred.ndim != 2:
-        raise InputError(f"masks to compare must both be (N, K), got {tuple(pred.shape)} and {tuple(ref.shape)}")
-    count = max(1, round(top_fraction * pred.shape[1]))
-    spearman, overlap = [], []
-    for a, b in zip(pred.float(), ref.float()):
-        ra, rb = average_ranks(a), average_ranks(b)
-        ra, rb = ra - ra.mean(), rb - rb.mean()
-        denominator = (ra.square().sum() * rb.square().sum()).sqrt()
-        spearman.append((ra * rb).sum() / denominator if denominator > 0 else denominator.new_zeros(()))
-        top_a = torch.zeros_like(a, dtype=torch.bool)
-        top_b = torch.zeros_like(b, dtype=torch.bool)
-        top_a[a.topk(count).indices] = True
-        top_b[b.topk(count).indices] = True
-        overlap.append((top_a & top_b).sum().double() / count)
-    return {"spearman": torch.stack(spearman).float(), "top_overlap": torch.stack(overlap).float()}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -134,7 +59,7 @@ def mask_agreement(pred: Tensor, ref: Tensor, top_fraction: float = 0.1) -> dict
 
 
 class AmortizedExplainer:
-    """CartoonX masks in one forward pass of a trained :class:`~amortized_cartoonx.explainer.MaskPredictor`.
+    """CartoonX masks in one forward pass of a trained :class:`~amortized_cartoonx.mask_predictor.MaskPredictor`.
 
     Build it with :meth:`from_checkpoint`. Attributes: ``network``, ``classifier``, ``representation``,
     ``objective`` (the RDE objective the network was trained for), ``meta`` (the checkpoint's settings),
@@ -191,16 +116,18 @@ class AmortizedExplainer:
         except Exception as exc:  # noqa: BLE001 - any reading failure is the user's file
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise InputError(f"cannot read checkpoint {path}: {first}") from None
-        meta = checkpoint.get("cartoonx") if isinstance(checkpoint, dict) else None
-        if not isinstance(meta, dict) or meta.get("kind") != "amortized-cartoonx":
+        meta = checkpoint.get(META_KEY) if isinstance(checkpoint, dict) else None
+        if not isinstance(meta, dict) or meta.get("kind") != CHECKPOINT_KIND:
             raise ConfigError(f"{path} is not an amortized CartoonX checkpoint (train one with cartoonx fit)")
-        if int(meta.get("format_version", 0)) > CHECKPOINT_FORMAT:
+        version = int(meta.get("format_version", 0))
+        if version not in READABLE_FORMATS:
             raise ConfigError(
-                f"{path} has checkpoint format {meta['format_version']}; this version reads "
-                f"{CHECKPOINT_FORMAT}: update amortized-cartoonx"
+                f"{path} has checkpoint format {meta.get('format_version')}; this version reads "
+                f"{', '.join(map(str, READABLE_FORMATS))}: update amortized-cartoonx"
             )
-        network = MaskPredictor(MaskPredictorConfig(**meta["explainer"]))
-        prefix = "explainer."
+        key, prefix = (NETWORK_KEY, STATE_PREFIX) if version >= 2 else (LEGACY_NETWORK_KEY, LEGACY_STATE_PREFIX)
+        meta = {NETWORK_KEY if k == key else k: v for k, v in meta.items()}
+        network = MaskPredictor(MaskPredictorConfig(**meta[NETWORK_KEY]))
         state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
         try:
             network.load_state_dict(state)

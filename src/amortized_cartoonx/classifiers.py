@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ClassifierError, ConfigError
+from .io import file_sha256
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -213,3 +214,29 @@ def wrap_classifier(model: nn.Module, normalize: str = "none") -> Classifier:
         return model
     mean, std = _normalization(normalize, "none")
     return Classifier(model, mean=mean, std=std)
+
+
+def classifier_identity(spec: str) -> dict:
+    """``classifier`` (the spec as given) and, for a model file, its absolute path and SHA-256.
+
+    File specs are matched by content, so ``../shared/m.pt`` and ``/work/shared/m.pt`` are the same classifier.
+    """
+    identity = {"classifier": spec, "classifier_path": None, "classifier_sha256": None}
+    if is_file_spec(spec):
+        path = Path(spec).expanduser()
+        if path.is_file():
+            identity["classifier_path"] = str(path.resolve())
+            identity["classifier_sha256"] = file_sha256(path)
+    return identity
+
+
+def same_classifier(spec: str, identity: dict) -> bool:
+    """Whether ``spec`` names the classifier described by ``identity`` (see :func:`classifier_identity`)."""
+    if spec == identity.get("classifier"):
+        return True
+    if is_file_spec(spec) and identity.get("classifier_sha256"):
+        path = Path(spec).expanduser()
+        if identity.get("classifier_path") == str(path.resolve()):
+            return True
+        return path.is_file() and file_sha256(path) == identity["classifier_sha256"]
+    return False

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from torch.utils.data import Dataset
 
 from .errors import InputError
 from .images import list_images, load_image
+from .seeding import item_unit
 
 
 def read_labels_csv(path: str | Path) -> dict[str, int]:
@@ -85,12 +85,23 @@ def split_ids(ids: Sequence[str], val_fraction: float, seed: int = 0) -> tuple[l
     """
     if not 0.0 <= val_fraction < 1.0:
         raise InputError(f"the validation fraction must be in [0, 1), got {val_fraction}")
-
-    def unit(image_id: str) -> float:
-        digest = hashlib.sha256(f"{seed}:{image_id}".encode()).digest()
-        return int.from_bytes(digest[:8], "big") / 2**64
-
     train, val = [], []
     for image_id in ids:
-        (val if unit(image_id) < val_fraction else train).append(image_id)
+        (val if item_unit(image_id, seed) < val_fraction else train).append(image_id)
     return train, val
+
+
+def split_train_val_test(
+    ids: Sequence[str], val_fraction: float, test_fraction: float = 0.0, seed: int = 0
+) -> dict[str, list[str]]:
+    """A deterministic three-way split by hashing each id (adding images never moves an existing one).
+
+    ``test`` is held out first (hash with ``seed + 1``), then the rest is split into ``train`` and ``val``
+    (hash with ``seed``), both with :func:`~amortized_cartoonx.data.split_ids`. With ``test_fraction = 0`` the
+    train/val split is exactly ``split_ids(ids, val_fraction, seed)``.
+    """
+    if not 0.0 <= test_fraction < 1.0:
+        raise InputError(f"the test fraction must be in [0, 1), got {test_fraction}")
+    rest, test = split_ids(ids, test_fraction, seed + 1) if test_fraction > 0 else (list(ids), [])
+    train, val = split_ids(rest, val_fraction, seed)
+    return {"train": train, "val": val, "test": test}

@@ -182,7 +182,7 @@ def _folder_complete(folder: Path, count: int) -> bool:
 
 
 def stage_classifier(cfg: DemoConfig) -> dict:
-    from .synthetic.training import TrainConfig, ensure_synthetic_classifier
+    from .synthetic.classifier_training import TrainConfig, ensure_synthetic_classifier
 
     config = TrainConfig(
         size=cfg.size, train_size=cfg.classifier_train_size, epochs=cfg.classifier_epochs, seed=cfg.seed
@@ -224,7 +224,7 @@ def _optimizer_config(cfg: DemoConfig):
 def stage_teachers(cfg: DemoConfig) -> dict:
     if cfg.teacher_images == 0:
         return {"done": 0, "skipped": 0, "mean_loss": None}
-    from .targets import generate_targets
+    from .teacher_masks.generate import generate_targets
 
     summary = generate_targets(
         cfg.train_dir,
@@ -325,7 +325,7 @@ def stage_evaluate(cfg: DemoConfig):
     from .evaluation.methods import MethodContext
     from .evaluation.report import write_report
     from .evaluation.runner import Evaluation, EvaluationConfig
-    from .images import read_labels
+    from .images import read_class_names
 
     classifier = load_classifier(cfg.classifier_spec)
     config = EvaluationConfig(
@@ -347,7 +347,7 @@ def stage_evaluate(cfg: DemoConfig):
         checkpoint=str(cfg.explainer_checkpoint),
         refine_steps=cfg.refine_steps,
     )
-    labels = read_labels(cfg.test_dir / "class_names.txt")
+    labels = read_class_names(cfg.test_dir / "class_names.txt")
     evaluation = Evaluation(
         classifier, cfg.test_dir, cfg.evaluation_dir, config, context, class_names=labels, command="cartoonx demo"
     )

@@ -12,33 +12,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from .errors import InputError
 from .io import atomic_write
 from .rde import RDEObjective, RDEProblem, make_generators, rde_loss, target_prob
+from .seeding import Stream, stream_seeds
 from .wavelets import Coefficients, grey
-
-#: Seed streams: the optimizer's noise and the final measurement's noise are independent draws.
-OPTIMIZE_STREAM = 0
-MEASURE_STREAM = 1
-
-
-def stream_seeds(seeds: Sequence[int], stream: int) -> list[int]:
-    """Derive independent per-image seeds for one use (``stream``) from the user's per-image seeds."""
-    return [int(np.random.SeedSequence([int(s), stream]).generate_state(1)[0]) for s in seeds]
-
-
-def image_seeds(num_images: int, seed: int, seeds: Sequence[int] | None = None) -> list[int]:
-    """Per-image seeds: ``seeds`` if given, else ``seed, seed + 1, ...``."""
-    if seeds is None:
-        return [seed + i for i in range(num_images)]
-    seeds = [int(s) for s in seeds]
-    if len(seeds) != num_images:
-        raise InputError(f"got {len(seeds)} seeds for {num_images} images")
-    return seeds
 
 
 @dataclass
@@ -220,7 +201,7 @@ def measure_mask(
     Returns: ``distortion``, ``mask_mean``, ``loss``, ``prob_original``, ``prob_masked``, ``prob_obfuscated``
     (each ``(N,)``) and ``image`` ``(N, 1, H, W)``.
     """
-    generators = make_generators(stream_seeds(seeds, MEASURE_STREAM), problem.images.device)
+    generators = make_generators(stream_seeds(seeds, Stream.MEASURE), problem.images.device)
     noise = objective.sample_noise(problem, num_samples, generators)
     logits_y = objective.obfuscated_logits(problem, mask, noise)  # (N, L, K)
     loss = rde_loss(objective.distortion_fn(problem.logits, logits_y, problem.target), mask, objective.l1_lambda)

@@ -97,7 +97,7 @@ def list_images(folder: str | Path) -> list[Path]:
     return files
 
 
-def read_labels(path: str | Path | None) -> list[str] | None:
+def read_class_names(path: str | Path | None) -> list[str] | None:
     """Class names, one per line (line i = class i), or None."""
     if path is None:
         return None

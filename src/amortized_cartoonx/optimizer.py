@@ -27,16 +27,10 @@ from tqdm.auto import tqdm
 
 from .classifiers import frozen
 from .errors import ConfigError
-from .explanation import (
-    OPTIMIZE_STREAM,
-    Explanation,
-    LossHistory,
-    as_mask,
-    image_seeds,
-    measure_mask,
-    stream_seeds,
-)
+from .explanation import Explanation, LossHistory, as_mask, measure_mask
 from .rde import DEFAULT_LAMBDA, DISTORTIONS, OBFUSCATIONS, RDEObjective, RDEProblem, make_generators
+from .runtime import synchronize
+from .seeding import Stream, image_seeds, stream_seeds
 from .wavelets import (
     DEFAULT_LEVELS,
     DEFAULT_MODE,
@@ -189,7 +183,7 @@ class RDEOptimizer:
         cfg = self.config
         device = problem.images.device
         num_images = problem.images.shape[0]
-        generators = make_generators(stream_seeds(seeds, OPTIMIZE_STREAM), device)
+        generators = make_generators(stream_seeds(seeds, Stream.OPTIMIZE), device)
         params = [b.requires_grad_(True) for b in mask.bands]  # (N, 1, ...) leaves
         mask = mask.with_bands(params)
         adam = torch.optim.Adam(params, lr=cfg.lr)
@@ -246,12 +240,6 @@ class RDEOptimizer:
                     history[:, last:, n] = history[:, last - 1 : last, n]
         final = mask.detach().map(lambda b: b.clone())
         return final, LossHistory(*history), steps_run
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work (so wall-clock timings are honest on a GPU); nothing on a CPU."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class CartoonX(RDEOptimizer):

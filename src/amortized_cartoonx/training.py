@@ -1,6 +1,6 @@
 """Training the amortized explainer with PyTorch Lightning: the LightningModule and the LightningDataModule.
 
-The module trains a :class:`~amortized_cartoonx.explainer.MaskPredictor` against a frozen classifier with
+The module trains a :class:`~amortized_cartoonx.mask_predictor.MaskPredictor` against a frozen classifier with
 exactly the exact optimizer's objective, :class:`~amortized_cartoonx.rde.RDEObjective` (same obfuscation,
 distortion and lambda, the same code), averaged over the batch::
 
@@ -13,7 +13,7 @@ image id), so a run is reproducible and a validation image always sees the same 
 
 The data module reads an image folder (optional ``labels.csv``), joins teacher masks by image id and splits the
 folder deterministically into train / validation / test (held out: never trained on, never used to pick the
-checkpoint) with :func:`~amortized_cartoonx.amortized.split_train_val_test`.
+checkpoint) with :func:`~amortized_cartoonx.data.split_train_val_test`.
 
 Checkpoints hold only the explainer's weights (the classifier is reloaded from its spec) and a plain
 ``checkpoint["cartoonx"]`` dict with every setting the explainer depends on (see :func:`checkpoint_metadata`);
@@ -26,7 +26,6 @@ Shapes: N images per batch, L noise samples, K mask entries per image.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import math
 import os
@@ -42,13 +41,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .amortized import CHECKPOINT_FORMAT, classifier_identity, mask_agreement, same_classifier, split_train_val_test
-from .classifiers import load_classifier
-from .data import ImageFolder
+from .checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KIND, META_KEY, NETWORK_KEY, STATE_PREFIX
+from .classifiers import classifier_identity, load_classifier, same_classifier
+from .data import ImageFolder, split_train_val_test
 from .errors import ConfigError, InputError
-from .explainer import MaskPredictor, MaskPredictorConfig, describe_size
+from .evaluation.agreement import mask_agreement
+from .mask_predictor import MaskPredictor, MaskPredictorConfig, describe_size
 from .rde import DISTORTIONS, OBFUSCATIONS, RDEObjective, make_generators
-from .teachers import TeacherStore
+from .seeding import Stream, step_seeds
+from .teacher_masks.store import TeacherMaskStore
 from .wavelets import Coefficients, WaveletRepresentation, grey
 
 logger = logging.getLogger(__name__)
@@ -59,17 +60,12 @@ DISTILL_LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "l1": lambda logits, teacher: (logits.sigmoid() - teacher).abs().mean(1),
 }
 TARGET_SOURCES = ("auto", "predicted", "label")
-_STREAMS = {"train": 0, "val": 1, "test": 2}
-
-
-def id_seed(image_id: str) -> int:
-    """A stable 64-bit integer for an image id (independent of the folder order and the split)."""
-    return int.from_bytes(hashlib.sha256(image_id.encode()).digest()[:8], "big")
+_NOISE_STREAMS = {"train": Stream.TRAIN_NOISE, "val": Stream.VAL_NOISE, "test": Stream.TEST_NOISE}
 
 
 def noise_seeds(base: int, stage: str, step: int, ids: list[str]) -> list[int]:
     """Per-image noise seeds for one batch: a function of (base seed, stage, step, image id) only."""
-    return [int(np.random.SeedSequence([base, _STREAMS[stage], step, id_seed(i)]).generate_state(1)[0]) for i in ids]
+    return step_seeds(base, _NOISE_STREAMS[stage], step, ids)
 
 
 def l1_ramp(step: int, warmup: int) -> float:
@@ -166,7 +162,7 @@ class AmortizedCartoonXModule(pl.LightningModule):
             num_classes = int(self.classifier(probe).shape[-1])
             self.mask_length = self.representation.encode(probe).numel_per_channel()
         self.levels_used = self.representation.levels_for(image_size, image_size)
-        self.explainer = MaskPredictor(
+        self.mask_predictor = MaskPredictor(
             MaskPredictorConfig(
                 num_classes=num_classes,
                 wave=wave,
@@ -182,7 +178,7 @@ class AmortizedCartoonXModule(pl.LightningModule):
         self.classifier_identity = classifier_identity(classifier)
         logger.info(
             "mask predictor: %s, %d mask entries per %dpx image",
-            describe_size(self.explainer),
+            describe_size(self.mask_predictor),
             self.mask_length,
             image_size,
         )
@@ -190,7 +186,7 @@ class AmortizedCartoonXModule(pl.LightningModule):
     # ---- the shared step ---------------------------------------------------------------------------------
     def forward(self, images: Tensor, target: Tensor) -> Coefficients:
         """The predicted mask in [0, 1] for ``images: (N, 3, H, W)`` and ``target: (N,)``."""
-        return self.explainer.mask(images, target)
+        return self.mask_predictor.mask(images, target)
 
     def _targets(self, batch: dict, predicted: Tensor) -> Tensor:
         """``(N,)``: the batch's given target where it has one (teacher or label), else the prediction."""
@@ -198,8 +194,10 @@ class AmortizedCartoonXModule(pl.LightningModule):
         if given is None:
             return predicted
         given = given.to(predicted.device)
-        if bool((given >= predicted.new_tensor(self.explainer.config.num_classes)).any()):
-            raise InputError(f"a target class is out of range for a {self.explainer.config.num_classes}-class model")
+        if bool((given >= predicted.new_tensor(self.mask_predictor.config.num_classes)).any()):
+            raise InputError(
+                f"a target class is out of range for a {self.mask_predictor.config.num_classes}-class model"
+            )
         return torch.where(given >= 0, given, predicted)
 
     def step(self, batch: dict, stage: str) -> tuple[Tensor, Coefficients, Tensor]:
@@ -211,8 +209,8 @@ class AmortizedCartoonXModule(pl.LightningModule):
         target = self._targets(batch, problem.target)
         problem = dataclasses.replace(problem, target=target)
 
-        logits = self.explainer(images, target)  # mask logits, bands (N, 1, ...)
-        mask = self.explainer.mask_from_logits(logits)
+        logits = self.mask_predictor(images, target)  # mask logits, bands (N, 1, ...)
+        mask = self.mask_predictor.mask_from_logits(logits)
         step = self.global_step if stage == "train" else 0
         generators = make_generators(noise_seeds(hp.noise_seed, stage, step, list(batch["id"])), images.device)
         samples = hp.num_samples if stage == "train" else (hp.val_samples or hp.num_samples)
@@ -298,8 +296,8 @@ class AmortizedCartoonXModule(pl.LightningModule):
     # ---- optimisation ------------------------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
-        decay = [p for p in self.explainer.parameters() if p.ndim >= 2]
-        no_decay = [p for p in self.explainer.parameters() if p.ndim < 2]
+        decay = [p for p in self.mask_predictor.parameters() if p.ndim >= 2]
+        no_decay = [p for p in self.mask_predictor.parameters() if p.ndim < 2]
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=hp.lr,
@@ -322,7 +320,7 @@ class AmortizedCartoonXModule(pl.LightningModule):
         hp = self.hparams
         return {
             "format_version": CHECKPOINT_FORMAT,
-            "kind": "amortized-cartoonx",
+            "kind": CHECKPOINT_KIND,
             **self.classifier_identity,
             "normalize": "none" if self.classifier.normalization is None else "imagenet",
             "image_size": int(hp.image_size),
@@ -337,22 +335,22 @@ class AmortizedCartoonXModule(pl.LightningModule):
             "obfuscation": hp.obfuscation,
             "num_samples": int(hp.num_samples),
             "distill_weight": float(hp.distill_weight),
-            "explainer": self.explainer.settings(),
+            NETWORK_KEY: self.mask_predictor.settings(),
         }
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep only the explainer's weights and add the plain ``cartoonx`` settings dict."""
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("explainer.")}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith(STATE_PREFIX)}
         meta = self.settings()
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if isinstance(datamodule, ExplainerDataModule):
             meta["data"] = datamodule.split_settings()
         meta["saved"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        checkpoint["cartoonx"] = meta
+        checkpoint[META_KEY] = meta
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Resume: put the (not saved) classifier and representation state back so the strict load succeeds."""
-        own = {k: v for k, v in self.state_dict().items() if not k.startswith("explainer.")}
+        own = {k: v for k, v in self.state_dict().items() if not k.startswith(STATE_PREFIX)}
         checkpoint["state_dict"] = {**own, **checkpoint["state_dict"]}
 
 
@@ -398,7 +396,7 @@ class TrainingImages(Dataset):
             or ``label`` (from ``labels.csv``; an image without a label is an error).
     """
 
-    def __init__(self, folder: ImageFolder, teachers: TeacherStore | None, target_source: str = "auto") -> None:
+    def __init__(self, folder: ImageFolder, teachers: TeacherMaskStore | None, target_source: str = "auto") -> None:
         if target_source not in TARGET_SOURCES:
             raise ConfigError(f"unknown target_source {target_source!r}; choose from: {', '.join(TARGET_SOURCES)}")
         self.folder = folder
@@ -467,7 +465,7 @@ class ExplainerDataModule(pl.LightningDataModule):
             raise ConfigError(f"unknown target_source {target_source!r}; choose from: {', '.join(TARGET_SOURCES)}")
         if batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
-        self.teacher_store = TeacherStore(teachers) if teachers else None
+        self.teacher_store = TeacherMaskStore(teachers) if teachers else None
         self.splits: dict[str, list[str]] | None = None
         self.datasets: dict[str, TrainingImages] = {}
 

@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     from amortized_cartoonx.evaluation.methods import BaselineConfig, MethodContext, method_names
     from amortized_cartoonx.evaluation.report import write_report
     from amortized_cartoonx.evaluation.runner import Evaluation, EvaluationConfig
-    from amortized_cartoonx.images import list_images, read_labels
+    from amortized_cartoonx.images import list_images, read_class_names
 
     from .common import optimizer_config, resolve_device
 
@@ -173,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
         cache=not args.no_cache,
     ).validate()
     list_images(args.images)  # a missing or empty folder fails before the classifier loads
-    labels = read_labels(args.labels)
+    labels = read_class_names(args.labels)
     optimizer = optimizer_config(args)
     baselines = BaselineConfig(
         ig_steps=args.ig_steps, smoothgrad_samples=args.smoothgrad_samples, smoothgrad_std=args.smoothgrad_std

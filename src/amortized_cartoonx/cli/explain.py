@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
 
     from amortized_cartoonx.classifiers import load_classifier
     from amortized_cartoonx.errors import ConfigError
-    from amortized_cartoonx.images import load_images, read_labels
+    from amortized_cartoonx.images import load_images, read_class_names
     from amortized_cartoonx.io import atomic_write_text
     from amortized_cartoonx.plotting import explanation_figure, save_figure
 
@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     paths = [Path(p) for p in args.images]
     images = load_images(paths, args.size)  # fails on a bad file before any work
     targets = parse_targets(args.target, len(paths))
-    labels = read_labels(args.labels)
+    labels = read_class_names(args.labels)
     device = resolve_device(args.device)
     classifier = load_classifier(args.classifier, normalize=args.normalize, device=device)
     explainer = build_explainer(args, classifier, device)

@@ -9,7 +9,7 @@ Runs the exact CartoonX optimizer over every image of DIR (files sorted by name;
 The output folder holds ``manifest.json`` (classifier, normalisation, size, wavelet and J, mask length,
 every optimizer setting) and ``shard-<run-id>-r<rank>-<batch>.safetensors`` files of float16 masks, written
 atomically. A killed run resumes where it stopped (run the same command again); a run with other settings
-into the same folder is refused. Read the masks with ``amortized_cartoonx.teachers.TeacherStore``.
+into the same folder is refused. Read the masks with ``amortized_cartoonx.teacher_masks.store.TeacherMaskStore``.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from amortized_cartoonx.targets import generate_targets
+    from amortized_cartoonx.teacher_masks.generate import generate_targets
 
     from .common import optimizer_config
 

@@ -65,7 +65,7 @@ _ACCELERATORS = {"cpu": "cpu", "cuda": "gpu", "mps": "mps"}
 
 def run(args: argparse.Namespace) -> int:
     from amortized_cartoonx.errors import ConfigError
-    from amortized_cartoonx.synthetic.training import TrainConfig, train_synthetic_classifier
+    from amortized_cartoonx.synthetic.classifier_training import TrainConfig, train_synthetic_classifier
 
     from .common import resolve_device
 

@@ -28,16 +28,14 @@ import torch
 from torch import Tensor, nn
 
 from ..classifiers import frozen
-from ..explanation import stream_seeds
-from ..optimizer import synchronize
 from ..rde import make_generators
+from ..runtime import synchronize
+from ..seeding import Stream, stream_seeds
 from ..wavelets import PixelRepresentation, Representation
 from .methods import ATTRIBUTION, MASK, METHODS, Attribution, EvaluationMethod, MethodContext, MethodUnavailable
 from .methods import explained_target as _explained_target
 
 #: Seed streams of the baselines (the core uses 0 and 1; the evaluation's noise uses 10 and 11).
-SMOOTHGRAD_STREAM = 20
-RANDOM_ORDER_STREAM = 21
 
 
 def _scripted(model: nn.Module) -> bool:
@@ -113,7 +111,7 @@ class SmoothGradMethod(GradientMethod):
         from captum.attr import Saliency
 
         num_images = inputs.shape[0]
-        gens = make_generators(stream_seeds(seeds, SMOOTHGRAD_STREAM), inputs.device)
+        gens = make_generators(stream_seeds(seeds, Stream.SMOOTHGRAD), inputs.device)
         noise = torch.stack(
             [
                 torch.randn(self.samples, *inputs.shape[1:], generator=g, device=inputs.device, dtype=inputs.dtype)
@@ -200,7 +198,7 @@ class RandomOrdering(EvaluationMethod):
         target = _explained_target(self.classifier, images, target)
         num_positions = self.representation.encode(images[:1]).numel_per_channel()
         scores = []
-        for seed in stream_seeds(seeds, RANDOM_ORDER_STREAM):  # on the CPU: the same on every device
+        for seed in stream_seeds(seeds, Stream.RANDOM_ORDER):  # on the CPU: the same on every device
             gen = torch.Generator().manual_seed(int(seed))
             scores.append(torch.rand(num_positions, generator=gen))
         relevance = torch.stack(scores).to(images.device)

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from torch import Tensor
 
-logger = logging.getLogger(__name__)
+from ..ground_truth import GROUND_TRUTH_FILE
 
-GROUND_TRUTH_FILE = "ground_truth.safetensors"
+logger = logging.getLogger(__name__)
 
 
 def find_ground_truth(folder: str | Path) -> Path | None:

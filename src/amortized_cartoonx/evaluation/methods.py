@@ -25,8 +25,9 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, InputError
-from ..optimizer import CartoonX, OptimizerConfig, PixelRDE, synchronize
+from ..optimizer import CartoonX, OptimizerConfig, PixelRDE
 from ..registry import Registry
+from ..runtime import synchronize
 from ..wavelets import Representation, WaveletRepresentation
 
 #: ``mask``: the relevance is a mask in [0, 1] over the representation; ``attribution``: a pixel heat map.

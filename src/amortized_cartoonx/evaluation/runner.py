@@ -17,7 +17,6 @@ Every image's randomness derives from its own seed, a hash of the global seed an
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -32,10 +31,10 @@ from tqdm.auto import tqdm
 
 from ..classifiers import frozen, is_file_spec
 from ..errors import ConfigError, InputError
-from ..explanation import stream_seeds
 from ..images import list_images, load_images
 from ..io import file_sha256
 from ..rde import DISTORTIONS, OBFUSCATIONS, RDEObjective, make_generators
+from ..seeding import Stream, item_seed, stream_seeds
 from .cache import ResultCache, as_scalar_tensors, settings_hash
 from .curves import CURVES, area, rate_distortion_curves, rate_grid
 from .lambdas import LAMBDA_METHODS, lambda_optimizer, lambda_points
@@ -46,8 +45,6 @@ from .names import DEFAULT_LAMBDAS, DEFAULT_METHODS
 logger = logging.getLogger(__name__)
 
 #: Seed streams of the evaluation (the core uses 0 and 1, the baselines 20 and 21).
-EVAL_NOISE_STREAM = 10
-TIE_STREAM = 11
 
 
 @dataclass
@@ -116,12 +113,6 @@ class EvaluationConfig:
             if any(v < 0 for v in grid):
                 raise ConfigError(f"lambdas must be at least 0, got {list(grid)} for {method}")
         return self
-
-
-def image_seed(image_id: str, seed: int) -> int:
-    """The seed of one image: a hash of the global seed and the image's id (file name)."""
-    digest = hashlib.sha256(f"{seed}:{image_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def mean_se(values: Sequence[float]) -> dict[str, float | int]:
@@ -283,7 +274,7 @@ class Evaluation:
         bar = self._bar(len(missing), f"explain {method.name}")
         for batch in self._batches(missing):
             images = self._load(files, batch)
-            seeds = [image_seed(ids[i], self.config.seed) for i in batch]
+            seeds = [item_seed(ids[i], self.config.seed) for i in batch]
             att = method.explain(images, None, seeds=seeds)
             for j, i in enumerate(batch):
                 tensors = {
@@ -314,7 +305,7 @@ class Evaluation:
         )
 
     def _noise(self, objective: RDEObjective, problem, seeds: Sequence[int]):
-        generators = make_generators(stream_seeds(seeds, EVAL_NOISE_STREAM), self.device)
+        generators = make_generators(stream_seeds(seeds, Stream.EVAL_NOISE), self.device)
         return objective.sample_noise(problem, self.config.noise_draws, generators)
 
     def _curves(
@@ -333,12 +324,12 @@ class Evaluation:
         for batch in self._batches(missing):
             images = self._load(files, batch)
             batch_ids = [ids[i] for i in batch]
-            seeds = [image_seed(i, self.config.seed) for i in batch_ids]
+            seeds = [item_seed(i, self.config.seed) for i in batch_ids]
             target = torch.tensor([records[i]["target"] for i in batch_ids], device=self.device)
             problem = objective.prepare(images, target)
             noise = self._noise(objective, problem, seeds)
             relevance = torch.stack([records[i]["relevance"] for i in batch_ids]).to(self.device)
-            tie_generators = [torch.Generator().manual_seed(s) for s in stream_seeds(seeds, TIE_STREAM)]
+            tie_generators = [torch.Generator().manual_seed(s) for s in stream_seeds(seeds, Stream.EVAL_TIES)]
             result = rate_distortion_curves(
                 objective, problem, relevance, noise, rates, tie_generators, self.config.max_batch
             )
@@ -399,7 +390,7 @@ class Evaluation:
                 for batch in self._batches(missing):
                     images = self._load(files, batch)
                     batch_ids = [chosen[i] for i in batch]
-                    seeds = [image_seed(i, cfg.seed) for i in batch_ids]
+                    seeds = [item_seed(i, cfg.seed) for i in batch_ids]
                     target = torch.tensor([records[name][i]["target"] for i in batch_ids], device=self.device)
                     problem = objective.prepare(images, target)
                     noise = self._noise(objective, problem, seeds)

@@ -30,10 +30,8 @@ Shapes:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -42,6 +40,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError
+from ..runtime import single_thread
+from ..seeding import item_seed as _item_seed
 
 #: The classes, in class-index order: the shape of the decisive object.
 CLASS_NAMES: tuple[str, ...] = ("disc", "square", "triangle", "cross", "ring", "star", "crescent", "heart")
@@ -216,9 +216,9 @@ class Scene:
 
 
 def item_seed(split: str, seed: int, index: int) -> int:
-    """The 63-bit seed of item ``index`` in ``split`` with dataset seed ``seed`` (a hash: no two streams meet)."""
-    digest = hashlib.blake2b(f"cartoon:{split}:{seed}:{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") & (2**63 - 1)
+    """The 63-bit seed of item ``index`` in ``split`` with dataset seed ``seed``: the project's one item hash,
+    :func:`~amortized_cartoonx.seeding.item_seed`, of the id ``cartoon:{split}:{index}``."""
+    return _item_seed(f"cartoon:{split}:{index}", seed)
 
 
 def _uniform(gen: torch.Generator, lo: float, hi: float) -> float:
@@ -450,26 +450,6 @@ def render_scene(
 
 
 # --------------------------------------------------------------------------------------------- dataset
-
-
-@contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """Run the block with ``threads`` intra-op torch threads (None: unchanged), restoring the setting afterwards."""
-    before = torch.get_num_threads()
-    if threads is None or threads == before:
-        yield
-        return
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def single_thread() -> AbstractContextManager[None]:
-    """Run tiny-tensor work (rendering) on one thread: rendering a scene is many small tensor operations, where
-    torch's intra-op threads only add overhead (several times slower on a busy 2-core machine)."""
-    return torch_threads(1)
 
 
 class SyntheticCartoons(Dataset):

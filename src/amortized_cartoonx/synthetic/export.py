@@ -25,7 +25,8 @@ from PIL import Image
 from ..errors import ConfigError
 from ..ground_truth import DISTRACTOR_PREFIX, GROUND_TRUTH_FILE, OBJECT_PREFIX
 from ..io import atomic_write, atomic_write_text
-from .dataset import HELD_OUT_SEED, CartoonConfig, SyntheticCartoons, single_thread
+from ..runtime import single_thread
+from .dataset import HELD_OUT_SEED, CartoonConfig, SyntheticCartoons
 
 log = logging.getLogger(__name__)
 

@@ -23,10 +23,10 @@ from amortized_cartoonx.classifiers import load_classifier  # noqa: E402
 from amortized_cartoonx.errors import ConfigError, InputError  # noqa: E402
 from amortized_cartoonx.images import load_images  # noqa: E402
 from amortized_cartoonx.optimizer import CartoonX  # noqa: E402
-from amortized_cartoonx.teachers import TeacherStore  # noqa: E402
+from amortized_cartoonx.teacher_masks.store import TeacherMaskStore  # noqa: E402
 
 pl = pytest.importorskip("pytorch_lightning")
-from amortized_cartoonx.targets import TeacherBatch, TeacherWriter, build_manifest, generate_targets  # noqa: E402
+from amortized_cartoonx.teacher_masks.generate import TeacherBatch, TeacherWriter, build_manifest, generate_targets  # noqa: E402
 
 SPEC = "conftest:make_tiny_cnn"  # a package.module:callable spec: a seeded tiny CNN
 SIZE = 32  # db3 allows J = 4 at 32 px: the manifest must record the capped J
@@ -55,7 +55,7 @@ def shard_ids(folder: Path) -> list[str]:
     return ids
 
 
-def stored_masks(store: TeacherStore, ids: list[str]) -> torch.Tensor:
+def stored_masks(store: TeacherMaskStore, ids: list[str]) -> torch.Tensor:
     return torch.stack([store.get(i).mask for i in ids])
 
 
@@ -71,7 +71,7 @@ def reference(tmp_path_factory) -> tuple[Path, Path]:
 
 def test_one_record_per_image_with_manifest(reference):
     images, folder = reference
-    store = TeacherStore(folder)
+    store = TeacherMaskStore(folder)
     names = sorted(p.name for p in images.iterdir())
     assert sorted(store.ids()) == names
     assert len(shard_ids(folder)) == NUM_IMAGES  # no duplicate anywhere
@@ -104,7 +104,7 @@ def test_one_record_per_image_with_manifest(reference):
 
 def test_masks_equal_the_optimizer_run_directly(reference):
     images, folder = reference
-    store = TeacherStore(folder)
+    store = TeacherMaskStore(folder)
     paths = sorted(images.iterdir())
     x = load_images(paths, SIZE)
     direct = CartoonX(load_classifier(SPEC), steps=8, num_samples=4, lr=0.05).explain(x, seeds=list(range(NUM_IMAGES)))
@@ -127,7 +127,7 @@ def test_resume_after_interrupted_run(reference, tmp_path):
     out = tmp_path / "store"
     with pytest.raises(RuntimeError, match="simulated kill"):
         generate_targets(images, out, SPEC, **SETTINGS, **RUN, callbacks=[StopAfterFirstBatch()])
-    assert len(TeacherStore(out)) == RUN["batch_size"]
+    assert len(TeacherMaskStore(out)) == RUN["batch_size"]
     (out / ".shard-leftover.1234.safetensors.tmp").write_bytes(b"half a shard")  # a write killed midway
 
     summary = generate_targets(images, out, SPEC, **SETTINGS, **{**RUN, "batch_size": 1})
@@ -137,24 +137,24 @@ def test_resume_after_interrupted_run(reference, tmp_path):
     assert not list(out.glob("*.tmp"))
     # seeds follow the folder index, not the run: the resumed masks equal the one-run masks
     names = sorted(ids)
-    torch.testing.assert_close(stored_masks(TeacherStore(out), names), stored_masks(TeacherStore(full), names))
+    torch.testing.assert_close(stored_masks(TeacherMaskStore(out), names), stored_masks(TeacherMaskStore(full), names))
 
 
 def test_lost_shard_is_recomputed_and_a_finished_folder_is_left_alone(reference, tmp_path):
     images, full = reference
     out = tmp_path / "store"
     shutil.copytree(full, out)
-    first = TeacherStore(out).shards()[0]
+    first = TeacherMaskStore(out).shards()[0]
     lost = shard_ids(out)[: RUN["batch_size"]]
     first.unlink()
     summary = generate_targets(images, out, SPEC, **SETTINGS, **RUN)
     assert (summary.done, summary.skipped) == (len(lost), NUM_IMAGES - len(lost))
     assert sorted(shard_ids(out)) == sorted(p.name for p in images.iterdir())
 
-    shards = {p.name: p.stat().st_mtime_ns for p in TeacherStore(out).shards()}
+    shards = {p.name: p.stat().st_mtime_ns for p in TeacherMaskStore(out).shards()}
     again = generate_targets(images, out, SPEC, **SETTINGS, **RUN)
     assert (again.done, again.skipped, again.mean_loss) == (0, NUM_IMAGES, None)
-    assert {p.name: p.stat().st_mtime_ns for p in TeacherStore(out).shards()} == shards
+    assert {p.name: p.stat().st_mtime_ns for p in TeacherMaskStore(out).shards()} == shards
 
 
 def test_limit_takes_the_first_images_and_the_rest_follows_later(reference, tmp_path):
@@ -162,11 +162,11 @@ def test_limit_takes_the_first_images_and_the_rest_follows_later(reference, tmp_
     out = tmp_path / "store"
     names = sorted(p.name for p in images.iterdir())
     first = generate_targets(images, out, SPEC, **SETTINGS, **RUN, limit=2)
-    assert (first.done, first.total) == (2, 2) and sorted(TeacherStore(out).ids()) == names[:2]
+    assert (first.done, first.total) == (2, 2) and sorted(TeacherMaskStore(out).ids()) == names[:2]
     rest = generate_targets(images, out, SPEC, **SETTINGS, **RUN)
     assert (rest.done, rest.skipped) == (NUM_IMAGES - 2, 2)
     # image k keeps seed k with or without a limit: the masks are the one-run masks
-    torch.testing.assert_close(stored_masks(TeacherStore(out), names), stored_masks(TeacherStore(full), names))
+    torch.testing.assert_close(stored_masks(TeacherMaskStore(out), names), stored_masks(TeacherMaskStore(full), names))
     with pytest.raises(ConfigError, match="limit"):
         generate_targets(images, out, SPEC, **SETTINGS, **RUN, limit=0)
 
@@ -187,10 +187,10 @@ def test_writer_drops_ids_already_written(reference, tmp_path):
     """Duplicated ids (as a padding sampler would give) and ids stored before the run are never written twice."""
     _, full = reference
     out = tmp_path / "store"
-    TeacherStore.create(out, dict(TeacherStore(full).manifest))
-    src = TeacherStore(full)
+    TeacherMaskStore.create(out, dict(TeacherMaskStore(full).manifest))
+    src = TeacherMaskStore(full)
     ids = sorted(src.ids())
-    src_store = TeacherStore(out)
+    src_store = TeacherMaskStore(out)
     record = src.get(ids[0])
     src_store.write_shard("before", [ids[0]], record.mask[None], torch.tensor([0]), *torch.zeros(3, 1))
 
@@ -217,7 +217,7 @@ def test_writer_drops_ids_already_written(reference, tmp_path):
 
 def test_manifest_rejects_too_small_images(reference):
     classifier = load_classifier(SPEC)
-    from amortized_cartoonx.targets import TargetSettings
+    from amortized_cartoonx.teacher_masks.generate import TargetSettings
 
     settings = TargetSettings(SPEC, size=4)
     with pytest.raises(InputError, match="too small"):
@@ -233,7 +233,7 @@ def test_cli_end_to_end_and_errors(reference, tmp_path, capsys):
     args += ["--steps", "3", "--samples", "2", "--batch-size", "3", "--accelerator", "cpu", "--no-progress"]
     assert main(args) == 0
     assert f"{NUM_IMAGES} done, 0 skipped" in capsys.readouterr().out
-    assert len(TeacherStore(out)) == NUM_IMAGES
+    assert len(TeacherMaskStore(out)) == NUM_IMAGES
 
     def error(argv: list[str]) -> str:
         assert main(argv) == 2
@@ -268,5 +268,5 @@ def test_ddp_on_cpu_writes_every_image_once(reference, tmp_path):
     assert sorted(ids) == sorted(p.name for p in images.iterdir())
     assert {p.name.split("-r")[1][0] for p in out.glob("shard-*")} == {"0", "1"}
     torch.testing.assert_close(
-        stored_masks(TeacherStore(out), sorted(ids)), stored_masks(TeacherStore(full), sorted(ids))
+        stored_masks(TeacherMaskStore(out), sorted(ids)), stored_masks(TeacherMaskStore(full), sorted(ids))
     )

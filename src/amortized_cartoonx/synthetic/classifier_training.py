@@ -2,7 +2,7 @@
 
 Python API (the CLI ``cartoonx train-classifier`` and the demo call it)::
 
-    from amortized_cartoonx.synthetic.training import TrainConfig, ensure_synthetic_classifier
+    from amortized_cartoonx.synthetic.classifier_training import TrainConfig, ensure_synthetic_classifier
     result = ensure_synthetic_classifier("checkpoints/synthetic", TrainConfig())   # trains only when missing
     result.accuracy, result.reused, result.weights
 
@@ -28,8 +28,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ConfigError
+from ..runtime import single_thread, torch_threads
 from .classifier import CartoonCNN, CNNConfig, read_metadata, resolve_paths, save_synthetic_classifier
-from .dataset import HELD_OUT_SEED, CartoonConfig, SyntheticCartoons, single_thread, torch_threads
+from .dataset import HELD_OUT_SEED, CartoonConfig, SyntheticCartoons
 
 log = logging.getLogger(__name__)
 

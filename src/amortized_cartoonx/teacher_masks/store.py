@@ -25,8 +25,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .errors import ConfigError, InputError
-from .io import atomic_write, atomic_write_text
+from ..errors import ConfigError, InputError
+from ..io import atomic_write, atomic_write_text
 
 MANIFEST = "manifest.json"
 SHARD_GLOB = "shard-*.safetensors"
@@ -57,7 +57,7 @@ def manifest_differences(old: dict, new: dict) -> list[str]:
     return sorted(k for k in keys if old.get(k) != new.get(k))
 
 
-class TeacherStore:
+class TeacherMaskStore:
     """A folder of teacher-mask shards.
 
     Args:
@@ -73,7 +73,7 @@ class TeacherStore:
         self._index: dict[str, tuple[Path, int]] | None = None
 
     @classmethod
-    def create(cls, folder: str | Path, manifest: dict) -> TeacherStore:
+    def create(cls, folder: str | Path, manifest: dict) -> TeacherMaskStore:
         """Open ``folder`` for writing with ``manifest``; refuse a folder made with other settings."""
         folder = Path(folder)
         path = folder / MANIFEST

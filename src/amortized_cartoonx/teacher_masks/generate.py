@@ -2,9 +2,9 @@
 
 The same call runs on the CPU, one GPU or many (DDP), because Lightning places the work and a
 :class:`~pytorch_lightning.callbacks.BasePredictionWriter` writes each batch's masks as one shard of a
-:class:`~amortized_cartoonx.teachers.TeacherStore` as soon as the batch is done::
+:class:`~amortized_cartoonx.teacher_masks.store.TeacherMaskStore` as soon as the batch is done::
 
-    from amortized_cartoonx.targets import generate_targets
+    from amortized_cartoonx.teacher_masks.generate import generate_targets
     summary = generate_targets("photos/", "teachers/", "torchvision:mobilenet_v3_small", steps=300)
     print(summary.line())
 
@@ -18,7 +18,7 @@ How the work is split and made safe to kill:
   to every rank before anything is written, so all ranks agree even when they start at different times.
 - **Sharding across ranks.** Rank r of W takes ``plan[r::W]`` (no sampler padding, so no image is computed twice);
   the writer also drops any id it has already written or that was stored before the run.
-- **Shards.** One per batch, written atomically (temp file + rename) by :meth:`TeacherStore.write_shard`, named
+- **Shards.** One per batch, written atomically (temp file + rename) by :meth:`TeacherMaskStore.write_shard`, named
   ``shard-<run-id>-r<rank>-<batch>.safetensors`` with ``<run-id>`` = ``YYYYmmddTHHMMSS-<6 hex>`` (UTC) and
   ``<batch>`` the rank's batch index on 6 digits. A killed run loses at most the batches in flight.
 
@@ -45,13 +45,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .classifiers import Classifier, load_classifier
-from .data import ImageFolder
-from .errors import ConfigError, InputError
-from .images import list_images
-from .optimizer import CartoonX, OptimizerConfig
-from .teachers import TeacherStore
-from .wavelets import DEFAULT_LEVELS, DEFAULT_MODE, DEFAULT_WAVE
+from ..classifiers import Classifier, load_classifier
+from ..data import ImageFolder
+from ..errors import ConfigError, InputError
+from ..images import list_images
+from ..optimizer import CartoonX, OptimizerConfig
+from ..wavelets import DEFAULT_LEVELS, DEFAULT_MODE, DEFAULT_WAVE
+from .store import TeacherMaskStore
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def new_run_id() -> str:
     return f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
 
 
-def plan_targets(images: str | Path, store: TeacherStore, seed: int, limit: int | None = None) -> TargetPlan:
+def plan_targets(images: str | Path, store: TeacherMaskStore, seed: int, limit: int | None = None) -> TargetPlan:
     """The images of folder ``images`` (the first ``limit`` by name, if given) not yet in ``store``; image k of
     the folder gets seed ``seed + k`` (so a limit does not change any image's mask)."""
     files = list_images(images)  # InputError when the folder is missing or has no images
@@ -308,7 +308,7 @@ class TeacherWriter(BasePredictionWriter):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if trainer.world_size > 1:
             self.run_id = trainer.strategy.broadcast(self.run_id, src=0)
-        self.store = TeacherStore(self.folder)
+        self.store = TeacherMaskStore(self.folder)
         self.stored_before = set(self.store.ids())
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -458,7 +458,7 @@ def generate_targets(
     optimizer = settings.build_optimizer(loaded)
     settings.config = optimizer.config  # l1_lambda resolved to the method's default
     manifest = build_manifest(settings, optimizer, loaded)
-    store = TeacherStore.create(out, manifest)
+    store = TeacherMaskStore.create(out, manifest)
     settings.levels = manifest["levels"]  # the J used at this size (the cap was already reported)
     del optimizer, loaded
     plan = plan_targets(images, store, config.seed, limit)
@@ -501,7 +501,7 @@ def generate_targets(
     if trainer.global_rank != 0:
         return TargetsSummary(Path(out), plan.total, 0, plan.skipped, seconds, None, rank=trainer.global_rank)
 
-    store = TeacherStore(out)
+    store = TeacherMaskStore(out)
     losses = [store.get(i).loss for i in plan.ids if i in store]
     missing = len(plan.ids) - len(losses)
     if missing:

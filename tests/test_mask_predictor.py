@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from amortized_cartoonx.errors import ConfigError, InputError
-from amortized_cartoonx.explainer import (
+from amortized_cartoonx.mask_predictor import (
     MaskPredictor,
     MaskPredictorConfig,
     align_to_band,

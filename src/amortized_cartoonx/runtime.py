@@ -1,0 +1,34 @@
+"""Small helpers about where and how torch runs: device synchronisation and intra-op thread counts."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+
+import torch
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (so wall-clock timings are honest on a GPU); nothing on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``threads`` intra-op torch threads (None: unchanged), restoring the setting afterwards."""
+    before = torch.get_num_threads()
+    if threads is None or threads == before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def single_thread() -> AbstractContextManager[None]:
+    """Run tiny-tensor work (e.g. rendering a synthetic scene: many small tensor operations) on one thread,
+    where torch's intra-op threads only add overhead."""
+    return torch_threads(1)
