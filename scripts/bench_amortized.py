@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chunk-size", type=int, default=None, help="noise samples per forward pass (memory)")
     p.add_argument("--smooth", type=int, default=25, help="moving-average window for the step counts (default 25)")
     p.add_argument("--seed", type=int, default=0, help="image k is seeded seed + k")
-    p.add_argument("--classifier", default=None, help="classifier spec (default: the checkpoint's)")
+    p.add_argument("--classifier", required=True, help="the classifier the checkpoint explains (spec or file)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", default=None, help="write every number to this JSON file")
     return p.parse_args(argv)
@@ -148,11 +148,9 @@ def run(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     refine = sorted({int(k) for k in args.refine.split(",") if k.strip()})
-    amortized = AmortizedExplainer.from_checkpoint(args.checkpoint, device=device)
-    if args.classifier:
-        amortized.check_compatible(args.classifier)
-    amortized.measure_samples = args.measure_samples
-    amortized.seed = args.seed
+    amortized = AmortizedExplainer.from_checkpoint(
+        args.checkpoint, args.classifier, device=device, measure_samples=args.measure_samples, seed=args.seed
+    )
     meta = amortized.meta
     files, split = select_images(args, amortized)
     images_all = load_images(files, meta["image_size"])

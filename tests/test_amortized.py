@@ -15,6 +15,7 @@ from amortized_cartoonx.classifiers import load_classifier
 from amortized_cartoonx.data import split_train_val_test
 from amortized_cartoonx.errors import ConfigError, InputError
 from amortized_cartoonx.evaluation.agreement import average_ranks, mask_agreement
+from amortized_cartoonx.explainers import check_explainer
 from amortized_cartoonx.explanation import Explanation, load_saved_explanation
 from amortized_cartoonx.optimizer import CartoonX, OptimizerConfig
 
@@ -57,19 +58,18 @@ def test_checkpoint_loads_without_lightning(checkpoint):
     code = (
         "import sys; sys.path.insert(0, sys.argv[2]); import torch\n"
         "from amortized_cartoonx.amortized import AmortizedExplainer\n"
-        "e = AmortizedExplainer.from_checkpoint(sys.argv[1])\n"
+        "e = AmortizedExplainer.from_checkpoint(sys.argv[1], sys.argv[3])\n"
         "e.predict_mask(torch.rand(1, 3, 32, 32))\n"
         "assert 'pytorch_lightning' not in sys.modules and 'lightning' not in sys.modules, 'Lightning imported'\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code, str(checkpoint), str(TESTS)], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", code, str(checkpoint), str(TESTS), SPEC], capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_explain_is_measured_like_the_optimizer(checkpoint, small_images):
-    explainer = AmortizedExplainer.from_checkpoint(checkpoint)
-    explainer.measure_samples = 8
+    explainer = AmortizedExplainer.from_checkpoint(checkpoint, SPEC, measure_samples=8)
     explanation = explainer.explain(small_images, seeds=[5, 6, 7])
     assert isinstance(explanation, Explanation) and explanation.method == "amortized"
     assert explanation.steps.tolist() == [0, 0, 0] and explanation.history is None
@@ -90,14 +90,14 @@ def test_explain_is_measured_like_the_optimizer(checkpoint, small_images):
 
 
 def test_warm_start_with_zero_steps_returns_the_predicted_mask(checkpoint, small_images):
-    amortized = AmortizedExplainer.from_checkpoint(checkpoint)
+    amortized = AmortizedExplainer.from_checkpoint(checkpoint, SPEC)
     predicted = amortized.predict_mask(small_images)
     warm = WarmStartExplainer(amortized, refine_steps=0, config=OptimizerConfig(num_samples=8))
     explanation = warm.explain(small_images, seeds=[1, 2, 3])
     assert explanation.method == "warm" and explanation.steps.tolist() == [0, 0, 0]
     assert torch.equal(explanation.mask.flatten(), predicted.flatten())
-    amortized.measure_samples = 8
-    assert torch.allclose(explanation.loss, amortized.explain(small_images, seeds=[1, 2, 3]).loss)
+    measured = AmortizedExplainer.from_checkpoint(checkpoint, SPEC, measure_samples=8)
+    assert torch.allclose(explanation.loss, measured.explain(small_images, seeds=[1, 2, 3]).loss)
 
     refined = WarmStartExplainer(amortized, refine_steps=3, config=OptimizerConfig(num_samples=4)).explain(
         small_images, seeds=[1, 2, 3]
@@ -108,7 +108,7 @@ def test_warm_start_with_zero_steps_returns_the_predicted_mask(checkpoint, small
 
 
 def test_mismatched_settings_are_refused(checkpoint, small_images):
-    explainer = AmortizedExplainer.from_checkpoint(checkpoint)
+    explainer = AmortizedExplainer.from_checkpoint(checkpoint, SPEC)
     explainer.check_compatible(SPEC, SIZE, "db3", 3, "zero")  # the training settings pass
     with pytest.raises(ConfigError, match=r"image size 48x48 \(trained on 32x32: use --size 32\)"):
         explainer.check_compatible(image_size=48)
@@ -124,18 +124,22 @@ def test_mismatched_settings_are_refused(checkpoint, small_images):
         WarmStartExplainer(explainer, 5, OptimizerConfig(distortion="kl"))
     other = load_classifier("torchvision:squeezenet1_0:none")
     with pytest.raises(ConfigError, match="was trained for classifier"):
-        AmortizedExplainer.from_checkpoint(checkpoint, classifier=other)
+        AmortizedExplainer.from_checkpoint(checkpoint, other)
+    with pytest.raises(ConfigError, match="was trained for classifier"):
+        AmortizedExplainer.from_checkpoint(checkpoint, "torchvision:squeezenet1_0:none")
+    with pytest.raises(ConfigError, match="name the classifier"):
+        AmortizedExplainer.from_checkpoint(checkpoint, None)
 
 
 def test_unreadable_checkpoints_are_refused(tmp_path):
     with pytest.raises(InputError, match="not found"):
-        AmortizedExplainer.from_checkpoint(tmp_path / "missing.ckpt")
+        AmortizedExplainer.from_checkpoint(tmp_path / "missing.ckpt", SPEC)
     torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
-    with pytest.raises(ConfigError, match="not an amortized CartoonX checkpoint"):
-        AmortizedExplainer.from_checkpoint(tmp_path / "other.ckpt")
+    with pytest.raises(InputError, match="not an amortized CartoonX checkpoint"):
+        AmortizedExplainer.from_checkpoint(tmp_path / "other.ckpt", SPEC)
     (tmp_path / "junk.ckpt").write_text("junk")
     with pytest.raises(InputError, match="cannot read checkpoint"):
-        AmortizedExplainer.from_checkpoint(tmp_path / "junk.ckpt")
+        AmortizedExplainer.from_checkpoint(tmp_path / "junk.ckpt", SPEC)
 
 
 def test_cli_explain_amortized_and_warm(checkpoint, small_images, tmp_path, capsys):
@@ -196,3 +200,13 @@ def test_agreement_and_split_helpers():
     assert sorted(split["train"] + split["val"] + split["test"]) == ids
     assert 20 < len(split["test"]) < 60 and 5 < len(split["val"]) < 40
     assert split_train_val_test(ids[:50], 0.1, 0.2, seed=0)["test"] == [i for i in split["test"] if i in ids[:50]]
+
+
+def test_amortized_and_warm_start_are_explainers(checkpoint):
+    amortized = AmortizedExplainer.from_checkpoint(checkpoint, SPEC, seed=3, strict_size=False)
+    warm = WarmStartExplainer(amortized, refine_steps=1)
+    for explainer in (amortized, warm):
+        check_explainer(explainer)
+    assert amortized.seed == 3 and not amortized.strict_size
+    with pytest.raises(ConfigError, match="measure_samples"):
+        AmortizedExplainer.from_checkpoint(checkpoint, SPEC, measure_samples=0)

@@ -108,7 +108,7 @@ def test_fit_lowers_the_loss_saves_and_resumes(image_dir, tmp_path):
     ):
         assert meta[key] == value
     assert meta["data"]["val_fraction"] == 0.1
-    explainer = AmortizedExplainer.from_checkpoint(path)
+    explainer = AmortizedExplainer.from_checkpoint(path, SPEC)
     target = torch.arange(images.shape[0]) % 5
     with torch.no_grad():
         expected = module.mask_predictor.mask(images, target).flatten()

@@ -4,7 +4,7 @@ No Lightning here: a checkpoint written by ``cartoonx fit`` is read with ``torch
 (it holds only tensors and plain values) and the network is rebuilt from the settings it records::
 
     from amortized_cartoonx.amortized import AmortizedExplainer, WarmStartExplainer
-    amortized = AmortizedExplainer.from_checkpoint("checkpoints/run/best.ckpt")   # loads its classifier
+    amortized = AmortizedExplainer.from_checkpoint("checkpoints/run/best.ckpt", "torchvision:mobilenet_v3_small")
     explanation = amortized.explain(images)                  # one forward pass; Explanation, steps = 0
     refined = WarmStartExplainer(amortized, refine_steps=100).explain(images)     # + 100 exact steps
 
@@ -27,20 +27,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .checkpoint import (
-    CHECKPOINT_KIND,
-    LEGACY_NETWORK_KEY,
-    LEGACY_STATE_PREFIX,
-    META_KEY,
-    NETWORK_KEY,
-    READABLE_FORMATS,
-    STATE_PREFIX,
-)
-from .classifiers import Classifier, frozen, is_file_spec, load_classifier, same_classifier, wrap_classifier
+from .checkpoint import build_mask_predictor, read_checkpoint
+from .classifiers import Classifier, frozen, load_classifier, same_classifier, wrap_classifier
 from .data import split_train_val_test
-from .errors import ClassifierError, ConfigError, InputError
+from .errors import ClassifierError, ConfigError
 from .explanation import Explanation, measure_mask
-from .mask_predictor import MaskPredictor, MaskPredictorConfig
+from .mask_predictor import MaskPredictor
 from .optimizer import OptimizerConfig, RDEOptimizer
 from .rde import RDEObjective, check_images, resolve_target
 from .runtime import synchronize
@@ -61,32 +53,43 @@ DEFAULT_MEASURE_SAMPLES = OptimizerConfig().num_samples
 class AmortizedExplainer:
     """CartoonX masks in one forward pass of a trained :class:`~amortized_cartoonx.mask_predictor.MaskPredictor`.
 
-    Build it with :meth:`from_checkpoint`. Attributes: ``network``, ``classifier``, ``representation``,
-    ``objective`` (the RDE objective the network was trained for), ``meta`` (the checkpoint's settings),
-    ``measure_samples`` (noise samples of the final measurement; default 64, the optimizer's L),
-    ``seed`` (image n of a call is seeded ``seed + n`` unless ``seeds`` are given), ``strict_size``
-    (refuse images of another size than the training size; default True).
+    Build it with :meth:`from_checkpoint`. Attributes: ``mask_predictor`` (the network), ``classifier``,
+    ``representation``, ``objective`` (the RDE objective the network was trained for), ``meta`` (the
+    checkpoint's settings) and the options below.
+
+    Args:
+        mask_predictor: the trained network.
+        classifier: the classifier it explains (wrapped: frozen, normalisation inside).
+        meta: the checkpoint's settings (see :mod:`~amortized_cartoonx.checkpoint`).
+        path: the checkpoint file, for messages and ``settings()``.
+        measure_samples: noise samples of the final measurement. Default 64, the exact optimizer's L, so
+            losses compare directly.
+        seed: image ``n`` of a call is seeded ``seed + n`` unless ``seeds`` are given. Default 0.
+        strict_size: refuse images of another size than the training size. Default True.
     """
 
     method = "amortized"
 
     def __init__(
         self,
-        network: MaskPredictor,
+        mask_predictor: MaskPredictor,
         classifier: Classifier,
         meta: dict,
         *,
         path: str | Path | None = None,
         measure_samples: int = DEFAULT_MEASURE_SAMPLES,
         seed: int = 0,
+        strict_size: bool = True,
     ) -> None:
-        self.network = network.eval()
+        if measure_samples < 1:
+            raise ConfigError(f"measure_samples must be at least 1, got {measure_samples}")
+        self.mask_predictor = mask_predictor.eval()
         self.classifier = classifier
         self.meta = dict(meta)
         self.path = None if path is None else str(path)
-        self.measure_samples = measure_samples
-        self.seed = seed
-        self.strict_size = True
+        self.measure_samples = int(measure_samples)
+        self.seed = int(seed)
+        self.strict_size = bool(strict_size)
         self.representation = WaveletRepresentation(meta["wave"], meta["levels"], meta["mode"])
         self.objective = RDEObjective(
             classifier, self.representation, meta["l1_lambda"], meta["obfuscation"], meta["distortion"]
@@ -97,47 +100,41 @@ class AmortizedExplainer:
     def from_checkpoint(
         cls,
         path: str | Path,
-        classifier: Classifier | torch.nn.Module | None = None,
+        classifier: str | Classifier | torch.nn.Module,
+        *,
         device: str | torch.device = "cpu",
+        normalize: str | None = None,
+        **options,
     ) -> AmortizedExplainer:
         """Load a ``cartoonx fit`` checkpoint (``best.ckpt`` / ``last.ckpt``) without Lightning.
 
+        A checkpoint never decides what code runs: the caller names the classifier, and it must be the one the
+        checkpoint was trained for (a file spec is matched by content, SHA-256).
+
         Args:
             path: the checkpoint.
-            classifier: None loads the classifier the checkpoint names (its spec, or the file it recorded);
-                a loaded :class:`Classifier` with another spec is refused; any other module is wrapped as is.
+            classifier: the classifier, as a spec (``torchvision:NAME``, a model file, ``package.module:callable``;
+                loaded here), a loaded :class:`Classifier` (its spec must match the checkpoint's), or any other
+                ``nn.Module`` (wrapped as is; the caller vouches for it).
             device: where to run.
+            normalize: the input normalisation for a spec (default: the checkpoint's).
+            options: ``measure_samples``, ``seed``, ``strict_size`` (see the class).
         """
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(f"checkpoint not found: {path}")
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any reading failure is the user's file
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise InputError(f"cannot read checkpoint {path}: {first}") from None
-        meta = checkpoint.get(META_KEY) if isinstance(checkpoint, dict) else None
-        if not isinstance(meta, dict) or meta.get("kind") != CHECKPOINT_KIND:
-            raise ConfigError(f"{path} is not an amortized CartoonX checkpoint (train one with cartoonx fit)")
-        version = int(meta.get("format_version", 0))
-        if version not in READABLE_FORMATS:
-            raise ConfigError(
-                f"{path} has checkpoint format {meta.get('format_version')}; this version reads "
-                f"{', '.join(map(str, READABLE_FORMATS))}: update amortized-cartoonx"
-            )
-        key, prefix = (NETWORK_KEY, STATE_PREFIX) if version >= 2 else (LEGACY_NETWORK_KEY, LEGACY_STATE_PREFIX)
-        meta = {NETWORK_KEY if k == key else k: v for k, v in meta.items()}
-        network = MaskPredictor(MaskPredictorConfig(**meta[NETWORK_KEY]))
-        state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-        try:
-            network.load_state_dict(state)
-        except RuntimeError as exc:
-            raise ConfigError(
-                f"{path}: the weights do not fit the recorded network ({str(exc).splitlines()[0]})"
-            ) from None
+        loaded = read_checkpoint(path)
+        meta, path = loaded.meta, loaded.path
+        network = build_mask_predictor(loaded)
         device = torch.device(device)
         if classifier is None:
-            classifier = load_classifier(_loadable_spec(meta), normalize=meta["normalize"], device=device)
+            raise ConfigError(
+                f"name the classifier that {path.name} explains (it was trained for {meta['classifier']!r}): "
+                "a checkpoint never decides what code is loaded"
+            )
+        if isinstance(classifier, str):
+            if not same_classifier(classifier, meta):
+                raise ConfigError(
+                    f"checkpoint {path.name} was trained for classifier {meta['classifier']!r}, not {classifier!r}"
+                )
+            classifier = load_classifier(classifier, normalize=normalize or meta["normalize"], device=device)
         elif isinstance(classifier, Classifier):
             if classifier.spec != "<module>" and not same_classifier(classifier.spec, meta):
                 raise ConfigError(
@@ -151,7 +148,7 @@ class AmortizedExplainer:
                 )
         else:
             classifier = wrap_classifier(classifier)
-        return cls(network.to(device), classifier, meta, path=path)
+        return cls(network.to(device), classifier, meta, path=path, **options)
 
     # ---- settings and checks ----------------------------------------------------------------------------------
     def settings(self) -> dict:
@@ -222,7 +219,7 @@ class AmortizedExplainer:
             self.check_compatible(image_size=tuple(images.shape[-2:]))
 
     def _check_logits(self, logits: Tensor) -> None:
-        expected = self.network.config.num_classes
+        expected = self.mask_predictor.config.num_classes
         if logits.shape[-1] != expected:
             raise ClassifierError(
                 f"the classifier has {logits.shape[-1]} classes; the explainer was trained for {expected}"
@@ -242,8 +239,10 @@ class AmortizedExplainer:
                 self._check_logits(logits)
                 target = logits.argmax(1)
             else:
-                target = resolve_target(target, images.new_zeros(images.shape[0], self.network.config.num_classes))
-            return self.network.mask(images, target.to(images.device))
+                target = resolve_target(
+                    target, images.new_zeros(images.shape[0], self.mask_predictor.config.num_classes)
+                )
+            return self.mask_predictor.mask(images, target.to(images.device))
 
     def explain(
         self,
@@ -264,7 +263,7 @@ class AmortizedExplainer:
         with frozen(self.classifier), torch.no_grad():
             problem = self.objective.prepare(images, target)
             self._check_logits(problem.logits)
-            mask = self.network.mask(images, problem.target)
+            mask = self.mask_predictor.mask(images, problem.target)
             seeds = image_seeds(images.shape[0], self.seed, seeds)
             measured = measure_mask(self.objective, problem, mask, seeds, self.measure_samples)
         synchronize(images.device)
@@ -279,16 +278,6 @@ class AmortizedExplainer:
             settings=self.settings(),
             **measured,
         )
-
-
-def _loadable_spec(meta: dict) -> str:
-    """The checkpoint's classifier spec, or the absolute path it recorded when the relative spec is gone."""
-    spec = meta["classifier"]
-    if is_file_spec(spec) and not Path(spec).expanduser().is_file() and meta.get("classifier_path"):
-        recorded = Path(meta["classifier_path"])
-        if recorded.is_file():
-            return str(recorded)
-    return spec
 
 
 class WarmStartExplainer:

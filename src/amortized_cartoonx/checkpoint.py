@@ -8,6 +8,17 @@ distortion, obfuscation, the network's config under :data:`NETWORK_KEY`, the dat
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .errors import ConfigError, InputError
+from .mask_predictor import MaskPredictor, MaskPredictorConfig
+
 #: Version of the ``checkpoint["cartoonx"]`` settings dict. 2: the network is ``mask_predictor`` (was ``explainer``).
 CHECKPOINT_FORMAT = 2
 #: The readers accept these versions (older ones are translated on load).
@@ -21,3 +32,117 @@ STATE_PREFIX = "mask_predictor."
 #: Format 1 called the network ``explainer``.
 LEGACY_NETWORK_KEY = "explainer"
 LEGACY_STATE_PREFIX = "explainer."
+
+#: Sanity caps on what a checkpoint may ask the reader to allocate (a hand-edited file must not ask for 180 GB).
+MAX_IMAGE_SIZE = 8192
+MAX_NUM_CLASSES = 100_000
+MAX_CHANNELS = 4096
+MAX_LEVELS = 12
+
+#: The settings every reader relies on, with their types.
+_REQUIRED: dict[str, type | tuple[type, ...]] = {
+    "classifier": str,
+    "normalize": str,
+    "image_size": int,
+    "wave": str,
+    "levels": int,
+    "mode": str,
+    "l1_lambda": (int, float),
+    "distortion": str,
+    "obfuscation": str,
+}
+
+
+@dataclass(frozen=True)
+class LoadedCheckpoint:
+    """A validated checkpoint: ``meta`` (the settings, in the current format) and the network's ``state``."""
+
+    path: Path
+    meta: dict
+    state: dict[str, Tensor]
+
+
+def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
+    """Read and validate an amortized checkpoint; every problem is one :class:`InputError` line naming the file.
+
+    The file is read with ``torch.load(weights_only=True)`` (tensors and plain values: no code runs), the
+    settings are checked for presence, types and sane sizes, and format 1 is translated to the current format.
+    The weights are checked against the network only when the network is built (:func:`build_mask_predictor`).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any reading failure is the user's file
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"cannot read checkpoint {path}: {first[:200]}") from None
+    meta = checkpoint.get(META_KEY) if isinstance(checkpoint, dict) else None
+    if not isinstance(meta, dict) or meta.get("kind") != CHECKPOINT_KIND:
+        raise InputError(f"{path} is not an amortized CartoonX checkpoint (train one with cartoonx fit)")
+    version = meta.get("format_version")
+    if type(version) is not int or version not in READABLE_FORMATS:
+        raise InputError(
+            f"{path} has checkpoint format {version!r}; this version reads "
+            f"{', '.join(map(str, READABLE_FORMATS))} (a newer file needs a newer amortized-cartoonx)"
+        )
+    key, prefix = (NETWORK_KEY, STATE_PREFIX) if version >= 2 else (LEGACY_NETWORK_KEY, LEGACY_STATE_PREFIX)
+    meta = {NETWORK_KEY if k == key else k: v for k, v in meta.items()}
+    _check_settings(path, meta)
+    state_dict = checkpoint.get("state_dict")
+    if not isinstance(state_dict, dict):
+        raise InputError(f"{path} holds no state_dict")
+    state = {k[len(prefix) :]: v for k, v in state_dict.items() if isinstance(k, str) and k.startswith(prefix)}
+    for name, value in state.items():
+        if not isinstance(value, Tensor):
+            raise InputError(f"{path}: weight {name!r} is not a tensor")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise InputError(f"{path}: weight {name!r} holds NaN or infinite values (a diverged training run?)")
+    return LoadedCheckpoint(path=path, meta=meta, state=state)
+
+
+def _check_settings(path: Path, meta: dict) -> None:
+    for name, kind in _REQUIRED.items():
+        if name not in meta:
+            raise InputError(f"{path}: the checkpoint's settings lack {name!r}")
+        value = meta[name]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise InputError(f"{path}: setting {name!r} has the wrong type ({type(value).__name__})")
+    if not 1 <= meta["image_size"] <= MAX_IMAGE_SIZE:
+        raise InputError(f"{path}: image_size {meta['image_size']} is outside 1..{MAX_IMAGE_SIZE}")
+    if not 1 <= meta["levels"] <= MAX_LEVELS:
+        raise InputError(f"{path}: levels {meta['levels']} is outside 1..{MAX_LEVELS}")
+    if not math.isfinite(meta["l1_lambda"]) or meta["l1_lambda"] < 0:
+        raise InputError(f"{path}: l1_lambda {meta['l1_lambda']} is not a finite number >= 0")
+    network = meta.get(NETWORK_KEY)
+    if not isinstance(network, dict):
+        raise InputError(f"{path}: the checkpoint's settings lack the network's config ({NETWORK_KEY!r})")
+    fields = {f.name: f.type for f in dataclasses.fields(MaskPredictorConfig)}
+    unknown = sorted(set(network) - set(fields))
+    if unknown:
+        raise InputError(f"{path}: unknown network setting(s) {', '.join(map(repr, unknown))}")
+    for name, value in network.items():
+        default = getattr(MaskPredictorConfig, name, None)
+        expected = (int, float) if isinstance(default, float) else type(default)
+        if isinstance(value, bool) or not isinstance(value, expected):
+            raise InputError(f"{path}: network setting {name!r} has the wrong type ({type(value).__name__})")
+    caps = {"num_classes": MAX_NUM_CLASSES, "levels": MAX_LEVELS}
+    caps.update({n: MAX_CHANNELS for n in ("width", "decoder_width", "embed_dim", "max_multiplier", "groups")})
+    for name, cap in caps.items():
+        if name in network and network[name] > cap:
+            raise InputError(f"{path}: network setting {name}={network[name]} is above the cap {cap}")
+
+
+def build_mask_predictor(loaded: LoadedCheckpoint) -> MaskPredictor:
+    """The network a checkpoint describes, with its weights; one :class:`InputError` line when they do not fit."""
+    try:
+        network = MaskPredictor(MaskPredictorConfig(**loaded.meta[NETWORK_KEY]))
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise InputError(f"{loaded.path}: invalid network config ({exc})") from None
+    try:
+        network.load_state_dict(loaded.state)
+    except RuntimeError as exc:
+        raise InputError(
+            f"{loaded.path}: the weights do not fit the recorded network ({str(exc).splitlines()[0]})"
+        ) from None
+    return network

@@ -10,13 +10,7 @@ from torch import Tensor
 
 from .explanation import Explanation
 from .io import atomic_write
-
-METHOD_TITLES = {
-    "cartoonx": "CartoonX",
-    "pixel-rde": "Pixel RDE",
-    "amortized": "Amortized CartoonX",
-    "warm": "Warm-started CartoonX",
-}
+from .methods import title
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 110) -> None:
@@ -56,15 +50,15 @@ def explanation_figure(image: Tensor, explanation: Explanation, index: int, clas
     fig = Figure(figsize=(2.2 * cols, 2.6))
     axes = fig.subplots(1, cols)
     _show(axes[0], image, f"{label}\np = {float(explanation.prob_original[index]):.3f}")
-    method = METHOD_TITLES.get(explanation.method, explanation.method)
+    method = title(explanation.method)
     _show(
         axes[1],
         explanation.image[index],
         f"{method}\np(masked) = {float(explanation.prob_masked[index]):.3f}, "
         f"p(noisy) = {float(explanation.prob_obfuscated[index]):.3f}",
     )
-    for ax, (title, band) in zip(axes[2:], panels):
-        _show(ax, band, f"{title}\nmean {float(band.mean()):.3f}", cmap="magma")
+    for ax, (panel, band) in zip(axes[2:], panels):
+        _show(ax, band, f"{panel}\nmean {float(band.mean()):.3f}", cmap="magma")
     fig.suptitle(
         f"mask mean {float(explanation.mask_mean[index]):.4f}, distortion {float(explanation.distortion[index]):.4f}",
         fontsize=8,

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import NoReturn
 
-METHODS_EXACT = ("cartoonx", "pixel-rde")
+#: Mirrors of the registries in ``rde`` (kept here so ``--help`` needs no torch; ``tests/test_methods.py`` ties them).
 DISTORTION_NAMES = ("label", "maximize-target", "l2", "kl")
 OBFUSCATION_NAMES = ("gaussian-adaptive", "zero", "uniform")
 
@@ -52,7 +52,12 @@ def add_rde_args(parser: argparse.ArgumentParser, steps: int = 2000) -> None:
     group.add_argument("--levels", type=int, default=5, help="DWT scales J, capped for small images (default 5)")
     group.add_argument("--mode", default="zero", help="DWT padding: zero (default), symmetric, reflect, periodization")
     group.add_argument("--chunk-size", type=int, default=None, help="noise samples per forward pass (bounds memory)")
-    group.add_argument("--seed", type=int, default=0, help="image k is seeded seed + k (default 0)")
+    group.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="noise seed; an image's noise depends on this seed and its file name only (default 0)",
+    )
 
 
 def add_device_arg(parser: argparse.ArgumentParser) -> None:

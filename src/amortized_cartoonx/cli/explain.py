@@ -11,14 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import (
-    METHODS_EXACT,
-    add_classifier_args,
-    add_device_arg,
-    add_rde_args,
-)
-
-METHODS = (*METHODS_EXACT, "amortized", "warm")
+from ..methods import EXACT_METHODS, EXPLAIN_METHODS
+from .common import add_classifier_args, add_device_arg, add_rde_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -30,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format PIL reads)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--method", default="cartoonx", choices=METHODS, help="default: cartoonx")
+    p.add_argument("--method", default="cartoonx", choices=EXPLAIN_METHODS, help="default: cartoonx")
     add_classifier_args(p)
     p.add_argument(
         "--target",
@@ -80,7 +74,7 @@ def build_explainer(args: argparse.Namespace, classifier, device):
 
     from .common import build_optimizer
 
-    if args.method in METHODS_EXACT:
+    if args.method in EXACT_METHODS:
         if args.checkpoint:
             raise ConfigError(f"--checkpoint is for --method amortized or warm, not {args.method}")
         return build_optimizer(args.method, classifier, args)
@@ -90,7 +84,9 @@ def build_explainer(args: argparse.Namespace, classifier, device):
 
     from .common import optimizer_config
 
-    amortized = AmortizedExplainer.from_checkpoint(args.checkpoint, classifier=classifier, device=device)
+    amortized = AmortizedExplainer.from_checkpoint(
+        args.checkpoint, classifier, device=device, measure_samples=args.samples, seed=args.seed
+    )  # measured on as many noise samples as the exact optimizer
     amortized.check_compatible(
         args.classifier,
         image_size=args.size,
@@ -101,8 +97,6 @@ def build_explainer(args: argparse.Namespace, classifier, device):
         distortion=args.distortion,
         obfuscation=args.obfuscation,
     )
-    amortized.measure_samples = args.samples  # measured on as many noise samples as the exact optimizer
-    amortized.seed = args.seed
     if args.method == "amortized":
         return amortized
     return WarmStartExplainer(amortized, refine_steps=args.refine_steps, config=optimizer_config(args))
@@ -133,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
     from amortized_cartoonx.images import load_images, read_class_names
     from amortized_cartoonx.io import atomic_write_text
     from amortized_cartoonx.plotting import explanation_figure, save_figure
+    from amortized_cartoonx.seeding import file_seeds
 
     from .common import resolve_device
 
@@ -156,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         hi = min(lo + args.batch_size, len(paths))
         batch = images[lo:hi].to(device)
         target = None if targets is None else targets[lo:hi]
-        seeds = [args.seed + k for k in range(lo, hi)]
+        seeds = file_seeds([p.name for p in paths[lo:hi]], args.seed)  # the same noise as targets/evaluate
         explanation = explainer.explain(batch, target, seeds=seeds, progress=True).cpu()
         for i, k in enumerate(range(lo, hi)):
             target_k = int(explanation.target[i])

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError
 from ..optimizer import CartoonX, OptimizerConfig, PixelRDE
 from ..registry import Registry
 from ..runtime import synchronize
@@ -205,15 +205,11 @@ def load_amortized(ctx: MethodContext):
     """The amortized explainer of ``ctx.checkpoint``, checked against the classifier and the DWT settings."""
     if not ctx.checkpoint:
         raise ConfigError("the methods amortized and warm need --checkpoint (an amortized explainer checkpoint)")
+    from ..amortized import AmortizedExplainer
+
     path = Path(ctx.checkpoint).expanduser()
-    if not path.is_file():
-        raise InputError(f"checkpoint not found: {path}")
-    try:
-        from ..amortized import AmortizedExplainer
-    except ImportError as exc:
-        raise ConfigError(f"the amortized explainer is not available in this installation ({exc})") from None
     device = _device_of(ctx.classifier)
-    amortized = AmortizedExplainer.from_checkpoint(str(path), classifier=ctx.classifier, device=device)
+    amortized = AmortizedExplainer.from_checkpoint(path, ctx.classifier, device=device)
     amortized.check_compatible(
         classifier_spec=ctx.classifier_spec, image_size=ctx.image_size, wave=ctx.wave, levels=ctx.levels, mode=ctx.mode
     )

@@ -23,11 +23,14 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ..io import atomic_write_text
-from ..plotting import METHOD_TITLES, save_figure
+from ..plotting import save_figure
 from .runner import EvaluationResults, mean_se
 
 TITLES = {
-    **METHOD_TITLES,
+    "cartoonx": "CartoonX",
+    "pixel-rde": "Pixel RDE",
+    "amortized": "Amortized CartoonX",
+    "warm": "Warm-started CartoonX",
     "integrated-gradients": "Integrated Gradients",
     "smoothgrad": "SmoothGrad",
     "guided-backprop": "Guided Backprop",

@@ -1,0 +1,38 @@
+"""Every list of method, distortion and obfuscation names agrees with its registry (one table, no drift)."""
+
+from __future__ import annotations
+
+from amortized_cartoonx import methods
+from amortized_cartoonx.cli import build_parser
+from amortized_cartoonx.cli.common import DISTORTION_NAMES, OBFUSCATION_NAMES
+from amortized_cartoonx.evaluation.methods import METHODS, method_names
+from amortized_cartoonx.rde import DISTORTIONS, OBFUSCATIONS
+
+
+def _choices(command: str, option: str) -> list[str]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    action = next(a for a in sub.choices[command]._actions if option in a.option_strings)
+    return list(action.choices)
+
+
+def test_the_evaluation_registry_is_the_method_table():
+    assert sorted(method_names()) == sorted(methods.ALL_METHODS)
+    assert all(name in METHODS for name in methods.ALL_METHODS)
+
+
+def test_the_table_is_consistent():
+    names = [m.name for m in methods.METHOD_TABLE]
+    assert len(set(names)) == len(names)
+    assert all(m.representation in (methods.WAVELET, methods.PIXEL) for m in methods.METHOD_TABLE)
+    assert set(methods.DEFAULT_METHODS) | set(methods.CHECKPOINT_METHODS) == set(methods.ALL_METHODS)
+    assert methods.title("cartoonx") == "CartoonX" and methods.title("unknown") == "unknown"
+
+
+def test_cli_choices_follow_the_registries():
+    assert _choices("explain", "--method") == list(methods.EXPLAIN_METHODS)
+    assert sorted(DISTORTION_NAMES) == sorted(DISTORTIONS.names())
+    assert sorted(OBFUSCATION_NAMES) == sorted(OBFUSCATIONS.names())
+    for command in ("explain", "targets", "evaluate"):
+        assert _choices(command, "--distortion") == list(DISTORTION_NAMES)
+        assert _choices(command, "--obfuscation") == list(OBFUSCATION_NAMES)
