@@ -30,7 +30,6 @@ SIZE = 32
 def checkpoint(tmp_path_factory) -> Path:
     """A checkpoint as ``cartoonx fit`` writes it (the module's own save hook), of an untrained tiny network
     whose heads are perturbed so that masks vary between coefficients."""
-    pytest.importorskip("pytorch_lightning")
     from amortized_cartoonx.training import AmortizedCartoonXModule
 
     torch.manual_seed(0)

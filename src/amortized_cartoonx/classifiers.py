@@ -192,7 +192,7 @@ def load_classifier(spec: str, normalize: str = "auto", device: str | torch.devi
         model = _torchvision_model(parts[1], weights)
         default_norm = "imagenet"
     elif spec == "synthetic" or spec.startswith("synthetic:"):
-        from .synthetic.classifier import load_synthetic_classifier  # issue 5's benchmark classifier
+        from .synthetic.classifier import load_synthetic_classifier  # the synthetic benchmark's CartoonCNN
 
         model = load_synthetic_classifier(spec.partition(":")[2] or None)
     elif is_file_spec(spec):

@@ -21,3 +21,7 @@ class ConfigError(CartoonXError, ValueError):
 
 class ClassifierError(CartoonXError):
     """A classifier that cannot be loaded or whose output is not ``(N, classes)`` logits."""
+
+
+class NonFiniteError(CartoonXError, ArithmeticError):
+    """A loss or result became NaN or infinite (a classifier that overflows under noise, a learning rate too large)."""

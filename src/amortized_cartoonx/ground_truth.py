@@ -6,7 +6,7 @@ A benchmark folder written by :func:`amortized_cartoonx.synthetic.export.write_s
 objects). :func:`read_ground_truth` reads them; :func:`masks_for` resizes them to an evaluation's image size.
 
 The metrics take a **non-negative pixel relevance map** ``R: (N, H, W)``. How an explainer's output becomes
-R is the evaluation's choice, not this module's (issue 4's evaluation decides: e.g. the absolute CartoonX
+R is the evaluation's choice, not this module's (``evaluation.maps`` decides: e.g. the absolute CartoonX
 explanation ``|IDWT(mask * DWT(grey(x)))|``, a Pixel RDE mask, or a gradient method's absolute attribution
 summed over channels); here R is only taken.
 

@@ -19,11 +19,32 @@ from torch import Tensor
 from .errors import InputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+#: Largest image read, in pixels (width x height), checked on the header before decoding: a small file can
+#: declare a huge image (a "decompression bomb"). 64 MP covers any camera photo; raise it if you must.
+MAX_PIXELS = 64_000_000
+#: Smallest side read: below this an image holds too little to explain.
+MIN_SIDE = 8
+#: Largest output side of :func:`load_image` (a 100000 px request would allocate over 100 GB).
+MAX_SIZE = 8192
+
+
+_HIGH_DEPTH = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:200]
+
+
+def check_size(size: int | None) -> None:
+    """Refuse an output size no image should be resized to (non-positive, or above :data:`MAX_SIZE`)."""
+    if size is not None and not 1 <= size <= MAX_SIZE:
+        raise InputError(f"image size must be in 1..{MAX_SIZE}, got {size}")
 
 
 def _to_rgb_array(img: Image.Image) -> np.ndarray:
     """``(H, W, 3)`` float32 in [0, 1] from any PIL mode."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+    if img.mode in _HIGH_DEPTH:
         arr = np.asarray(img, dtype=np.float64)
         if img.mode.startswith("I;16"):
             scale = 65535.0
@@ -49,20 +70,31 @@ def load_image(path: str | Path, size: int | None = 256) -> Tensor:
         InputError: missing, unreadable or corrupt file, or a size below 1.
     """
     path = Path(path)
-    if size is not None and size < 1:
-        raise InputError(f"image size must be positive, got {size}")
+    check_size(size)
     if not path.exists():
         raise InputError(f"image not found: {path}")
     if not path.is_file():
         raise InputError(f"not a file: {path}")
     try:
         with Image.open(path) as img:
+            width, height = img.size
+            if width * height > MAX_PIXELS:
+                raise InputError(
+                    f"image {path} declares {width}x{height} pixels, more than the limit of {MAX_PIXELS:,} "
+                    "(amortized_cartoonx.images.MAX_PIXELS)"
+                )
+            if min(width, height) < MIN_SIDE:
+                raise InputError(f"image {path} is {width}x{height}; images need at least {MIN_SIDE} px per side")
+            if size is not None and img.format == "JPEG":
+                img.draft("RGB", (size, size))  # decode at a reduced scale (never below size): less memory and time
             img.load()
+            if size is not None and min(img.size) >= 4 * size and img.mode not in _HIGH_DEPTH:
+                img = img.reduce(min(img.size) // (2 * size))  # box-filter down to >= 2x size before float
             arr = _to_rgb_array(img)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise InputError(
-            f"cannot read image {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-        ) from None
+    except InputError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"cannot read image {path}: {_first_line(exc)}") from None
     x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)  # (3, H, W)
     return x if size is None else resize_center_crop(x, size)
 
@@ -104,4 +136,11 @@ def read_class_names(path: str | Path | None) -> list[str] | None:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"labels file not found: {path}")
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    data = path.read_bytes()
+    try:
+        if b"\x00" in data:
+            raise UnicodeDecodeError("utf-8", data, 0, 1, "NUL byte")
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"labels file {path} is not UTF-8 text (one class name per line)") from None
+    return [line.strip() for line in text.splitlines()]

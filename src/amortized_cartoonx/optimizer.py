@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .classifiers import frozen
-from .errors import ConfigError
+from .errors import ConfigError, NonFiniteError
 from .explanation import Explanation, LossHistory, as_mask, measure_mask
 from .rde import DEFAULT_LAMBDA, DISTORTIONS, OBFUSCATIONS, RDEObjective, RDEProblem, make_generators
 from .runtime import synchronize
@@ -78,6 +79,10 @@ class OptimizerConfig:
     def validate(self) -> OptimizerConfig:
         OBFUSCATIONS.get(self.obfuscation)
         DISTORTIONS.get(self.distortion)
+        for name in ("lr", "stop_tolerance", "l1_lambda"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value}")
         for name in ("num_samples", "lr"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -208,6 +213,14 @@ class RDEOptimizer:
             sparsity = mask.mean_per_image()  # (N,)
             (self.objective.l1_lambda * sparsity.sum()).backward()
             total = distortion + self.objective.l1_lambda * sparsity.detach()
+            if (step % 10 == 9 or step == num_steps - 1) and not bool(
+                torch.isfinite(total).all()
+            ):  # sync: not every step
+                bad = int((~torch.isfinite(total)).nonzero()[0, 0])
+                raise NonFiniteError(
+                    f"the RDE loss of image {bad} became {float(total[bad])} by step {step + 1} (lr {cfg.lr}): "
+                    "the classifier's outputs under noise are not finite, or the learning rate is too large"
+                )
             history[:, step] = torch.stack([distortion, sparsity.detach(), total])
 
             before = [p.detach().clone() for p in params] if cfg.stop_patience else None

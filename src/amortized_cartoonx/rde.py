@@ -272,7 +272,7 @@ class RDEObjective:
         """
         check_images(images)
         logits = self.classifier(images)
-        check_logits(logits, images.shape[0])
+        check_logits(logits, images.shape[0], self.classifier)
         target = resolve_target(target, logits)
         coeffs = self.representation.encode(images)
         return RDEProblem(images=images, coeffs=coeffs, stats=band_statistics(coeffs), logits=logits, target=target)
@@ -321,13 +321,20 @@ def check_images(images: Tensor) -> None:
         raise InputError("images contain NaN or infinite values")
 
 
-def check_logits(logits: Tensor, num_images: int) -> None:
-    """Reject classifier outputs that are not logits ``(N, K)``."""
+def check_logits(logits: Tensor, num_images: int, classifier: object = None) -> None:
+    """Reject classifier outputs that are not finite logits ``(N, K)`` (checked once, on the original images).
+
+    ``classifier`` (optional) names the culprit in the message (its ``spec`` when it has one).
+    """
+    name = getattr(classifier, "spec", None) or (type(classifier).__name__ if classifier is not None else None)
+    who = f"the classifier {name}" if name else "the classifier"
     if not isinstance(logits, Tensor) or logits.ndim != 2 or logits.shape[0] != num_images:
         shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-        raise ClassifierError(
-            f"the classifier returned {shape}; expected logits of shape (N, classes) = ({num_images}, K)"
-        )
+        raise ClassifierError(f"{who} returned {shape}; expected logits of shape (N, classes) = ({num_images}, K)")
+    if not logits.is_floating_point():
+        raise ClassifierError(f"{who} returned {logits.dtype} outputs; expected floating-point logits")
+    if not bool(torch.isfinite(logits).all()):
+        raise ClassifierError(f"{who} returned NaN or infinite logits for the original images")
 
 
 def resolve_target(target: Tensor | Sequence[int] | int | None, logits: Tensor) -> Tensor:
