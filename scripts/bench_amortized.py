@@ -17,14 +17,14 @@ and the agreement of the amortized mask with the exact one (Spearman rank correl
 
 Seconds are wall-clock per image (batch time / batch size) for producing the mask: the amortized explainer's
 classifier pass (for the target) and network pass; the optimizers' explain() minus the final measurement, which
-is the same reporting cost for every method and is timed and shown separately. Timings on a shared machine are
-noisy; on a CPU shared with other processes use ``--threads 1`` (two torch threads waiting on each other ran
-up to 90x slower for the small single-pass network here). Images: the checkpoint's held-out test split of
+is the same reporting cost for every method and is timed and shown separately. On a CPU shared with other
+processes, ``--threads 1`` gives steadier timings (torch threads that wait on each other slow small kernels
+down). Images: the checkpoint's held-out test split of
 ``--images`` when it has one (``--split``).
 
 Example (CPU-sized)::
 
-    python scripts/bench_amortized.py --checkpoint checkpoints/RUN/best.ckpt \\
+    python scripts/bench_amortized.py --checkpoint checkpoints/RUN/best.ckpt --classifier SPEC \\
         --images ../shared/data/imagenet-samples --limit 8 --exact-steps 2000 --samples 8 --threads 1 --json b.json
 """
 

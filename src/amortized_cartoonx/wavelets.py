@@ -323,7 +323,7 @@ class WaveletRepresentation(Representation):
 
         Same result as pytorch_wavelets' ``DWTInverse`` (the tests check it), but each level is one
         ``conv_transpose2d`` over the four sub-bands with the outer-product filters (channels folded into
-        the batch), instead of six grouped 1-D transposed convolutions: about 10x faster on CPU, and
+        the batch), instead of six grouped 1-D transposed convolutions (fewer, larger kernels), and
         autograd's backward is a plain strided convolution. Periodization padding uses ``DWTInverse``.
         """
         if self.mode == "periodization":

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Settings of ``cartoonx train-classifier`` (defaults: a few minutes on 2 CPU cores, >= 95% held out).
+    """Settings of ``cartoonx train-classifier`` (defaults sized for a CPU; see ``docs/synthetic.md``).
 
     Attributes:
         size: image side in pixels.
@@ -267,7 +267,7 @@ def train_synthetic_classifier(
         force: retrain even when a classifier exists.
         accelerator, progress, trainer_kwargs: see :func:`fit_classifier`.
         threads: torch CPU threads while training (restored afterwards); None keeps torch's setting. The
-            default, 1, suits the tiny network: with 2 threads on a busy 2-core machine, training crawled.
+            default, 1, suits the tiny network, whose small kernels gain nothing from more CPU threads.
 
     Raises:
         ConfigError: a classifier exists at ``out`` but was trained with other settings (and not ``force``).
