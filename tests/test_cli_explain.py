@@ -62,7 +62,10 @@ def pictures(tmp_path):
 
 
 def run(args, capsys):
-    code = main(["explain", *args])
+    try:
+        code = main(["explain", *args])
+    except SystemExit as exc:  # argparse refuses option values itself
+        code = exc.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -164,8 +167,11 @@ def test_pixel_rde_and_labels(tmp_path, spec, pictures, capsys):
         (["--size", "4"], "too small"),
         (["--classifier", "cx_cli_models:spatial"], "expected logits"),
         (["--classifier", "/nope/model.pt"], "not found"),
-        (["--batch-size", "0"], "batch-size"),
-        (["--samples", "0"], "num_samples"),
+        (["--batch-size", "0"], "argument --batch-size: expected a positive integer"),
+        (["--samples", "0"], "argument --samples: expected a positive integer"),
+        (["--lr", "nan"], "argument --lr: expected a finite number"),
+        (["--l1-lambda", "inf"], "argument --l1-lambda: expected a finite number"),
+        (["--size", "100000"], "at most 8192"),
         (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "nonsense"], "device"),
     ],
 )

@@ -130,13 +130,19 @@ class AmortizedExplainer:
                 "a checkpoint never decides what code is loaded"
             )
         if isinstance(classifier, str):
-            if not same_classifier(classifier, meta):
+            spec = classifier
+            if not same_classifier(spec, meta) and not meta.get("classifier_weights_sha256"):
                 raise ConfigError(
-                    f"checkpoint {path.name} was trained for classifier {meta['classifier']!r}, not {classifier!r}"
+                    f"checkpoint {path.name} was trained for classifier {meta['classifier']!r}, not {spec!r}"
                 )
-            classifier = load_classifier(classifier, normalize=normalize or meta["normalize"], device=device)
+            classifier = load_classifier(spec, normalize=normalize or meta["normalize"], device=device)
+            if not same_classifier(spec, meta, classifier):  # another spec text: the same weights?
+                raise ConfigError(
+                    f"checkpoint {path.name} was trained for classifier {meta['classifier']!r}, and {spec!r} "
+                    "loads other weights"
+                )
         elif isinstance(classifier, Classifier):
-            if classifier.spec != "<module>" and not same_classifier(classifier.spec, meta):
+            if classifier.spec != "<module>" and not same_classifier(classifier.spec, meta, classifier):
                 raise ConfigError(
                     f"checkpoint {path.name} was trained for classifier {meta['classifier']!r}, not {classifier.spec!r}"
                 )

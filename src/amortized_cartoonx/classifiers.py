@@ -17,6 +17,7 @@ normalisation inside the wrapper; files and callables take [0, 1] unless ``norma
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import re
 import warnings
@@ -139,8 +140,17 @@ def _torchvision_model(name: str, weights: str | None) -> nn.Module:
         return model
     try:
         return torchvision.models.get_model(name, weights=weights)
-    except Exception as exc:  # noqa: BLE001 - no network, unknown weights name, ...
-        raise ClassifierError(f"cannot load torchvision:{name} with weights {weights!r}: {exc}") from None
+    except OSError as exc:  # URLError, connection and DNS failures are OSErrors
+        raise ClassifierError(
+            f"cannot download the {weights} weights of torchvision:{name} (no network? {_first_line(exc)}): "
+            f"use torchvision:{name}:none for random weights or torchvision:{name}:PATH.pth for a weights file"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - unknown weights name, ...
+        raise ClassifierError(f"cannot load torchvision:{name} with weights {weights!r}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
 
 
 def is_file_spec(spec: str) -> bool:
@@ -170,7 +180,13 @@ def _callable_model(spec: str) -> nn.Module:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise ClassifierError(f"cannot import {spec}: {exc}") from None
-    model = factory() if callable(factory) and not isinstance(factory, nn.Module) else factory
+    if callable(factory) and not isinstance(factory, nn.Module):
+        try:
+            model = factory()
+        except Exception as exc:  # noqa: BLE001 - the user's callable failed
+            raise ClassifierError(f"calling {spec}() failed: {type(exc).__name__}: {_first_line(exc)}") from None
+    else:
+        model = factory
     if not isinstance(model, nn.Module):
         raise ClassifierError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -216,10 +232,28 @@ def wrap_classifier(model: nn.Module, normalize: str = "none") -> Classifier:
     return Classifier(model, mean=mean, std=std)
 
 
-def classifier_identity(spec: str) -> dict:
-    """``classifier`` (the spec as given) and, for a model file, its absolute path and SHA-256.
+def weights_digest(model: nn.Module) -> str | None:
+    """SHA-256 of a model's parameters and buffers (names, dtypes, shapes, values); None when it has none
+    (e.g. a traced model that holds its weights as constants). A :class:`Classifier` is digested without its
+    wrapper, so a wrapped and a bare model agree."""
+    state = (model.model if isinstance(model, Classifier) else model).state_dict()
+    if not state:
+        return None
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
-    File specs are matched by content, so ``../shared/m.pt`` and ``/work/shared/m.pt`` are the same classifier.
+
+def classifier_identity(spec: str, model: nn.Module | None = None) -> dict:
+    """How a classifier is recognised later, by content rather than by the spec's text.
+
+    ``classifier``: the spec as given; for a model file its absolute ``classifier_path`` and ``classifier_sha256``
+    (so ``../shared/m.pt`` and ``/work/shared/m.pt`` are the same classifier); with the loaded ``model``, the
+    ``classifier_weights_sha256`` of its weights (so ``synthetic`` and ``synthetic:checkpoints/...`` are the
+    same classifier when they load the same weights).
     """
     identity = {"classifier": spec, "classifier_path": None, "classifier_sha256": None}
     if is_file_spec(spec):
@@ -227,16 +261,23 @@ def classifier_identity(spec: str) -> dict:
         if path.is_file():
             identity["classifier_path"] = str(path.resolve())
             identity["classifier_sha256"] = file_sha256(path)
+    if model is not None:
+        identity["classifier_weights_sha256"] = weights_digest(model)
     return identity
 
 
-def same_classifier(spec: str, identity: dict) -> bool:
-    """Whether ``spec`` names the classifier described by ``identity`` (see :func:`classifier_identity`)."""
+def same_classifier(spec: str, identity: dict, model: nn.Module | None = None) -> bool:
+    """Whether ``spec`` (and, when given, its loaded ``model``) is the classifier ``identity`` describes
+    (see :func:`classifier_identity`): the same spec text, the same file content, or the same weights."""
     if spec == identity.get("classifier"):
         return True
     if is_file_spec(spec) and identity.get("classifier_sha256"):
         path = Path(spec).expanduser()
         if identity.get("classifier_path") == str(path.resolve()):
             return True
-        return path.is_file() and file_sha256(path) == identity["classifier_sha256"]
+        if path.is_file() and file_sha256(path) == identity["classifier_sha256"]:
+            return True
+    recorded = identity.get("classifier_weights_sha256")
+    if model is not None and recorded:
+        return weights_digest(model) == recorded
     return False

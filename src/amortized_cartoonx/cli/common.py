@@ -3,12 +3,50 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
 #: Mirrors of the registries in ``rde`` (kept here so ``--help`` needs no torch; ``tests/test_methods.py`` ties them).
 DISTORTION_NAMES = ("label", "maximize-target", "l2", "kl")
 OBFUSCATION_NAMES = ("gaussian-adaptive", "zero", "uniform")
+
+
+def _number(kind: type, low: float | None, low_open: bool, label: str):
+    """An argparse ``type`` that parses a finite ``kind`` (int or float) at least (or above) ``low``."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {label}, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if low is not None and (value <= low if low_open else value < low):
+            raise argparse.ArgumentTypeError(f"expected {label}, got {text!r}")
+        return value
+
+    parse.__name__ = label  # argparse names the type in its messages
+    return parse
+
+
+#: argparse types: option values are checked when parsed (one line and exit code 2), never NaN or infinite.
+positive_int = _number(int, 0, True, "a positive integer")
+nonnegative_int = _number(int, 0, False, "an integer >= 0")
+positive_float = _number(float, 0.0, True, "a positive number")
+nonnegative_float = _number(float, 0.0, False, "a number >= 0")
+#: An image side: a positive integer up to ``images.MAX_SIZE`` (kept in sync by a test).
+MAX_IMAGE_SIZE = 8192
+
+
+def image_size(text: str) -> int:
+    value = positive_int(text)
+    if value > MAX_IMAGE_SIZE:
+        raise argparse.ArgumentTypeError(f"expected an image side of at most {MAX_IMAGE_SIZE} px, got {text!r}")
+    return value
 
 
 class Parser(argparse.ArgumentParser):
@@ -38,20 +76,27 @@ def add_classifier_args(parser: argparse.ArgumentParser, required: bool = True) 
 def add_rde_args(parser: argparse.ArgumentParser, steps: int = 2000) -> None:
     """The exact optimizer's options (defaults: the paper's)."""
     group = parser.add_argument_group("RDE optimizer (defaults: the paper's)")
-    group.add_argument("--steps", type=int, default=steps, help=f"Adam steps (default {steps})")
-    group.add_argument("--samples", type=int, default=64, help="noise samples per step (default 64)")
+    group.add_argument("--steps", type=nonnegative_int, default=steps, help=f"Adam steps (default {steps})")
+    group.add_argument("--samples", type=positive_int, default=64, help="noise samples per step (default 64)")
     group.add_argument(
-        "--l1-lambda", type=float, default=None, help="sparsity weight (default 20 CartoonX, 4 Pixel RDE)"
+        "--l1-lambda",
+        type=nonnegative_float,
+        default=None,
+        help="sparsity weight (default 20 CartoonX, 4 Pixel RDE)",
     )
-    group.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    group.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (default 1e-3)")
     group.add_argument("--distortion", default="label", choices=DISTORTION_NAMES, help="default: label")
     group.add_argument(
         "--obfuscation", default="gaussian-adaptive", choices=OBFUSCATION_NAMES, help="default: gaussian-adaptive"
     )
     group.add_argument("--wavelet", default="db3", help="discrete wavelet (default db3)")
-    group.add_argument("--levels", type=int, default=5, help="DWT scales J, capped for small images (default 5)")
+    group.add_argument(
+        "--levels", type=positive_int, default=5, help="DWT scales J, capped for small images (default 5)"
+    )
     group.add_argument("--mode", default="zero", help="DWT padding: zero (default), symmetric, reflect, periodization")
-    group.add_argument("--chunk-size", type=int, default=None, help="noise samples per forward pass (bounds memory)")
+    group.add_argument(
+        "--chunk-size", type=positive_int, default=None, help="noise samples per forward pass (bounds memory)"
+    )
     group.add_argument(
         "--seed",
         type=int,
@@ -107,6 +152,34 @@ def build_optimizer(method: str, classifier, args: argparse.Namespace):
     if method == "pixel-rde":
         return PixelRDE(classifier, config=config)
     return CartoonX(classifier, wave=args.wavelet, levels=args.levels, mode=args.mode, config=config)
+
+
+def check_output_folder(out: str | Path, inputs: Sequence[Path] = (), outputs: Sequence[Path] = ()) -> Path:
+    """Check, before any work, that ``out`` can be created and written to and that no input is overwritten.
+
+    Nothing is created (a command that fails later on bad input leaves no empty folder): the folder itself, or
+    its nearest existing parent, gets a probe file that is removed at once. Raises ``ConfigError`` (one line)
+    when ``out`` or a parent is a file, cannot be written to, or when one of ``outputs`` (the files the command
+    will write) is one of ``inputs``.
+    """
+    from amortized_cartoonx.errors import ConfigError
+
+    out = Path(out).expanduser()
+    protected = {Path(p).expanduser().resolve() for p in inputs}
+    for path in outputs:
+        if Path(path).expanduser().resolve() in protected:
+            raise ConfigError(f"--out {out} would overwrite the input {path}: choose another output folder")
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"--out {out}: {existing} is a file, not a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".cartoonx-write-test-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
+    return out
 
 
 def warn(message: str) -> None:

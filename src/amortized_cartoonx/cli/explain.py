@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from ..methods import EXACT_METHODS, EXPLAIN_METHODS
-from .common import add_classifier_args, add_device_arg, add_rde_args
+from .common import add_classifier_args, add_device_arg, add_rde_args, image_size, nonnegative_int, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -31,11 +31,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="class to explain: one index for all, or one per image separated by commas (default: the predicted class)",
     )
-    p.add_argument("--size", type=int, default=256, help="images are resized and centre-cropped to SIZE (default 256)")
-    p.add_argument("--batch-size", type=int, default=4, help="images optimised together (default 4)")
+    p.add_argument(
+        "--size", type=image_size, default=256, help="images are resized and centre-cropped to SIZE (default 256)"
+    )
+    p.add_argument("--batch-size", type=positive_int, default=4, help="images optimised together (default 4)")
     p.add_argument("--labels", default=None, metavar="FILE", help="class names, one per line")
     p.add_argument("--checkpoint", default=None, metavar="CKPT", help="amortized explainer (amortized, warm)")
-    p.add_argument("--refine-steps", type=int, default=100, help="optimizer steps after the warm start (default 100)")
+    p.add_argument(
+        "--refine-steps", type=nonnegative_int, default=100, help="optimizer steps after the warm start (default 100)"
+    )
     add_device_arg(p)
     add_rde_args(p)
     p.set_defaults(run=run)
@@ -58,13 +62,18 @@ def parse_targets(text: str | None, num_images: int) -> list[int] | None:
 
 
 def output_stems(paths: list[Path]) -> list[str]:
-    """File stems, made unique (``cat``, ``cat_1``, ...) when two inputs share one."""
-    seen: dict[str, int] = {}
+    """One output stem per input, all different: the file's stem, or ``stem_1``, ``stem_2``, ... when taken
+    (``a/x.jpg b/x.jpg c/x_1.png`` give ``x``, ``x_1``, ``x_1_1``). Compared case-insensitively, so the names
+    stay distinct on case-insensitive file systems too."""
+    used: set[str] = {"summary"}
     stems = []
     for p in paths:
-        count = seen.get(p.stem, 0)
-        seen[p.stem] = count + 1
-        stems.append(p.stem if count == 0 else f"{p.stem}_{count}")
+        stem, k = p.stem, 0
+        while stem.lower() in used:
+            k += 1
+            stem = f"{p.stem}_{k}"
+        used.add(stem.lower())
+        stems.append(stem)
     return stems
 
 
@@ -129,11 +138,14 @@ def run(args: argparse.Namespace) -> int:
     from amortized_cartoonx.plotting import explanation_figure, save_figure
     from amortized_cartoonx.seeding import file_seeds
 
-    from .common import resolve_device
+    from .common import check_output_folder, resolve_device
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     paths = [Path(p) for p in args.images]
+    stems = output_stems(paths)
+    outputs = [Path(args.out) / f"{s}{suffix}" for s in stems for suffix in (".png", ".safetensors")]
+    out = check_output_folder(args.out, inputs=paths, outputs=[*outputs, Path(args.out) / "summary.jsonl"])
     images = load_images(paths, args.size)  # fails on a bad file before any work
     targets = parse_targets(args.target, len(paths))
     labels = read_class_names(args.labels)
@@ -142,9 +154,7 @@ def run(args: argparse.Namespace) -> int:
     explainer = build_explainer(args, classifier, device)
     preflight(classifier, explainer, images, targets, device)
 
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stems = output_stems(paths)
     lines: list[str] = []
     bar = tqdm(total=len(paths), desc=f"explain ({args.method})", unit="img")
     for lo in range(0, len(paths), args.batch_size):
@@ -161,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
                 out / f"{stems[k]}.safetensors", i, metadata={"image": str(paths[k]), "classifier": args.classifier}
             )
             save_figure(explanation_figure(images[k], explanation, i, name), out / f"{stems[k]}.png")
-            lines.append(json.dumps(record))
+            lines.append(json.dumps(record, allow_nan=False))
         atomic_write_text(out / "summary.jsonl", "\n".join(lines) + "\n")
         bar.update(hi - lo)
         bar.set_postfix(
