@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,7 +75,14 @@ def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
     if not path.is_file():
         raise InputError(f"checkpoint not found: {path}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols on its way to refusing a file
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # weights_only refused an object: loading it could run code
+        raise InputError(
+            f"cannot read checkpoint {path}: it holds objects other than tensors and plain values "
+            "(refused: unpickling them could run code)"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - any reading failure is the user's file
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(f"cannot read checkpoint {path}: {first[:200]}") from None

@@ -80,7 +80,7 @@ def load_image(path: str | Path, size: int | None = 256) -> Tensor:
             width, height = img.size
             if width * height > MAX_PIXELS:
                 raise InputError(
-                    f"image {path} declares {width}x{height} pixels, more than the limit of {MAX_PIXELS:,} "
+                    f"image {path} declares {width}x{height}: more pixels than the limit of {MAX_PIXELS:,} "
                     "(amortized_cartoonx.images.MAX_PIXELS)"
                 )
             if min(width, height) < MIN_SIDE:
@@ -93,7 +93,11 @@ def load_image(path: str | Path, size: int | None = 256) -> Tensor:
             arr = _to_rgb_array(img)
     except InputError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
+    except Image.DecompressionBombError:
+        raise InputError(
+            f"image {path} declares more pixels than the limit of {MAX_PIXELS:,} (amortized_cartoonx.images.MAX_PIXELS)"
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"cannot read image {path}: {_first_line(exc)}") from None
     x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)  # (3, H, W)
     return x if size is None else resize_center_crop(x, size)

@@ -120,7 +120,7 @@ def preflight(classifier, explainer, images, targets, device) -> None:
     with torch.no_grad():
         first = images[:1].to(device)
         logits = classifier(first)
-        check_logits(logits, 1)
+        check_logits(logits, 1, classifier)
         if targets is not None:
             resolve_target(targets, logits.expand(len(targets), -1))
         representation = getattr(explainer, "representation", None)

@@ -1,0 +1,325 @@
+"""Hostile and careless input: one line on stderr and exit code 2, no traceback, nothing written outside
+``--out``, no input overwritten, no code run from a file, no NaN passed off as a result.
+
+(The teacher-mask store's own corrupt-shard and manifest cases live in ``test_teacher_masks.py``.)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import struct
+import textwrap
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from amortized_cartoonx.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KIND, STATE_PREFIX
+from amortized_cartoonx.cli import main
+from amortized_cartoonx.errors import InputError
+from amortized_cartoonx.images import load_image
+from amortized_cartoonx.mask_predictor import MaskPredictor, MaskPredictorConfig
+
+SIZE = 32
+MODELS = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    def tiny():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                             nn.Linear(16, 5))
+
+    class _NaN(nn.Module):
+        def forward(self, x):
+            return torch.full((x.shape[0], 5), float("nan"))
+
+    def nan():
+        return _NaN()
+    """
+)
+
+
+@pytest.fixture
+def spec(tmp_path, monkeypatch):
+    (tmp_path / "cx_hostile_models.py").write_text(MODELS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "cx_hostile_models:tiny"
+
+
+@pytest.fixture
+def inputs(tmp_path) -> Path:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):
+        Image.fromarray((rng.random((40, 40, 3)) * 255).astype(np.uint8)).save(folder / name)
+    return folder
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def cli(args: list[str], capsys) -> tuple[int, str]:
+    try:
+        code = main(args)
+    except SystemExit as exc:  # argparse refuses bad option values itself
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def assert_refused(code: int, err: str, *needles: str) -> None:
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+
+
+def explain_args(images: list[Path | str], spec: str, out: Path, *extra: str) -> list[str]:
+    return [
+        "explain",
+        *map(str, images),
+        "--classifier",
+        spec,
+        "--out",
+        str(out),
+        "--size",
+        str(SIZE),
+        "--steps",
+        "1",
+        "--samples",
+        "2",
+        "--levels",
+        "2",
+        *extra,
+    ]
+
+
+# ---- checkpoints: never run code, validated settings ---------------------------------------------------------------
+def checkpoint_dict(spec: str, **network) -> dict:
+    config = MaskPredictorConfig(num_classes=5, levels=2, width=8, decoder_width=8, embed_dim=8, **network)
+    net = MaskPredictor(config)
+    meta = {
+        "format_version": CHECKPOINT_FORMAT,
+        "kind": CHECKPOINT_KIND,
+        "classifier": spec,
+        "normalize": "none",
+        "image_size": SIZE,
+        "wave": "db3",
+        "levels": 2,
+        "mode": "zero",
+        "l1_lambda": 20.0,
+        "distortion": "label",
+        "obfuscation": "gaussian-adaptive",
+        "mask_predictor": net.settings(),
+    }
+    state = {STATE_PREFIX + k: v for k, v in net.state_dict().items()}
+    return {"state_dict": state, "cartoonx": meta}
+
+
+class _Payload:
+    """Unpickling this object would create the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickle_payload_in_a_checkpoint_never_runs(tmp_path, spec, inputs, capsys):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.ckpt"
+    evil.write_bytes(pickle.dumps({"cartoonx": _Payload(marker)}))
+    before = snapshot(inputs)
+    code, err = cli(
+        explain_args([inputs / "a.png"], spec, tmp_path / "out", "--method", "amortized", "--checkpoint", str(evil)),
+        capsys,
+    )
+    assert_refused(code, err, "evil.ckpt")
+    assert not marker.exists() and snapshot(inputs) == before and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        (lambda c: c["cartoonx"]["mask_predictor"].update(extra=1), "unknown network setting"),
+        (lambda c: c["cartoonx"].pop("wave"), "lack 'wave'"),
+        (lambda c: c["cartoonx"]["mask_predictor"].update(width=100000), "above the cap"),
+        (lambda c: c["cartoonx"].update(image_size=100000), "image_size 100000"),
+        (lambda c: c["cartoonx"].update(image_size="32"), "wrong type"),
+        (lambda c: c["cartoonx"].update(format_version=99), "format 99"),
+        (lambda c: c["cartoonx"].update(l1_lambda=float("nan")), "l1_lambda"),
+        (lambda c: next(iter(c["state_dict"].values())).fill_(float("nan")), "NaN"),
+        (lambda c: c.update(state_dict=[1, 2]), "state_dict"),
+    ],
+)
+def test_hand_made_checkpoint_settings_are_refused(tmp_path, spec, inputs, capsys, edit, needle):
+    checkpoint = checkpoint_dict(spec)
+    edit(checkpoint)
+    path = tmp_path / "hand.ckpt"
+    torch.save(checkpoint, path)
+    code, err = cli(
+        explain_args([inputs / "a.png"], spec, tmp_path / "out", "--method", "amortized", "--checkpoint", str(path)),
+        capsys,
+    )
+    assert_refused(code, err, needle)
+
+
+def test_a_valid_hand_made_checkpoint_explains(tmp_path, spec, inputs, capsys):
+    path = tmp_path / "ok.ckpt"
+    torch.save(checkpoint_dict(spec), path)
+    code, err = cli(
+        explain_args([inputs / "a.png"], spec, tmp_path / "out", "--method", "amortized", "--checkpoint", str(path)),
+        capsys,
+    )
+    assert code == 0, err
+    record = json.loads((tmp_path / "out" / "summary.jsonl").read_text())
+    assert np.isfinite(record["loss_final"])
+
+
+# ---- outputs never overwrite inputs or each other --------------------------------------------------------------------
+def test_out_in_the_input_folder_never_overwrites_an_input(tmp_path, spec, capsys):
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(folder / "x.png")
+    before = snapshot(folder)
+    code, err = cli(explain_args([folder / "x.png"], spec, folder), capsys)
+    assert_refused(code, err, "overwrite the input")
+    assert snapshot(folder) == before
+
+
+def test_colliding_names_get_distinct_outputs(tmp_path, spec, capsys):
+    rng = np.random.default_rng(1)
+    paths = []
+    for sub, name in (("a", "x.png"), ("b", "x.png"), ("c", "x_1.png")):
+        (tmp_path / sub).mkdir()
+        Image.fromarray((rng.random((40, 40, 3)) * 255).astype(np.uint8)).save(tmp_path / sub / name)
+        paths.append(tmp_path / sub / name)
+    out = tmp_path / "out"
+    code, err = cli(explain_args(paths, spec, out), capsys)
+    assert code == 0, err
+    lines = (out / "summary.jsonl").read_text().splitlines()
+    assert [json.loads(line)["image"] for line in lines] == [str(p) for p in paths]
+    assert len(list(out.glob("*.safetensors"))) == 3 and len(list(out.glob("*.png"))) == 3
+
+
+@pytest.mark.parametrize("kind", ["file", "unwritable"])
+def test_an_unusable_out_is_refused_before_any_work(tmp_path, spec, inputs, capsys, kind):
+    if kind == "file":
+        out = tmp_path / "taken"
+        out.write_text("a file")
+        needle = "is a file"
+    else:
+        out = Path("/proc/cartoonx-out")  # not writable, even for root
+        needle = "cannot write"
+    code, err = cli(explain_args([inputs / "a.png"], spec, out), capsys)
+    assert_refused(code, err, needle)
+
+
+# ---- non-finite numbers are errors -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--lr", "nan"], "--lr"),
+        (["--lr", "inf"], "--lr"),
+        (["--l1-lambda", "nan"], "--l1-lambda"),
+        (["--steps", "-2"], "--steps"),
+        (["--size", "100000"], "--size"),
+        (["--batch-size", "0"], "--batch-size"),
+    ],
+)
+def test_bad_option_values_are_refused(tmp_path, spec, inputs, capsys, extra, needle):
+    code, err = cli([*explain_args([inputs / "a.png"], spec, tmp_path / "out"), *extra], capsys)
+    assert_refused(code, err, needle)
+
+
+def test_a_classifier_returning_nan_is_refused_with_its_name(tmp_path, spec, inputs, capsys):
+    code, err = cli(explain_args([inputs / "a.png"], "cx_hostile_models:nan", tmp_path / "out"), capsys)
+    assert_refused(code, err, "cx_hostile_models:nan", "NaN")
+    assert not (tmp_path / "out").exists()
+
+
+# ---- files: classifier specs, labels, images -------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("classifier", "needle"), [("os:system", "calling os:system() failed"), ("os:getcwd", "not a torch.nn.Module")]
+)
+def test_classifier_specs_that_are_no_model(tmp_path, inputs, capsys, classifier, needle):
+    code, err = cli(explain_args([inputs / "a.png"], classifier, tmp_path / "out"), capsys)
+    assert_refused(code, err, needle)
+
+
+def test_a_binary_labels_file_is_refused(tmp_path, spec, inputs, capsys):
+    labels = tmp_path / "labels.txt"
+    labels.write_bytes(bytes(range(256)) * 4)
+    code, err = cli([*explain_args([inputs / "a.png"], spec, tmp_path / "out"), "--labels", str(labels)], capsys)
+    assert_refused(code, err, "not UTF-8 text")
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A tiny PNG file that declares ``width x height`` pixels (a decompression bomb's header)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        (png_header_only(20000, 20000), "more pixels than the limit"),
+        (png_header_only(9000, 9000), "more pixels than the limit"),
+        (png_header_only(1, 1), "at least"),
+    ],
+)
+def test_bomb_and_tiny_images_are_refused(tmp_path, spec, capsys, content, needle):
+    path = tmp_path / "odd.png"
+    path.write_bytes(content)
+    code, err = cli(explain_args([path], spec, tmp_path / "out"), capsys)
+    assert_refused(code, err, "odd.png", needle)
+
+
+def test_a_fuzzed_image_either_loads_or_is_one_input_error(tmp_path):
+    """A few hundred seeded mutations of a PNG and a JPEG: each loads as a finite (3, S, S) image in [0, 1]
+    or raises InputError; nothing else escapes."""
+    rng = np.random.default_rng(1234)
+    picture = Image.fromarray((rng.random((24, 24, 3)) * 255).astype(np.uint8))
+    originals = []
+    for fmt in ("PNG", "JPEG"):
+        buffer = io.BytesIO()
+        picture.save(buffer, format=fmt)
+        originals.append(buffer.getvalue())
+    path = tmp_path / "fuzz.img"
+    outcomes = {"loaded": 0, "refused": 0}
+    for trial in range(300):
+        data = bytearray(originals[trial % 2])
+        how = trial % 3
+        if how == 0:  # truncate
+            data = data[: int(rng.integers(1, len(data)))]
+        elif how == 1:  # flip a few bytes
+            for _ in range(int(rng.integers(1, 6))):
+                data[int(rng.integers(0, len(data)))] = int(rng.integers(0, 256))
+        else:  # overwrite a header byte (sizes, bit depth, colour type, markers)
+            data[int(rng.integers(8, min(40, len(data))))] = int(rng.integers(0, 256))
+        path.write_bytes(bytes(data))
+        try:
+            image = load_image(path, 16)
+        except InputError:
+            outcomes["refused"] += 1
+            continue
+        assert image.shape == (3, 16, 16) and bool(torch.isfinite(image).all())
+        assert float(image.min()) >= 0.0 and float(image.max()) <= 1.0
+        outcomes["loaded"] += 1
+    assert outcomes["refused"] > 0 and outcomes["loaded"] > 0
