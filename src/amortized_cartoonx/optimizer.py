@@ -42,15 +42,32 @@ from .wavelets import (
     WaveletRepresentation,
 )
 
+#: Named step schedules: the number of Adam steps, the learning rate and its decay over the steps.
+#: ``paper``: the paper's Algorithm 1 (constant lr 1e-3, 2000 steps).
+SCHEDULES: dict[str, dict] = {
+    "paper": {"steps": 2000, "lr": 1e-3, "lr_decay": "constant"},
+}
+#: How the learning rate moves over a run of S steps (step s = 0 .. S-1), as a factor of ``lr``.
+LR_DECAYS: dict[str, Callable[[int, int, float], float]] = {
+    "constant": lambda s, total, final: 1.0,
+    "linear": lambda s, total, final: final + (1 - final) * (1 - s / max(1, total)),
+    "cosine": lambda s, total, final: final + (1 - final) * 0.5 * (1 + math.cos(math.pi * s / max(1, total))),
+}
+
 
 @dataclass
 class OptimizerConfig:
     """Hyper-parameters of the exact optimizer. Defaults are the paper's (Algorithm 1, Section 5.2).
 
     Attributes:
-        steps: Adam steps N. Default 2000.
+        schedule: a named step schedule (:data:`SCHEDULES`) that fills ``steps``, ``lr`` and ``lr_decay``
+            when they are not given. Default ``paper``.
+        steps: Adam steps N. Default: the schedule's (paper: 2000).
         num_samples: noise samples L per step. Default 64.
-        lr: Adam learning rate. Default 1e-3.
+        lr: Adam learning rate at the first step. Default: the schedule's (paper: 1e-3).
+        lr_decay: ``constant``, ``linear`` or ``cosine`` decay of the learning rate over the steps of a run,
+            down to ``lr * lr_final``. Default: the schedule's (paper: constant).
+        lr_final: the decay's last learning rate as a fraction of ``lr``. Default 0.
         l1_lambda: weight of the mean of the mask; None takes the method's default
             (20 for CartoonX, 4 for Pixel RDE).
         obfuscation: noise for the deleted coefficients. Default ``gaussian-adaptive``.
@@ -64,9 +81,12 @@ class OptimizerConfig:
         seed: image n of a call is seeded ``seed + n`` unless ``explain(seeds=...)`` is given. Default 0.
     """
 
-    steps: int = 2000
+    schedule: str = "paper"
+    steps: int | None = None
     num_samples: int = 64
-    lr: float = 1e-3
+    lr: float | None = None
+    lr_decay: str | None = None
+    lr_final: float = 0.0
     l1_lambda: float | None = None
     obfuscation: str = "gaussian-adaptive"
     distortion: str = "label"
@@ -76,10 +96,21 @@ class OptimizerConfig:
     measure_samples: int | None = None
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"unknown schedule {self.schedule!r}; choose from: {', '.join(SCHEDULES)}")
+        for name, value in SCHEDULES[self.schedule].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+
     def validate(self) -> OptimizerConfig:
         OBFUSCATIONS.get(self.obfuscation)
         DISTORTIONS.get(self.distortion)
-        for name in ("lr", "stop_tolerance", "l1_lambda"):
+        if self.lr_decay not in LR_DECAYS:
+            raise ConfigError(f"unknown lr_decay {self.lr_decay!r}; choose from: {', '.join(LR_DECAYS)}")
+        if not 0.0 <= self.lr_final <= 1.0:
+            raise ConfigError(f"lr_final must be in [0, 1], got {self.lr_final}")
+        for name in ("lr", "lr_final", "stop_tolerance", "l1_lambda"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
                 raise ConfigError(f"{name} must be a finite number, got {value}")
@@ -199,8 +230,10 @@ class RDEOptimizer:
         best = torch.full((num_images,), float("inf"), device=device)
         since_best = torch.zeros(num_images, dtype=torch.long, device=device)
 
+        decay = LR_DECAYS[cfg.lr_decay]
         bar = tqdm(range(num_steps), desc=f"{self.method} steps", unit="step", leave=False, disable=not progress)
         for step in bar:
+            adam.param_groups[0]["lr"] = cfg.lr * decay(step, num_steps, cfg.lr_final)
             noise = self.objective.sample_noise(problem, cfg.num_samples, generators)  # (N, L, C, ...)
             adam.zero_grad(set_to_none=True)
             distortion = torch.zeros(num_images, device=device)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import NoReturn
 
 #: Mirrors of the registries in ``rde`` (kept here so ``--help`` needs no torch; ``tests/test_methods.py`` ties them).
+SCHEDULE_NAMES = ("paper",)
 DISTORTION_NAMES = ("label", "maximize-target", "l2", "kl")
 OBFUSCATION_NAMES = ("gaussian-adaptive", "zero", "uniform")
 
@@ -73,10 +74,16 @@ def add_classifier_args(parser: argparse.ArgumentParser, required: bool = True) 
     )
 
 
-def add_rde_args(parser: argparse.ArgumentParser, steps: int = 2000) -> None:
+def add_rde_args(parser: argparse.ArgumentParser) -> None:
     """The exact optimizer's options (defaults: the paper's)."""
     group = parser.add_argument_group("RDE optimizer (defaults: the paper's)")
-    group.add_argument("--steps", type=nonnegative_int, default=steps, help=f"Adam steps (default {steps})")
+    group.add_argument(
+        "--schedule",
+        default="paper",
+        choices=SCHEDULE_NAMES,
+        help="step schedule: steps, learning rate and its decay (default paper: 2000 steps at lr 1e-3)",
+    )
+    group.add_argument("--steps", type=nonnegative_int, default=None, help="Adam steps (default: the schedule's)")
     group.add_argument("--samples", type=positive_int, default=64, help="noise samples per step (default 64)")
     group.add_argument(
         "--l1-lambda",
@@ -84,7 +91,9 @@ def add_rde_args(parser: argparse.ArgumentParser, steps: int = 2000) -> None:
         default=None,
         help="sparsity weight (default 20 CartoonX, 4 Pixel RDE)",
     )
-    group.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    group.add_argument(
+        "--lr", type=positive_float, default=None, help="Adam learning rate (default: the schedule's; paper 1e-3)"
+    )
     group.add_argument("--distortion", default="label", choices=DISTORTION_NAMES, help="default: label")
     group.add_argument(
         "--obfuscation", default="gaussian-adaptive", choices=OBFUSCATION_NAMES, help="default: gaussian-adaptive"
@@ -133,6 +142,7 @@ def optimizer_config(args: argparse.Namespace):
     from amortized_cartoonx.optimizer import OptimizerConfig
 
     return OptimizerConfig(
+        schedule=args.schedule,
         steps=args.steps,
         num_samples=args.samples,
         lr=args.lr,

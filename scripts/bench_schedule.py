@@ -1,0 +1,207 @@
+"""How few optimizer steps reach the paper schedule's CartoonX loss? Step schedules against the paper's.
+
+For every image (seeded by its file name, as the commands do) it runs the paper schedule (Adam, lr 1e-3,
+2000 steps) once, then every candidate schedule at each step budget of ``--steps``, and measures every final
+mask the same way (the RDE loss on ``--measure-samples`` noise samples of the MEASURE stream, the same draws
+for every schedule). It prints, per candidate and budget, the median ratio of the final loss to the paper
+schedule's 2000-step loss, its range, how many images stay at or below 1 and above 1.1, and the seconds per
+image; and, per candidate, the smallest budget whose median ratio is at or below 1. With ``--plot`` it draws
+the median loss-versus-step curves (the per-step losses are the optimizer's own noisy estimates).
+
+    python scripts/bench_schedule.py --classifier synthetic --images outputs/demo/data/test --size 64 \\
+        --limit 16 --samples 8 --json outputs/bench-schedule-synthetic.json --plot docs/figures/schedule.png
+
+Candidates are named ``DECAY-LR`` (``constant-0.02``, ``cosine-0.1``, ``linear-0.05``) or a schedule of
+:data:`amortized_cartoonx.optimizer.SCHEDULES` (``fast``). Held-out images only: the schedules in the package
+were chosen on other images (see docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import warnings
+
+import numpy as np
+import torch
+
+warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
+
+from amortized_cartoonx.classifiers import load_classifier  # noqa: E402
+from amortized_cartoonx.images import list_images, load_images  # noqa: E402
+from amortized_cartoonx.optimizer import LR_DECAYS, SCHEDULES, CartoonX, OptimizerConfig  # noqa: E402
+from amortized_cartoonx.seeding import file_seeds  # noqa: E402
+
+
+def candidate_config(name: str, steps: int, base: dict) -> OptimizerConfig:
+    """The optimizer config of candidate ``name`` run for ``steps`` steps."""
+    if name in SCHEDULES:
+        return OptimizerConfig(schedule=name, steps=steps, **base)
+    decay, _, lr = name.partition("-")
+    if decay not in LR_DECAYS or not lr:
+        raise SystemExit(
+            f"unknown candidate {name!r}: use DECAY-LR (decay in {', '.join(LR_DECAYS)}) or {list(SCHEDULES)}"
+        )
+    return OptimizerConfig(steps=steps, lr=float(lr), lr_decay=decay, **base)
+
+
+def run(
+    explainer: CartoonX, images: torch.Tensor, seeds: list[int], batch: int
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Final measured losses (N,), per-step history of the total loss (S, N), seconds per image."""
+    losses, histories, seconds = [], [], 0.0
+    for lo in range(0, len(images), batch):
+        explanation = explainer.explain(images[lo : lo + batch], seeds=seeds[lo : lo + batch])
+        losses.append(explanation.loss.cpu().numpy())
+        histories.append(explanation.history.total.cpu().numpy())
+        seconds += explanation.seconds
+    return np.concatenate(losses), np.concatenate(histories, axis=1), seconds / len(images)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--classifier", required=True)
+    p.add_argument("--normalize", default="auto")
+    p.add_argument("--images", required=True, help="folder of held-out images")
+    p.add_argument("--offset", type=int, default=0, help="skip this many images of the folder (sorted by name)")
+    p.add_argument("--limit", type=int, default=16)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--samples", type=int, default=16, help="noise samples L per step")
+    p.add_argument("--measure-samples", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--levels", type=int, default=5)
+    p.add_argument("--paper-steps", type=int, default=2000)
+    p.add_argument("--candidates", default="fast,constant-0.02,cosine-0.05,cosine-0.1,cosine-0.2")
+    p.add_argument("--steps", default="25,50,100,200", help="step budgets of the candidates")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", default=None)
+    p.add_argument("--plot", default=None, help="write the loss-versus-step figure here (PNG)")
+    args = p.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
+    classifier = load_classifier(args.classifier, normalize=args.normalize, device=device)
+    files = list_images(args.images)[args.offset : args.offset + args.limit]
+    images = load_images(files, args.size).to(device)
+    seeds = file_seeds([f.name for f in files], args.seed)
+    base = {"num_samples": args.samples, "measure_samples": args.measure_samples, "seed": args.seed}
+    hardware = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"# bench_schedule: {args.classifier}, {len(files)} images of {args.images} from #{args.offset}, "
+        f"{args.size}px, L={args.samples}, measured on {args.measure_samples} samples, {device} ({hardware}), "
+        f"torch {torch.__version__}",
+        flush=True,
+    )
+
+    def explainer(config: OptimizerConfig) -> CartoonX:
+        return CartoonX(classifier, levels=args.levels, config=config)
+
+    paper_config = OptimizerConfig(schedule="paper", steps=args.paper_steps, **base)
+    paper_loss, paper_history, paper_seconds = run(explainer(paper_config), images, seeds, args.batch_size)
+    print(
+        f"paper schedule: {args.paper_steps} steps, median loss {np.median(paper_loss):.4f}, "
+        f"{paper_seconds:.2f} s/image",
+        flush=True,
+    )
+
+    budgets = [int(s) for s in args.steps.split(",")]
+    rows, curves = [], {"paper": np.median(paper_history, axis=1).tolist()}
+    print()
+    print("| schedule | steps | median ratio | range | images <= 1 | images > 1.1 | s / image |")
+    print("|---|---|---|---|---|---|---|")
+    for name in args.candidates.split(","):
+        for steps in budgets:
+            loss, history, seconds = run(explainer(candidate_config(name, steps, base)), images, seeds, args.batch_size)
+            ratio = loss / paper_loss
+            row = {
+                "schedule": name,
+                "steps": steps,
+                "median_ratio": float(np.median(ratio)),
+                "min_ratio": float(ratio.min()),
+                "max_ratio": float(ratio.max()),
+                "at_or_below_1": int((ratio <= 1).sum()),
+                "above_1_1": int((ratio > 1.1).sum()),
+                "images": len(ratio),
+                "seconds_per_image": seconds,
+                "ratios": ratio.tolist(),
+            }
+            rows.append(row)
+            curves[f"{name}@{steps}"] = np.median(history, axis=1).tolist()
+            print(
+                f"| {name} | {steps} | {row['median_ratio']:.3f} | {row['min_ratio']:.3f}-{row['max_ratio']:.3f} | "
+                f"{row['at_or_below_1']}/{len(ratio)} | {row['above_1_1']} | {seconds:.2f} |",
+                flush=True,
+            )
+    print()
+    for name in args.candidates.split(","):
+        reached = [r["steps"] for r in rows if r["schedule"] == name and r["median_ratio"] <= 1.0]
+        print(f"{name}: median ratio <= 1 from {min(reached) if reached else 'no budget tried'} steps")
+    result = {
+        "classifier": args.classifier,
+        "images": [f.name for f in files],
+        "size": args.size,
+        "samples": args.samples,
+        "measure_samples": args.measure_samples,
+        "device": str(device),
+        "hardware": hardware,
+        "torch": torch.__version__,
+        "paper": {"steps": args.paper_steps, "losses": paper_loss.tolist(), "seconds_per_image": paper_seconds},
+        "rows": rows,
+        "curves": curves,
+        "command": " ".join(sys.argv),
+    }
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=1)
+    if args.plot:
+        plot(result, args.plot)
+    return 0
+
+
+def plot(result: dict, path: str) -> None:
+    from matplotlib.figure import Figure
+
+    from amortized_cartoonx.plotting import save_figure
+
+    fig = Figure(figsize=(9, 3.6))
+    ax_curve, ax_ratio = fig.subplots(1, 2)
+    paper = result["curves"]["paper"]
+    ax_curve.plot(range(1, len(paper) + 1), paper, color="black", label=f"paper ({len(paper)} steps)")
+    longest = max(r["steps"] for r in result["rows"])
+    for key, curve in result["curves"].items():
+        if key.endswith(f"@{longest}"):
+            ax_curve.plot(range(1, len(curve) + 1), curve, label=key)
+    ax_curve.axhline(statistics.median(result["paper"]["losses"]), color="black", linestyle=":", linewidth=1)
+    ax_curve.set(xscale="log", xlabel="step", ylabel="RDE loss (median, per-step estimate)", title="loss vs step")
+    ax_curve.legend(fontsize=7)
+    for name in dict.fromkeys(r["schedule"] for r in result["rows"]):
+        rows = [r for r in result["rows"] if r["schedule"] == name]
+        ax_ratio.plot([r["steps"] for r in rows], [r["median_ratio"] for r in rows], marker="o", label=name)
+    ax_ratio.axhline(1.0, color="black", linestyle=":", linewidth=1)
+    ax_ratio.set(
+        xscale="log",
+        xlabel="step budget",
+        ylabel="final loss / paper's 2000-step loss (median)",
+        title="final-loss ratio",
+    )
+    ax_ratio.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
