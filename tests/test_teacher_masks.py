@@ -1,4 +1,4 @@
-"""Teacher-mask generation (``cartoonx targets``): records, seeds, resume, refusal, CLI, DDP (slow)."""
+"""Teacher masks (``cartoonx targets``): records, seeds, resume, refusal, CLI, DDP; the store."""
 
 from __future__ import annotations
 
@@ -23,10 +23,13 @@ from amortized_cartoonx.classifiers import load_classifier  # noqa: E402
 from amortized_cartoonx.errors import ConfigError, InputError  # noqa: E402
 from amortized_cartoonx.images import load_images  # noqa: E402
 from amortized_cartoonx.optimizer import CartoonX  # noqa: E402
-from amortized_cartoonx.teacher_masks.store import TeacherMaskStore  # noqa: E402
+from amortized_cartoonx.seeding import file_seeds, item_seed  # noqa: E402
+from amortized_cartoonx.teacher_masks.store import FORMAT_VERSION, TeacherMaskStore  # noqa: E402
 
 pl = pytest.importorskip("pytorch_lightning")
-from amortized_cartoonx.teacher_masks.generate import TeacherBatch, TeacherWriter, build_manifest, generate_targets  # noqa: E402
+from amortized_cartoonx.teacher_masks.generate import generate_teacher_masks  # noqa: E402
+from amortized_cartoonx.teacher_masks.lightning import TeacherBatch, TeacherWriter  # noqa: E402
+from amortized_cartoonx.teacher_masks.plan import TeacherMaskSettings, build_manifest  # noqa: E402
 
 SPEC = "conftest:make_tiny_cnn"  # a package.module:callable spec: a seeded tiny CNN
 SIZE = 32  # db3 allows J = 4 at 32 px: the manifest must record the capped J
@@ -64,7 +67,7 @@ def reference(tmp_path_factory) -> tuple[Path, Path]:
     """One complete run: (image folder, store folder)."""
     root = tmp_path_factory.mktemp("targets")
     images = make_folder(root / "images")
-    summary = generate_targets(images, root / "store", SPEC, **SETTINGS, **RUN)
+    summary = generate_teacher_masks(images, root / "store", SPEC, **SETTINGS, **RUN)
     assert (summary.done, summary.skipped, summary.total) == (NUM_IMAGES, 0, NUM_IMAGES)
     return images, root / "store"
 
@@ -87,6 +90,7 @@ def test_one_record_per_image_with_manifest(reference):
         "zero",
     )
     expected = {"classifier": SPEC, "normalize": "none", "size": SIZE, "steps": 8, "num_samples": 4, "lr": 0.05}
+    assert manifest["format_version"] == FORMAT_VERSION == 2 and manifest["seeding"].startswith("item_seed(file name")
     assert {k: manifest[k] for k in expected} == expected
     assert (manifest["l1_lambda"], manifest["obfuscation"], manifest["distortion"], manifest["seed"]) == (
         20.0,
@@ -94,11 +98,11 @@ def test_one_record_per_image_with_manifest(reference):
         "label",
         0,
     )
-    for k, name in enumerate(names):
+    for name in names:
         record = store.get(name)
         assert record.mask.shape == (manifest["mask_length"],)
         assert 0.0 <= float(record.mask.min()) and float(record.mask.max()) <= 1.0
-        assert record.seed == k  # seed + folder index
+        assert record.seed == item_seed(name, 0)  # the file name's seed, not the folder index
         assert record.loss == pytest.approx(record.distortion + 20.0 * record.mask_mean, rel=1e-3, abs=1e-3)
 
 
@@ -107,12 +111,52 @@ def test_masks_equal_the_optimizer_run_directly(reference):
     store = TeacherMaskStore(folder)
     paths = sorted(images.iterdir())
     x = load_images(paths, SIZE)
-    direct = CartoonX(load_classifier(SPEC), steps=8, num_samples=4, lr=0.05).explain(x, seeds=list(range(NUM_IMAGES)))
+    direct = CartoonX(load_classifier(SPEC), steps=8, num_samples=4, lr=0.05).explain(
+        x, seeds=file_seeds([p.name for p in paths], 0)
+    )
     ids = [p.name for p in paths]
     torch.testing.assert_close(stored_masks(store, ids), direct.mask.flatten(), atol=1e-3, rtol=0)  # float16
     assert [store.get(i).target for i in ids] == direct.target.tolist()
     torch.testing.assert_close(torch.tensor([store.get(i).loss for i in ids]), direct.loss, atol=1e-4, rtol=1e-4)
     assert float(direct.mask_mean.mean()) < 0.99  # the masks did move: the comparison is not trivial
+
+
+def test_an_images_seed_is_its_file_names_whatever_the_folder_holds(reference, tmp_path):
+    """A file that sorts first shifts every position; with ``limit`` and a non-zero seed each mask is still
+    ``explain(image, seeds=[item_seed(name, seed)])`` of the image alone, not that of its position's seed."""
+    images, _ = reference
+    folder = tmp_path / "images"
+    shutil.copytree(images, folder)
+    shutil.copy(images / "img3.png", folder / "aaa.png")  # sorts before img0.png
+    noisy = dict(size=SIZE, steps=8, num_samples=2, lr=0.1, l1_lambda=1.0)  # masks that depend on the seed
+    summary = generate_teacher_masks(folder, tmp_path / "store", SPEC, **noisy, **RUN, limit=3, seed=7)
+    assert summary.done == 3
+    store = TeacherMaskStore(tmp_path / "store")
+    assert sorted(store.ids()) == ["aaa.png", "img0.png", "img1.png"]
+    cartoonx = CartoonX(load_classifier(SPEC), steps=8, num_samples=2, lr=0.1, l1_lambda=1.0)
+    for position, name in enumerate(["aaa.png", "img0.png", "img1.png"]):
+        image = load_images([folder / name], SIZE)
+        assert store.get(name).seed == item_seed(name, 7)
+        alone = cartoonx.explain(image, seeds=[item_seed(name, 7)]).mask.flatten()[0]
+        torch.testing.assert_close(store.get(name).mask, alone, atol=1e-3, rtol=0)  # float16
+        by_position = cartoonx.explain(image, seeds=[7 + position]).mask.flatten()[0]  # the old rule
+        assert float((alone - by_position).abs().max()) > 0.05
+
+
+def test_a_store_of_the_old_seeding_is_read_but_never_resumed(reference, tmp_path):
+    images, full = reference
+    out = tmp_path / "old"
+    shutil.copytree(full, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest.update(format_version=1, seeding="seed + index of the image in the folder (files sorted by name)")
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert len(TeacherMaskStore(out)) == NUM_IMAGES  # its masks are valid teacher masks
+    first = shard_ids(out)[0]
+    (out / TeacherMaskStore(out).index[first][0].name).unlink()  # something left to compute
+    with pytest.raises(ConfigError, match="format 1") as exc:
+        generate_teacher_masks(images, out, SPEC, **SETTINGS, **RUN)
+    assert str(out / "manifest.json") in str(exc.value) and "--out" in str(exc.value)
+    assert first not in TeacherMaskStore(out)  # nothing was written
 
 
 class StopAfterFirstBatch(pl.Callback):
@@ -126,16 +170,16 @@ def test_resume_after_interrupted_run(reference, tmp_path):
     images, full = reference
     out = tmp_path / "store"
     with pytest.raises(RuntimeError, match="simulated kill"):
-        generate_targets(images, out, SPEC, **SETTINGS, **RUN, callbacks=[StopAfterFirstBatch()])
+        generate_teacher_masks(images, out, SPEC, **SETTINGS, **RUN, callbacks=[StopAfterFirstBatch()])
     assert len(TeacherMaskStore(out)) == RUN["batch_size"]
     (out / ".shard-leftover.1234.safetensors.tmp").write_bytes(b"half a shard")  # a write killed midway
 
-    summary = generate_targets(images, out, SPEC, **SETTINGS, **{**RUN, "batch_size": 1})
+    summary = generate_teacher_masks(images, out, SPEC, **SETTINGS, **{**RUN, "batch_size": 1})
     assert (summary.done, summary.skipped) == (NUM_IMAGES - RUN["batch_size"], RUN["batch_size"])
     ids = shard_ids(out)
     assert sorted(ids) == sorted(p.name for p in images.iterdir())  # every image exactly once
     assert not list(out.glob("*.tmp"))
-    # seeds follow the folder index, not the run: the resumed masks equal the one-run masks
+    # seeds follow the file name, not the run: the resumed masks equal the one-run masks
     names = sorted(ids)
     torch.testing.assert_close(stored_masks(TeacherMaskStore(out), names), stored_masks(TeacherMaskStore(full), names))
 
@@ -147,12 +191,12 @@ def test_lost_shard_is_recomputed_and_a_finished_folder_is_left_alone(reference,
     first = TeacherMaskStore(out).shards()[0]
     lost = shard_ids(out)[: RUN["batch_size"]]
     first.unlink()
-    summary = generate_targets(images, out, SPEC, **SETTINGS, **RUN)
+    summary = generate_teacher_masks(images, out, SPEC, **SETTINGS, **RUN)
     assert (summary.done, summary.skipped) == (len(lost), NUM_IMAGES - len(lost))
     assert sorted(shard_ids(out)) == sorted(p.name for p in images.iterdir())
 
     shards = {p.name: p.stat().st_mtime_ns for p in TeacherMaskStore(out).shards()}
-    again = generate_targets(images, out, SPEC, **SETTINGS, **RUN)
+    again = generate_teacher_masks(images, out, SPEC, **SETTINGS, **RUN)
     assert (again.done, again.skipped, again.mean_loss) == (0, NUM_IMAGES, None)
     assert {p.name: p.stat().st_mtime_ns for p in TeacherMaskStore(out).shards()} == shards
 
@@ -161,26 +205,26 @@ def test_limit_takes_the_first_images_and_the_rest_follows_later(reference, tmp_
     images, full = reference
     out = tmp_path / "store"
     names = sorted(p.name for p in images.iterdir())
-    first = generate_targets(images, out, SPEC, **SETTINGS, **RUN, limit=2)
+    first = generate_teacher_masks(images, out, SPEC, **SETTINGS, **RUN, limit=2)
     assert (first.done, first.total) == (2, 2) and sorted(TeacherMaskStore(out).ids()) == names[:2]
-    rest = generate_targets(images, out, SPEC, **SETTINGS, **RUN)
+    rest = generate_teacher_masks(images, out, SPEC, **SETTINGS, **RUN)
     assert (rest.done, rest.skipped) == (NUM_IMAGES - 2, 2)
-    # image k keeps seed k with or without a limit: the masks are the one-run masks
+    # an image's seed is its file name's with or without a limit: the masks are the one-run masks
     torch.testing.assert_close(stored_masks(TeacherMaskStore(out), names), stored_masks(TeacherMaskStore(full), names))
     with pytest.raises(ConfigError, match="limit"):
-        generate_targets(images, out, SPEC, **SETTINGS, **RUN, limit=0)
+        generate_teacher_masks(images, out, SPEC, **SETTINGS, **RUN, limit=0)
 
 
 def test_other_settings_are_refused(reference):
     images, folder = reference
     before = shard_ids(folder)
     with pytest.raises(ConfigError, match="steps"):
-        generate_targets(images, folder, SPEC, **{**SETTINGS, "steps": 9}, **RUN)
+        generate_teacher_masks(images, folder, SPEC, **{**SETTINGS, "steps": 9}, **RUN)
     with pytest.raises(ConfigError, match="size"):
-        generate_targets(images, folder, SPEC, **{**SETTINGS, "size": 40}, **RUN)
+        generate_teacher_masks(images, folder, SPEC, **{**SETTINGS, "size": 40}, **RUN)
     assert shard_ids(folder) == before
     # chunk_size only bounds memory: it is not a setting of the masks
-    assert generate_targets(images, folder, SPEC, **SETTINGS, **RUN, chunk_size=2).done == 0
+    assert generate_teacher_masks(images, folder, SPEC, **SETTINGS, **RUN, chunk_size=2).done == 0
 
 
 def test_writer_drops_ids_already_written(reference, tmp_path):
@@ -217,9 +261,7 @@ def test_writer_drops_ids_already_written(reference, tmp_path):
 
 def test_manifest_rejects_too_small_images(reference):
     classifier = load_classifier(SPEC)
-    from amortized_cartoonx.teacher_masks.generate import TargetSettings
-
-    settings = TargetSettings(SPEC, size=4)
+    settings = TeacherMaskSettings(SPEC, size=4)
     with pytest.raises(InputError, match="too small"):
         build_manifest(settings, settings.build_optimizer(classifier), classifier)
 

@@ -31,7 +31,12 @@ from ..io import atomic_write, atomic_write_text
 MANIFEST = "manifest.json"
 SHARD_GLOB = "shard-*.safetensors"
 TEMP_GLOB = ".shard-*.safetensors.tmp"  # what io.atomic_path leaves behind when a writer is killed
-FORMAT_VERSION = 1
+MANIFEST_KIND = "cartoonx-teacher-masks"
+
+#: The manifest format this version writes. 2: each image is seeded ``item_seed(file name, seed)``;
+#: 1: seeded ``seed + its position in the folder``. Format-1 stores are read (their masks are valid), but a run
+#: never adds to one: its masks would mix the two seeding rules.
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -74,12 +79,18 @@ class TeacherMaskStore:
 
     @classmethod
     def create(cls, folder: str | Path, manifest: dict) -> TeacherMaskStore:
-        """Open ``folder`` for writing with ``manifest``; refuse a folder made with other settings."""
+        """Open ``folder`` for writing with ``manifest``; refuse a folder made with other settings or written
+        in another format (format 1 seeded images by their position in the folder)."""
         folder = Path(folder)
         path = folder / MANIFEST
         manifest = {"format_version": FORMAT_VERSION, **manifest}
         if path.is_file():
             old = json.loads(path.read_text(encoding="utf-8"))
+            if old.get("format_version") != FORMAT_VERSION:
+                raise ConfigError(
+                    f"{path} is of format {old.get('format_version')} (seeds: {old.get('seeding', 'unknown')}); this "
+                    f"version writes format {FORMAT_VERSION} and never mixes the two: use another --out"
+                )
             diff = manifest_differences(old, manifest)
             if diff:
                 details = "; ".join(f"{k}: {old.get(k)!r} there, {manifest.get(k)!r} now" for k in diff)
