@@ -9,8 +9,9 @@ Runs the exact CartoonX optimizer over every image of DIR (each seeded by its fi
 
 The output folder holds ``manifest.json`` (classifier, normalisation, size, wavelet and J, mask length,
 every optimizer setting) and ``shard-<run-id>-r<rank>-<batch>.safetensors`` files of float16 masks, written
-atomically. A killed run resumes where it stopped (run the same command again); a run with other settings
-into the same folder, or into a folder of an older format, is refused. Read the masks with
+atomically. A killed run resumes where it stopped (run the same command again; the masks already there are
+checked first, and a corrupt shard or manifest stops it with one line naming the file); a run with other
+settings into the same folder, or into a folder of an older format, is refused. Read the masks with
 ``amortized_cartoonx.teacher_masks.store.TeacherMaskStore``.
 """
 

@@ -20,6 +20,8 @@ How the work is split and made safe to kill:
 - **Shards** (:mod:`.store`). One per batch, written atomically (temp file + rename), named
   ``shard-<run-id>-r<rank>-<batch>.safetensors`` with ``<run-id>`` = ``YYYYmmddTHHMMSS-<6 hex>`` (UTC) and
   ``<batch>`` the rank's batch index on 6 digits. A killed run loses at most the batches in flight.
+- **Checks.** A resume first verifies the shards already there (:meth:`TeacherMaskStore.verify`): a corrupt
+  shard or manifest stops the run with one line naming the file.
 
 The manifest records everything that determines the masks (see :func:`~.plan.build_manifest`); a run with other
 settings into the same folder is refused.
@@ -124,7 +126,8 @@ def generate_teacher_masks(
         a :class:`TeacherMaskSummary`; on ranks other than 0 it covers nothing (``done`` 0).
 
     Raises:
-        InputError: no images, an unreadable image, a size too small for the wavelet.
+        InputError: no images, an unreadable image, a size too small for the wavelet, a corrupt manifest or shard
+            in ``out``.
         ClassifierError: a classifier that cannot be loaded. ConfigError: bad settings, or ``out`` made with other
             settings or in an older format.
     """
@@ -142,6 +145,10 @@ def generate_teacher_masks(
     store = TeacherMaskStore.create(out, manifest)
     settings.levels = manifest["levels"]  # the J used at this size (the cap was already reported)
     del optimizer, loaded
+    if store.shards():  # a resume: check what is there before adding to it (one line naming a bad file)
+        start = time.perf_counter()
+        checked = store.verify()
+        logger.info("checked the %d masks already in %s (%.1f s)", checked, out, time.perf_counter() - start)
     plan = plan_teacher_masks(images, store, config.seed, limit)
     if not plan.ids:
         logger.info("all %d images of %s are already in %s; nothing to do", plan.total, images, out)

@@ -25,7 +25,8 @@ from ..images import list_images
 from ..optimizer import CartoonX, OptimizerConfig
 from ..seeding import file_seeds
 from ..wavelets import DEFAULT_LEVELS, DEFAULT_MODE, DEFAULT_WAVE
-from .store import MANIFEST_KIND, TeacherMaskStore
+from .files import MANIFEST_KIND
+from .store import TeacherMaskStore
 
 #: The :class:`OptimizerConfig` fields that determine the masks (recorded in the manifest). ``chunk_size`` is
 #: left out on purpose: it only bounds memory, so a resumed run may change it.
