@@ -224,9 +224,9 @@ def _optimizer_config(cfg: DemoConfig):
 def stage_teachers(cfg: DemoConfig) -> dict:
     if cfg.teacher_images == 0:
         return {"done": 0, "skipped": 0, "mean_loss": None}
-    from .teacher_masks.generate import generate_targets
+    from .teacher_masks.generate import generate_teacher_masks
 
-    summary = generate_targets(
+    summary = generate_teacher_masks(
         cfg.train_dir,
         cfg.teachers_dir,
         cfg.classifier_spec,

@@ -1,15 +1,18 @@
 """``cartoonx targets --classifier SPEC --images DIR --out DIR``: teacher masks for the amortized explainer.
 
-Runs the exact CartoonX optimizer over every image of DIR (files sorted by name; image k is seeded
-``--seed + k``) through Lightning's ``Trainer.predict``, so the same command runs on the CPU, one GPU or many:
+Runs the exact CartoonX optimizer over every image of DIR (each seeded by its file name and ``--seed``, so
+``--limit``, a resume or the folder's other files never change an image's mask) through Lightning's
+``Trainer.predict``, so the same command runs on the CPU, one GPU or many:
 
     cartoonx targets --classifier ../shared/models/mobilenet_v1_025_imagenet.pt --images photos/ --out teachers/
     cartoonx targets ... --accelerator gpu --devices 4 --strategy ddp
 
 The output folder holds ``manifest.json`` (classifier, normalisation, size, wavelet and J, mask length,
 every optimizer setting) and ``shard-<run-id>-r<rank>-<batch>.safetensors`` files of float16 masks, written
-atomically. A killed run resumes where it stopped (run the same command again); a run with other settings
-into the same folder is refused. Read the masks with ``amortized_cartoonx.teacher_masks.store.TeacherMaskStore``.
+atomically. A killed run resumes where it stopped (run the same command again; the masks already there are
+checked first, and a corrupt shard or manifest stops it with one line naming the file); a run with other
+settings into the same folder, or into a folder of an older format, is refused. Read the masks with
+``amortized_cartoonx.teacher_masks.store.TeacherMaskStore``.
 """
 
 from __future__ import annotations
@@ -56,11 +59,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from amortized_cartoonx.teacher_masks.generate import generate_targets
+    from amortized_cartoonx.teacher_masks.generate import generate_teacher_masks
 
     from .common import optimizer_config
 
-    summary = generate_targets(
+    summary = generate_teacher_masks(
         args.images,
         args.out,
         args.classifier,

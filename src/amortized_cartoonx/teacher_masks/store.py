@@ -9,7 +9,20 @@ Each shard holds the tensors ``masks (n, K) float16`` (flat masks in
 :meth:`~amortized_cartoonx.wavelets.Coefficients.flatten` order), ``targets (n,) int64``, ``loss``,
 ``distortion``, ``mask_mean`` ``(n,) float32``, optionally ``seeds (n,) int64`` (the per-image seed the
 optimizer used; absent in shards written without it), and in its metadata ``ids``: a JSON list of the n
-image ids. Reading never runs code (safetensors + JSON).
+image ids.
+
+**Reading never runs code and never uses bad data** (safetensors + JSON only, checked by :mod:`.files`); every
+problem is an :class:`~amortized_cartoonx.errors.InputError` of one line naming the file. The checks run where
+they cost least:
+
+* opening the store reads and checks ``manifest.json``;
+* the index (built on first use from the shards' headers only, no tensor data) checks each shard's structure --
+  tensors, dtypes, shapes, unique ids, masks of the manifest's length K (or, without one, of the same length in
+  every shard) -- and that no id is in two shards (a later shard never silently replaces earlier masks);
+* loading a shard (:meth:`TeacherMaskStore.get`, cached per shard) checks its values: masks finite and in
+  [0, 1], finite losses, non-negative targets. :meth:`TeacherMaskStore.verify` does so for every shard.
+
+A healthy store thus costs one header read per shard to open and a few comparisons per mask on load.
 """
 
 from __future__ import annotations
@@ -21,17 +34,24 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from ..errors import ConfigError, InputError
 from ..io import atomic_write, atomic_write_text
+from .files import (
+    FORMAT_VERSION,
+    manifest_differences,
+    manifest_problem,
+    one_line,
+    read_manifest,
+    read_shard,
+    read_shard_info,
+)
 
 MANIFEST = "manifest.json"
 SHARD_GLOB = "shard-*.safetensors"
 TEMP_GLOB = ".shard-*.safetensors.tmp"  # what io.atomic_path leaves behind when a writer is killed
-FORMAT_VERSION = 1
 
 
 @dataclass
@@ -50,18 +70,21 @@ class TeacherRecord:
     seed: int | None = None
 
 
-def manifest_differences(old: dict, new: dict) -> list[str]:
-    """Keys whose values differ between two manifests (ignoring bookkeeping keys)."""
-    ignore = {"created", "format_version"}
-    keys = (set(old) | set(new)) - ignore
-    return sorted(k for k in keys if old.get(k) != new.get(k))
+@lru_cache(maxsize=8)
+def _load_shard(path: str, mtime_ns: int, mask_length: int | None) -> tuple[tuple[str, ...], dict[str, Tensor]]:
+    """:func:`read_shard`, cached (the mtime in the key drops stale entries)."""
+    return read_shard(Path(path), mask_length)
 
 
+# ---- the store -------------------------------------------------------------------------------------------
 class TeacherMaskStore:
     """A folder of teacher-mask shards.
 
     Args:
         folder: the store's folder (must hold a manifest unless created with :meth:`create`).
+
+    Raises:
+        InputError: no manifest, or a manifest that is not valid (:func:`read_manifest`).
     """
 
     def __init__(self, folder: str | Path) -> None:
@@ -69,17 +92,25 @@ class TeacherMaskStore:
         path = self.folder / MANIFEST
         if not path.is_file():
             raise InputError(f"{self.folder} is not a teacher-mask folder (no {MANIFEST}); run cartoonx targets")
-        self.manifest: dict = json.loads(path.read_text(encoding="utf-8"))
+        self.manifest: dict = read_manifest(path)
         self._index: dict[str, tuple[Path, int]] | None = None
+        self._shard_ids: dict[Path, tuple[str, ...]] = {}
+        self._mask_length: int | None = self.manifest.get("mask_length")
 
     @classmethod
     def create(cls, folder: str | Path, manifest: dict) -> TeacherMaskStore:
-        """Open ``folder`` for writing with ``manifest``; refuse a folder made with other settings."""
+        """Open ``folder`` for writing with ``manifest``; refuse a folder made with other settings or written
+        in another format (format 1 seeded images by their position in the folder)."""
         folder = Path(folder)
         path = folder / MANIFEST
         manifest = {"format_version": FORMAT_VERSION, **manifest}
         if path.is_file():
-            old = json.loads(path.read_text(encoding="utf-8"))
+            old = read_manifest(path)
+            if old["format_version"] != FORMAT_VERSION:
+                raise ConfigError(
+                    f"{path} is of format {old['format_version']} (seeds: {old.get('seeding', 'unknown')}); this "
+                    f"version writes format {FORMAT_VERSION} and never mixes the two: use another --out"
+                )
             diff = manifest_differences(old, manifest)
             if diff:
                 details = "; ".join(f"{k}: {old.get(k)!r} there, {manifest.get(k)!r} now" for k in diff)
@@ -87,6 +118,9 @@ class TeacherMaskStore:
                     f"{folder} holds teacher masks made with other settings ({details}); use another --out"
                 )
         else:
+            problem = manifest_problem(manifest)
+            if problem:
+                raise ValueError(f"not a valid teacher-mask manifest: {problem}")
             folder.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         return cls(folder)
@@ -103,10 +137,19 @@ class TeacherMaskStore:
         mask_mean: Tensor,
         seeds: Sequence[int] | Tensor | None = None,
     ) -> Path:
-        """Write one shard atomically; ``masks: (n, K)``, the others ``(n,)``. Returns its path."""
+        """Write one shard atomically; ``masks: (n, K)`` in [0, 1], the others ``(n,)``. Returns its path.
+
+        The caller makes sure no id is already in another shard (the writer callback does).
+        """
         n = len(ids)
         if masks.ndim != 2 or masks.shape[0] != n:
             raise ValueError(f"masks must be (n, K) with n = {n} ids, got {tuple(masks.shape)}")
+        if self.mask_length is not None and masks.shape[1] != self.mask_length:
+            raise ValueError(f"masks must have length {self.mask_length} (the store's), got {masks.shape[1]}")
+        if not bool(((masks >= 0) & (masks <= 1)).all()):
+            raise ValueError("masks must be finite and in [0, 1]")
+        if len(set(ids)) != n:
+            raise ValueError("the ids of a shard must be unique")
         tensors = {
             "masks": masks.detach().to("cpu", torch.float16).contiguous(),
             "targets": targets.detach().to("cpu", torch.int64).contiguous(),
@@ -135,18 +178,34 @@ class TeacherMaskStore:
     def shards(self) -> list[Path]:
         return sorted(self.folder.glob(SHARD_GLOB))
 
+    @property
+    def mask_length(self) -> int | None:
+        """K: the manifest's ``mask_length``, else the shards' (None while neither says)."""
+        if self._mask_length is None:
+            _ = self.index  # building the index learns K from the first shard
+        return self._mask_length
+
     def _build_index(self) -> dict[str, tuple[Path, int]]:
         index: dict[str, tuple[Path, int]] = {}
+        shard_ids: dict[Path, tuple[str, ...]] = {}
         for shard in self.shards():
-            with safe_open(str(shard), framework="pt") as fh:
-                ids = json.loads((fh.metadata() or {}).get("ids", "[]"))
-            for row, image_id in enumerate(ids):
-                index.setdefault(image_id, (shard, row))  # a duplicate (shouldn't happen) keeps the first
+            info = read_shard_info(shard, self._mask_length)
+            if self._mask_length is None:
+                self._mask_length = info.mask_length  # every other shard must agree
+            for row, image_id in enumerate(info.ids):
+                if image_id in index:
+                    raise InputError(
+                        f"image {image_id!r} is in two shards of {self.folder}: {index[image_id][0].name} and "
+                        f"{shard.name}; delete one of them (cartoonx targets recomputes what is missing)"
+                    )
+                index[image_id] = (shard, row)
+            shard_ids[shard] = info.ids
+        self._shard_ids = shard_ids
         return index
 
     @property
     def index(self) -> dict[str, tuple[Path, int]]:
-        """``id -> (shard, row)`` over every shard (rebuilt after writes)."""
+        """``id -> (shard, row)`` over every shard (rebuilt after writes); building it checks the shards' headers."""
         if self._index is None:
             self._index = self._build_index()
         return self._index
@@ -160,10 +219,20 @@ class TeacherMaskStore:
     def __len__(self) -> int:
         return len(self.index)
 
+    def _load(self, shard: Path) -> dict[str, Tensor]:
+        try:
+            mtime = shard.stat().st_mtime_ns
+        except OSError as exc:
+            raise InputError(f"cannot read {shard}: {exc.strerror or one_line(exc)}") from None
+        ids, data = _load_shard(str(shard), mtime, self._mask_length)
+        if ids != self._shard_ids.get(shard):
+            raise InputError(f"{shard} changed since {self.folder} was opened; open the store again")
+        return data
+
     def get(self, image_id: str) -> TeacherRecord:
-        """The record of ``image_id``; ``KeyError`` when the store has none."""
+        """The record of ``image_id``; ``KeyError`` when the store has none, ``InputError`` for a bad shard."""
         shard, row = self.index[image_id]
-        data = _load_shard(str(shard), shard.stat().st_mtime_ns)
+        data = self._load(shard)
         return TeacherRecord(
             id=image_id,
             mask=data["masks"][row].float(),
@@ -174,8 +243,11 @@ class TeacherMaskStore:
             seed=int(data["seeds"][row]) if "seeds" in data else None,
         )
 
-
-@lru_cache(maxsize=8)
-def _load_shard(path: str, mtime_ns: int) -> dict[str, Tensor]:
-    """A shard's tensors (cached; the mtime in the key drops stale entries)."""
-    return load_file(path)
+    def verify(self) -> int:
+        """Read every shard once and check its values (what :meth:`get` checks as it loads); returns the number
+        of masks. Costs one read of the whole store; ``InputError`` names the first bad shard."""
+        index = self.index
+        for shard, ids in self._shard_ids.items():
+            if read_shard(shard, self._mask_length)[0] != ids:
+                raise InputError(f"{shard} changed since {self.folder} was opened; open the store again")
+        return len(index)
