@@ -52,7 +52,7 @@ from amortized_cartoonx.explanation import measure_mask  # noqa: E402
 from amortized_cartoonx.images import list_images, load_images  # noqa: E402
 from amortized_cartoonx.optimizer import CartoonX, OptimizerConfig  # noqa: E402
 from amortized_cartoonx.runtime import synchronize  # noqa: E402
-from amortized_cartoonx.seeding import image_seeds  # noqa: E402
+from amortized_cartoonx.seeding import file_seeds  # noqa: E402
 
 logger = logging.getLogger("bench_amortized")
 
@@ -177,7 +177,7 @@ def run(args: argparse.Namespace) -> dict:
     for lo in range(0, len(files), args.batch_size):
         batch = images_all[lo : lo + args.batch_size].to(device)
         n = batch.shape[0]
-        seeds = image_seeds(n, args.seed + lo)
+        seeds = file_seeds([f.name for f in files[lo : lo + n]], args.seed)  # as the commands seed them
         # (a) amortized: the mask alone, then the full explanation for the measured numbers
         synchronize(device)
         start = time.perf_counter()

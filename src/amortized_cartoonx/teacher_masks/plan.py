@@ -31,9 +31,12 @@ from .store import TeacherMaskStore
 #: The :class:`OptimizerConfig` fields that determine the masks (recorded in the manifest). ``chunk_size`` is
 #: left out on purpose: it only bounds memory, so a resumed run may change it.
 RESULT_FIELDS = (
+    "schedule",
     "steps",
     "num_samples",
     "lr",
+    "lr_decay",
+    "lr_final",
     "l1_lambda",
     "obfuscation",
     "distortion",
