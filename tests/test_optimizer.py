@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
-from amortized_cartoonx.errors import ConfigError, InputError
-from amortized_cartoonx.optimizer import CartoonX, OptimizerConfig, PixelRDE
+from amortized_cartoonx.errors import ConfigError, InputError, NonFiniteError
+from amortized_cartoonx.optimizer import LR_DECAYS, SCHEDULES, CartoonX, OptimizerConfig, PixelRDE
 
 FAST = {"steps": 30, "num_samples": 4}
 
@@ -142,3 +142,58 @@ def test_bad_configuration_is_refused(tiny_cnn):
         CartoonX(tiny_cnn, distortion="l3")
     with pytest.raises(ConfigError, match="steps"):
         OptimizerConfig(steps=-1).validate()
+
+
+def test_schedules_fill_steps_and_lr_unless_given():
+    paper = OptimizerConfig()
+    assert (paper.schedule, paper.steps, paper.lr, paper.lr_decay) == ("paper", 2000, 1e-3, "constant")
+    mine = OptimizerConfig(steps=7, lr=0.5)
+    assert (mine.steps, mine.lr, mine.lr_decay) == (7, 0.5, "constant")
+    for name, preset in SCHEDULES.items():
+        config = OptimizerConfig(schedule=name)
+        assert all(getattr(config, k) == v for k, v in preset.items())
+    with pytest.raises(ConfigError, match="unknown schedule"):
+        OptimizerConfig(schedule="warp")
+    with pytest.raises(ConfigError, match="lr_decay"):
+        OptimizerConfig(lr_decay="step").validate()
+    with pytest.raises(ConfigError, match="finite"):
+        OptimizerConfig(lr=float("nan")).validate()
+
+
+@pytest.mark.parametrize("decay", ["linear", "cosine"])
+def test_decayed_schedules_are_deterministic_batched_and_stay_in_the_unit_interval(tiny_cnn, images, decay):
+    opt = CartoonX(tiny_cnn, levels=3, steps=12, num_samples=4, lr=0.1, lr_decay=decay)
+    batch = opt.explain(images, seeds=[5, 6, 7])
+    again = opt.explain(images, seeds=[5, 6, 7])
+    assert torch.equal(batch.mask.flatten(), again.mask.flatten())
+    flat = batch.mask.flatten()
+    assert flat.min() >= 0 and flat.max() <= 1
+    single = opt.explain(images[1:2], seeds=[6])
+    torch.testing.assert_close(single.mask.flatten(), flat[1:2], atol=1e-5, rtol=0)
+    constant = CartoonX(tiny_cnn, levels=3, steps=12, num_samples=4, lr=0.1).explain(images, seeds=[5, 6, 7])
+    assert not torch.equal(constant.mask.flatten(), flat)  # the decay changed the path
+
+
+def test_the_learning_rate_follows_the_decay():
+    assert LR_DECAYS["constant"](5, 10, 0.0) == 1.0
+    assert LR_DECAYS["linear"](0, 10, 0.0) == 1.0 and LR_DECAYS["linear"](5, 10, 0.0) == 0.5
+    assert LR_DECAYS["cosine"](0, 10, 0.1) == pytest.approx(1.0) and LR_DECAYS["cosine"](10, 10, 0.1) == pytest.approx(
+        0.1
+    )
+    values = [LR_DECAYS["cosine"](s, 10, 0.0) for s in range(10)]
+    assert all(a > b for a, b in zip(values, values[1:]))
+
+
+def test_a_diverging_loss_stops_with_a_clear_error(images):
+    class FineOnceThenNaN(torch.nn.Module):
+        """Finite logits for the original images (the check on the way in), NaN under noise."""
+
+        calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            logits = torch.stack([x.mean((1, 2, 3)), -x.mean((1, 2, 3))], 1)
+            return logits if self.calls == 1 else logits * float("nan")
+
+    with pytest.raises(NonFiniteError, match="RDE loss of image 0 became nan"):
+        CartoonX(FineOnceThenNaN(), levels=3, steps=10, num_samples=2).explain(images)
