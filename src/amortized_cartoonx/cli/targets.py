@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_classifier_args, add_rde_args
+from .common import add_classifier_args, add_rde_args, image_size, nonnegative_int, positive_int
 
 
 def parse_devices(text: str) -> int | str:
@@ -40,12 +40,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images", required=True, metavar="DIR", help="folder of images (ids are the file names)")
     p.add_argument("--out", required=True, metavar="DIR", help="teacher-mask folder (created, or resumed)")
     add_classifier_args(p)
-    p.add_argument("--size", type=int, default=256, help="images are resized and centre-cropped to SIZE (default 256)")
     p.add_argument(
-        "--limit", type=int, default=None, metavar="N", help="only the first N images, by name (default: all)"
+        "--size", type=image_size, default=256, help="images are resized and centre-cropped to SIZE (default 256)"
     )
-    p.add_argument("--batch-size", type=int, default=4, help="images optimised together per device (default 4)")
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers per device (default 0)")
+    p.add_argument(
+        "--limit", type=positive_int, default=None, metavar="N", help="only the first N images, by name (default: all)"
+    )
+    p.add_argument(
+        "--batch-size", type=positive_int, default=4, help="images optimised together per device (default 4)"
+    )
+    p.add_argument("--workers", type=nonnegative_int, default=0, help="DataLoader workers per device (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     trainer = p.add_argument_group("Lightning Trainer")
     trainer.add_argument("--accelerator", default="auto", help="auto (default), cpu, gpu, cuda, mps, ...")
@@ -53,7 +57,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--devices", type=parse_devices, default="auto", help="auto (default), a count, -1 for all, or ids like 0,1"
     )
     trainer.add_argument("--strategy", default="auto", help="auto (default), ddp, ddp_spawn, ...")
-    trainer.add_argument("--num-nodes", type=int, default=1, help="machines for multi-node DDP (default 1)")
+    trainer.add_argument("--num-nodes", type=positive_int, default=1, help="machines for multi-node DDP (default 1)")
     add_rde_args(p)
     p.set_defaults(run=run)
 
@@ -61,8 +65,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from amortized_cartoonx.teacher_masks.generate import generate_teacher_masks
 
-    from .common import optimizer_config
+    from .common import check_output_folder, optimizer_config
 
+    check_output_folder(args.out)
     summary = generate_teacher_masks(
         args.images,
         args.out,
