@@ -30,12 +30,12 @@ SIZE = 32
 def checkpoint(tmp_path_factory) -> Path:
     """A checkpoint as ``cartoonx fit`` writes it (the module's own save hook), of an untrained tiny network
     whose heads are perturbed so that masks vary between coefficients."""
+    from amortized_cartoonx.mask_predictor import MaskPredictorConfig
     from amortized_cartoonx.training import AmortizedCartoonXModule
 
     torch.manual_seed(0)
-    module = AmortizedCartoonXModule(
-        SPEC, image_size=SIZE, levels=3, width=8, decoder_width=8, embed_dim=8, init_bias=1.0, num_samples=2
-    )
+    network = MaskPredictorConfig(width=8, decoder_width=8, embed_dim=8, init_bias=1.0)
+    module = AmortizedCartoonXModule(SPEC, image_size=SIZE, levels=3, num_samples=2, mask_predictor=network)
     with torch.no_grad():
         for head in [*module.mask_predictor.detail_heads, module.mask_predictor.lowpass_head]:
             head[-1].weight.normal_(std=0.5)

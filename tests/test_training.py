@@ -1,8 +1,11 @@
-"""Training the amortized explainer: a few Lightning steps lower the loss, teachers, checkpoints, cartoonx fit."""
+"""Training the amortized explainer: a few Lightning steps lower the loss, teachers, checkpoints, the network's
+config, the run's Trainer, cartoonx fit."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import inspect
 import sys
 from pathlib import Path
 
@@ -12,6 +15,7 @@ import torch
 from PIL import Image
 
 from amortized_cartoonx.errors import ConfigError
+from amortized_cartoonx.mask_predictor import MaskPredictorConfig
 from amortized_cartoonx.rde import make_generators
 
 pl = pytest.importorskip("pytorch_lightning")
@@ -22,10 +26,13 @@ from amortized_cartoonx.optimizer import CartoonX  # noqa: E402
 from amortized_cartoonx.teacher_masks.store import TeacherMaskStore  # noqa: E402
 from amortized_cartoonx.training import (  # noqa: E402
     AmortizedCartoonXModule,
-    ExplainerDataModule,
+    MaskPredictorDataModule,
+    RunOutputs,
     check_teachers,
+    fit_config,
     l1_ramp,
     noise_seeds,
+    trainer_arguments,
     warmup_cosine,
 )
 
@@ -35,7 +42,7 @@ if str(TESTS) not in sys.path:  # the classifier spec imports conftest.make_tiny
     sys.path.insert(0, str(TESTS))
 SPEC = "conftest:make_tiny_cnn"
 SIZE = 32
-TINY_NET = dict(levels=3, width=8, decoder_width=8, embed_dim=8)
+TINY_NET = dict(levels=3, mask_predictor=MaskPredictorConfig(width=8, decoder_width=8, embed_dim=8))
 
 
 def write_images(folder: Path, count: int = 12, size: int = SIZE, seed: int = 0) -> Path:
@@ -80,7 +87,7 @@ def image_dir(tmp_path_factory) -> Path:
 def test_fit_lowers_the_loss_saves_and_resumes(image_dir, tmp_path):
     torch.manual_seed(0)
     module = AmortizedCartoonXModule(SPEC, image_size=SIZE, num_samples=2, lr=0.05, warmup_steps=0, **TINY_NET)
-    data = ExplainerDataModule(str(image_dir), image_size=SIZE, labels=None, batch_size=4, num_workers=0)
+    data = MaskPredictorDataModule(str(image_dir), image_size=SIZE, labels=None, batch_size=4, num_workers=0)
     data.setup()
     images = torch.stack([data.datasets["val"][i]["image"] for i in range(len(data.datasets["val"]))])
     before = fixed_loss(module, images)
@@ -108,6 +115,9 @@ def test_fit_lowers_the_loss_saves_and_resumes(image_dir, tmp_path):
     ):
         assert meta[key] == value
     assert meta["data"]["val_fraction"] == 0.1
+    # the network: the given config completed with the classifier's classes and J; saved as plain values
+    network = {**dataclasses.asdict(TINY_NET["mask_predictor"]), "num_classes": 5, "levels": 3}
+    assert meta["mask_predictor"] == network == checkpoint["hyper_parameters"]["mask_predictor"]
     explainer = AmortizedExplainer.from_checkpoint(path, SPEC)
     target = torch.arange(images.shape[0]) % 5
     with torch.no_grad():
@@ -124,7 +134,7 @@ def test_fit_lowers_the_loss_saves_and_resumes(image_dir, tmp_path):
 def test_fit_with_teacher_masks_logs_distillation_and_agreement(image_dir, tmp_path):
     from conftest import make_tiny_cnn
 
-    data = ExplainerDataModule(str(image_dir), image_size=SIZE, labels=None, batch_size=4, num_workers=0)
+    data = MaskPredictorDataModule(str(image_dir), image_size=SIZE, labels=None, batch_size=4, num_workers=0)
     data.setup()
     ids = data.splits["train"][:6] + data.splits["val"][:2]
     images = torch.stack(
@@ -157,7 +167,7 @@ def test_fit_with_teacher_masks_logs_distillation_and_agreement(image_dir, tmp_p
     )
 
     module = AmortizedCartoonXModule(SPEC, image_size=SIZE, num_samples=2, distill_weight=1.0, **TINY_NET)
-    with_teachers = ExplainerDataModule(
+    with_teachers = MaskPredictorDataModule(
         str(image_dir), image_size=SIZE, labels=None, teachers=str(store.folder), batch_size=4, num_workers=0
     )
     fit = trainer(max_steps=2, limit_val_batches=1)
@@ -179,6 +189,89 @@ def test_fit_with_teacher_masks_logs_distillation_and_agreement(image_dir, tmp_p
 
     item = with_teachers.datasets["train"][with_teachers.datasets["train"].folder.ids.index(ids[0])]
     assert item["has_teacher"] and item["target"] == item["teacher_target"] == int(explanation.target[0])
+
+
+def test_the_network_config_is_completed_and_conflicts_are_refused():
+    module = AmortizedCartoonXModule(SPEC, image_size=SIZE, **TINY_NET)
+    config = module.mask_predictor.config
+    assert (config.width, config.decoder_width, config.embed_dim) == (8, 8, 8)
+    assert (config.num_classes, config.wave, config.levels, config.mode) == (5, "db3", 3, "zero")
+    # the saved hyper-parameters rebuild the same module (load_from_checkpoint passes the network as a dict)
+    rebuilt = AmortizedCartoonXModule(**dict(module.hparams))
+    assert rebuilt.mask_predictor.config == config
+    capped = AmortizedCartoonXModule(SPEC, image_size=SIZE, levels=9, mask_predictor=MaskPredictorConfig(width=8))
+    assert capped.mask_predictor.config.levels == capped.levels_used < 9  # J as the image size allows
+    for field, value in (("num_classes", 7), ("wave", "haar"), ("levels", 2), ("mode", "symmetric")):
+        with pytest.raises(ConfigError, match=f"mask_predictor.{field}="):
+            AmortizedCartoonXModule(
+                SPEC, image_size=SIZE, levels=3, mask_predictor=MaskPredictorConfig(**{field: value})
+            )
+    with pytest.raises(ConfigError, match="invalid mask_predictor"):
+        AmortizedCartoonXModule(SPEC, image_size=SIZE, mask_predictor={"widht": 8})
+
+
+def test_the_old_data_module_name_still_works_with_a_warning():
+    import amortized_cartoonx.training as training
+
+    with pytest.warns(DeprecationWarning, match="use MaskPredictorDataModule"):
+        from amortized_cartoonx.training import ExplainerDataModule
+    assert ExplainerDataModule is MaskPredictorDataModule
+    with pytest.warns(DeprecationWarning):
+        assert training.ExplainerDataModule is MaskPredictorDataModule
+    with pytest.raises(AttributeError):
+        training.NoSuchName  # noqa: B018
+
+
+def test_the_run_trainer_adds_checkpoints_loggers_and_callbacks(tmp_path, monkeypatch):
+    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+    from pytorch_lightning.loggers import CSVLogger
+
+    import amortized_cartoonx.training.trainer as run_trainer
+
+    outputs = RunOutputs("run", checkpoint_dir=str(tmp_path / "ckpt"), log_dir=str(tmp_path / "logs"))
+    mine = pl.callbacks.EarlyStopping(monitor="val/rde_loss")
+    settings = {"max_steps": 3, "callbacks": [mine]}
+    arguments = trainer_arguments(outputs, settings)
+    assert settings == {"max_steps": 3, "callbacks": [mine]}  # the caller's settings are not changed
+    mine_, best, monitor = arguments["callbacks"]
+    assert mine_ is mine and isinstance(monitor, LearningRateMonitor)
+    assert isinstance(best, ModelCheckpoint) and best.dirpath == str(tmp_path / "ckpt" / "run")
+    assert (best.monitor, best.filename, best.save_last) == ("val/rde_loss", "best", True)
+    assert [type(lg) for lg in arguments["logger"]] == [CSVLogger]  # WANDB_MODE=disabled in the tests
+    assert arguments["default_root_dir"] == str(tmp_path / "logs" / "run") and arguments["max_steps"] == 3
+
+    quiet = trainer_arguments(outputs, {"logger": False, "enable_checkpointing": False, "default_root_dir": "x"})
+    assert quiet == {"logger": False, "enable_checkpointing": False, "default_root_dir": "x", "callbacks": []}
+
+    made = []  # wandb: offline unless WANDB_MODE asks otherwise, never without being asked
+    monkeypatch.setattr(run_trainer, "WandbLogger", lambda **kwargs: made.append(kwargs) or "wandb")
+    for mode, offline in ((None, True), ("offline", True), ("online", False)):
+        monkeypatch.delenv("WANDB_MODE") if mode is None else monkeypatch.setenv("WANDB_MODE", mode)
+        assert trainer_arguments(outputs, {})["logger"][1] == "wandb"
+        assert made[-1]["offline"] is offline and made[-1]["project"] == "amortized-cartoonx"
+    assert len(made) == 3
+
+
+def test_fit_config_refuses_modules_and_data_of_different_sizes(image_dir):
+    module = AmortizedCartoonXModule(SPEC, image_size=SIZE, **TINY_NET)
+    data = MaskPredictorDataModule(str(image_dir), image_size=SIZE, labels=None, num_workers=0)
+    config = fit_config(module, data, {"max_steps": 2}, RunOutputs("run"), seed=3)
+    assert config["seed_everything"] == 3 and config["trainer"] == {"max_steps": 2}
+    assert "image_size" not in config["model"] and config["data"]["image_size"] == SIZE  # linked by cartoonx fit
+    assert config["model"]["mask_predictor"]["width"] == 8
+    other = MaskPredictorDataModule(str(image_dir), image_size=SIZE * 2, labels=None, num_workers=0)
+    with pytest.raises(ConfigError, match="image_size"):
+        fit_config(module, other, {}, RunOutputs("run"))
+
+
+def test_the_fit_cli_customises_lightning_through_its_public_api_only():
+    from amortized_cartoonx.training import cli
+
+    fit_cli = cli._make_cli_class()
+    own = {name for name in vars(fit_cli) if not name.startswith("__")}
+    assert own == {"add_arguments_to_parser", "instantiate_trainer", "run_outputs"}, own
+    source = inspect.getsource(cli)
+    assert "self._" not in source and "super()._" not in source  # no private LightningCLI method or attribute
 
 
 def test_teachers_of_another_size_are_refused():
@@ -221,7 +314,9 @@ def test_cartoonx_fit_with_the_tiny_config(tmp_path, monkeypatch, capsys):
     write_images(tmp_path / "tiny-images")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    args = ["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), "--trainer.max_steps", "2"]
+    config = ROOT / "configs" / "tiny.yaml"
+    assert "conftest" not in config.read_text()  # the package's own classifier: no tests/ on the path needed
+    args = ["fit", "--config", str(config), "--trainer.max_steps", "2", "--model.mask_predictor.embed_dim", "16"]
     assert main(args) == 0
     for name in ("best.ckpt", "last.ckpt"):
         assert (tmp_path / "checkpoints" / "tiny" / name).is_file()
@@ -231,6 +326,9 @@ def test_cartoonx_fit_with_the_tiny_config(tmp_path, monkeypatch, capsys):
     assert {"train/rde_loss_step", "val/rde_loss", "val/mask_mean", "val/distortion"} <= set(columns)
     checkpoint = torch.load(tmp_path / "checkpoints" / "tiny" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 2 and checkpoint["cartoonx"]["image_size"] == SIZE
+    assert checkpoint["cartoonx"]["classifier"] == "amortized_cartoonx.synthetic.classifier:CartoonCNN"
+    network = checkpoint["cartoonx"]["mask_predictor"]  # model.mask_predictor from the file and the command line
+    assert (network["width"], network["decoder_width"], network["embed_dim"], network["num_classes"]) == (8, 8, 16, 8)
 
     capsys.readouterr()
     assert main(args + ["--model.classifier", "no_such_module:factory", "--run_name", "bad"]) == 2

@@ -7,8 +7,9 @@ Stages, each reused when its output already exists (so a second run only redoes 
    (``outputs/demo/data/{train,test}``).
 3. **teachers**: exact CartoonX masks of the first ``teacher_images`` training images
    (``checkpoints/demo/teachers``), through the same Lightning predict path as ``cartoonx targets``.
-4. **fit**: the amortized explainer, RDE loss + distillation to the teachers, through the same LightningCLI
-   as ``cartoonx fit`` (``checkpoints/demo/explainer/best.ckpt``).
+4. **fit**: the amortized explainer, RDE loss + distillation to the teachers, with the module, data module
+   and Trainer (checkpoints, loggers) of ``cartoonx fit`` (``checkpoints/demo/explainer/best.ckpt``; the
+   ``cartoonx fit`` config that repeats the run in ``outputs/demo/logs/explainer/config.yaml``).
 5. **evaluate**: exact CartoonX, the amortized explainer, warm start, Pixel RDE and baselines on the held-out
    images: rate-distortion curves and ground-truth localisation (``outputs/demo/evaluation``), as ``cartoonx evaluate``.
 6. **report**: ``outputs/demo/report.md`` with the loss ratio amortized / exact, the warm start, the
@@ -22,17 +23,22 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-
+from .demo_fit import stage_fit
+from .demo_report import amortized_figures, report_markdown
 from .errors import ConfigError
 from .io import atomic_write_text
+from .methods import METHOD_TABLE
 
 logger = logging.getLogger(__name__)
 
-DEMO_METHODS = ("cartoonx", "amortized", "warm", "pixel-rde", "integrated-gradients", "grad-cam", "random-wavelet")
+#: The baselines and references the demo compares with, one of each family (gradients, CAM, random); the
+#: others (SmoothGrad, Guided Backprop, random pixels) would add time without a new kind of comparison.
+DEMO_COMPARISONS = ("integrated-gradients", "grad-cam", "random-wavelet")
+#: Every RDE explainer of the method table (exact and amortized) and :data:`DEMO_COMPARISONS`, in display order.
+DEMO_METHODS = tuple(m.name for m in METHOD_TABLE if m.explains or m.name in DEMO_COMPARISONS)
 
 
 @dataclass
@@ -53,8 +59,9 @@ class DemoConfig:
             steps than the paper's 2000 with a larger learning rate, so masks can reach 0 in time.
         l1_lambda: the sparsity weight shared by the teachers, the explainer and the evaluation.
         levels: DWT scales (J = 5 fits 64 px with db3).
-        fit_steps, fit_batch, fit_samples, distill_weight, val_fraction, width: the amortized explainer's
-            training (``val_fraction`` of the training images select the checkpoint).
+        fit_steps, fit_batch, fit_samples, fit_lr, distill_weight, val_fraction, width: the amortized
+            explainer's training (``val_fraction`` of the training images select the checkpoint; the network
+            has ``width``, a decoder of ``2 * width`` and a class embedding of ``4 * width``).
         l1_warmup_fraction, stretch: the explainer's sparsity ramp (over this fraction of ``fit_steps``) and
             stretched sigmoid (see
             :class:`~amortized_cartoonx.training.AmortizedCartoonXModule`); without the ramp, training on many
@@ -62,7 +69,9 @@ class DemoConfig:
         refine_steps: warm-start refinement steps in the evaluation.
         eval_rates, noise_draws: the evaluation's rate grid and noise draws per rate.
         methods: the evaluated methods.
-        classifier_train_size, classifier_epochs: the synthetic classifier's training.
+        classifier_train_size, classifier_epochs, classifier_batch_size, classifier_val_size,
+            classifier_held_out: the synthetic classifier's training (the defaults are ``cartoonx
+            train-classifier``'s, so both share ``checkpoints/synthetic``).
         seed: seeds everything.
         progress: progress bars.
     """
@@ -82,6 +91,7 @@ class DemoConfig:
     fit_steps: int = 1000
     fit_batch: int = 16
     fit_samples: int = 4
+    fit_lr: float = 0.003
     distill_weight: float = 1.0
     val_fraction: float = 0.0625
     width: int = 16
@@ -93,9 +103,11 @@ class DemoConfig:
     methods: tuple[str, ...] = DEMO_METHODS
     classifier_train_size: int = 6000
     classifier_epochs: int = 5
+    classifier_batch_size: int = 64
+    classifier_val_size: int = 500
+    classifier_held_out: int = 2000
     seed: int = 0
     progress: bool = True
-    extra_fit_args: list[str] = field(default_factory=list)
 
     @classmethod
     def tiny(cls, root: str | Path) -> DemoConfig:
@@ -123,6 +135,9 @@ class DemoConfig:
             methods=("cartoonx", "amortized", "warm", "pixel-rde"),
             classifier_train_size=64,
             classifier_epochs=1,
+            classifier_batch_size=16,
+            classifier_val_size=16,
+            classifier_held_out=32,
             progress=False,
         )
 
@@ -181,15 +196,25 @@ def _folder_complete(folder: Path, count: int) -> bool:
     return labels.is_file() and len(labels.read_text().splitlines()) == count + 1
 
 
-def stage_classifier(cfg: DemoConfig) -> dict:
-    from .synthetic.classifier_training import TrainConfig, ensure_synthetic_classifier
+def classifier_config(cfg: DemoConfig):
+    """The synthetic classifier's :class:`~amortized_cartoonx.synthetic.classifier_training.TrainConfig`."""
+    from .synthetic.classifier_training import TrainConfig
 
-    config = TrainConfig(
-        size=cfg.size, train_size=cfg.classifier_train_size, epochs=cfg.classifier_epochs, seed=cfg.seed
+    return TrainConfig(
+        size=cfg.size,
+        train_size=cfg.classifier_train_size,
+        epochs=cfg.classifier_epochs,
+        batch_size=cfg.classifier_batch_size,
+        val_size=cfg.classifier_val_size,
+        held_out=cfg.classifier_held_out,
+        seed=cfg.seed,
     )
-    if cfg.classifier_train_size < 1000:  # the tiny test configuration: a quick, small held-out check
-        config = replace(config, val_size=16, held_out=32, batch_size=16)
-    result = ensure_synthetic_classifier(cfg.classifier_dir, config, progress=cfg.progress)
+
+
+def stage_classifier(cfg: DemoConfig) -> dict:
+    from .synthetic.classifier_training import ensure_synthetic_classifier
+
+    result = ensure_synthetic_classifier(cfg.classifier_dir, classifier_config(cfg), progress=cfg.progress)
     return {"accuracy": result.accuracy, "reused": result.reused, "weights": str(result.weights)}
 
 
@@ -242,83 +267,6 @@ def stage_teachers(cfg: DemoConfig) -> dict:
     return {"done": summary.done, "skipped": summary.skipped, "mean_loss": summary.mean_loss}
 
 
-def stage_fit(cfg: DemoConfig) -> bool:
-    """Train the explainer unless a checkpoint trained with the same settings exists; returns True when reused.
-
-    Raises:
-        ConfigError: the checkpoint folder holds an explainer trained with other settings.
-    """
-    args = fit_arguments(cfg)
-    record = cfg.explainer_checkpoint.with_name("demo-fit.json")  # the settings the checkpoint was trained with
-    settings = {  # the command line, and what it reads without naming it: how many images, how many teachers
-        "fit": [a for a in args if not a.startswith("--trainer.enable_progress_bar")],
-        "train_images": cfg.train_images,
-        "teacher_images": cfg.teacher_images,
-    }
-    if cfg.explainer_checkpoint.is_file():
-        if record.is_file() and json.loads(record.read_text()) == settings:
-            return True
-        raise ConfigError(
-            f"{cfg.explainer_checkpoint.parent} holds an explainer trained with other settings; delete that folder "
-            "to train a new one (or give --checkpoints another folder)"
-        )
-    from .training import run_fit
-
-    run_fit(args)
-    if not cfg.explainer_checkpoint.is_file():
-        last = cfg.explainer_checkpoint.with_name("last.ckpt")
-        if not last.is_file():
-            raise ConfigError(f"training wrote no checkpoint in {cfg.explainer_checkpoint.parent}")
-        cfg.explainer_checkpoint.write_bytes(last.read_bytes())  # no validation ran: keep the last state
-    atomic_write_text(record, json.dumps(settings, indent=1) + "\n")
-    return False
-
-
-def fit_arguments(cfg: DemoConfig) -> list[str]:
-    """The ``cartoonx fit`` command line of the demo's explainer (LightningCLI arguments)."""
-    checkpoint_dir = Path(cfg.checkpoints)
-    return [
-        "fit",
-        f"--seed_everything={cfg.seed}",
-        "--run_name=explainer",
-        f"--checkpoint_dir={checkpoint_dir}",
-        f"--log_dir={Path(cfg.out) / 'logs'}",
-        "--trainer.accelerator=cpu",
-        "--trainer.devices=1",
-        f"--trainer.max_steps={cfg.fit_steps}",
-        f"--trainer.val_check_interval={max(1, min(cfg.fit_steps, 50))}",
-        "--trainer.check_val_every_n_epoch=null",
-        "--trainer.num_sanity_val_steps=0",
-        "--trainer.log_every_n_steps=5",
-        "--trainer.gradient_clip_val=1.0",
-        f"--trainer.enable_progress_bar={str(cfg.progress).lower()}",
-        "--trainer.enable_model_summary=false",
-        f"--model.classifier={cfg.classifier_spec}",
-        f"--model.levels={cfg.levels}",
-        f"--model.l1_lambda={cfg.l1_lambda}",
-        f"--model.num_samples={cfg.fit_samples}",
-        f"--model.val_samples={max(cfg.fit_samples, 8)}",
-        f"--model.distill_weight={cfg.distill_weight}",
-        f"--model.width={cfg.width}",
-        f"--model.decoder_width={2 * cfg.width}",
-        f"--model.embed_dim={4 * cfg.width}",
-        "--model.lr=0.003",
-        f"--model.warmup_steps={max(1, cfg.fit_steps // 20)}",
-        f"--model.l1_warmup_steps={round(cfg.l1_warmup_fraction * cfg.fit_steps)}",
-        f"--model.stretch={cfg.stretch}",
-        f"--model.noise_seed={cfg.seed}",
-        "--model.log_images=0",
-        f"--data.images={cfg.train_dir}",
-        f"--data.image_size={cfg.size}",
-        f"--data.val_fraction={cfg.val_fraction}",
-        f"--data.split_seed={cfg.seed}",
-        f"--data.batch_size={cfg.fit_batch}",
-        "--data.num_workers=0",
-        *([f"--data.teachers={cfg.teachers_dir}"] if cfg.teacher_images else []),
-        *cfg.extra_fit_args,
-    ]
-
-
 def stage_evaluate(cfg: DemoConfig):
     """Evaluate the methods on the held-out images; returns the :class:`EvaluationResults` and the summary."""
     from .classifiers import load_classifier
@@ -353,102 +301,6 @@ def stage_evaluate(cfg: DemoConfig):
     )
     results = evaluation.run()
     return results, write_report(results, cfg.evaluation_dir, labels)
-
-
-def _median(values) -> float:
-    values = np.asarray(values, dtype=float)
-    values = values[np.isfinite(values)]
-    return float(np.median(values)) if values.size else float("nan")
-
-
-def amortized_figures(results) -> dict:
-    """Loss and time of the fast paths against the exact optimizer, per image medians (same noise seeds)."""
-    methods = results.methods
-    out = {}
-    if "cartoonx" not in methods:
-        return out
-    exact = methods["cartoonx"]
-    for name in ("amortized", "warm"):
-        if name in methods and "loss" in methods[name].scalars:
-            ratio = methods[name].scalars["loss"] / exact.scalars["loss"]
-            out[name] = {
-                "loss_median": _median(methods[name].scalars["loss"]),
-                "exact_loss_median": _median(exact.scalars["loss"]),
-                "loss_ratio_median": _median(ratio),
-                "seconds_median": _median(methods[name].seconds),
-                "exact_seconds_median": _median(exact.seconds),
-                "speedup_median": _median(exact.seconds / methods[name].seconds),
-            }
-    return out
-
-
-def report_markdown(
-    cfg: DemoConfig, classifier: dict, teachers: dict, fast: dict, summary: dict, times: StageTimes
-) -> str:
-    lines = [
-        "# cartoonx demo: the synthetic cartoon benchmark",
-        "",
-        f"Images {cfg.size} px; explainer trained for {cfg.fit_steps} steps on {cfg.train_images} images, "
-        f"{cfg.teacher_images} of them with exact CartoonX teacher masks ({cfg.steps} steps, {cfg.samples} noise "
-        f"samples, lr {cfg.lr}, lambda {cfg.l1_lambda}); evaluated on "
-        f"{cfg.test_images} held-out images. Classifier held-out accuracy: {classifier['accuracy']:.2%}.",
-        "",
-        "## Fast paths against the exact optimizer (RDE loss, same lambda, same noise seeds; medians per image)",
-        "",
-        "| method | RDE loss | exact loss | loss ratio to exact | seconds | exact seconds | speed-up |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, f in fast.items():
-        lines.append(
-            f"| {name} | {f['loss_median']:.4f} | {f['exact_loss_median']:.4f} | {f['loss_ratio_median']:.3f} | "
-            f"{f['seconds_median']:.4f} | {f['exact_seconds_median']:.3f} | {f['speedup_median']:.0f}x |"
-        )
-    lines += [
-        "",
-        f"Warm start = the amortized mask refined by {cfg.refine_steps} optimizer steps "
-        f"(the exact optimizer runs {cfg.steps}).",
-        "",
-        "## Localisation on the ground truth and rate-distortion areas",
-        "",
-        "Energy share: the share of a method's pixel relevance on the decisive object / on the distractors. "
-        "Pointing game: the strongest point of the relevance falls on the decisive object. Areas under curves "
-        "(a) keep the top r (lower is better) and (b) randomise the top r (higher is better); see "
-        "`evaluation/report.md`.",
-        "",
-        "| method | energy on object | energy on distractors | pointing game | area (a) | area (b) | seconds |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name, entry in summary["methods"].items():
-        gt = entry.get("ground_truth", {})
-
-        def cell(key, gt=gt):
-            return f"{gt[key]['mean']:.3f}" if key in gt else "-"
-
-        lines.append(
-            f"| {name} | {cell('energy_object')} | {cell('energy_distractors')} | {cell('pointing_game')} | "
-            f"{entry['area_keep']['mean']:.4f} | {entry['area_randomise']['mean']:.4f} | "
-            f"{entry['seconds_per_explanation']['mean']:.4f} |"
-        )
-    for name, reason in summary.get("skipped", {}).items():
-        lines.append(f"\nSkipped {name}: {reason}")
-    lines += [
-        "",
-        "![rate-distortion](evaluation/rate_distortion.png)",
-        "",
-        "![examples](evaluation/examples.png)",
-        "",
-        "## Stages",
-        "",
-        "| stage | seconds | reused |",
-        "|---|---|---|",
-        *[f"| {k} | {v:.1f} | {'yes' if times.reused.get(k) else 'no'} |" for k, v in times.seconds.items()],
-        "",
-        f"Teacher masks: {teachers['done']} computed now, {teachers['skipped']} reused.",
-        "",
-        "Settings: `" + json.dumps({k: v for k, v in asdict(cfg).items() if k != "extra_fit_args"}) + "`",
-        "",
-    ]
-    return "\n".join(lines)
 
 
 def run_demo(cfg: DemoConfig) -> dict:

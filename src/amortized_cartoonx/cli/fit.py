@@ -3,9 +3,9 @@
 Every argument goes to PyTorch Lightning's ``LightningCLI`` (see ``cartoonx fit --help``), so every Trainer
 option works from the command line: ``--trainer.devices 4 --trainer.strategy ddp``, ``--trainer.precision
 bf16-mixed``, ``--trainer.max_steps 2000``, ``--ckpt_path last.ckpt`` to resume. Sections: ``model``
-(:class:`~amortized_cartoonx.training.AmortizedCartoonXModule`), ``data``
-(:class:`~amortized_cartoonx.training.ExplainerDataModule`), ``trainer``, and ``run_name``, ``checkpoint_dir``,
-``log_dir``, ``wandb_project``.
+(:class:`~amortized_cartoonx.training.AmortizedCartoonXModule`; the network under ``model.mask_predictor``,
+e.g. ``--model.mask_predictor.width 16``), ``data`` (:class:`~amortized_cartoonx.training.MaskPredictorDataModule`),
+``trainer``, and ``run_name``, ``checkpoint_dir``, ``log_dir``, ``wandb_project``.
 
 Logs go to wandb in offline mode (WANDB_MODE=offline unless you set WANDB_MODE; ``disabled`` turns it off)
 and to CSV under ``logs/<run_name>/``; checkpoints (best by ``val/rde_loss``, and last) to

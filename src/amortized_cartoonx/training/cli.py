@@ -1,0 +1,119 @@
+"""``cartoonx fit``: PyTorch Lightning's ``LightningCLI`` for :class:`~.module.AmortizedCartoonXModule` and
+:class:`~.data.MaskPredictorDataModule`.
+
+The CLI is customised through LightningCLI's public API only: :meth:`~FitCLI.add_arguments_to_parser` adds the
+run's options (``--run_name``, ``--checkpoint_dir``, ``--log_dir``, ``--wandb_project``) and links
+``data.image_size`` to ``model.image_size``; :meth:`~FitCLI.instantiate_trainer` passes the run's checkpoints,
+loggers and callbacks (:func:`~.trainer.trainer_arguments`, shared with the demo) as custom Trainer arguments.
+:func:`fit_config` writes the config of a run built in Python (the demo's), so ``cartoonx fit`` can repeat it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+from ..errors import ConfigError
+from .data import MaskPredictorDataModule
+from .module import AmortizedCartoonXModule
+from .trainer import RunOutputs, default_run_name, default_run_stamp, trainer_arguments
+
+logger = logging.getLogger(__name__)
+
+
+def _make_cli_class():
+    """The LightningCLI subclass (built lazily: importing :mod:`pytorch_lightning.cli` pulls in jsonargparse)."""
+    from pytorch_lightning.cli import LightningCLI
+
+    class FitCLI(LightningCLI):
+        """``cartoonx fit``: LightningCLI with the project's checkpoints and loggers as defaults.
+
+        Adds ``--run_name`` (default: ``<config stem>-<timestamp>``), ``--checkpoint_dir`` (default
+        ``checkpoints``: best by ``val/rde_loss`` and last go to ``<checkpoint_dir>/<run_name>/``), ``--log_dir``
+        (default ``logs``) and ``--wandb_project``. Unless the config sets ``trainer.logger``, it logs to wandb
+        (offline unless WANDB_MODE says otherwise) and CSV.
+        """
+
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.add_argument("--run_name", type=str | None, default=None, help="name of the run (folders, wandb)")
+            parser.add_argument("--checkpoint_dir", type=str, default="checkpoints", help="checkpoints go below")
+            parser.add_argument("--log_dir", type=str, default="logs", help="CSV and wandb logs go below")
+            parser.add_argument("--wandb_project", type=str, default="amortized-cartoonx", help="wandb project")
+            parser.link_arguments("data.image_size", "model.image_size")
+
+        def run_outputs(self) -> RunOutputs:
+            """The run's folders from the parsed options."""
+            config = self.config.get(str(self.subcommand), self.config)  # the subcommand's options
+            return RunOutputs(
+                run_name=config.get("run_name") or default_run_name(config.get("config")),
+                checkpoint_dir=config.get("checkpoint_dir"),
+                log_dir=config.get("log_dir"),
+                wandb_project=config.get("wandb_project"),
+            )
+
+        def instantiate_trainer(self, **kwargs):
+            """The Trainer of the parsed ``trainer`` options, with the run's checkpoints, loggers and callbacks."""
+            config = self.config_init.get(str(self.subcommand), self.config_init)
+            outputs = self.run_outputs()
+            settings = {**dict(config.get("trainer") or {}), **kwargs}
+            logger.info("run %s: checkpoints in %s", outputs.run_name, outputs.checkpoint_folder)
+            return super().instantiate_trainer(**trainer_arguments(outputs, settings))
+
+    return FitCLI
+
+
+def run_fit(args: list[str] | None) -> None:
+    """Run ``LightningCLI`` for :class:`AmortizedCartoonXModule` and :class:`MaskPredictorDataModule`.
+
+    ``args`` are the command-line arguments after ``cartoonx`` (starting with ``fit``); None reads ``sys.argv``.
+    """
+    os.environ.setdefault("WANDB_MODE", "offline")  # never a network call unless the user asks for one
+    default_run_stamp()
+    # the frozen classifier is in eval mode on purpose
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    cli_class = _make_cli_class()
+    cli_class(
+        AmortizedCartoonXModule,
+        MaskPredictorDataModule,
+        args=args,
+        seed_everything_default=0,
+        auto_configure_optimizers=False,
+        parser_kwargs={"fit": {"default_env": False}},
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+def fit_config(
+    module: AmortizedCartoonXModule,
+    datamodule: MaskPredictorDataModule,
+    trainer_settings: dict,
+    outputs: RunOutputs,
+    seed: int | bool = 0,
+) -> dict:
+    """The ``cartoonx fit --config`` file of a run built in Python (the demo's): the same module, data, Trainer
+    settings and folders, so ``cartoonx fit --config`` repeats the run.
+
+    Args:
+        module, datamodule: built with plain keyword arguments (their ``hparams`` are the config's sections).
+        trainer_settings: plain ``pl.Trainer`` arguments, without the run's loggers and callbacks.
+        outputs: the run's folders.
+        seed: what ``seed_everything`` was called with before the module was built.
+
+    Raises:
+        ConfigError: the module and the data module disagree on the image size (``cartoonx fit`` links them).
+    """
+    model = {k: v for k, v in module.hparams.items() if not k.startswith("_")}  # not LightningCLI's own keys
+    data = {k: v for k, v in datamodule.hparams.items() if not k.startswith("_")}
+    if model.pop("image_size") != data["image_size"]:
+        raise ConfigError(f"the module's image_size {module.hparams.image_size} is not the data's {data['image_size']}")
+    return {
+        "seed_everything": seed,
+        "run_name": outputs.run_name,
+        "checkpoint_dir": outputs.checkpoint_dir,
+        "log_dir": outputs.log_dir,
+        "wandb_project": outputs.wandb_project,
+        "trainer": dict(trainer_settings),
+        "model": model,
+        "data": data,
+    }

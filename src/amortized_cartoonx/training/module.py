@@ -1,0 +1,412 @@
+"""The LightningModule that trains the amortized explainer.
+
+The module trains a :class:`~amortized_cartoonx.mask_predictor.MaskPredictor` against a frozen classifier with
+exactly the exact optimizer's objective, :class:`~amortized_cartoonx.rde.RDEObjective` (same obfuscation,
+distortion and lambda, the same code), averaged over the batch::
+
+    loss = mean_n [ mean_l d(p(x_n), p(y_nl)) + lambda * mean(s_n) ]  +  w * mean_{n with teacher} distill(s_n, s*_n)
+
+where ``s_n`` is the predicted mask of image n for its target class, ``y_nl`` its L obfuscations, and the optional
+distillation term pulls ``s_n`` towards the exact optimizer's teacher mask ``s*_n`` (from ``cartoonx targets``)
+where one exists for that image and class. Noise is drawn per image from seeded generators (seed, stage, step,
+image id), so a run is reproducible and a validation image always sees the same noise.
+
+Checkpoints hold only the explainer's weights (the classifier is reloaded from its spec) and a plain
+``checkpoint["cartoonx"]`` dict with every setting the explainer depends on (:meth:`~AmortizedCartoonXModule.settings`,
+the format of :mod:`amortized_cartoonx.checkpoint`); ``torch.load(path, weights_only=True)`` reads them, and
+:class:`~amortized_cartoonx.amortized.AmortizedExplainer` loads them without Lightning.
+
+Shapes: N images per batch, L noise samples, K mask entries per image, S the image side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KIND, META_KEY, NETWORK_KEY, STATE_PREFIX
+from ..classifiers import classifier_identity, load_classifier
+from ..errors import ConfigError, InputError
+from ..evaluation.agreement import mask_agreement
+from ..mask_predictor import MaskPredictor, MaskPredictorConfig, describe_size
+from ..rde import DISTORTIONS, OBFUSCATIONS, RDEObjective, RDEProblem, make_generators
+from ..seeding import Stream, step_seeds
+from ..wavelets import Coefficients, WaveletRepresentation, grey
+from .data import MaskPredictorDataModule, check_teachers
+
+logger = logging.getLogger(__name__)
+
+#: ``distill(logits (N, K), teacher (N, K) in [0, 1]) -> (N,)``: how far the predicted mask is from the teacher's.
+DISTILL_LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "bce": lambda logits, teacher: F.binary_cross_entropy_with_logits(logits, teacher, reduction="none").mean(1),
+    "l1": lambda logits, teacher: (logits.sigmoid() - teacher).abs().mean(1),
+}
+_NOISE_STREAMS = {"train": Stream.TRAIN_NOISE, "val": Stream.VAL_NOISE, "test": Stream.TEST_NOISE}
+#: Fields of the network's config that the module decides: the classifier's classes and the module's DWT.
+_DERIVED_NETWORK_FIELDS = ("num_classes", "wave", "levels", "mode")
+
+
+def noise_seeds(base: int, stage: str, step: int, ids: list[str]) -> list[int]:
+    """Per-image noise seeds for one batch: a function of (base seed, stage, step, image id) only."""
+    return step_seeds(base, _NOISE_STREAMS[stage], step, ids)
+
+
+def l1_ramp(step: int, warmup: int) -> float:
+    """Fraction of ``l1_lambda`` in the training loss at ``step``: linear from 0 to 1 over ``warmup`` steps."""
+    return 1.0 if warmup <= 0 else min(1.0, step / warmup)
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """The learning-rate factor: linear warm-up over ``warmup`` steps, then cosine down to ``min_ratio``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if not math.isfinite(total) or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class AmortizedCartoonXModule(pl.LightningModule):
+    """Train the mask predictor with the RDE loss (+ optional distillation to teacher masks).
+
+    Args:
+        classifier: the classifier spec (see :func:`~amortized_cartoonx.classifiers.load_classifier`); frozen.
+        normalize: its input normalisation (``auto``, ``imagenet``, ``none``).
+        image_size: side of the square training images (linked to the data module's ``image_size``).
+        wave, levels, mode: the DWT (db3, J=5, zero: the paper's). J is capped for small images.
+        l1_lambda: the sparsity weight of the RDE loss. Default 20 (the paper's CartoonX default).
+        distortion, obfuscation: names in :data:`~amortized_cartoonx.rde.DISTORTIONS` / ``OBFUSCATIONS``.
+        num_samples: noise samples L per image and training step. Default 16.
+        val_samples: L for validation (default: ``num_samples``).
+        distill_weight: weight of the distillation term; 0 (default) trains with the RDE loss alone.
+        distill_loss: ``bce`` (default; teacher masks as soft targets) or ``l1``.
+        mask_predictor: the network (:class:`~amortized_cartoonx.mask_predictor.MaskPredictorConfig`: width,
+            decoder_width, embed_dim, init_bias, stretch, ...); None: its defaults. Its ``num_classes``, ``wave``,
+            ``levels`` and ``mode`` are the module's (the classifier's classes, the DWT above, J as capped for
+            ``image_size``): leave them at their defaults, a conflicting value is refused. A dict of its fields
+            is accepted too (the module's saved hyper-parameters).
+        lr, weight_decay: AdamW. Defaults 1e-3 and 1e-4 (no decay on biases and norms).
+        warmup_steps, min_lr_ratio: linear warm-up, then cosine decay to ``lr * min_lr_ratio``.
+        l1_warmup_steps: ramp the sparsity weight of the training loss linearly from 0 to ``l1_lambda`` over
+            this many steps (0, the default: no ramp). A network starts at "keep everything", where the
+            distortion has no gradient, so the uniform sparsity pull can shrink every mask together into the
+            empty-mask optimum before the network learns where it matters; the ramp gives the distortion
+            time. Validation (and checkpoint selection) always uses the full lambda.
+        noise_seed: base seed of the per-image noise.
+        log_images: explanations logged per validation epoch to loggers that take images (wandb); 0: none.
+
+    Logged metrics (``train/...`` per step and epoch, ``val/...`` per epoch): ``rde_loss`` (full lambda; selects
+    checkpoints), ``distortion``, ``mask_mean``, ``loss`` (what is minimised), ``l1_ramp`` (while ramping) and,
+    with teacher masks, ``distill_loss``, ``spearman``, ``top10_overlap`` and ``teacher_fraction``.
+    """
+
+    def __init__(
+        self,
+        classifier: str,
+        normalize: str = "auto",
+        image_size: int = 256,
+        wave: str = "db3",
+        levels: int = 5,
+        mode: str = "zero",
+        l1_lambda: float = 20.0,
+        distortion: str = "label",
+        obfuscation: str = "gaussian-adaptive",
+        num_samples: int = 16,
+        val_samples: int | None = None,
+        distill_weight: float = 0.0,
+        distill_loss: str = "bce",
+        mask_predictor: MaskPredictorConfig | None = None,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        warmup_steps: int = 100,
+        min_lr_ratio: float = 0.05,
+        l1_warmup_steps: int = 0,
+        noise_seed: int = 0,
+        log_images: int = 4,
+    ) -> None:
+        super().__init__()
+        if distill_loss not in DISTILL_LOSSES:
+            raise ConfigError(f"unknown distill_loss {distill_loss!r}; choose from: {', '.join(DISTILL_LOSSES)}")
+        DISTORTIONS.get(distortion)
+        OBFUSCATIONS.get(obfuscation)
+        for name, value in (("num_samples", num_samples), ("image_size", image_size)):
+            if value < 1:
+                raise ConfigError(f"{name} must be at least 1, got {value}")
+        if distill_weight < 0 or l1_lambda < 0:
+            raise ConfigError("distill_weight and l1_lambda must be at least 0")
+
+        self.classifier = load_classifier(classifier, normalize=normalize)
+        self.representation = WaveletRepresentation(wave, levels, mode)
+        self.objective = RDEObjective(self.classifier, self.representation, l1_lambda, obfuscation, distortion)
+        probe = torch.zeros(1, 3, image_size, image_size)
+        with torch.no_grad():
+            num_classes = int(self.classifier(probe).shape[-1])
+            self.mask_length = self.representation.encode(probe).numel_per_channel()
+        self.levels_used = self.representation.levels_for(image_size, image_size)
+        derived = {"num_classes": num_classes, "wave": wave, "levels": self.levels_used, "mode": mode}
+        self.mask_predictor = MaskPredictor(_complete(_network_config(mask_predictor), derived, levels))
+        self.classifier_identity = classifier_identity(classifier)
+        # save_hyperparameters reads the arguments from this frame: the network's config in use, as a plain dict
+        # (checkpoints stay readable with torch.load(weights_only=True))
+        mask_predictor = self.mask_predictor.settings()
+        self.save_hyperparameters()
+        logger.info(
+            "mask predictor: %s, %d mask entries per %dpx image",
+            describe_size(self.mask_predictor),
+            self.mask_length,
+            image_size,
+        )
+
+    # ---- the shared step ---------------------------------------------------------------------------------
+    def forward(self, images: Tensor, target: Tensor) -> Coefficients:
+        """The predicted mask in [0, 1] for ``images: (N, 3, H, W)`` and ``target: (N,)``."""
+        return self.mask_predictor.mask(images, target)
+
+    def step(self, batch: dict, stage: str) -> tuple[Tensor, Coefficients, Tensor]:
+        """One batch of ``stage`` (``train`` or ``val``): the loss to minimise, the predicted mask, the classes.
+
+        The pieces: the classes to explain (:meth:`explained_classes`), the RDE loss of the predicted mask
+        (:meth:`rde_loss`), the distillation term (:meth:`distillation`) and the metrics (:meth:`log_metrics`).
+        """
+        images = batch["image"]  # (N, 3, S, S)
+        problem = self.objective.prepare(images)  # coefficients, noise statistics, logits, predicted class
+        problem = dataclasses.replace(problem, target=self.explained_classes(batch, problem.target))
+        logits = self.mask_predictor(images, problem.target)  # mask logits, bands (N, 1, ...)
+        mask = self.mask_predictor.mask_from_logits(logits)
+
+        loss, metrics = self.rde_loss(problem, mask, list(batch["id"]), stage)
+        distillation = self.distillation(batch, logits, problem.target)
+        if distillation is not None:
+            distill, distill_metrics = distillation
+            if self.hparams.distill_weight > 0:
+                loss = loss + self.hparams.distill_weight * distill
+            metrics |= distill_metrics
+        metrics["loss"] = loss.detach()
+        self.log_metrics(stage, metrics, batch_size=images.shape[0])
+        return loss, mask, problem.target
+
+    def explained_classes(self, batch: dict, predicted: Tensor) -> Tensor:
+        """``(N,)``: the batch's given target where it has one (teacher or label), else the prediction."""
+        given = batch.get("target")
+        if given is None:
+            return predicted
+        given = given.to(predicted.device)
+        num_classes = self.mask_predictor.config.num_classes
+        if bool((given >= predicted.new_tensor(num_classes)).any()):
+            raise InputError(f"a target class is out of range for a {num_classes}-class model")
+        return torch.where(given >= 0, given, predicted)
+
+    def rde_loss(
+        self, problem: RDEProblem, mask: Coefficients, ids: list[str], stage: str
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The batch's mean RDE loss of ``mask`` (what training minimises), and its parts as metrics.
+
+        L noise samples per image (``num_samples``; ``val_samples`` outside training), drawn from generators
+        seeded by (``noise_seed``, stage, step, image id). While ``l1_warmup_steps`` ramp the sparsity weight,
+        the training loss uses the ramped lambda; the ``rde_loss`` metric always uses the full lambda.
+        """
+        hp = self.hparams
+        training = stage == "train"
+        seeds = noise_seeds(hp.noise_seed, stage, self.global_step if training else 0, ids)
+        samples = hp.num_samples if training else (hp.val_samples or hp.num_samples)
+        noise = self.objective.sample_noise(problem, samples, make_generators(seeds, problem.images.device))
+        rde = self.objective.loss(problem, mask, noise)  # each (N,); noise bands (N, L, C, ...)
+        loss = rde.total.mean()
+        metrics = {"rde_loss": loss.detach()}
+        if training and hp.l1_warmup_steps > 0:  # sparsity ramped in: learn what matters first
+            ramp = l1_ramp(self.global_step, hp.l1_warmup_steps)
+            loss = (rde.distortion + ramp * self.objective.l1_lambda * rde.sparsity).mean()
+            metrics["l1_ramp"] = torch.tensor(ramp)
+        metrics["distortion"] = rde.distortion.mean().detach()
+        metrics["mask_mean"] = rde.sparsity.mean().detach()
+        return loss, metrics
+
+    def distillation(
+        self, batch: dict, logits: Coefficients, target: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]] | None:
+        """The distillation loss towards the teacher masks of this batch, and the agreement with them.
+
+        Only images whose teacher explains the same class count. None when the batch has no such image.
+
+        Raises:
+            ConfigError: the teacher masks have another number of entries than the predicted masks.
+        """
+        teacher = batch.get("teacher_mask")  # (N, K)
+        if teacher is None:
+            return None
+        valid = batch["has_teacher"].bool() & (batch["teacher_target"] == target)  # a teacher for this class
+        if not bool(valid.any()):
+            return None
+        predicted = logits.flatten()[valid].float()  # (n, K)
+        reference = teacher[valid].float()  # (n, K)
+        if reference.shape[1] != predicted.shape[1]:
+            raise ConfigError(
+                f"teacher masks have {reference.shape[1]} entries, the {self.hparams.image_size}px images "
+                f"{predicted.shape[1]}: the teachers were made at another size or with another wavelet"
+            )
+        distill = DISTILL_LOSSES[self.hparams.distill_loss](predicted, reference).mean()
+        agreement = mask_agreement(predicted.detach().sigmoid(), reference)
+        metrics = {
+            "distill_loss": distill.detach(),
+            "spearman": agreement["spearman"].mean(),
+            "top10_overlap": agreement["top_overlap"].mean(),
+            "teacher_fraction": valid.float().mean(),
+        }
+        return distill, metrics
+
+    def log_metrics(self, stage: str, metrics: dict[str, Tensor], batch_size: int) -> None:
+        """Log ``metrics`` as ``<stage>/<name>``: per step and epoch in training, per epoch (synced) otherwise."""
+        on_step = stage == "train"
+        for name, value in metrics.items():
+            self.log(
+                f"{stage}/{name}",
+                value,
+                on_step=on_step,
+                on_epoch=True,
+                prog_bar=name in ("rde_loss", "mask_mean"),
+                batch_size=batch_size,
+                sync_dist=not on_step,
+            )
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        loss, _, _ = self.step(batch, "train")
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
+        loss, mask, target = self.step(batch, "val")
+        if batch_idx == 0 and self.hparams.log_images and not self.trainer.sanity_checking:
+            self._log_images(batch["image"], mask, target)
+        return loss
+
+    @torch.no_grad()
+    def _log_images(self, images: Tensor, mask: Coefficients, target: Tensor) -> None:
+        """Log image | explanation pairs to the loggers that take images (wandb), on rank 0 only."""
+        loggers = [lg for lg in self.loggers if callable(getattr(lg, "log_image", None))]
+        if not loggers or not self.trainer.is_global_zero:
+            return
+        count = min(self.hparams.log_images, images.shape[0])
+        images = images[:count].float()
+        part = mask.select(slice(0, count)).to(dtype=torch.float32)
+        explanation = self.representation.decode(self.representation.encode(grey(images)) * part).clamp(0, 1)
+        panels = [
+            (torch.cat([images[i], explanation[i].expand(3, -1, -1)], dim=2).permute(1, 2, 0).cpu().numpy() * 255)
+            .round()
+            .astype(np.uint8)
+            for i in range(count)
+        ]
+        captions = [
+            f"class {int(t)}, mask mean {float(part.select(i).flatten().mean()):.3f}"
+            for i, t in enumerate(target[:count])
+        ]
+        for lg in loggers:
+            lg.log_image(key="val/explanations", images=panels, step=self.global_step, caption=captions)
+
+    # ---- optimisation ------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay = [p for p in self.mask_predictor.parameters() if p.ndim >= 2]
+        no_decay = [p for p in self.mask_predictor.parameters() if p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr,
+        )
+        total = float(self.trainer.estimated_stepping_batches) if self.trainer is not None else float("inf")
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: warmup_cosine(s, hp.warmup_steps, total, hp.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ---- checks and checkpoints -----------------------------------------------------------------------------
+    def _datamodule(self) -> pl.LightningDataModule | None:
+        """The trainer's data module; None without one (or without a trainer: a checkpoint saved by hand)."""
+        try:
+            return getattr(self.trainer, "datamodule", None)
+        except RuntimeError:  # not attached to a Trainer
+            return None
+
+    def setup(self, stage: str) -> None:
+        store = getattr(self._datamodule(), "teacher_store", None)
+        if store is not None:
+            check_teachers(store.manifest, self.settings(), self.mask_length)
+
+    def settings(self) -> dict:
+        """Every setting the trained explainer depends on (plain values): ``checkpoint["cartoonx"]``."""
+        hp = self.hparams
+        return {
+            "format_version": CHECKPOINT_FORMAT,
+            "kind": CHECKPOINT_KIND,
+            **self.classifier_identity,
+            "normalize": "none" if self.classifier.normalization is None else "imagenet",
+            "image_size": int(hp.image_size),
+            "representation": "wavelet",
+            "wave": hp.wave,
+            "levels": int(hp.levels),
+            "levels_used": int(self.levels_used),
+            "mode": hp.mode,
+            "mask_length": int(self.mask_length),
+            "l1_lambda": float(hp.l1_lambda),
+            "distortion": hp.distortion,
+            "obfuscation": hp.obfuscation,
+            "num_samples": int(hp.num_samples),
+            "distill_weight": float(hp.distill_weight),
+            NETWORK_KEY: self.mask_predictor.settings(),
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Keep only the explainer's weights and add the plain ``cartoonx`` settings dict."""
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith(STATE_PREFIX)}
+        meta = self.settings()
+        datamodule = self._datamodule()
+        if isinstance(datamodule, MaskPredictorDataModule):
+            meta["data"] = datamodule.split_settings()
+        meta["saved"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        checkpoint[META_KEY] = meta
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Resume: put the (not saved) classifier and representation state back so the strict load succeeds."""
+        own = {k: v for k, v in self.state_dict().items() if not k.startswith(STATE_PREFIX)}
+        checkpoint["state_dict"] = {**own, **checkpoint["state_dict"]}
+
+
+def _network_config(given: MaskPredictorConfig | dict | None) -> MaskPredictorConfig:
+    """The ``mask_predictor`` argument as a config: None gives the defaults, a dict its fields."""
+    if given is None:
+        return MaskPredictorConfig()
+    if isinstance(given, dict):
+        try:
+            return MaskPredictorConfig(**given)
+        except TypeError as exc:
+            raise ConfigError(f"invalid mask_predictor config: {exc}") from None
+    if not isinstance(given, MaskPredictorConfig):
+        raise ConfigError(f"mask_predictor must be a MaskPredictorConfig, got {type(given).__name__}")
+    return given
+
+
+def _complete(network: MaskPredictorConfig, derived: dict, requested_levels: int) -> MaskPredictorConfig:
+    """``network`` with the fields the module decides; a field set to something else is refused.
+
+    ``levels`` is J as capped for the training size (no unused heads, which DDP refuses); the requested J is
+    accepted as well.
+    """
+    defaults = MaskPredictorConfig()
+    conflicts = []
+    for name in _DERIVED_NETWORK_FIELDS:
+        value = getattr(network, name)
+        accepted = {getattr(defaults, name), derived[name]} | ({requested_levels} if name == "levels" else set())
+        if value not in accepted:
+            conflicts.append(f"mask_predictor.{name}={value!r} (the module's: {derived[name]!r})")
+    if conflicts:
+        raise ConfigError(
+            "the module sets the network's classes and wavelet (from the classifier and its wave, levels and "
+            f"mode); leave them out of mask_predictor: {', '.join(conflicts)}"
+        )
+    return dataclasses.replace(network, **derived)
