@@ -57,10 +57,19 @@ def _make_cli_class():
             config = self.config_init.get(str(self.subcommand), self.config_init)
             outputs = self.run_outputs()
             settings = {**dict(config.get("trainer") or {}), **kwargs}
+            check_trainer_limits(settings)
             logger.info("run %s: checkpoints in %s", outputs.run_name, outputs.checkpoint_folder)
             return super().instantiate_trainer(**trainer_arguments(outputs, settings))
 
     return FitCLI
+
+
+def check_trainer_limits(settings: dict) -> None:
+    """Refuse step and epoch limits that would train nothing (0) or that Lightning would reject with a traceback."""
+    for name in ("max_steps", "max_epochs"):
+        value = settings.get(name)
+        if value is not None and value != -1 and (isinstance(value, bool) or value < 1):
+            raise ConfigError(f"--trainer.{name} must be -1 (no limit) or at least 1, got {value}")
 
 
 def run_fit(args: list[str] | None) -> None:

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ..checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KIND, META_KEY, NETWORK_KEY, STATE_PREFIX
 from ..classifiers import classifier_identity, load_classifier
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, NonFiniteError
 from ..evaluation.agreement import mask_agreement
 from ..mask_predictor import MaskPredictor, MaskPredictorConfig, describe_size
 from ..rde import DISTORTIONS, OBFUSCATIONS, RDEObjective, RDEProblem, make_generators
@@ -154,7 +154,7 @@ class AmortizedCartoonXModule(pl.LightningModule):
         self.levels_used = self.representation.levels_for(image_size, image_size)
         derived = {"num_classes": num_classes, "wave": wave, "levels": self.levels_used, "mode": mode}
         self.mask_predictor = MaskPredictor(_complete(_network_config(mask_predictor), derived, levels))
-        self.classifier_identity = classifier_identity(classifier)
+        self.classifier_identity = classifier_identity(classifier, self.classifier)  # spec, file and weights
         # save_hyperparameters reads the arguments from this frame: the network's config in use, as a plain dict
         # (checkpoints stay readable with torch.load(weights_only=True))
         mask_predictor = self.mask_predictor.settings()
@@ -279,6 +279,11 @@ class AmortizedCartoonXModule(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss, _, _ = self.step(batch, "train")
+        if not bool(torch.isfinite(loss)):  # stop at once: a NaN step would poison the weights and the checkpoint
+            raise NonFiniteError(
+                f"the training loss became {float(loss)} at step {self.global_step} (batch {list(batch['id'])[:3]}): "
+                "lower the learning rate, or check the classifier's outputs under noise"
+            )
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> Tensor:
