@@ -36,9 +36,9 @@ from amortized_cartoonx.evaluation.methods import (
     MethodUnavailable,
     build_methods,
 )
-from amortized_cartoonx.evaluation.names import ALL_METHODS
 from amortized_cartoonx.evaluation.report import write_report
 from amortized_cartoonx.evaluation.runner import Evaluation, EvaluationConfig
+from amortized_cartoonx.methods import ALL_METHODS
 from amortized_cartoonx.optimizer import OptimizerConfig
 from amortized_cartoonx.rde import RDEObjective, make_generators
 from amortized_cartoonx.wavelets import PixelRepresentation, WaveletRepresentation

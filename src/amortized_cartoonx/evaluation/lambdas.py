@@ -17,12 +17,18 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..methods import EXACT_METHODS
 from ..optimizer import CartoonX, OptimizerConfig, PixelRDE
 from ..rde import RDEObjective
 from ..wavelets import Coefficients
 
-#: The methods panel (c) applies to.
-LAMBDA_METHODS = ("cartoonx", "pixel-rde")
+#: The methods panel (c) applies to: the exact optimizers.
+LAMBDA_METHODS: tuple[str, ...] = EXACT_METHODS
+#: Panel (c)'s default grids, spanning the paper's ranges (20..80 for CartoonX, 3..20 for Pixel RDE).
+DEFAULT_LAMBDAS: dict[str, tuple[float, ...]] = {
+    "cartoonx": (10.0, 20.0, 40.0, 80.0),
+    "pixel-rde": (2.0, 4.0, 8.0, 16.0),
+}
 
 
 def lambda_optimizer(method: str, classifier, config: OptimizerConfig, l1_lambda: float, steps: int | None, dwt: dict):

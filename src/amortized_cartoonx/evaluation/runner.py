@@ -33,14 +33,14 @@ from ..classifiers import frozen, is_file_spec
 from ..errors import ConfigError, InputError
 from ..images import list_images, load_images
 from ..io import file_sha256
+from ..methods import DEFAULT_METHODS
 from ..rde import DISTORTIONS, OBFUSCATIONS, RDEObjective, make_generators
 from ..seeding import Stream, item_seed, stream_seeds
 from .cache import ResultCache, as_scalar_tensors, settings_hash
 from .curves import CURVES, area, rate_distortion_curves, rate_grid
-from .lambdas import LAMBDA_METHODS, lambda_optimizer, lambda_points
+from .lambdas import DEFAULT_LAMBDAS, LAMBDA_METHODS, lambda_optimizer, lambda_points
 from .maps import display_image, pixel_relevance
 from .methods import EvaluationMethod, MethodContext, build_methods
-from .names import DEFAULT_LAMBDAS, DEFAULT_METHODS
 
 logger = logging.getLogger(__name__)
 
