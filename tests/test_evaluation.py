@@ -16,8 +16,9 @@ from torch import nn
 
 from amortized_cartoonx.classifiers import wrap_classifier
 from amortized_cartoonx.cli import main
+from amortized_cartoonx.errors import InputError
 from amortized_cartoonx.evaluation import curves as curves_mod
-from amortized_cartoonx.evaluation.baselines import GradientMethod, RandomOrdering
+from amortized_cartoonx.evaluation.attribution import EvaluationMethod
 from amortized_cartoonx.evaluation.curves import (
     area,
     binary_masks,
@@ -29,16 +30,15 @@ from amortized_cartoonx.evaluation.curves import (
 from amortized_cartoonx.evaluation.maps import mask_energy_map
 from amortized_cartoonx.evaluation.methods import (
     METHODS,
-    AmortizedMethod,
     BaselineConfig,
-    MaskMethod,
     MethodContext,
     MethodUnavailable,
     build_methods,
+    method_names,
 )
 from amortized_cartoonx.evaluation.report import write_report
 from amortized_cartoonx.evaluation.runner import Evaluation, EvaluationConfig
-from amortized_cartoonx.methods import ALL_METHODS
+from amortized_cartoonx.methods import ALL_METHODS, DEFAULT_METHODS, method_info
 from amortized_cartoonx.optimizer import OptimizerConfig
 from amortized_cartoonx.rde import RDEObjective, make_generators
 from amortized_cartoonx.wavelets import PixelRepresentation, WaveletRepresentation
@@ -185,9 +185,25 @@ def test_mask_energy_map():
 
 
 # ---- methods ------------------------------------------------------------------------------------------------------
-def test_method_names_match_the_registry():
-    build_methods([], MethodContext(wrap_classifier(make_tiny_cnn())))  # registers the baselines
-    assert set(METHODS.names()) == set(ALL_METHODS)
+def test_the_registry_follows_the_method_table():
+    assert method_names() == list(ALL_METHODS)  # every method, in the table's order
+    ctx = MethodContext(wrap_classifier(make_tiny_cnn()), image_size=SIZE, optimizer=FAST_OPT, levels=2)
+    methods, skipped = build_methods(DEFAULT_METHODS, ctx)
+    assert not skipped
+    for name, method in methods.items():
+        assert method.name == name and method.representation.name == method_info(name).representation, name
+
+
+def test_one_verb_attribute_validates_its_inputs():
+    method = METHODS.get("random-pixel")(MethodContext(wrap_classifier(make_tiny_cnn())))
+    assert not hasattr(method, "explain")  # explain is the RDE explainers' verb (-> Explanation)
+    images = smooth_images(2)
+    with pytest.raises(InputError, match="1 seeds for 2 images"):
+        method.attribute(images, seeds=[1])
+    with pytest.raises(InputError, match="shape"):
+        method.attribute(images[0], seeds=[1])
+    with pytest.raises(TypeError):
+        method.attribute(images, None, [1, 2])  # seeds are keyword-only
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.script is deprecated; TorchScript files still load
@@ -212,12 +228,12 @@ def test_every_baseline_gives_a_relevance_per_position():
     )
     assert not skipped
     for name, method in methods.items():
-        att = method.explain(images, None, seeds=[1, 2])
+        att = method.attribute(images, None, seeds=[1, 2])
         k = method.representation.encode(images).numel_per_channel()
         assert att.relevance.shape == (2, k), name
         assert bool(torch.isfinite(att.relevance).all()) and bool((att.relevance >= 0).all()), name
         assert att.target.tolist() == classifier(images).argmax(1).tolist(), name
-        again = method.explain(images[1:], None, seeds=[2])  # seeded per image: independent of the batch
+        again = method.attribute(images[1:], None, seeds=[2])  # seeded per image: independent of the batch
         torch.testing.assert_close(again.relevance[0], att.relevance[1], rtol=1e-4, atol=1e-6)
 
 
@@ -242,19 +258,15 @@ def make_run(images_dir, out_dir, methods, **overrides) -> Evaluation:
 
 @pytest.fixture
 def count_explains(monkeypatch):
+    """Images explained per method (every method's verb is the base class's ``attribute``)."""
     calls: dict[str, int] = {}
+    original = EvaluationMethod.attribute
 
-    def wrap(cls):
-        original = cls.explain
+    def counted(self, images, target=None, *, seeds):
+        calls[self.name] = calls.get(self.name, 0) + images.shape[0]
+        return original(self, images, target, seeds=seeds)
 
-        def counted(self, images, target=None, *, seeds):
-            calls[self.name] = calls.get(self.name, 0) + images.shape[0]
-            return original(self, images, target, seeds=seeds)
-
-        monkeypatch.setattr(cls, "explain", counted)
-
-    for cls in (MaskMethod, AmortizedMethod, GradientMethod, RandomOrdering):
-        wrap(cls)
+    monkeypatch.setattr(EvaluationMethod, "attribute", counted)
     return calls
 
 

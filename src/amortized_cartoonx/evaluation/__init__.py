@@ -1,8 +1,9 @@
 """Evaluation: rate-distortion curves (the paper's Fig. 7) of CartoonX against Pixel RDE, the amortized
 explainer and gradient baselines, with a cache, figures and a report (``cartoonx evaluate``).
 
-Modules: :mod:`.curves` (ranking, keep/randomise curves, areas), :mod:`.methods` and :mod:`.baselines` (the
-compared explainers behind one ``explain`` verb), :mod:`.maps` (pixel relevance maps and pictures),
+Modules: :mod:`.curves` (ranking, keep/randomise curves, areas), :mod:`.attribution` (the compared methods'
+verb ``attribute``, its types and registry), :mod:`.mask_methods` and :mod:`.baselines` (the methods),
+:mod:`.methods` (the full registry), :mod:`.maps` (pixel relevance maps and pictures),
 :mod:`.lambdas` (panel c), :mod:`.localisation` (ground-truth metrics), :mod:`.cache`, :mod:`.runner` (the run),
 :mod:`.report` (the output files).
 
@@ -26,8 +27,8 @@ _EXPORTS = {
     "Evaluation": "runner",
     "EvaluationConfig": "runner",
     "EvaluationResults": "runner",
-    "MethodContext": "methods",
-    "BaselineConfig": "methods",
+    "MethodContext": "attribution",
+    "BaselineConfig": "attribution",
     "METHODS": "methods",
     "build_methods": "methods",
     "rate_distortion_curves": "curves",

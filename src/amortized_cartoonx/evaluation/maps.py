@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ..rde import band_statistics
 from ..wavelets import grey
-from .methods import MASK, EvaluationMethod
+from .attribution import MASK, EvaluationMethod
 
 #: Attribution heat maps are scaled so that this quantile of each image's map is full brightness.
 DISPLAY_QUANTILE = 0.99

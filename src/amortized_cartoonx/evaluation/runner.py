@@ -275,7 +275,7 @@ class Evaluation:
         for batch in self._batches(missing):
             images = self._load(files, batch)
             seeds = [item_seed(ids[i], self.config.seed) for i in batch]
-            att = method.explain(images, None, seeds=seeds)
+            att = method.attribute(images, None, seeds=seeds)
             for j, i in enumerate(batch):
                 tensors = {
                     "relevance": att.relevance[j].float(),
