@@ -18,7 +18,9 @@ from amortized_cartoonx.classifiers import wrap_classifier
 from amortized_cartoonx.cli import main
 from amortized_cartoonx.errors import InputError
 from amortized_cartoonx.evaluation import curves as curves_mod
+from amortized_cartoonx.evaluation import lambdas as lambdas_mod
 from amortized_cartoonx.evaluation.attribution import EvaluationMethod
+from amortized_cartoonx.evaluation.cache import JsonStore, ResultCache, cached_map
 from amortized_cartoonx.evaluation.curves import (
     area,
     binary_masks,
@@ -27,7 +29,8 @@ from amortized_cartoonx.evaluation.curves import (
     rate_distortion_curves,
     rate_grid,
 )
-from amortized_cartoonx.evaluation.maps import mask_energy_map
+from amortized_cartoonx.evaluation.localisation import localisation_metrics
+from amortized_cartoonx.evaluation.maps import mask_energy_map, pixel_relevance
 from amortized_cartoonx.evaluation.methods import (
     METHODS,
     BaselineConfig,
@@ -41,6 +44,7 @@ from amortized_cartoonx.evaluation.runner import Evaluation, EvaluationConfig
 from amortized_cartoonx.methods import ALL_METHODS, DEFAULT_METHODS, method_info
 from amortized_cartoonx.optimizer import OptimizerConfig
 from amortized_cartoonx.rde import RDEObjective, make_generators
+from amortized_cartoonx.synthetic.export import write_synthetic_folder
 from amortized_cartoonx.wavelets import PixelRepresentation, WaveletRepresentation
 
 from .conftest import make_tiny_cnn
@@ -319,15 +323,92 @@ def test_an_interrupted_run_resumes(tmp_path, count_explains, monkeypatch):
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr("amortized_cartoonx.evaluation.runner.rate_distortion_curves", failing)
+    monkeypatch.setattr(curves_mod, "rate_distortion_curves", failing)
     with pytest.raises(KeyboardInterrupt):
         make_run(images_dir, out, ["random-wavelet"], lambdas={}).run()
-    monkeypatch.setattr("amortized_cartoonx.evaluation.runner.rate_distortion_curves", original)
+    monkeypatch.setattr(curves_mod, "rate_distortion_curves", original)
     count_explains.clear()
     run = make_run(images_dir, out, ["random-wavelet"], lambdas={})
     run.run()
     assert count_explains == {}  # the explanations were all cached before the interruption
     assert run.computed["curves"] == {"random-wavelet": 1}  # only the batch that did not finish
+
+
+def test_cached_map_computes_only_what_is_missing(tmp_path):
+    calls: list[list[int]] = []
+
+    def compute(indices):
+        calls.append(list(indices))
+        return [{"value": 10 * i} for i in indices]
+
+    ids = ["a.png", "b.png", "c.png"]
+    store = JsonStore(ResultCache(tmp_path), "curves", "method", "key")
+    first = cached_map(ids[:2], store, compute, batch_size=2, desc="test", progress=False)
+    assert calls == [[0, 1]] and first.computed == 2
+    calls.clear()
+    second = cached_map(ids, store, compute, batch_size=2, desc="test", progress=False)
+    assert calls == [[2]] and second.computed == 1  # only the new image
+    assert second.records == {"a.png": {"value": 0}, "b.png": {"value": 10}, "c.png": {"value": 20}}
+    assert list(second.records) == ids
+    calls.clear()
+    third = cached_map(ids, store, compute, batch_size=2, desc="test", progress=False)
+    assert calls == [] and third.computed == 0 and third.records == second.records
+    nothing = JsonStore(ResultCache(None), "curves", "method", "key")  # --no-cache
+    assert cached_map(ids, nothing, compute, batch_size=2, desc="test", progress=False).computed == 3
+    assert calls == [[0, 1], [2]]
+
+
+def test_the_phases_run_twice_compute_nothing_and_use_no_global_randomness(tmp_path, count_explains, monkeypatch):
+    images_dir = tmp_path / "cartoons"
+    write_synthetic_folder(images_dir, 2, size=SIZE, progress=False)  # with ground truth: every phase runs
+    out = tmp_path / "out"
+    counts = {"curves": 0, "lambda": 0}
+
+    def counting(module, name, phase):
+        original = getattr(module, name)
+
+        def counted(*args, **kwargs):
+            counts[phase] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+
+    counting(curves_mod, "rate_distortion_curves", "curves")
+    counting(lambdas_mod, "lambda_points", "lambda")
+    methods = ["pixel-rde", "smoothgrad", "random-wavelet"]
+    settings = {"lambdas": {"pixel-rde": (2.0,)}}
+    torch.manual_seed(1)
+    first = make_run(images_dir, out, methods, **settings).run()
+    assert count_explains == {m: 2 for m in methods} and counts == {"curves": 3, "lambda": 1}
+    assert first.computed["lambda"] == {"pixel-rde": 1} and first.has_ground_truth
+
+    count_explains.clear()
+    counts.update({"curves": 0, "lambda": 0})
+    torch.manual_seed(2)
+    second = make_run(images_dir, out, methods, **settings).run()
+    assert count_explains == {} and counts == {"curves": 0, "lambda": 0}  # nothing computed
+    assert second.computed == {
+        "explanations": {m: 0 for m in methods},
+        "curves": {m: 0 for m in methods},
+        "lambda": {"pixel-rde": 0},
+    }
+    torch.manual_seed(3)
+    fresh = make_run(images_dir, tmp_path / "fresh", methods, cache=False, **settings).run()
+    for other in (second, fresh):  # the same results, whatever the global random state
+        for name in methods:
+            a, b = first.methods[name], other.methods[name]
+            for field in ("keep", "randomise", "targets"):
+                np.testing.assert_allclose(getattr(b, field), getattr(a, field), rtol=1e-5, atol=1e-7)
+            assert set(b.ground_truth) == set(a.ground_truth) and set(b.scalars) == set(a.scalars)
+            for k in a.ground_truth:
+                np.testing.assert_allclose(b.ground_truth[k], a.ground_truth[k], rtol=1e-5, atol=1e-7)
+            for k in a.scalars:
+                np.testing.assert_allclose(b.scalars[k], a.scalars[k], rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(other.examples[name], first.examples[name])
+        a, b = first.lambda_points["pixel-rde"], other.lambda_points["pixel-rde"]
+        assert [(p["image"], p["lambda"]) for p in b] == [(p["image"], p["lambda"]) for p in a]
+        values = [[[p["mask_mean"], p["distortion"], p["optimizer_distortion"]] for p in r] for r in (a, b)]
+        np.testing.assert_allclose(values[1], values[0], rtol=1e-5, atol=1e-7)
 
 
 # ---- command line ----------------------------------------------------------------------------------------------------
@@ -384,9 +465,6 @@ def test_empty_or_missing_folder_exits_2(tmp_path, scripted_classifier, capsys):
 # ---- ground truth ----------------------------------------------------------------------------------------------
 def test_a_pixel_mask_on_the_object_puts_all_its_energy_there():
     pytest.importorskip("amortized_cartoonx.ground_truth", reason="the ground-truth metrics (issue 5) are not here")
-    from amortized_cartoonx.evaluation.localisation import localisation_metrics
-    from amortized_cartoonx.evaluation.maps import pixel_relevance
-
     images = smooth_images(2)
     obj = torch.zeros(2, SIZE, SIZE, dtype=torch.bool)
     obj[:, 4:14, 6:16] = True
@@ -399,10 +477,8 @@ def test_a_pixel_mask_on_the_object_puts_all_its_energy_there():
 
 
 def test_ground_truth_metrics_for_every_method(tmp_path):
-    pytest.importorskip("amortized_cartoonx.ground_truth", reason="the ground-truth metrics (issue 5) are not here")
-    export = pytest.importorskip("amortized_cartoonx.synthetic.export", reason="the synthetic benchmark is not here")
     images_dir = tmp_path / "cartoons"
-    export.write_synthetic_folder(images_dir, 2, size=SIZE, progress=False)
+    write_synthetic_folder(images_dir, 2, size=SIZE, progress=False)
     out = tmp_path / "out"
     results = make_run(images_dir, out, ["random-wavelet", "integrated-gradients"], lambdas={}).run()
     assert results.has_ground_truth

@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 from ..io import atomic_write_text
 from ..methods import method_info, title
 from ..plotting import save_figure
-from .runner import EvaluationResults, mean_se
+from .results import EvaluationResults, mean_se
 
 AREA_KEYS = ("area_keep", "area_keep_early", "area_randomise", "area_randomise_early")
 
