@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from amortized_cartoonx.classifiers import wrap_classifier
+from amortized_cartoonx.classifiers import load_classifier, wrap_classifier
 from amortized_cartoonx.cli import main
 from amortized_cartoonx.errors import InputError
 from amortized_cartoonx.evaluation import curves as curves_mod
@@ -539,6 +539,18 @@ def test_amortized_and_warm_methods(tmp_path, scripted_classifier, count_explain
     assert set(summary["methods"]) == {"amortized", "warm"}
     assert all(e["representation"] == "wavelet" for e in summary["methods"].values())
     assert count_explains == {"amortized": 2, "warm": 2}
+
+
+def test_the_amortized_method_measures_like_the_optimizer(tmp_path, scripted_classifier):
+    checkpoint = write_checkpoint(tmp_path / "explainer.ckpt", str(scripted_classifier))
+    spec = str(scripted_classifier)
+    optimizer = OptimizerConfig(num_samples=3, seed=5)
+    ctx = MethodContext(load_classifier(spec), spec, SIZE, optimizer, levels=2, checkpoint=str(checkpoint))
+    method = METHODS.get("amortized")(ctx)
+    assert method.explainer.measure_samples == 3 and method.explainer.seed == 5
+    assert method.settings()["measure_samples"] == 3  # part of the cache key
+    ctx.optimizer = OptimizerConfig(num_samples=3, measure_samples=7)
+    assert METHODS.get("amortized")(ctx).explainer.measure_samples == 7
 
 
 def test_a_checkpoint_for_another_classifier_exits_2(tmp_path, scripted_classifier, capsys):

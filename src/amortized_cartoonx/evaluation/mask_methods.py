@@ -61,7 +61,8 @@ class AmortizedMethod(MaskMethod):
 
     Seconds per explanation time the prediction alone (the real single-pass cost). The mask is then measured
     like every explainer's (:meth:`AmortizedExplainer.explain`: the RDE loss on the measurement noise of the
-    same per-image seeds), outside the timed part, so its loss compares directly with the exact optimizer's.
+    same per-image seeds, with the optimizer's number of samples), outside the timed part, so its loss compares
+    directly with the exact optimizer's.
     """
 
     def _compute(self, images: Tensor, target: Tensor | None, seeds: list[int]) -> Attribution:
@@ -91,12 +92,25 @@ def _pixel_rde(ctx: MethodContext) -> EvaluationMethod:
     return MaskMethod("pixel-rde", explainer, explainer.representation, _optimizer_settings(explainer))
 
 
+def _measure_samples(ctx: MethodContext) -> int:
+    """The final measurement's noise samples: the exact optimizer's (``measure_samples`` or ``num_samples``)."""
+    return ctx.optimizer.measure_samples or ctx.optimizer.num_samples
+
+
 def load_amortized(ctx: MethodContext) -> AmortizedExplainer:
-    """The amortized explainer of ``ctx.checkpoint``, checked against the classifier and the DWT settings."""
+    """The amortized explainer of ``ctx.checkpoint``, checked against the classifier and the DWT settings.
+
+    It measures its masks like the exact optimizer of ``ctx.optimizer`` (same number of samples, same seed).
+    """
     if not ctx.checkpoint:
         raise ConfigError("the methods amortized and warm need --checkpoint (an amortized explainer checkpoint)")
-    path = Path(ctx.checkpoint).expanduser()
-    amortized = AmortizedExplainer.from_checkpoint(path, ctx.classifier, device=_device_of(ctx.classifier))
+    amortized = AmortizedExplainer.from_checkpoint(
+        Path(ctx.checkpoint).expanduser(),
+        ctx.classifier,
+        device=_device_of(ctx.classifier),
+        measure_samples=_measure_samples(ctx),
+        seed=ctx.optimizer.seed,
+    )
     amortized.check_compatible(
         classifier_spec=ctx.classifier_spec, image_size=ctx.image_size, wave=ctx.wave, levels=ctx.levels, mode=ctx.mode
     )
@@ -110,7 +124,8 @@ def _checkpoint_settings(ctx: MethodContext) -> dict:
 @METHODS.register("amortized")
 def _amortized(ctx: MethodContext) -> EvaluationMethod:
     explainer = load_amortized(ctx)
-    return AmortizedMethod("amortized", explainer, ctx.wavelet(), _checkpoint_settings(ctx))
+    settings = {**_checkpoint_settings(ctx), "measure_samples": explainer.measure_samples}
+    return AmortizedMethod("amortized", explainer, ctx.wavelet(), settings)
 
 
 @METHODS.register("warm")
