@@ -1,4 +1,4 @@
-"""The evaluation (issue 4): rate-distortion curves, baselines, cache, report, command line."""
+"""The evaluation: rate-distortion curves, methods and baselines, cache, phases, report, command line."""
 
 from __future__ import annotations
 
@@ -464,7 +464,6 @@ def test_empty_or_missing_folder_exits_2(tmp_path, scripted_classifier, capsys):
 
 # ---- ground truth ----------------------------------------------------------------------------------------------
 def test_a_pixel_mask_on_the_object_puts_all_its_energy_there():
-    pytest.importorskip("amortized_cartoonx.ground_truth", reason="the ground-truth metrics (issue 5) are not here")
     images = smooth_images(2)
     obj = torch.zeros(2, SIZE, SIZE, dtype=torch.bool)
     obj[:, 4:14, 6:16] = True
@@ -493,8 +492,8 @@ def test_ground_truth_metrics_for_every_method(tmp_path):
 # ---- amortized and warm start ------------------------------------------------------------------------------------
 def write_checkpoint(path: Path, classifier_spec: str) -> Path:
     """An (untrained) amortized explainer checkpoint in the format ``cartoonx fit`` writes."""
-    pytest.importorskip("amortized_cartoonx.amortized", reason="the amortized explainer (issue 3) is not here")
-    training = pytest.importorskip("amortized_cartoonx.training", reason="the amortized training (issue 3) is not here")
+    from amortized_cartoonx import training  # Lightning: imported only by the tests that need a checkpoint
+
     module = training.AmortizedCartoonXModule(classifier=classifier_spec, image_size=SIZE, levels=2)
     state = {f"mask_predictor.{k}": v for k, v in module.mask_predictor.state_dict().items()}
     torch.save({"state_dict": state, "cartoonx": module.settings()}, path)
