@@ -1,4 +1,4 @@
-"""The evaluation (issue 4): rate-distortion curves, baselines, cache, report, command line."""
+"""The evaluation: rate-distortion curves, methods and baselines, cache, phases, report, command line."""
 
 from __future__ import annotations
 
@@ -14,10 +14,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-from amortized_cartoonx.classifiers import wrap_classifier
+from amortized_cartoonx.classifiers import load_classifier, wrap_classifier
 from amortized_cartoonx.cli import main
+from amortized_cartoonx.errors import InputError
 from amortized_cartoonx.evaluation import curves as curves_mod
-from amortized_cartoonx.evaluation.baselines import GradientMethod, RandomOrdering
+from amortized_cartoonx.evaluation import lambdas as lambdas_mod
+from amortized_cartoonx.evaluation.attribution import EvaluationMethod
+from amortized_cartoonx.evaluation.cache import JsonStore, ResultCache, cached_map
 from amortized_cartoonx.evaluation.curves import (
     area,
     binary_masks,
@@ -26,21 +29,22 @@ from amortized_cartoonx.evaluation.curves import (
     rate_distortion_curves,
     rate_grid,
 )
-from amortized_cartoonx.evaluation.maps import mask_energy_map
+from amortized_cartoonx.evaluation.localisation import localisation_metrics
+from amortized_cartoonx.evaluation.maps import mask_energy_map, pixel_relevance
 from amortized_cartoonx.evaluation.methods import (
     METHODS,
-    AmortizedMethod,
     BaselineConfig,
-    MaskMethod,
     MethodContext,
     MethodUnavailable,
     build_methods,
+    method_names,
 )
-from amortized_cartoonx.evaluation.names import ALL_METHODS
 from amortized_cartoonx.evaluation.report import write_report
 from amortized_cartoonx.evaluation.runner import Evaluation, EvaluationConfig
+from amortized_cartoonx.methods import ALL_METHODS, DEFAULT_METHODS, method_info
 from amortized_cartoonx.optimizer import OptimizerConfig
 from amortized_cartoonx.rde import RDEObjective, make_generators
+from amortized_cartoonx.synthetic.export import write_synthetic_folder
 from amortized_cartoonx.wavelets import PixelRepresentation, WaveletRepresentation
 
 from .conftest import make_tiny_cnn
@@ -185,9 +189,25 @@ def test_mask_energy_map():
 
 
 # ---- methods ------------------------------------------------------------------------------------------------------
-def test_method_names_match_the_registry():
-    build_methods([], MethodContext(wrap_classifier(make_tiny_cnn())))  # registers the baselines
-    assert set(METHODS.names()) == set(ALL_METHODS)
+def test_the_registry_follows_the_method_table():
+    assert method_names() == list(ALL_METHODS)  # every method, in the table's order
+    ctx = MethodContext(wrap_classifier(make_tiny_cnn()), image_size=SIZE, optimizer=FAST_OPT, levels=2)
+    methods, skipped = build_methods(DEFAULT_METHODS, ctx)
+    assert not skipped
+    for name, method in methods.items():
+        assert method.name == name and method.representation.name == method_info(name).representation, name
+
+
+def test_one_verb_attribute_validates_its_inputs():
+    method = METHODS.get("random-pixel")(MethodContext(wrap_classifier(make_tiny_cnn())))
+    assert not hasattr(method, "explain")  # explain is the RDE explainers' verb (-> Explanation)
+    images = smooth_images(2)
+    with pytest.raises(InputError, match="1 seeds for 2 images"):
+        method.attribute(images, seeds=[1])
+    with pytest.raises(InputError, match="shape"):
+        method.attribute(images[0], seeds=[1])
+    with pytest.raises(TypeError):
+        method.attribute(images, None, [1, 2])  # seeds are keyword-only
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.script is deprecated; TorchScript files still load
@@ -212,12 +232,12 @@ def test_every_baseline_gives_a_relevance_per_position():
     )
     assert not skipped
     for name, method in methods.items():
-        att = method.explain(images, None, seeds=[1, 2])
+        att = method.attribute(images, None, seeds=[1, 2])
         k = method.representation.encode(images).numel_per_channel()
         assert att.relevance.shape == (2, k), name
         assert bool(torch.isfinite(att.relevance).all()) and bool((att.relevance >= 0).all()), name
         assert att.target.tolist() == classifier(images).argmax(1).tolist(), name
-        again = method.explain(images[1:], None, seeds=[2])  # seeded per image: independent of the batch
+        again = method.attribute(images[1:], None, seeds=[2])  # seeded per image: independent of the batch
         torch.testing.assert_close(again.relevance[0], att.relevance[1], rtol=1e-4, atol=1e-6)
 
 
@@ -242,19 +262,15 @@ def make_run(images_dir, out_dir, methods, **overrides) -> Evaluation:
 
 @pytest.fixture
 def count_explains(monkeypatch):
+    """Images explained per method (every method's verb is the base class's ``attribute``)."""
     calls: dict[str, int] = {}
+    original = EvaluationMethod.attribute
 
-    def wrap(cls):
-        original = cls.explain
+    def counted(self, images, target=None, *, seeds):
+        calls[self.name] = calls.get(self.name, 0) + images.shape[0]
+        return original(self, images, target, seeds=seeds)
 
-        def counted(self, images, target=None, *, seeds):
-            calls[self.name] = calls.get(self.name, 0) + images.shape[0]
-            return original(self, images, target, seeds=seeds)
-
-        monkeypatch.setattr(cls, "explain", counted)
-
-    for cls in (MaskMethod, AmortizedMethod, GradientMethod, RandomOrdering):
-        wrap(cls)
+    monkeypatch.setattr(EvaluationMethod, "attribute", counted)
     return calls
 
 
@@ -307,15 +323,92 @@ def test_an_interrupted_run_resumes(tmp_path, count_explains, monkeypatch):
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr("amortized_cartoonx.evaluation.runner.rate_distortion_curves", failing)
+    monkeypatch.setattr(curves_mod, "rate_distortion_curves", failing)
     with pytest.raises(KeyboardInterrupt):
         make_run(images_dir, out, ["random-wavelet"], lambdas={}).run()
-    monkeypatch.setattr("amortized_cartoonx.evaluation.runner.rate_distortion_curves", original)
+    monkeypatch.setattr(curves_mod, "rate_distortion_curves", original)
     count_explains.clear()
     run = make_run(images_dir, out, ["random-wavelet"], lambdas={})
     run.run()
     assert count_explains == {}  # the explanations were all cached before the interruption
     assert run.computed["curves"] == {"random-wavelet": 1}  # only the batch that did not finish
+
+
+def test_cached_map_computes_only_what_is_missing(tmp_path):
+    calls: list[list[int]] = []
+
+    def compute(indices):
+        calls.append(list(indices))
+        return [{"value": 10 * i} for i in indices]
+
+    ids = ["a.png", "b.png", "c.png"]
+    store = JsonStore(ResultCache(tmp_path), "curves", "method", "key")
+    first = cached_map(ids[:2], store, compute, batch_size=2, desc="test", progress=False)
+    assert calls == [[0, 1]] and first.computed == 2
+    calls.clear()
+    second = cached_map(ids, store, compute, batch_size=2, desc="test", progress=False)
+    assert calls == [[2]] and second.computed == 1  # only the new image
+    assert second.records == {"a.png": {"value": 0}, "b.png": {"value": 10}, "c.png": {"value": 20}}
+    assert list(second.records) == ids
+    calls.clear()
+    third = cached_map(ids, store, compute, batch_size=2, desc="test", progress=False)
+    assert calls == [] and third.computed == 0 and third.records == second.records
+    nothing = JsonStore(ResultCache(None), "curves", "method", "key")  # --no-cache
+    assert cached_map(ids, nothing, compute, batch_size=2, desc="test", progress=False).computed == 3
+    assert calls == [[0, 1], [2]]
+
+
+def test_the_phases_run_twice_compute_nothing_and_use_no_global_randomness(tmp_path, count_explains, monkeypatch):
+    images_dir = tmp_path / "cartoons"
+    write_synthetic_folder(images_dir, 2, size=SIZE, progress=False)  # with ground truth: every phase runs
+    out = tmp_path / "out"
+    counts = {"curves": 0, "lambda": 0}
+
+    def counting(module, name, phase):
+        original = getattr(module, name)
+
+        def counted(*args, **kwargs):
+            counts[phase] += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+
+    counting(curves_mod, "rate_distortion_curves", "curves")
+    counting(lambdas_mod, "lambda_points", "lambda")
+    methods = ["pixel-rde", "smoothgrad", "random-wavelet"]
+    settings = {"lambdas": {"pixel-rde": (2.0,)}}
+    torch.manual_seed(1)
+    first = make_run(images_dir, out, methods, **settings).run()
+    assert count_explains == {m: 2 for m in methods} and counts == {"curves": 3, "lambda": 1}
+    assert first.computed["lambda"] == {"pixel-rde": 1} and first.has_ground_truth
+
+    count_explains.clear()
+    counts.update({"curves": 0, "lambda": 0})
+    torch.manual_seed(2)
+    second = make_run(images_dir, out, methods, **settings).run()
+    assert count_explains == {} and counts == {"curves": 0, "lambda": 0}  # nothing computed
+    assert second.computed == {
+        "explanations": {m: 0 for m in methods},
+        "curves": {m: 0 for m in methods},
+        "lambda": {"pixel-rde": 0},
+    }
+    torch.manual_seed(3)
+    fresh = make_run(images_dir, tmp_path / "fresh", methods, cache=False, **settings).run()
+    for other in (second, fresh):  # the same results, whatever the global random state
+        for name in methods:
+            a, b = first.methods[name], other.methods[name]
+            for field in ("keep", "randomise", "targets"):
+                np.testing.assert_allclose(getattr(b, field), getattr(a, field), rtol=1e-5, atol=1e-7)
+            assert set(b.ground_truth) == set(a.ground_truth) and set(b.scalars) == set(a.scalars)
+            for k in a.ground_truth:
+                np.testing.assert_allclose(b.ground_truth[k], a.ground_truth[k], rtol=1e-5, atol=1e-7)
+            for k in a.scalars:
+                np.testing.assert_allclose(b.scalars[k], a.scalars[k], rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(other.examples[name], first.examples[name])
+        a, b = first.lambda_points["pixel-rde"], other.lambda_points["pixel-rde"]
+        assert [(p["image"], p["lambda"]) for p in b] == [(p["image"], p["lambda"]) for p in a]
+        values = [[[p["mask_mean"], p["distortion"], p["optimizer_distortion"]] for p in r] for r in (a, b)]
+        np.testing.assert_allclose(values[1], values[0], rtol=1e-5, atol=1e-7)
 
 
 # ---- command line ----------------------------------------------------------------------------------------------------
@@ -371,10 +464,6 @@ def test_empty_or_missing_folder_exits_2(tmp_path, scripted_classifier, capsys):
 
 # ---- ground truth ----------------------------------------------------------------------------------------------
 def test_a_pixel_mask_on_the_object_puts_all_its_energy_there():
-    pytest.importorskip("amortized_cartoonx.ground_truth", reason="the ground-truth metrics (issue 5) are not here")
-    from amortized_cartoonx.evaluation.localisation import localisation_metrics
-    from amortized_cartoonx.evaluation.maps import pixel_relevance
-
     images = smooth_images(2)
     obj = torch.zeros(2, SIZE, SIZE, dtype=torch.bool)
     obj[:, 4:14, 6:16] = True
@@ -387,10 +476,8 @@ def test_a_pixel_mask_on_the_object_puts_all_its_energy_there():
 
 
 def test_ground_truth_metrics_for_every_method(tmp_path):
-    pytest.importorskip("amortized_cartoonx.ground_truth", reason="the ground-truth metrics (issue 5) are not here")
-    export = pytest.importorskip("amortized_cartoonx.synthetic.export", reason="the synthetic benchmark is not here")
     images_dir = tmp_path / "cartoons"
-    export.write_synthetic_folder(images_dir, 2, size=SIZE, progress=False)
+    write_synthetic_folder(images_dir, 2, size=SIZE, progress=False)
     out = tmp_path / "out"
     results = make_run(images_dir, out, ["random-wavelet", "integrated-gradients"], lambdas={}).run()
     assert results.has_ground_truth
@@ -405,8 +492,8 @@ def test_ground_truth_metrics_for_every_method(tmp_path):
 # ---- amortized and warm start ------------------------------------------------------------------------------------
 def write_checkpoint(path: Path, classifier_spec: str) -> Path:
     """An (untrained) amortized explainer checkpoint in the format ``cartoonx fit`` writes."""
-    pytest.importorskip("amortized_cartoonx.amortized", reason="the amortized explainer (issue 3) is not here")
-    training = pytest.importorskip("amortized_cartoonx.training", reason="the amortized training (issue 3) is not here")
+    from amortized_cartoonx import training  # Lightning: imported only by the tests that need a checkpoint
+
     module = training.AmortizedCartoonXModule(classifier=classifier_spec, image_size=SIZE, levels=2)
     state = {f"mask_predictor.{k}": v for k, v in module.mask_predictor.state_dict().items()}
     torch.save({"state_dict": state, "cartoonx": module.settings()}, path)
@@ -451,6 +538,18 @@ def test_amortized_and_warm_methods(tmp_path, scripted_classifier, count_explain
     assert set(summary["methods"]) == {"amortized", "warm"}
     assert all(e["representation"] == "wavelet" for e in summary["methods"].values())
     assert count_explains == {"amortized": 2, "warm": 2}
+
+
+def test_the_amortized_method_measures_like_the_optimizer(tmp_path, scripted_classifier):
+    checkpoint = write_checkpoint(tmp_path / "explainer.ckpt", str(scripted_classifier))
+    spec = str(scripted_classifier)
+    optimizer = OptimizerConfig(num_samples=3, seed=5)
+    ctx = MethodContext(load_classifier(spec), spec, SIZE, optimizer, levels=2, checkpoint=str(checkpoint))
+    method = METHODS.get("amortized")(ctx)
+    assert method.explainer.measure_samples == 3 and method.explainer.seed == 5
+    assert method.settings()["measure_samples"] == 3  # part of the cache key
+    ctx.optimizer = OptimizerConfig(num_samples=3, measure_samples=7)
+    assert METHODS.get("amortized")(ctx).explainer.measure_samples == 7
 
 
 def test_a_checkpoint_for_another_classifier_exits_2(tmp_path, scripted_classifier, capsys):

@@ -23,7 +23,7 @@ from .common import add_classifier_args, add_device_arg, add_rde_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from amortized_cartoonx.evaluation.names import ALL_METHODS, DEFAULT_METHODS
+    from amortized_cartoonx.methods import ALL_METHODS, DEFAULT_METHODS
 
     p = sub.add_parser(
         "evaluate",
@@ -80,7 +80,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def parse_methods(values: list[str] | None, checkpoint: str | None) -> tuple[str, ...]:
     """The method list from ``--methods`` (space or comma separated), or the default."""
-    from amortized_cartoonx.evaluation.names import CHECKPOINT_METHODS, DEFAULT_METHODS
+    from amortized_cartoonx.methods import CHECKPOINT_METHODS, DEFAULT_METHODS
 
     if values is None:
         return DEFAULT_METHODS + (CHECKPOINT_METHODS if checkpoint else ())
@@ -91,8 +91,7 @@ def parse_methods(values: list[str] | None, checkpoint: str | None) -> tuple[str
 def parse_lambdas(values: list[str] | None) -> dict[str, tuple[float, ...]]:
     """``--lambdas`` -> ``{method: grid}``; ``[]`` or ``['none']`` -> ``{}`` (skip panel c)."""
     from amortized_cartoonx.errors import ConfigError
-    from amortized_cartoonx.evaluation.lambdas import LAMBDA_METHODS
-    from amortized_cartoonx.evaluation.names import DEFAULT_LAMBDAS
+    from amortized_cartoonx.evaluation.lambdas import DEFAULT_LAMBDAS, LAMBDA_METHODS
 
     if values is None:
         return dict(DEFAULT_LAMBDAS)
@@ -140,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
     from amortized_cartoonx.evaluation.report import write_report
     from amortized_cartoonx.evaluation.runner import Evaluation, EvaluationConfig
     from amortized_cartoonx.images import list_images, read_class_names
+    from amortized_cartoonx.methods import CHECKPOINT_METHODS
 
     from .common import optimizer_config, resolve_device
 
@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     unknown = [m for m in methods if m not in known]
     if unknown:
         raise ConfigError(f"unknown method {unknown[0]!r}; choose from: {', '.join(known)}")
-    if any(m in ("amortized", "warm") for m in methods) and not args.checkpoint:
+    if any(m in CHECKPOINT_METHODS for m in methods) and not args.checkpoint:
         raise ConfigError("the methods amortized and warm need --checkpoint (an amortized explainer checkpoint)")
     if args.checkpoint and not Path(args.checkpoint).expanduser().is_file():
         raise ConfigError(f"checkpoint not found: {args.checkpoint}")

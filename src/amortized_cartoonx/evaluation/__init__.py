@@ -1,10 +1,16 @@
 """Evaluation: rate-distortion curves (the paper's Fig. 7) of CartoonX against Pixel RDE, the amortized
 explainer and gradient baselines, with a cache, figures and a report (``cartoonx evaluate``).
 
-Modules: :mod:`.curves` (ranking, keep/randomise curves, areas), :mod:`.methods` and :mod:`.baselines` (the
-compared explainers behind one ``explain`` verb), :mod:`.maps` (pixel relevance maps and pictures),
-:mod:`.lambdas` (panel c), :mod:`.localisation` (ground-truth metrics), :mod:`.cache`, :mod:`.runner` (the run),
-:mod:`.report` (the output files).
+Modules:
+
+- the compared methods, behind one verb ``attribute(images, target, *, seeds) -> Attribution``: :mod:`.attribution`
+  (the verb, its types and the registry), :mod:`.mask_methods` (the RDE explainers), :mod:`.baselines` (captum
+  gradients, random orderings), :mod:`.methods` (the full registry, :func:`~.methods.build_methods`);
+- the run: :mod:`.config` (settings), :mod:`.context` (what every phase reads), :mod:`.cache` (the per-image cache
+  and :func:`~.cache.cached_map`), the phases :mod:`.explanations`, :mod:`.curves` (also the curves' maths),
+  :mod:`.lambdas` (panel c), :mod:`.localisation` (ground truth), :mod:`.maps` (pixel maps and example pictures),
+  :mod:`.runner` (the phases in order), :mod:`.results`;
+- :mod:`.report` (the output files); :mod:`.agreement` (mask agreement, for the amortized training).
 
 Example::
 
@@ -24,10 +30,10 @@ import importlib
 
 _EXPORTS = {
     "Evaluation": "runner",
-    "EvaluationConfig": "runner",
-    "EvaluationResults": "runner",
-    "MethodContext": "methods",
-    "BaselineConfig": "methods",
+    "EvaluationConfig": "config",
+    "EvaluationResults": "results",
+    "MethodContext": "attribution",
+    "BaselineConfig": "attribution",
     "METHODS": "methods",
     "build_methods": "methods",
     "rate_distortion_curves": "curves",

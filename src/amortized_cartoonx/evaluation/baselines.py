@@ -1,5 +1,7 @@
 """Baselines of the evaluation: gradient attributions through captum, and random orderings.
 
+Importing this module registers their factories in :data:`~.attribution.METHODS`.
+
 Gradient methods explain the same class as every other method (the predicted one by default), on the
 :class:`~amortized_cartoonx.classifiers.Classifier` wrapper (which normalises inside), so the gradient is taken
 with respect to the [0, 1] image. Their ranking score, per pixel, is ``|attribution|`` summed over the colour
@@ -32,10 +34,16 @@ from ..rde import make_generators
 from ..runtime import synchronize
 from ..seeding import Stream, stream_seeds
 from ..wavelets import PixelRepresentation, Representation
-from .methods import ATTRIBUTION, MASK, METHODS, Attribution, EvaluationMethod, MethodContext, MethodUnavailable
-from .methods import explained_target as _explained_target
-
-#: Seed streams of the baselines (the core uses 0 and 1; the evaluation's noise uses 10 and 11).
+from .attribution import (
+    ATTRIBUTION,
+    MASK,
+    METHODS,
+    Attribution,
+    EvaluationMethod,
+    MethodContext,
+    MethodUnavailable,
+    explained_target,
+)
 
 
 def _scripted(model: nn.Module) -> bool:
@@ -67,17 +75,17 @@ class GradientMethod(EvaluationMethod):
     def settings(self) -> dict:
         return {"method": self.name, **self.representation.describe(), **self._settings}
 
-    def attribute(self, inputs: Tensor, target: Tensor, seeds: Sequence[int]) -> Tensor:
+    def _attribute(self, inputs: Tensor, target: Tensor, seeds: Sequence[int]) -> Tensor:
         """``(N, C, H, W)`` or ``(N, 1, H, W)`` attributions of ``inputs`` (which require grad)."""
         raise NotImplementedError
 
-    def explain(self, images: Tensor, target: Tensor | None = None, *, seeds: Sequence[int]) -> Attribution:
+    def _compute(self, images: Tensor, target: Tensor | None, seeds: list[int]) -> Attribution:
         start = time.perf_counter()
         with frozen(self.classifier), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # captum's notes on hooks and input gradients
-            target = _explained_target(self.classifier, images, target)
+            target = explained_target(self.classifier, images, target)
             inputs = images.detach().clone().requires_grad_(True)
-            attr = self.attribute(inputs, target, seeds).detach()
+            attr = self._attribute(inputs, target, seeds).detach()
         relevance = attr.abs().sum(1).flatten(1)  # (N, H * W)
         synchronize(images.device)
         return Attribution(self.name, relevance, target, time.perf_counter() - start)
@@ -89,7 +97,7 @@ class IntegratedGradientsMethod(GradientMethod):
         self.steps = steps
         self.internal_batch = internal_batch
 
-    def attribute(self, inputs: Tensor, target: Tensor, seeds: Sequence[int]) -> Tensor:
+    def _attribute(self, inputs: Tensor, target: Tensor, seeds: Sequence[int]) -> Tensor:
         from captum.attr import IntegratedGradients
 
         return IntegratedGradients(self.classifier).attribute(
@@ -107,7 +115,7 @@ class SmoothGradMethod(GradientMethod):
         self.samples = samples
         self.std = std
 
-    def attribute(self, inputs: Tensor, target: Tensor, seeds: Sequence[int]) -> Tensor:
+    def _attribute(self, inputs: Tensor, target: Tensor, seeds: Sequence[int]) -> Tensor:
         from captum.attr import Saliency
 
         num_images = inputs.shape[0]
@@ -127,7 +135,7 @@ class GuidedBackpropMethod(GradientMethod):
     def __init__(self, classifier) -> None:
         super().__init__("guided-backprop", classifier, {})
 
-    def attribute(self, inputs: Tensor, target: Tensor, seeds: Sequence[int]) -> Tensor:
+    def _attribute(self, inputs: Tensor, target: Tensor, seeds: Sequence[int]) -> Tensor:
         from captum.attr import GuidedBackprop
 
         return GuidedBackprop(self.classifier).attribute(inputs, target=target)
@@ -138,7 +146,7 @@ class GradCamMethod(GradientMethod):
         super().__init__("grad-cam", classifier, {"layer": layer_name, "upsample": "bilinear"})
         self.layer = layer
 
-    def attribute(self, inputs: Tensor, target: Tensor, seeds: Sequence[int]) -> Tensor:
+    def _attribute(self, inputs: Tensor, target: Tensor, seeds: Sequence[int]) -> Tensor:
         from captum.attr import LayerAttribution, LayerGradCam
 
         cam = LayerGradCam(self.classifier, self.layer).attribute(inputs, target=target, relu_attributions=True)
@@ -193,9 +201,9 @@ class RandomOrdering(EvaluationMethod):
         self.representation = representation
         self.classifier = classifier
 
-    def explain(self, images: Tensor, target: Tensor | None = None, *, seeds: Sequence[int]) -> Attribution:
+    def _compute(self, images: Tensor, target: Tensor | None, seeds: list[int]) -> Attribution:
         start = time.perf_counter()
-        target = _explained_target(self.classifier, images, target)
+        target = explained_target(self.classifier, images, target)
         num_positions = self.representation.encode(images[:1]).numel_per_channel()
         scores = []
         for seed in stream_seeds(seeds, Stream.RANDOM_ORDER):  # on the CPU: the same on every device

@@ -10,6 +10,9 @@ Every file is written atomically, so an interrupted evaluation leaves only compl
 computes only what is missing. Only tensors (safetensors) and JSON are stored: reading the cache never runs
 code. The hash covers every setting that changes the result (see :func:`settings_hash`); a new method or a
 changed setting gets a new folder and never invalidates the others.
+
+Every cached phase of the run goes through :func:`cached_map`: load what is cached, compute the missing images in
+batches (with a progress bar), save each batch as soon as it is done.
 """
 
 from __future__ import annotations
@@ -18,12 +21,16 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, Protocol, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from ..io import atomic_write, atomic_write_text
 
@@ -105,3 +112,86 @@ class ResultCache:
 def as_scalar_tensors(values: dict[str, float]) -> dict[str, Tensor]:
     """Plain floats as 0-d float64 tensors (for a safetensors file)."""
     return {k: torch.tensor(float(v), dtype=torch.float64) for k, v in values.items()}
+
+
+R = TypeVar("R")
+
+
+class Store(Protocol[R]):
+    """Where one phase keeps the records of one (method, settings hash): one record per image id."""
+
+    def load(self, image_id: str) -> R | None:
+        """The cached record, or None when absent or unreadable."""
+        ...
+
+    def save(self, image_id: str, record: R) -> None: ...
+
+
+@dataclass
+class JsonStore:
+    """JSON records (dicts of plain values) under ``kind/method/key/`` of ``cache``."""
+
+    cache: ResultCache
+    kind: str
+    method: str
+    key: str
+
+    def load(self, image_id: str) -> dict | None:
+        return self.cache.load_json(self.kind, self.method, self.key, image_id)
+
+    def save(self, image_id: str, record: dict) -> None:
+        self.cache.save_json(self.kind, self.method, self.key, image_id, record)
+
+
+def progress_bar(total: int, desc: str, enabled: bool = True) -> tqdm:
+    """A transient progress bar over ``total`` images."""
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, leave=False)
+
+
+def batches(indices: Sequence[int], size: int) -> list[list[int]]:
+    """``indices`` in consecutive chunks of at most ``size``."""
+    return [list(indices[lo : lo + size]) for lo in range(0, len(indices), size)]
+
+
+@dataclass
+class CachedMap(Generic[R]):
+    """The records of a phase: ``records`` (image id -> record, in the order of the ids) and how many of them
+    this run ``computed`` (the others came from the cache)."""
+
+    records: dict[str, R]
+    computed: int
+
+
+def cached_map(
+    ids: Sequence[str],
+    store: Store[R],
+    compute: Callable[[list[int]], Sequence[R]],
+    *,
+    batch_size: int,
+    desc: str,
+    progress: bool = True,
+) -> CachedMap[R]:
+    """One record per id: loaded from ``store`` when cached, else computed and saved.
+
+    Args:
+        ids: the image ids.
+        store: where the records are cached.
+        compute: ``compute(indices) -> records``, one record per index into ``ids`` (a batch of at most
+            ``batch_size``); each batch is saved as soon as it returns, so an interruption loses one batch at most.
+        batch_size: images per ``compute`` call.
+        desc: the progress bar's label.
+        progress: show the progress bar.
+    """
+    found: dict[str, R] = {}
+    for image_id in ids:
+        hit = store.load(image_id)
+        if hit is not None:
+            found[image_id] = hit
+    missing = [i for i, image_id in enumerate(ids) if image_id not in found]
+    with progress_bar(len(missing), desc, progress) as bar:
+        for batch in batches(missing, batch_size):
+            for i, record in zip(batch, compute(batch), strict=True):
+                store.save(ids[i], record)
+                found[ids[i]] = record
+            bar.update(len(batch))
+    return CachedMap({image_id: found[image_id] for image_id in ids}, len(missing))

@@ -19,19 +19,31 @@ Where no position is randomised (``keep`` at ``r = 1``, ``randomise`` at ``r = 0
 image itself and the distortion is exactly 0 by definition; it is not computed (it would only measure the
 DWT round trip's float error). Ties in the relevance are broken by a seeded random permutation, never by
 position (which would favour the top-left of an image or the low-pass band).
+
+Phase 2 of the run (:func:`measure_curves`) measures both curves of every method and image, on the image's own
+seeded noise draws (stream ``EVAL_NOISE``, the same for every method of a representation) and tie-breaking
+(stream ``EVAL_TIES``); the cache keeps them per image (``curves/<method>/<hash>/<image id>.json``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..rde import RDEObjective, RDEProblem
+from ..rde import RDEObjective, RDEProblem, make_generators
+from ..seeding import Stream, stream_seeds
 from ..wavelets import Coefficients
+from .cache import CachedMap, JsonStore, settings_hash
+
+if TYPE_CHECKING:
+    from .attribution import EvaluationMethod
+    from .context import RunContext
+    from .explanations import ExplainedImage
 
 #: Curve names, in the order of the paper's panels.
 KEEP = "keep"
@@ -188,3 +200,58 @@ def area(rates: Sequence[float], values: Sequence[float], upto: float | None = N
         x = np.append(x[inside], upto)
         y = np.append(y[inside], np.interp(upto, np.asarray(rates, dtype=np.float64), np.asarray(values)))
     return float(np.trapezoid(y, x)) if hasattr(np, "trapezoid") else float(np.trapz(y, x))
+
+
+# ---- phase 2 of the run -------------------------------------------------------------------------------------------
+def evaluation_noise(objective: RDEObjective, problem: RDEProblem, seeds: Sequence[int], draws: int) -> Coefficients:
+    """``draws`` noise draws per image, bands ``(N, L, C, ...)``, from the images' seeds (stream ``EVAL_NOISE``)."""
+    generators = make_generators(stream_seeds(seeds, Stream.EVAL_NOISE), problem.images.device)
+    return objective.sample_noise(problem, draws, generators)
+
+
+def tie_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per image for :func:`rank_positions` (stream ``EVAL_TIES``)."""
+    return [torch.Generator().manual_seed(s) for s in stream_seeds(seeds, Stream.EVAL_TIES)]
+
+
+def curve_key(run: RunContext, explanation_key: str) -> str:
+    """The cache key of the curves of the explanations cached under ``explanation_key``."""
+    cfg = run.config
+    return settings_hash(
+        {
+            "kind": "curves",
+            "explanation": explanation_key,
+            "rates": cfg.rates,
+            "noise_draws": cfg.noise_draws,
+            "distortion": cfg.distortion,
+            "obfuscation": cfg.obfuscation,
+            "seed": cfg.seed,
+            "device": run.device.type,
+        }
+    )
+
+
+def measure_curves(
+    run: RunContext, method: EvaluationMethod, explained: dict[str, ExplainedImage], key: str
+) -> CachedMap[dict]:
+    """Per image ``{"rates", "keep", "randomise"}`` (lists of floats) of ``method``'s ``explained`` relevance."""
+    rates = rate_grid(run.config.rates)
+    objective = run.objective(method.representation)
+    ids = run.ids
+
+    def compute(indices: list[int]) -> list[dict]:
+        records = [explained[ids[i]] for i in indices]
+        seeds = run.seeds(indices)
+        target = torch.tensor([r.target for r in records], device=run.device)
+        problem = objective.prepare(run.images.load(indices), target)
+        noise = evaluation_noise(objective, problem, seeds, run.config.noise_draws)
+        relevance = torch.stack([r.relevance for r in records]).to(run.device)  # (n, K)
+        result = rate_distortion_curves(
+            objective, problem, relevance, noise, rates, tie_generators(seeds), run.config.max_batch
+        )
+        return [
+            {"rates": rates, "keep": result.keep[j].tolist(), "randomise": result.randomise[j].tolist()}
+            for j in range(len(indices))
+        ]
+
+    return run.cached(JsonStore(run.cache, "curves", method.name, key), compute, f"curves {method.name}")

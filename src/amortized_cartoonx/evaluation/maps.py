@@ -20,16 +20,25 @@
 ``clamp(f(s * DWT(grey(x))), 0, 1)`` in grey; pixel masks (Pixel RDE, random pixels) show the mask itself and
 attribution methods their ranking score scaled by each image's 99th percentile (the usual saliency display:
 a few extreme pixels do not darken the rest), as heat maps.
+
+Phase 5 of the run (:func:`example_pictures`) draws the pictures of the first images for the example grid.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from ..rde import band_statistics
 from ..wavelets import grey
-from .methods import MASK, EvaluationMethod
+from .attribution import MASK, EvaluationMethod
+
+if TYPE_CHECKING:
+    from .context import RunContext
+    from .explanations import ExplainedImage
 
 #: Attribution heat maps are scaled so that this quantile of each image's map is full brightness.
 DISPLAY_QUANTILE = 0.99
@@ -69,3 +78,29 @@ def display_image(method: EvaluationMethod, images: Tensor, relevance: Tensor) -
         return heat.clamp_max(1.0)
     scale = heat.flatten(1).quantile(DISPLAY_QUANTILE, dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
     return (heat / scale).clamp_max(1.0)
+
+
+@dataclass
+class Examples:
+    """The example grid: ``images (n, 3, H, W)`` (None when no example is shown), per method its ``pictures
+    (n, 1, H, W)`` and the explained classes ``targets`` (n,)."""
+
+    images: Tensor | None
+    pictures: dict[str, Tensor]
+    targets: dict[str, list[int]]
+
+
+def example_pictures(
+    run: RunContext, methods: dict[str, EvaluationMethod], explained: dict[str, dict[str, ExplainedImage]]
+) -> Examples:
+    """The pictures of the first ``run.config.examples`` images for every method (on the CPU)."""
+    ids = run.ids[: run.config.examples]
+    targets = {name: [explained[name][i].target for i in ids] for name in methods}
+    if not ids:
+        return Examples(None, {}, targets)
+    images = run.images.load(range(len(ids)))
+    pictures = {}
+    for name, method in methods.items():
+        relevance = torch.stack([explained[name][i].relevance for i in ids]).to(run.device)
+        pictures[name] = display_image(method, images, relevance).cpu()
+    return Examples(images.cpu(), pictures, targets)

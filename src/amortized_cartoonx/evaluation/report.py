@@ -9,6 +9,8 @@
 - ``rate_distortion.png``: the three panels of the paper's Fig. 7 (mean curve, band = +-1 standard error).
 - ``examples.png``: the first images, one column per method (explanation image or heat map).
 - ``report.md``: the command, the settings, the tables and the figures.
+
+Titles and colours come from the method table (:data:`~amortized_cartoonx.methods.METHOD_TABLE`).
 """
 
 from __future__ import annotations
@@ -23,43 +25,17 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ..io import atomic_write_text
+from ..methods import method_info, title
 from ..plotting import save_figure
-from .runner import EvaluationResults, mean_se
+from .results import EvaluationResults, mean_se
 
-TITLES = {
-    "cartoonx": "CartoonX",
-    "pixel-rde": "Pixel RDE",
-    "amortized": "Amortized CartoonX",
-    "warm": "Warm-started CartoonX",
-    "integrated-gradients": "Integrated Gradients",
-    "smoothgrad": "SmoothGrad",
-    "guided-backprop": "Guided Backprop",
-    "grad-cam": "Grad-CAM",
-    "random-pixel": "Random (pixels)",
-    "random-wavelet": "Random (wavelets)",
-}
-COLOURS = {
-    "cartoonx": "tab:blue",
-    "amortized": "tab:cyan",
-    "warm": "tab:purple",
-    "pixel-rde": "tab:red",
-    "integrated-gradients": "tab:green",
-    "smoothgrad": "tab:olive",
-    "guided-backprop": "tab:brown",
-    "grad-cam": "tab:orange",
-    "random-pixel": "0.55",
-    "random-wavelet": "0.2",
-}
 AREA_KEYS = ("area_keep", "area_keep_early", "area_randomise", "area_randomise_early")
 
 
-def title(name: str) -> str:
-    return TITLES.get(name, name)
-
-
 def _style(name: str, representation: str) -> dict:
+    """Line style of ``name`` in the figures: the method table's title and colour; dashed for pixel methods."""
     return {
-        "color": COLOURS.get(name),
+        "color": method_info(name).colour,
         "linestyle": "-" if representation == "wavelet" else "--",
         "label": title(name),
     }

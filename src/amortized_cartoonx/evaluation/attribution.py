@@ -1,0 +1,174 @@
+"""The verb of the evaluated methods, ``attribute(images, target=None, *, seeds) -> Attribution``, and their registry.
+
+Every method ranks the channel-shared positions of its own representation: wavelet methods (``cartoonx``,
+``amortized``, ``warm``, ``random-wavelet``) the DWT coefficient positions (the entries of a mask's
+:meth:`~amortized_cartoonx.wavelets.Coefficients.flatten`), pixel methods (``pixel-rde``, the gradient
+baselines, ``random-pixel``) the ``(H, W)`` pixel positions. The ranking score is the mask value for mask
+methods and ``|attribution|`` summed over the colour channels for gradient methods (Grad-CAM: its upsampled
+non-negative map).
+
+The verb is ``attribute``, not ``explain``: ``explain`` is the RDE explainers' verb
+(:class:`~amortized_cartoonx.explainers.Explainer`, returning an ``Explanation``); the mask methods wrap such an
+explainer. As in captum, the public :meth:`EvaluationMethod.attribute` validates and hands off to the private
+``_compute`` of each family.
+
+:data:`METHODS` maps each name of the method table (:data:`~amortized_cartoonx.methods.METHOD_TABLE`) to a factory
+``factory(context) -> EvaluationMethod``; :mod:`.mask_methods` and :mod:`.baselines` register theirs, and
+:mod:`.methods` imports both (use :func:`.methods.build_methods`). A factory raises :class:`MethodUnavailable` when
+a method cannot run on this classifier (e.g. Grad-CAM on a TorchScript file): the evaluation skips it with a logged
+message. Bad user input (``amortized`` without a checkpoint, a checkpoint for another classifier) raises a
+:class:`~amortized_cartoonx.errors.ConfigError` instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError, InputError
+from ..optimizer import OptimizerConfig
+from ..rde import check_images
+from ..registry import Registry
+from ..wavelets import Representation, WaveletRepresentation
+
+#: ``mask``: the relevance is a mask in [0, 1] over the representation; ``attribution``: a pixel heat map.
+MASK = "mask"
+ATTRIBUTION = "attribution"
+
+
+class MethodUnavailable(Exception):
+    """A method that cannot run on this classifier; the evaluation skips it with this message."""
+
+
+@dataclass
+class BaselineConfig:
+    """Settings of the gradient baselines. Defaults are the paper's (Section 5.2).
+
+    Attributes:
+        ig_steps: Integrated Gradients steps. Default 100.
+        ig_internal_batch: interpolated inputs per forward pass of Integrated Gradients (bounds memory).
+            Default 32.
+        smoothgrad_samples: noisy copies per image for SmoothGrad. Default 10.
+        smoothgrad_std: the noise's standard deviation in [0, 1] pixel units. Default 0.1.
+    """
+
+    ig_steps: int = 100
+    ig_internal_batch: int = 32
+    smoothgrad_samples: int = 10
+    smoothgrad_std: float = 0.1
+
+    def validate(self) -> BaselineConfig:
+        for name in ("ig_steps", "ig_internal_batch", "smoothgrad_samples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.smoothgrad_std < 0:
+            raise ConfigError(f"smoothgrad_std must be at least 0, got {self.smoothgrad_std}")
+        return self
+
+
+@dataclass
+class MethodContext:
+    """Everything a method factory may need.
+
+    Attributes:
+        classifier: maps ``(N, C, H, W)`` in [0, 1] to logits (a :class:`~amortized_cartoonx.classifiers.Classifier`
+            for the gradient baselines' hooks).
+        classifier_spec: the spec it was loaded from (checked against an amortized checkpoint).
+        image_size: side of the square images.
+        optimizer: the exact optimizer's settings (``l1_lambda`` None takes each method's default).
+        wave, levels, mode: the DWT of the wavelet methods.
+        checkpoint: the amortized explainer's checkpoint (``amortized``, ``warm``).
+        refine_steps: optimizer steps after the amortized mask (``warm``).
+        baselines: settings of the gradient baselines.
+    """
+
+    classifier: Callable[[Tensor], Tensor]
+    classifier_spec: str = "<module>"
+    image_size: int = 256
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    wave: str = "db3"
+    levels: int = 5
+    mode: str = "zero"
+    checkpoint: str | None = None
+    refine_steps: int = 100
+    baselines: BaselineConfig = field(default_factory=BaselineConfig)
+
+    def wavelet(self) -> WaveletRepresentation:
+        return WaveletRepresentation(self.wave, self.levels, self.mode)
+
+
+@dataclass
+class Attribution:
+    """What a method says about a batch of N images.
+
+    Attributes:
+        method: the method's name.
+        relevance: ``(N, K)`` a score per channel-shared position of the method's representation (higher =
+            more relevant); for mask methods the mask itself, in [0, 1].
+        target: ``(N,)`` the explained class.
+        seconds: wall-clock seconds for the whole batch.
+        scalars: per-image extras ``(N,)`` (mask methods: ``mask_mean``, ``distortion``, ``loss``, ...).
+    """
+
+    method: str
+    relevance: Tensor
+    target: Tensor
+    seconds: float
+    scalars: dict[str, Tensor] = field(default_factory=dict)
+
+
+class EvaluationMethod:
+    """Base class: a named method with a representation, a kind and a settings dict.
+
+    Subclasses implement ``_compute(images, target, seeds) -> Attribution`` on validated inputs.
+
+    Attributes:
+        name: registry name (a row of the method table).
+        kind: :data:`MASK` or :data:`ATTRIBUTION` (decides the pixel map used for ground truth and display).
+        representation: where the ranked positions live.
+        progress: show the method's own progress bar (optimizer steps), where it has one.
+    """
+
+    name: str = ""
+    kind: str = MASK
+    representation: Representation
+    progress: bool = False
+
+    def settings(self) -> dict:
+        """Every setting that changes this method's result (hashed into the cache key)."""
+        return {"method": self.name, **self.representation.describe()}
+
+    def attribute(self, images: Tensor, target: Tensor | None = None, *, seeds: Sequence[int]) -> Attribution:
+        """Rank the positions of ``images: (N, C, H, W)`` in [0, 1].
+
+        Args:
+            images: the batch, on the device to compute on.
+            target: ``(N,)`` the classes to explain; None: the class the classifier predicts.
+            seeds: one seed per image; an image's randomness (if any) depends on its seed alone.
+
+        Raises:
+            InputError: images that are not ``(N, C, H, W)`` finite values, or not one seed per image.
+        """
+        check_images(images)
+        seeds = [int(s) for s in seeds]
+        if len(seeds) != images.shape[0]:
+            raise InputError(f"got {len(seeds)} seeds for {images.shape[0]} images")
+        return self._compute(images, target, seeds)
+
+    def _compute(self, images: Tensor, target: Tensor | None, seeds: list[int]) -> Attribution:
+        raise NotImplementedError
+
+
+def explained_target(classifier: Callable[[Tensor], Tensor], images: Tensor, target: Tensor | None) -> Tensor:
+    """``(N,)``: ``target`` or, by default, the class the classifier predicts."""
+    if target is not None:
+        return torch.as_tensor(target, device=images.device).long().reshape(-1)
+    with torch.no_grad():
+        return classifier(images).argmax(1)
+
+
+#: name -> ``factory(context) -> EvaluationMethod``; filled by :mod:`.mask_methods` and :mod:`.baselines`.
+METHODS: Registry[Callable[[MethodContext], EvaluationMethod]] = Registry("evaluation method")

@@ -1,0 +1,78 @@
+"""The settings of an evaluation run (the explainers' own settings live in :class:`~.attribution.MethodContext`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import ConfigError
+from ..methods import DEFAULT_METHODS
+from ..rde import DISTORTIONS, OBFUSCATIONS
+from .lambdas import DEFAULT_LAMBDAS, LAMBDA_METHODS
+
+
+@dataclass
+class EvaluationConfig:
+    """Settings of an evaluation run.
+
+    Attributes:
+        methods: the methods to compare (names of :data:`~.methods.METHODS`).
+        limit: evaluate only the first ``limit`` images of the folder (sorted by name); None: all.
+        batch_size: images explained and measured together.
+        rates: points of the rate grid on [0, 1]. Default 21 (steps of 0.05).
+        noise_draws: noise draws per rate (averaged). Default 8.
+        early_rate: the "early" areas integrate over [0, early_rate]. Default 0.2.
+        seed: the global seed; image seeds are derived from it and the file names.
+        distortion: the evaluation's distortion. Default ``l2`` (Fig. 7's ``||p(x) - p(y)||_2``).
+        obfuscation: the evaluation's noise. Default ``gaussian-adaptive`` (Fig. 7's).
+        lambdas: panel (c) grid per method (``cartoonx``, ``pixel-rde``); empty to skip the panel.
+        lambda_steps: optimizer steps of panel (c); None: the main optimizer's.
+        lambda_limit: images of panel (c) (the first ones); None: all.
+        examples: images shown in the example grid.
+        max_batch: classifier inputs per forward pass when measuring curves.
+        cache: keep per-image results in ``DIR/cache`` and reuse them.
+        progress: show progress bars.
+    """
+
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    limit: int | None = None
+    batch_size: int = 4
+    rates: int = 21
+    noise_draws: int = 8
+    early_rate: float = 0.2
+    seed: int = 0
+    distortion: str = "l2"
+    obfuscation: str = "gaussian-adaptive"
+    lambdas: dict[str, tuple[float, ...]] = field(default_factory=lambda: dict(DEFAULT_LAMBDAS))
+    lambda_steps: int | None = None
+    lambda_limit: int | None = None
+    examples: int = 4
+    max_batch: int = 128
+    cache: bool = True
+    progress: bool = True
+
+    def validate(self) -> EvaluationConfig:
+        if not self.methods:
+            raise ConfigError("no methods to evaluate")
+        if len(set(self.methods)) != len(self.methods):
+            raise ConfigError(f"a method is listed twice: {', '.join(self.methods)}")
+        for name in ("batch_size", "noise_draws", "max_batch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.rates < 2:
+            raise ConfigError(f"rates must be at least 2 (0 and 1), got {self.rates}")
+        for name in ("limit", "lambda_limit", "lambda_steps"):
+            value = getattr(self, name)
+            if value is not None and value < (0 if name == "lambda_steps" else 1):
+                raise ConfigError(f"{name} must be positive, got {value}")
+        if not 0 < self.early_rate <= 1:
+            raise ConfigError(f"early_rate must be in (0, 1], got {self.early_rate}")
+        if self.examples < 0:
+            raise ConfigError(f"examples must be at least 0, got {self.examples}")
+        DISTORTIONS.get(self.distortion)
+        OBFUSCATIONS.get(self.obfuscation)
+        for method, grid in self.lambdas.items():
+            if method not in LAMBDA_METHODS:
+                raise ConfigError(f"panel (c) is for {' and '.join(LAMBDA_METHODS)}, not {method!r}")
+            if any(v < 0 for v in grid):
+                raise ConfigError(f"lambdas must be at least 0, got {list(grid)} for {method}")
+        return self

@@ -1,0 +1,116 @@
+"""What every phase of the run reads: the images, the classifier, the settings and the cache (:class:`RunContext`).
+
+Every image's randomness derives from its own seed, a hash of the global seed and the image's file name
+(:func:`~amortized_cartoonx.seeding.item_seed`), so results do not depend on the batch, the order or ``--limit``,
+and the cache is per image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..classifiers import classifier_identity
+from ..errors import InputError
+from ..images import list_images, load_images
+from ..rde import RDEObjective
+from ..seeding import item_seed
+from ..wavelets import Representation
+from .cache import CachedMap, R, ResultCache, Store, cached_map
+from .config import EvaluationConfig
+
+
+@dataclass
+class ImageSet:
+    """The run's images: ``files`` of ``folder`` (sorted by name), loaded on demand as ``(n, 3, size, size)`` on
+    ``device``."""
+
+    folder: Path
+    files: list[Path]
+    size: int
+    device: torch.device
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, size: int, device: torch.device, limit: int | None = None) -> ImageSet:
+        """The first ``limit`` images of ``folder`` (all by default).
+
+        Raises:
+            InputError: a missing or empty folder, or two images with the same file name.
+        """
+        files = list_images(folder)
+        files = files[:limit] if limit else files
+        if len({p.name for p in files}) != len(files):
+            raise InputError(f"two images in {folder} share a file name")
+        return cls(Path(folder), files, size, device)
+
+    @property
+    def ids(self) -> list[str]:
+        """The image ids: file names (the cache and the seeds key on them)."""
+        return [p.name for p in self.files]
+
+    def load(self, indices: Sequence[int]) -> Tensor:
+        """``(len(indices), 3, size, size)`` in [0, 1] on the run's device."""
+        return load_images([self.files[i] for i in indices], self.size).to(self.device)
+
+
+def cache_identity(spec: str, classifier) -> dict:
+    """What identifies the classifier in every cache key: its spec, a model file's SHA-256 (from
+    :func:`~amortized_cartoonx.classifiers.classifier_identity`; its absolute path is left out, the content
+    identifies the file) and the input normalisation."""
+    identity = classifier_identity(spec)
+    out: dict = {"classifier": identity["classifier"]}
+    if identity["classifier_sha256"]:
+        out["classifier_sha256"] = identity["classifier_sha256"]
+    normalization = getattr(classifier, "normalization", None)
+    out["normalization"] = list(normalization) if normalization else None
+    return out
+
+
+@dataclass
+class RunContext:
+    """What every phase reads.
+
+    Attributes:
+        classifier: the frozen classifier (on the images' device).
+        images: the run's images.
+        config: the run's settings.
+        cache: the per-image results (``ResultCache(None)`` caches nothing).
+        identity: the classifier's part of every cache key (:func:`cache_identity`).
+    """
+
+    classifier: Callable[[Tensor], Tensor]
+    images: ImageSet
+    config: EvaluationConfig
+    cache: ResultCache
+    identity: dict
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    @property
+    def ids(self) -> list[str]:
+        return self.images.ids
+
+    def seeds(self, indices: Sequence[int]) -> list[int]:
+        """The per-image seeds of the images at ``indices``."""
+        ids = self.ids
+        return [item_seed(ids[i], self.config.seed) for i in indices]
+
+    def objective(self, representation: Representation) -> RDEObjective:
+        """The evaluation's measure in ``representation``: its obfuscation and distortion, no sparsity term."""
+        return RDEObjective(self.classifier, representation, 0.0, self.config.obfuscation, self.config.distortion)
+
+    def cached(
+        self, store: Store[R], compute: Callable[[list[int]], Sequence[R]], desc: str, count: int | None = None
+    ) -> CachedMap[R]:
+        """:func:`~.cache.cached_map` over the first ``count`` images (all by default) in the run's batches;
+        ``compute`` gets indices into the run's images."""
+        ids = self.ids if count is None else self.ids[:count]
+        return cached_map(
+            ids, store, compute, batch_size=self.config.batch_size, desc=desc, progress=self.config.progress
+        )

@@ -1,0 +1,98 @@
+"""Phase 1 of the run: every method explains every image (batched), explaining the class the classifier predicts.
+
+Per image the cache keeps the relevance ``(K,)``, the explained class, the method's scalars and the seconds
+(``explanations/<method>/<hash>/<image id>.safetensors``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .attribution import EvaluationMethod
+from .cache import CachedMap, ResultCache, as_scalar_tensors, settings_hash
+from .context import RunContext
+
+KIND = "explanations"
+
+
+@dataclass
+class ExplainedImage:
+    """One method's explanation of one image.
+
+    Attributes:
+        relevance: ``(K,)`` float32 on the CPU, the score of every position of the method's representation.
+        target: the explained class.
+        seconds: seconds per explanation (the batch's time shared out).
+        scalars: the method's extra values (mask methods: ``mask_mean``, ``loss``, ...).
+    """
+
+    relevance: Tensor
+    target: int
+    seconds: float
+    scalars: dict[str, float]
+
+
+@dataclass
+class ExplanationStore:
+    """:class:`ExplainedImage` records as safetensors (tensors) with JSON metadata (method, image, seconds)."""
+
+    cache: ResultCache
+    method: str
+    key: str
+
+    def load(self, image_id: str) -> ExplainedImage | None:
+        hit = self.cache.load_tensors(KIND, self.method, self.key, image_id)
+        if hit is None:
+            return None
+        tensors, meta = hit
+        return ExplainedImage(
+            relevance=tensors["relevance"],
+            target=int(tensors["target"]),
+            seconds=float(meta["seconds"]),
+            scalars={k.split(".", 1)[1]: float(v) for k, v in tensors.items() if k.startswith("scalar.")},
+        )
+
+    def save(self, image_id: str, record: ExplainedImage) -> None:
+        tensors = {
+            "relevance": record.relevance,
+            "target": torch.tensor(record.target, dtype=torch.long),
+            **as_scalar_tensors({f"scalar.{k}": v for k, v in record.scalars.items()}),
+        }
+        meta = {"method": self.method, "image": image_id, "seconds": record.seconds}
+        self.cache.save_tensors(KIND, self.method, self.key, image_id, tensors, meta)
+
+
+def explanation_key(run: RunContext, method: EvaluationMethod) -> str:
+    """The cache key of ``method``'s explanations: its settings, the classifier, the images and the seed."""
+    return settings_hash(
+        {
+            "kind": "explanation",
+            **method.settings(),
+            **run.identity,
+            "image_size": run.images.size,
+            "seed": run.config.seed,
+            "target": "predicted",
+            "device": run.device.type,
+        }
+    )
+
+
+def explain_images(run: RunContext, method: EvaluationMethod, key: str) -> CachedMap[ExplainedImage]:
+    """Every image's :class:`ExplainedImage` under ``method`` (cached under ``key``)."""
+
+    def compute(indices: list[int]) -> list[ExplainedImage]:
+        att = method.attribute(run.images.load(indices), None, seeds=run.seeds(indices))
+        return [
+            ExplainedImage(
+                relevance=att.relevance[j].detach().float().cpu(),
+                target=int(att.target[j]),
+                seconds=att.seconds / len(indices),
+                scalars={k: float(v[j]) for k, v in att.scalars.items()},
+            )
+            for j in range(len(indices))
+        ]
+
+    return run.cached(ExplanationStore(run.cache, method.name, key), compute, f"explain {method.name}")

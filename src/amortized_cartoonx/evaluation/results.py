@@ -1,0 +1,83 @@
+"""The results of an evaluation run, as the report reads them."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from torch import Tensor
+
+from .curves import CURVES, area
+
+
+def mean_se(values: Sequence[float]) -> dict[str, float | int]:
+    """``{"mean", "se", "n"}``: the mean and its standard error (sample std / sqrt(n); 0 for one value)."""
+    arr = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    if arr.size == 0:
+        return {"mean": float("nan"), "se": float("nan"), "n": 0}
+    se = float(arr.std(ddof=1) / math.sqrt(arr.size)) if arr.size > 1 else 0.0
+    return {"mean": float(arr.mean()), "se": se, "n": int(arr.size)}
+
+
+@dataclass
+class MethodResults:
+    """One method's per-image results (images in the run's order).
+
+    Attributes:
+        keep, randomise: ``(n, R)`` curves (a) and (b).
+        seconds: ``(n,)`` seconds per explanation.
+        targets: ``(n,)`` explained classes.
+        ground_truth: metric name -> ``(n,)`` (empty without ground truth).
+        scalars: extra per-image values of mask methods (mask_mean, ...).
+    """
+
+    name: str
+    representation: str
+    kind: str
+    keep: np.ndarray
+    randomise: np.ndarray
+    seconds: np.ndarray
+    targets: np.ndarray
+    ground_truth: dict[str, np.ndarray] = field(default_factory=dict)
+    scalars: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def areas(self, rates: Sequence[float], early_rate: float) -> dict[str, np.ndarray]:
+        """Per image: ``area_keep``, ``area_randomise`` over [0, 1] and ``*_early`` over [0, early_rate]."""
+        out = {}
+        for curve in CURVES:
+            values = getattr(self, curve)
+            out[f"area_{curve}"] = np.array([area(rates, v) for v in values])
+            out[f"area_{curve}_early"] = np.array([area(rates, v, upto=early_rate) for v in values])
+        return out
+
+
+@dataclass
+class EvaluationResults:
+    """Everything the report needs.
+
+    Attributes:
+        ids: the image ids, in the run's order.
+        rates: the rate grid ``(R,)``.
+        methods: per method that ran, its :class:`MethodResults`.
+        skipped: ``name -> reason`` of the methods that cannot run on this classifier.
+        lambda_points: panel (c) per method (see :class:`~.lambdas.LambdaPanel`).
+        examples: per method the example pictures ``(n, 1, H, W)``; example_images ``(n, 3, H, W)`` or None;
+            example_targets: per method the explained classes of the examples.
+        settings: the run's settings as plain values.
+        computed: phase -> method -> images computed by this run (the rest came from the cache).
+        has_ground_truth: whether the folder had ground truth (then ``MethodResults.ground_truth`` is filled).
+    """
+
+    ids: list[str]
+    rates: list[float]
+    methods: dict[str, MethodResults]
+    skipped: dict[str, str]
+    lambda_points: dict[str, list[dict]]
+    examples: dict[str, Tensor]
+    example_images: Tensor | None
+    example_targets: dict[str, list[int]]
+    settings: dict
+    computed: dict[str, dict[str, int]]
+    has_ground_truth: bool
