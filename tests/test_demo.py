@@ -45,6 +45,7 @@ def _state(path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 @pytest.mark.filterwarnings(r"ignore:Found \d+ module\(s\) in eval mode")
 def test_the_demo_trains_its_explainer_as_cartoonx_fit_would(tmp_path, monkeypatch):

@@ -296,6 +296,7 @@ def test_cli_end_to_end_and_errors(reference, tmp_path, capsys):
     assert "cannot read image" in error([*args[:4], str(bad), "--out", str(tmp_path / "o3")])
 
 
+@pytest.mark.slow
 def test_ddp_on_cpu_writes_every_image_once(reference, tmp_path):
     """Two DDP processes (gloo) split the images; the masks equal the single-process run."""
     images, full = reference
