@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import struct
+import sys
 import textwrap
 import zlib
 from pathlib import Path
@@ -323,3 +324,20 @@ def test_a_fuzzed_image_either_loads_or_is_one_input_error(tmp_path):
         assert float(image.min()) >= 0.0 and float(image.max()) <= 1.0
         outcomes["loaded"] += 1
     assert outcomes["refused"] > 0 and outcomes["loaded"] > 0
+
+
+# ---- cartoonx fit --------------------------------------------------------------------------------------------------
+def test_fit_refuses_typos_and_empty_runs_in_one_line(tmp_path, inputs, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # checkpoints/ and logs/ of a run that must not start
+    monkeypatch.setattr(sys, "argv", ["cartoonx"])  # LightningCLI compares its args with the command line
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+    base = ["fit", "--config", config, "--data.images", str(inputs)]
+    for extra, needle in (
+        (["--model.widht", "3"], "unrecognized arguments: --model.widht"),
+        (["--trainer.max_steps", "-2"], "max_steps must be -1 (no limit) or at least 1"),
+        (["--trainer.max_steps", "0"], "max_steps must be -1 (no limit) or at least 1"),
+    ):
+        code, err = cli([*base, *extra], capsys)
+        err = "\n".join(line for line in err.splitlines() if not line.startswith("cartoonx: "))  # info logs
+        assert_refused(code, err, needle)
+    assert not (tmp_path / "checkpoints").exists()

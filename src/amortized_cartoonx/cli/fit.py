@@ -47,6 +47,10 @@ def main(argv: list[str]) -> int:
     except CartoonXError as exc:
         print(f"cartoonx fit: error: {exc}", file=sys.stderr)
         return 2
+    except argparse.ArgumentError as exc:  # a bad option or config value (jsonargparse)
+        message = " ".join(str(exc).split())  # one line; jsonargparse's messages can span several
+        print(f"cartoonx fit: error: {message[:500]} (cartoonx fit --help lists the options)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("cartoonx fit: interrupted", file=sys.stderr)
         return 130

@@ -88,7 +88,8 @@ def run_fit(args: list[str] | None) -> None:
         args=args,
         seed_everything_default=0,
         auto_configure_optimizers=False,
-        parser_kwargs={"fit": {"default_env": False}},
+        # parse errors raise (cartoonx fit prints one line) instead of printing the whole usage first
+        parser_kwargs={"exit_on_error": False, "fit": {"default_env": False, "exit_on_error": False}},
         save_config_kwargs={"overwrite": True},
     )
 
