@@ -311,6 +311,30 @@ def test_run_writes_every_file_resumes_and_adds_methods(tmp_path, count_explains
     assert more.computed["curves"] == {"cartoonx": 0, "random-pixel": 0, "smoothgrad": 3}
 
 
+def test_cache_records_with_the_wrong_structure_are_recomputed(tmp_path, count_explains):
+    """Cache files that parse but hold something else (hand-edited, foreign) are ignored and recomputed."""
+    from safetensors.torch import save_file
+
+    images_dir = write_folder(tmp_path / "images", 3)
+    out = tmp_path / "out"
+    first = make_run(images_dir, out, ["cartoonx"]).run()
+    cache = out / "cache"
+    curve, point, explanation = (
+        sorted((cache / kind).rglob(pattern))[0]
+        for kind, pattern in (("curves", "*.json"), ("lambda", "*.json"), ("explanations", "*.safetensors"))
+    )
+    curve.write_text(json.dumps({"rates": "all", "keep": [1, 2]}))
+    point.write_text(json.dumps([1, 2, 3]))
+    save_file({"relevance": torch.full((2, 2), float("nan"))}, str(explanation))
+    count_explains.clear()
+    again = make_run(images_dir, out, ["cartoonx"])
+    results = again.run()
+    assert count_explains == {"cartoonx": 1}
+    assert again.computed["explanations"] == {"cartoonx": 1} and again.computed["curves"] == {"cartoonx": 1}
+    assert again.computed["lambda"] == {"cartoonx": 1}
+    np.testing.assert_allclose(results.methods["cartoonx"].keep, first.methods["cartoonx"].keep, rtol=1e-5, atol=1e-6)
+
+
 def test_an_interrupted_run_resumes(tmp_path, count_explains, monkeypatch):
     images_dir = write_folder(tmp_path / "images", 3)
     out = tmp_path / "out"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -127,17 +128,42 @@ class Store(Protocol[R]):
     def save(self, image_id: str, record: R) -> None: ...
 
 
+def is_number(value: object) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_numbers(value: object, length: int | None = None) -> bool:
+    """A list of finite numbers (of ``length`` when given)."""
+    return isinstance(value, list) and (length is None or len(value) == length) and all(map(is_number, value))
+
+
 @dataclass
 class JsonStore:
-    """JSON records (dicts of plain values) under ``kind/method/key/`` of ``cache``."""
+    """JSON records (dicts of plain values) under ``kind/method/key/`` of ``cache``.
+
+    ``valid(record)`` says whether a cached record has the structure the phase needs; a record that parses but
+    fails it (a hand-edited or foreign file) is ignored with a warning and recomputed, like an unreadable one.
+    """
 
     cache: ResultCache
     kind: str
     method: str
     key: str
+    valid: Callable[[dict], bool] = lambda record: True
 
     def load(self, image_id: str) -> dict | None:
-        return self.cache.load_json(self.kind, self.method, self.key, image_id)
+        record = self.cache.load_json(self.kind, self.method, self.key, image_id)
+        if record is None:
+            return None
+        try:
+            ok = isinstance(record, dict) and bool(self.valid(record))
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            logger.warning("ignoring a %s cache record of %s with unexpected content; recomputing", self.kind, image_id)
+            return None
+        return record
 
     def save(self, image_id: str, record: dict) -> None:
         self.cache.save_json(self.kind, self.method, self.key, image_id, record)

@@ -38,7 +38,7 @@ from torch import Tensor
 from ..rde import RDEObjective, RDEProblem, make_generators
 from ..seeding import Stream, stream_seeds
 from ..wavelets import Coefficients
-from .cache import CachedMap, JsonStore, settings_hash
+from .cache import CachedMap, JsonStore, is_numbers, settings_hash
 
 if TYPE_CHECKING:
     from .attribution import EvaluationMethod
@@ -254,4 +254,12 @@ def measure_curves(
             for j in range(len(indices))
         ]
 
-    return run.cached(JsonStore(run.cache, "curves", method.name, key), compute, f"curves {method.name}")
+    def valid(record: dict) -> bool:
+        return (
+            record["rates"] == rates
+            and is_numbers(record["keep"], len(rates))
+            and is_numbers(record["randomise"], len(rates))
+        )
+
+    store = JsonStore(run.cache, "curves", method.name, key, valid)
+    return run.cached(store, compute, f"curves {method.name}")

@@ -6,6 +6,7 @@ Per image the cache keeps the relevance ``(K,)``, the explained class, the metho
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,8 @@ from .cache import CachedMap, ResultCache, as_scalar_tensors, settings_hash
 from .context import RunContext
 
 KIND = "explanations"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,12 +51,23 @@ class ExplanationStore:
         if hit is None:
             return None
         tensors, meta = hit
-        return ExplainedImage(
-            relevance=tensors["relevance"],
-            target=int(tensors["target"]),
-            seconds=float(meta["seconds"]),
-            scalars={k.split(".", 1)[1]: float(v) for k, v in tensors.items() if k.startswith("scalar.")},
-        )
+        try:
+            relevance, target = tensors["relevance"], tensors["target"]
+            if relevance.ndim != 1 or not relevance.is_floating_point() or not bool(torch.isfinite(relevance).all()):
+                raise ValueError("relevance is not a finite vector")
+            if target.numel() != 1 or target.is_floating_point() or int(target) < 0:
+                raise ValueError("target is not a class index")
+            return ExplainedImage(
+                relevance=relevance,
+                target=int(target),
+                seconds=float(meta["seconds"]),
+                scalars={k.split(".", 1)[1]: float(v) for k, v in tensors.items() if k.startswith("scalar.")},
+            )
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            logger.warning(
+                "ignoring a cached explanation of %s with unexpected content (%s); recomputing", image_id, exc
+            )
+            return None
 
     def save(self, image_id: str, record: ExplainedImage) -> None:
         tensors = {

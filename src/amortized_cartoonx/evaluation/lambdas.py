@@ -26,7 +26,7 @@ from ..methods import EXACT_METHODS
 from ..optimizer import CartoonX, OptimizerConfig, PixelRDE
 from ..rde import RDEObjective
 from ..wavelets import Coefficients
-from .cache import CachedMap, JsonStore, settings_hash
+from .cache import CachedMap, JsonStore, is_number, settings_hash
 from .curves import evaluation_noise
 
 if TYPE_CHECKING:
@@ -165,5 +165,10 @@ def _optimise(
             for j in range(len(indices))
         ]
 
-    store = JsonStore(run.cache, "lambda", name, lambda_key(run, optimizer))
+    def valid(record: dict) -> bool:
+        return record["lambda"] == lam and all(
+            is_number(record[k]) for k in ("mask_mean", "distortion", "optimizer_distortion", "seconds")
+        )
+
+    store = JsonStore(run.cache, "lambda", name, lambda_key(run, optimizer), valid)
     return run.cached(store, compute, f"lambda {name} {lam:g}", count=cfg.lambda_limit)
