@@ -44,6 +44,14 @@ MODELS = textwrap.dedent(
 
     def nan():
         return _NaN()
+
+    def tiny_again():  # the same weights under another spec
+        return tiny()
+
+    def other():
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                             nn.Linear(16, 5))
     """
 )
 
@@ -185,6 +193,41 @@ def test_a_valid_hand_made_checkpoint_explains(tmp_path, spec, inputs, capsys):
     assert code == 0, err
     record = json.loads((tmp_path / "out" / "summary.jsonl").read_text())
     assert np.isfinite(record["loss_final"])
+
+
+def test_a_classifier_is_recognised_by_its_weights_not_its_spec_text(tmp_path, spec, inputs, capsys):
+    from amortized_cartoonx.classifiers import classifier_identity, load_classifier
+
+    checkpoint = checkpoint_dict(spec)
+    checkpoint["cartoonx"].update(classifier_identity(spec, load_classifier(spec)))
+    path = tmp_path / "ok.ckpt"
+    torch.save(checkpoint, path)
+    code, err = cli(
+        explain_args(
+            [inputs / "a.png"],
+            "cx_hostile_models:tiny_again",
+            tmp_path / "same",
+            "--method",
+            "amortized",
+            "--checkpoint",
+            str(path),
+        ),
+        capsys,
+    )
+    assert code == 0, err
+    code, err = cli(
+        explain_args(
+            [inputs / "a.png"],
+            "cx_hostile_models:other",
+            tmp_path / "other",
+            "--method",
+            "amortized",
+            "--checkpoint",
+            str(path),
+        ),
+        capsys,
+    )
+    assert_refused(code, err, "was trained for classifier")
 
 
 # ---- outputs never overwrite inputs or each other --------------------------------------------------------------------
