@@ -384,3 +384,35 @@ def test_fit_refuses_typos_and_empty_runs_in_one_line(tmp_path, inputs, capsys, 
         err = "\n".join(line for line in err.splitlines() if not line.startswith("cartoonx: "))  # info logs
         assert_refused(code, err, needle)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_evaluate_checks_out_before_any_work(tmp_path, spec, inputs, capsys):
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(inputs / "examples.png")  # a name the report uses
+    before = snapshot(inputs)
+    args = ["evaluate", "--classifier", spec, "--images", str(inputs), "--size", str(SIZE), "--methods", "random-pixel"]
+    code, err = cli([*args, "--out", str(inputs)], capsys)
+    assert_refused(code, err, "overwrite the input")
+    (tmp_path / "taken").write_text("a file")
+    code, err = cli([*args, "--out", str(tmp_path / "taken")], capsys)
+    assert_refused(code, err, "is a file")
+    code, err = cli([*args, "--out", str(tmp_path / "o"), "--rates", "0"], capsys)
+    assert_refused(code, err, "--rates")
+    assert snapshot(inputs) == before
+
+
+def test_offline_torchvision_weights_name_the_way_out(monkeypatch):
+    import urllib.error
+
+    import torchvision
+
+    from amortized_cartoonx.classifiers import load_classifier
+    from amortized_cartoonx.errors import ClassifierError
+
+    def offline(name, weights=None):
+        if weights is None:
+            raise AssertionError("not reached")
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.models, "get_model", offline)
+    with pytest.raises(ClassifierError, match=r"no network\?.*torchvision:resnet18:none"):
+        load_classifier("torchvision:resnet18")

@@ -19,7 +19,16 @@ import argparse
 import shlex
 from pathlib import Path
 
-from .common import add_classifier_args, add_device_arg, add_rde_args
+from .common import (
+    add_classifier_args,
+    add_device_arg,
+    add_rde_args,
+    image_size,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -43,18 +52,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_classifier_args(p)
     p.add_argument("--checkpoint", default=None, metavar="CKPT", help="amortized explainer (amortized, warm)")
-    p.add_argument("--refine-steps", type=int, default=100, help="optimizer steps after the warm start (default 100)")
-    p.add_argument("--size", type=int, default=256, help="images are resized and centre-cropped (default 256)")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N images")
-    p.add_argument("--batch-size", type=int, default=4, help="images explained and measured together (default 4)")
+    p.add_argument(
+        "--refine-steps", type=nonnegative_int, default=100, help="optimizer steps after the warm start (default 100)"
+    )
+    p.add_argument("--size", type=image_size, default=256, help="images are resized and centre-cropped (default 256)")
+    p.add_argument("--limit", type=positive_int, default=None, metavar="N", help="only the first N images")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=4, help="images explained and measured together (default 4)"
+    )
     p.add_argument("--labels", default=None, metavar="FILE", help="class names, one per line (for the figures)")
 
     ev = p.add_argument_group("curves")
-    ev.add_argument("--rates", type=int, default=21, metavar="K", help="rate grid points on [0, 1] (default 21)")
-    ev.add_argument("--noise-draws", type=int, default=8, help="noise draws averaged per rate (default 8)")
-    ev.add_argument("--early-rate", type=float, default=0.2, help="early areas over [0, R] (default 0.2)")
-    ev.add_argument("--max-batch", type=int, default=128, help="classifier inputs per forward pass (default 128)")
-    ev.add_argument("--examples", type=int, default=4, help="images in the example grid (default 4)")
+    ev.add_argument(
+        "--rates", type=positive_int, default=21, metavar="K", help="rate grid points on [0, 1] (default 21)"
+    )
+    ev.add_argument("--noise-draws", type=positive_int, default=8, help="noise draws averaged per rate (default 8)")
+    ev.add_argument("--early-rate", type=positive_float, default=0.2, help="early areas over [0, R] (default 0.2)")
+    ev.add_argument(
+        "--max-batch", type=positive_int, default=128, help="classifier inputs per forward pass (default 128)"
+    )
+    ev.add_argument("--examples", type=nonnegative_int, default=4, help="images in the example grid (default 4)")
     ev.add_argument("--no-cache", action="store_true", help="recompute everything and write no cache")
 
     lam = p.add_argument_group("panel (c): the exact optimizer over lambda")
@@ -66,13 +83,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="cartoonx=10,20,40,80 pixel-rde=2,4,8,16 (the default), or one list for both; "
         "give no value (or 'none') to skip the panel",
     )
-    lam.add_argument("--lambda-steps", type=int, default=None, help="optimizer steps (default: --steps)")
-    lam.add_argument("--lambda-limit", type=int, default=None, metavar="N", help="only the first N images")
+    lam.add_argument("--lambda-steps", type=nonnegative_int, default=None, help="optimizer steps (default: --steps)")
+    lam.add_argument("--lambda-limit", type=positive_int, default=None, metavar="N", help="only the first N images")
 
     base = p.add_argument_group("gradient baselines (defaults: the paper's)")
-    base.add_argument("--ig-steps", type=int, default=100, help="Integrated Gradients steps (default 100)")
-    base.add_argument("--smoothgrad-samples", type=int, default=10, help="SmoothGrad samples (default 10)")
-    base.add_argument("--smoothgrad-std", type=float, default=0.1, help="SmoothGrad noise std in [0, 1] (default 0.1)")
+    base.add_argument("--ig-steps", type=positive_int, default=100, help="Integrated Gradients steps (default 100)")
+    base.add_argument("--smoothgrad-samples", type=positive_int, default=10, help="SmoothGrad samples (default 10)")
+    base.add_argument(
+        "--smoothgrad-std", type=nonnegative_float, default=0.1, help="SmoothGrad noise std in [0, 1] (default 0.1)"
+    )
     add_device_arg(p)
     add_rde_args(p)
     p.set_defaults(run=run, command_line=lambda args: command_line(p, args))
@@ -134,14 +153,14 @@ def command_line(parser: argparse.ArgumentParser, args: argparse.Namespace) -> s
 
 def run(args: argparse.Namespace) -> int:
     from amortized_cartoonx.classifiers import load_classifier
-    from amortized_cartoonx.errors import ConfigError
+    from amortized_cartoonx.errors import ConfigError, InputError
     from amortized_cartoonx.evaluation.methods import BaselineConfig, MethodContext, method_names
     from amortized_cartoonx.evaluation.report import write_report
     from amortized_cartoonx.evaluation.runner import Evaluation, EvaluationConfig
     from amortized_cartoonx.images import list_images, read_class_names
     from amortized_cartoonx.methods import CHECKPOINT_METHODS
 
-    from .common import optimizer_config, resolve_device
+    from .common import check_output_folder, optimizer_config, resolve_device
 
     methods = parse_methods(args.methods, args.checkpoint)
     known = method_names()
@@ -151,7 +170,9 @@ def run(args: argparse.Namespace) -> int:
     if any(m in CHECKPOINT_METHODS for m in methods) and not args.checkpoint:
         raise ConfigError("the methods amortized and warm need --checkpoint (an amortized explainer checkpoint)")
     if args.checkpoint and not Path(args.checkpoint).expanduser().is_file():
-        raise ConfigError(f"checkpoint not found: {args.checkpoint}")
+        raise InputError(f"checkpoint not found: {args.checkpoint}")
+    images = list_images(args.images)
+    check_output_folder(args.out, inputs=images, outputs=[Path(args.out) / p.name for p in images])
     if args.size < 8:
         raise ConfigError(f"--size must be at least 8, got {args.size}")
     for name in ("refine_steps",):
