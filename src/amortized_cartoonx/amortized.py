@@ -187,7 +187,9 @@ class AmortizedExplainer:
         meta = self.meta
         size = int(meta["image_size"])
         problems = []
-        if classifier_spec is not None and not same_classifier(classifier_spec, meta, self.classifier):
+        # the classifier held was checked by weights when loaded: a spec naming it needs no new look
+        held = self.classifier if classifier_spec == getattr(self.classifier, "spec", None) else None
+        if classifier_spec is not None and not same_classifier(classifier_spec, meta, held):
             problems.append(f"classifier {classifier_spec!r} (trained for {meta['classifier']!r})")
         if image_size is not None:
             h, w = (int(image_size), int(image_size)) if isinstance(image_size, int) else map(int, image_size)
