@@ -84,6 +84,7 @@ def image_dir(tmp_path_factory) -> Path:
     return write_images(tmp_path_factory.mktemp("train") / "images")
 
 
+@pytest.mark.slow
 def test_fit_lowers_the_loss_saves_and_resumes(image_dir, tmp_path):
     torch.manual_seed(0)
     module = AmortizedCartoonXModule(SPEC, image_size=SIZE, num_samples=2, lr=0.05, warmup_steps=0, **TINY_NET)
@@ -307,6 +308,7 @@ def test_noise_seeds_and_schedule():
     assert l1_ramp(0, 0) == 1.0  # no ramp: the full lambda from the first step
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 def test_cartoonx_fit_with_the_tiny_config(tmp_path, monkeypatch, capsys):
     from amortized_cartoonx.cli import main
