@@ -81,7 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None, help="write the loss-versus-step figure here (PNG)")
+    p.add_argument("--replot", default=None, metavar="JSON", help="only redraw --plot from a --json of an earlier run")
     args = p.parse_args(argv)
+    if args.replot:
+        with open(args.replot) as fh:
+            plot(json.load(fh), args.plot or "schedule.png")
+        return 0
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -186,18 +191,28 @@ def plot(result: dict, path: str) -> None:
         if key.endswith(f"@{longest}"):
             ax_curve.plot(range(1, len(curve) + 1), curve, label=key)
     ax_curve.axhline(statistics.median(result["paper"]["losses"]), color="black", linestyle=":", linewidth=1)
-    ax_curve.set(xscale="log", xlabel="step", ylabel="RDE loss (median, per-step estimate)", title="loss vs step")
+    ax_curve.set(
+        xscale="log",
+        yscale="log",
+        xlabel="step",
+        ylabel="RDE loss (median, per-step estimate)",
+        title="loss vs step (dotted: paper's final loss)",
+    )
     ax_curve.legend(fontsize=7)
     for name in dict.fromkeys(r["schedule"] for r in result["rows"]):
         rows = [r for r in result["rows"] if r["schedule"] == name]
         ax_ratio.plot([r["steps"] for r in rows], [r["median_ratio"] for r in rows], marker="o", label=name)
     ax_ratio.axhline(1.0, color="black", linestyle=":", linewidth=1)
+    budgets = sorted({r["steps"] for r in result["rows"]})
     ax_ratio.set(
         xscale="log",
+        yscale="log",
         xlabel="step budget",
-        ylabel="final loss / paper's 2000-step loss (median)",
-        title="final-loss ratio",
+        ylabel="final loss / paper's 2000-step loss",
+        title="final-loss ratio (median)",
     )
+    ax_ratio.set_xticks(budgets, [str(b) for b in budgets])
+    ax_ratio.minorticks_off()
     ax_ratio.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, path)
