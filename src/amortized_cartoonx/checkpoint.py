@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError, InputError
+from .images import MAX_SIZE as MAX_IMAGE_SIZE
 from .mask_predictor import MaskPredictor, MaskPredictorConfig
 
 #: Version of the ``checkpoint["cartoonx"]`` settings dict. 2: the network is ``mask_predictor`` (was ``explainer``).
@@ -36,7 +37,6 @@ LEGACY_NETWORK_KEY = "explainer"
 LEGACY_STATE_PREFIX = "explainer."
 
 #: Sanity caps on what a checkpoint may ask the reader to allocate (a hand-edited file must not ask for 180 GB).
-MAX_IMAGE_SIZE = 8192
 MAX_NUM_CLASSES = 100_000
 MAX_CHANNELS = 4096
 MAX_LEVELS = 12
