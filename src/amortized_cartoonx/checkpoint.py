@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, one_line
 from .images import MAX_SIZE as MAX_IMAGE_SIZE
 from .mask_predictor import MaskPredictor, MaskPredictorConfig
 
@@ -84,8 +84,7 @@ def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
             "(refused: unpickling them could run code)"
         ) from None
     except Exception as exc:  # noqa: BLE001 - any reading failure is the user's file
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputError(f"cannot read checkpoint {path}: {first[:200]}") from None
+        raise InputError(f"cannot read checkpoint {path}: {one_line(exc)}") from None
     meta = checkpoint.get(META_KEY) if isinstance(checkpoint, dict) else None
     if not isinstance(meta, dict) or meta.get("kind") != CHECKPOINT_KIND:
         raise InputError(f"{path} is not an amortized CartoonX checkpoint (train one with cartoonx fit)")
@@ -151,7 +150,5 @@ def build_mask_predictor(loaded: LoadedCheckpoint) -> MaskPredictor:
     try:
         network.load_state_dict(loaded.state)
     except RuntimeError as exc:
-        raise InputError(
-            f"{loaded.path}: the weights do not fit the recorded network ({str(exc).splitlines()[0]})"
-        ) from None
+        raise InputError(f"{loaded.path}: the weights do not fit the recorded network ({one_line(exc)})") from None
     return network

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .errors import ClassifierError, ConfigError
+from .errors import ClassifierError, ConfigError, one_line
 from .io import file_sha256
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -142,15 +142,11 @@ def _torchvision_model(name: str, weights: str | None) -> nn.Module:
         return torchvision.models.get_model(name, weights=weights)
     except OSError as exc:  # URLError, connection and DNS failures are OSErrors
         raise ClassifierError(
-            f"cannot download the {weights} weights of torchvision:{name} (no network? {_first_line(exc)}): "
+            f"cannot download the {weights} weights of torchvision:{name} (no network? {one_line(exc)}): "
             f"use torchvision:{name}:none for random weights or torchvision:{name}:PATH.pth for a weights file"
         ) from None
     except Exception as exc:  # noqa: BLE001 - unknown weights name, ...
-        raise ClassifierError(f"cannot load torchvision:{name} with weights {weights!r}: {_first_line(exc)}") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise ClassifierError(f"cannot load torchvision:{name} with weights {weights!r}: {one_line(exc)}") from None
 
 
 def is_file_spec(spec: str) -> bool:
@@ -171,7 +167,7 @@ def _file_model(path: Path, device: str | torch.device = "cpu") -> nn.Module:
             return torch.jit.load(str(path), map_location=device)
     except Exception as exc:  # noqa: BLE001
         kind = "ExportedProgram" if path.suffix == ".pt2" else "TorchScript"
-        raise ClassifierError(f"cannot load {path} as a {kind} file: {str(exc).splitlines()[0]}") from None
+        raise ClassifierError(f"cannot load {path} as a {kind} file: {one_line(exc)}") from None
 
 
 def _callable_model(spec: str) -> nn.Module:
@@ -184,7 +180,7 @@ def _callable_model(spec: str) -> nn.Module:
         try:
             model = factory()
         except Exception as exc:  # noqa: BLE001 - the user's callable failed
-            raise ClassifierError(f"calling {spec}() failed: {type(exc).__name__}: {_first_line(exc)}") from None
+            raise ClassifierError(f"calling {spec}() failed: {type(exc).__name__}: {one_line(exc)}") from None
     else:
         model = factory
     if not isinstance(model, nn.Module):

@@ -25,3 +25,9 @@ class ClassifierError(CartoonXError):
 
 class NonFiniteError(CartoonXError, ArithmeticError):
     """A loss or result became NaN or infinite (a classifier that overflows under noise, a learning rate too large)."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (at most 200 characters), for the one-line errors above."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."

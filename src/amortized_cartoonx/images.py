@@ -16,7 +16,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from .errors import InputError
+from .errors import InputError, one_line
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 #: Largest image read, in pixels (width x height), checked on the header before decoding: a small file can
@@ -29,11 +29,6 @@ MAX_SIZE = 8192
 
 
 _HIGH_DEPTH = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return text[:200]
 
 
 def check_size(size: int | None) -> None:
@@ -98,7 +93,7 @@ def load_image(path: str | Path, size: int | None = 256) -> Tensor:
             f"image {path} declares more pixels than the limit of {MAX_PIXELS:,} (amortized_cartoonx.images.MAX_PIXELS)"
         ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise InputError(f"cannot read image {path}: {_first_line(exc)}") from None
+        raise InputError(f"cannot read image {path}: {one_line(exc)}") from None
     x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)  # (3, H, W)
     return x if size is None else resize_center_crop(x, size)
 

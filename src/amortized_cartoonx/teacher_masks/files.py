@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from ..errors import InputError
+from ..errors import InputError, one_line
 
 MANIFEST_KIND = "cartoonx-teacher-masks"
 
@@ -83,12 +83,6 @@ class ShardInfo:
     path: Path
     ids: tuple[str, ...]
     mask_length: int
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception's message on one line (at most 200 characters)."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _short(value: object) -> str:

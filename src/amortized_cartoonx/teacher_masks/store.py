@@ -37,13 +37,12 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, one_line
 from ..io import atomic_write, atomic_write_text
 from .files import (
     FORMAT_VERSION,
     manifest_differences,
     manifest_problem,
-    one_line,
     read_manifest,
     read_shard,
     read_shard_info,
