@@ -125,8 +125,8 @@ def _check_settings(path: Path, meta: dict) -> None:
     network = meta.get(NETWORK_KEY)
     if not isinstance(network, dict):
         raise InputError(f"{path}: the checkpoint's settings lack the network's config ({NETWORK_KEY!r})")
-    fields = {f.name: f.type for f in dataclasses.fields(MaskPredictorConfig)}
-    unknown = sorted(set(network) - set(fields))
+    fields = {f.name for f in dataclasses.fields(MaskPredictorConfig)}
+    unknown = sorted(set(network) - fields)
     if unknown:
         raise InputError(f"{path}: unknown network setting(s) {', '.join(map(repr, unknown))}")
     for name, value in network.items():
