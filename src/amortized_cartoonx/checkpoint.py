@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .errors import ConfigError, InputError, one_line
+from .feature_taps import check_taps
 from .images import MAX_SIZE as MAX_IMAGE_SIZE
 from .mask_predictor import MaskPredictor, MaskPredictorConfig
 
@@ -40,6 +41,8 @@ LEGACY_STATE_PREFIX = "explainer."
 MAX_NUM_CLASSES = 100_000
 MAX_CHANNELS = 4096
 MAX_LEVELS = 12
+#: The ``classifier`` encoder's list fields of the network config and their entries' type.
+_TAP_FIELDS = {"taps": str, "tap_channels": int}
 
 #: The settings every reader relies on, with their types.
 _REQUIRED: dict[str, type | tuple[type, ...]] = {
@@ -129,7 +132,17 @@ def _check_settings(path: Path, meta: dict) -> None:
     unknown = sorted(set(network) - fields)
     if unknown:
         raise InputError(f"{path}: unknown network setting(s) {', '.join(map(repr, unknown))}")
+    for name, kind in _TAP_FIELDS.items():  # the classifier encoder's layers: None or one entry per level
+        value = network.get(name)
+        if value is not None and (
+            not isinstance(value, list)
+            or len(value) > MAX_LEVELS
+            or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value)
+        ):
+            raise InputError(f"{path}: network setting {name!r} is not a list of {kind.__name__}")
     for name, value in network.items():
+        if name in _TAP_FIELDS:
+            continue
         default = getattr(MaskPredictorConfig, name, None)
         expected = (int, float) if isinstance(default, float) else type(default)
         if isinstance(value, bool) or not isinstance(value, expected):
@@ -141,12 +154,22 @@ def _check_settings(path: Path, meta: dict) -> None:
             raise InputError(f"{path}: network setting {name}={network[name]} is above the cap {cap}")
 
 
-def build_mask_predictor(loaded: LoadedCheckpoint) -> MaskPredictor:
-    """The network a checkpoint describes, with its weights; one :class:`InputError` line when they do not fit."""
+def build_mask_predictor(loaded: LoadedCheckpoint, classifier: nn.Module | None = None) -> MaskPredictor:
+    """The network a checkpoint describes, with its weights; one :class:`InputError` line when they do not fit.
+
+    ``classifier``: the explained classifier, which the ``classifier`` encoder reads features from (it must
+    offer the recorded layers with the recorded channels); other encoders ignore it.
+    """
     try:
         network = MaskPredictor(MaskPredictorConfig(**loaded.meta[NETWORK_KEY]))
     except (ConfigError, TypeError, ValueError) as exc:
         raise InputError(f"{loaded.path}: invalid network config ({exc})") from None
+    if network.config.encoder == "classifier":
+        if classifier is None:
+            raise ConfigError(f"{loaded.path.name} reads the classifier's features: give the classifier")
+        cfg = network.config
+        check_taps(classifier, list(cfg.taps), list(cfg.tap_channels), int(loaded.meta["image_size"]))
+        network.attach(classifier)
     try:
         network.load_state_dict(loaded.state)
     except RuntimeError as exc:

@@ -14,6 +14,14 @@ image size the wavelet accepts. Its shape follows the DWT:
 * class conditioning by FiLM: an embedding of the target class scales and shifts the features of every
   block, so the same image can be explained for any class.
 
+The encoder (``encoder`` in the config, :data:`ENCODERS`):
+
+* ``scratch``: the convolutional stages above, learned from the training images alone;
+* ``classifier``: the same stages, plus, added to stage s, a learned 1x1 projection of the explained
+  classifier's own feature map at stride ``2^s`` (frozen; read with temporary forward hooks, found
+  automatically by :func:`~amortized_cartoonx.feature_taps.find_taps`). The classifier is given to the network
+  (:meth:`MaskPredictor.attach`); it is not one of its submodules, so its weights are never trained or saved.
+
 Feature maps and coefficient bands differ by a few positions: with ``mode="zero"`` a level-j band of a
 length-n signal has ``floor((n_{j-1} + F - 1) / 2)`` entries (F = filter length), the extra ones covering the
 padding around the image. :func:`align_to_band` places the feature map centred in the band (a shift, no
@@ -28,13 +36,15 @@ Shapes: N images, C = 3 colour channels, H x W pixels, J levels, level j = 1 the
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ConfigError, InputError
+from .feature_taps import check_hookable, find_taps, read_taps
+from .mask_logits import logits_to_mask
 from .wavelets import (
     DEFAULT_LEVELS,
     DEFAULT_MODE,
@@ -49,6 +59,8 @@ from .wavelets import (
 #: Input standardisation of the network (images arrive in [0, 1]); a fixed affine map, not the classifier's.
 _INPUT_MEAN = 0.45
 _INPUT_STD = 0.25
+#: The encoders of :class:`MaskPredictor` (see the module docstring).
+ENCODERS = ("scratch", "classifier")
 
 
 @dataclass
@@ -70,6 +82,10 @@ class MaskPredictorConfig:
             exact optimizer's projected masks do, instead of sigmoid tails that cost ``l1_lambda * floor``.
         init_std: standard deviation of the heads' initial weights. Default 1e-3.
         groups: GroupNorm groups (batch-size independent normalisation). Default 8.
+        encoder: ``scratch`` (default) or ``classifier`` (adds the explained classifier's frozen feature maps;
+            see the module docstring).
+        taps, tap_channels: with the ``classifier`` encoder, the classifier's layer read for each level 1..J and
+            its channels. Leave them None: :meth:`with_taps` (called by the training module) fills them in.
     """
 
     num_classes: int = 1000
@@ -84,6 +100,9 @@ class MaskPredictorConfig:
     stretch: float = 0.0
     init_std: float = 1e-3
     groups: int = 8
+    encoder: str = "scratch"
+    taps: list[str] | None = None
+    tap_channels: list[int] | None = None
 
     def validate(self) -> MaskPredictorConfig:
         if self.num_classes < 1:
@@ -101,7 +120,23 @@ class MaskPredictorConfig:
         for name in ("width", "decoder_width"):
             if getattr(self, name) % self.groups:
                 raise ConfigError(f"{name} ({getattr(self, name)}) must be a multiple of groups ({self.groups})")
+        if self.encoder not in ENCODERS:
+            raise ConfigError(f"unknown encoder {self.encoder!r}; choose from: {', '.join(ENCODERS)}")
+        if self.encoder == "classifier" and self.taps is not None:
+            if self.tap_channels is None or len(self.taps) != self.levels or len(self.tap_channels) != self.levels:
+                raise ConfigError(
+                    f"taps and tap_channels must name one layer per level ({self.levels}), got {self.taps} and "
+                    f"{self.tap_channels}"
+                )
         return self
+
+    def with_taps(self, classifier: nn.Module, image_size: int) -> MaskPredictorConfig:
+        """This config with ``taps`` found in ``classifier`` for ``image_size`` images (``classifier`` encoder;
+        other encoders: unchanged)."""
+        if self.encoder != "classifier" or self.taps is not None:
+            return self
+        found = find_taps(classifier, image_size, self.levels)
+        return replace(self, taps=[t.name for t in found], tap_channels=[t.channels for t in found])
 
     def stage_channels(self) -> list[int]:
         """Channels of encoder stages 1..J."""
@@ -171,17 +206,24 @@ class MaskPredictor(nn.Module):
 
     Args:
         config: a :class:`MaskPredictorConfig` (or its fields as keyword arguments).
+        features: with the ``classifier`` encoder, the classifier whose feature maps it reads (or call
+            :meth:`attach` later); it stays the caller's (not a submodule, never trained, saved or moved).
 
     ``forward(images (N, 3, H, W) in [0, 1], target (N,) long) -> Coefficients`` of logits with bands
     ``(N, 1, H_J, W_J)`` and ``(N, 1, 3, H_j, W_j)``; :meth:`mask` maps them to [0, 1] (:func:`logits_to_mask`).
     """
 
-    def __init__(self, config: MaskPredictorConfig | None = None, **fields) -> None:
+    def __init__(
+        self, config: MaskPredictorConfig | None = None, *, features: nn.Module | None = None, **fields
+    ) -> None:
         super().__init__()
         if config is not None and fields:
             raise TypeError("give a MaskPredictorConfig or keyword fields, not both")
         self.config = (config or MaskPredictorConfig(**fields)).validate()
         cfg = self.config
+        if cfg.encoder == "classifier" and cfg.taps is None:
+            raise ConfigError("the classifier encoder needs its taps: build the config with config.with_taps(...)")
+        self._features: tuple[nn.Module, ...] = ()  # a tuple: not registered as a submodule
         channels = cfg.stage_channels()
         groups = cfg.groups
 
@@ -205,6 +247,23 @@ class MaskPredictor(nn.Module):
         self.decoder = nn.ModuleList(ResBlock(d, cfg.embed_dim, groups) for d in widths)
         self.detail_heads = nn.ModuleList(self._head(d, 3) for d in widths)
         self.lowpass_head = self._head(widths[-1], 1)  # on the coarsest level
+        self.tap_projections = nn.ModuleList(  # classifier encoder: its map at stage s -> stage s's channels
+            nn.Sequential(nn.GroupNorm(1, t), nn.Conv2d(t, c, 1)) for t, c in zip(cfg.tap_channels or [], channels)
+        )
+        if features is not None:
+            self.attach(features)
+
+    def attach(self, features: nn.Module) -> MaskPredictor:
+        """Read feature maps from ``features`` (the ``classifier`` encoder's classifier). Returns self."""
+        if self.config.encoder != "classifier":
+            raise ConfigError(f"the {self.config.encoder!r} encoder reads no classifier features")
+        self._features = (check_hookable(features),)
+        return self
+
+    @property
+    def feature_source(self) -> nn.Module | None:
+        """The attached classifier of the ``classifier`` encoder (None: none attached)."""
+        return self._features[0] if self._features else None
 
     def _head(self, width: int, out: int) -> nn.Sequential:
         conv = nn.Conv2d(width, out, 1)
@@ -239,10 +298,14 @@ class MaskPredictor(nn.Module):
         levels, shapes = self.band_shapes(height, width)
 
         embedding = self.embedding(target)  # (N, E)
+        taps = self._read_taps(images)  # classifier encoder: (N, C_s, h_s, w_s) per stage, else empty
         x = self.stem((images - _INPUT_MEAN) / _INPUT_STD)  # (N, c0, H, W)
         features = []
-        for down, block in zip(self.down, self.encoder):
-            x = block(down(F.silu(x)), embedding)  # stage s: (N, c_s, ~H/2^s, ~W/2^s)
+        for s, (down, block) in enumerate(zip(self.down, self.encoder)):
+            x = down(F.silu(x))  # stage s: (N, c_s, ~H/2^s, ~W/2^s)
+            if taps:
+                x = x + self.tap_projections[s](_resize(taps[s], x.shape[-2:]))
+            x = block(x, embedding)
             features.append(x)
 
         decoded: list[Tensor] = [None] * len(features)  # type: ignore[list-item]
@@ -267,6 +330,13 @@ class MaskPredictor(nn.Module):
         lowpass = align_to_band(lowpass, shapes[-1])  # (N, 1, H_J, W_J)
         return Coefficients(lowpass=lowpass, details=tuple(details), image_size=(height, width))
 
+    def _read_taps(self, images: Tensor) -> list[Tensor]:
+        if self.config.encoder != "classifier":
+            return []
+        if not self._features:
+            raise ConfigError("the classifier encoder has no classifier attached: call mask_predictor.attach(...)")
+        return read_taps(self._features[0], images, list(self.config.taps))
+
     def mask(self, images: Tensor, target: Tensor) -> Coefficients:
         """The predicted mask in [0, 1]: :func:`logits_to_mask` of :meth:`forward`."""
         return self.mask_from_logits(self(images, target))
@@ -275,17 +345,13 @@ class MaskPredictor(nn.Module):
         return logits.map(lambda z: logits_to_mask(z, self.config.stretch))
 
 
-def logits_to_mask(logits: Tensor, stretch: float = 0.0) -> Tensor:
-    """``clamp((1 + 2 * stretch) * sigmoid(logits) - stretch, 0, 1)``; the plain sigmoid when ``stretch`` is 0.
-
-    The clamp passes gradients straight through (the value is clamped, the gradient is the stretched
-    sigmoid's), like the exact optimizer's projection: a coefficient at 0 can come back.
-    """
-    mask = torch.sigmoid(logits)
-    if stretch == 0.0:
-        return mask
-    stretched = (1.0 + 2.0 * stretch) * mask - stretch
-    return stretched + (stretched.clamp(0.0, 1.0) - stretched).detach()
+def _resize(features: Tensor, size: tuple[int, int]) -> Tensor:
+    """``features: (N, C, h, w)`` onto an ``size`` grid: area-averaged when shrinking, bilinear when growing."""
+    if tuple(features.shape[-2:]) == tuple(size):
+        return features
+    if features.shape[-2] >= size[0] and features.shape[-1] >= size[1]:
+        return F.adaptive_avg_pool2d(features, size)
+    return F.interpolate(features, size=size, mode="bilinear", align_corners=False)
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -299,6 +365,7 @@ def describe_size(module: nn.Module) -> str:
 
 
 __all__ = [
+    "ENCODERS",
     "MaskPredictor",
     "MaskPredictorConfig",
     "FiLM",

@@ -1,0 +1,122 @@
+"""Feature maps of a frozen network at the strides of the DWT levels, read with temporary forward hooks.
+
+The mask predictor's ``classifier`` encoder reads the explained classifier's own feature maps: the layer whose
+output lives at stride ``2^j`` describes the image at the scale of the level-j detail coefficients. Which layers
+those are is found automatically by one probe pass (:func:`find_taps`): every submodule whose output is a
+4-D tensor is a candidate, and level j takes the last one (in execution order, so the most processed) whose
+stride is closest to ``2^j``. The chosen layer names and channel counts are stored in the network's config, so
+a checkpoint can check that a classifier offers the same layers (:func:`check_taps`).
+
+Hooks are registered for one forward pass and removed at once (:func:`read_taps`): the caller's model keeps
+no hook, no flag and no gradient setting from us. TorchScript modules have no Python hooks and are refused.
+
+Shapes: N images, H x W pixels, C_j channels of the map read for level j.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .classifiers import frozen
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Tap:
+    """One feature map read for one DWT level: the submodule's name, its channels and its stride."""
+
+    name: str
+    channels: int
+    stride: float
+
+
+def check_hookable(module: object, role: str = "the classifier") -> nn.Module:
+    """``module`` if its layers take Python forward hooks; a :class:`ConfigError` that says what to use instead."""
+    if not isinstance(module, nn.Module):
+        raise ConfigError(f"{role} is a plain callable, not an nn.Module: its feature maps cannot be read")
+    scripted = [name for name, m in module.named_modules() if isinstance(m, torch.jit.ScriptModule)]
+    if scripted:
+        where = "it" if scripted[0] == "" else f"its layer {scripted[0]!r}"
+        raise ConfigError(
+            f"{role} is TorchScript ({where}): its layers take no forward hooks, so its feature maps cannot be "
+            "read. Use the mask predictor's encoder 'scratch', or 'backbone' with an nn.Module backbone spec "
+            "(e.g. torchvision:resnet18)"
+        )
+    return module
+
+
+def _record(module: nn.Module, images: Tensor, names: set[str] | None) -> dict[str, Tensor]:
+    """One frozen forward pass of ``module`` on ``images``; the 4-D outputs of its submodules by name (in the
+    order they finished). ``names``: only these (None: all but the module itself)."""
+    outputs: dict[str, Tensor] = {}
+    handles = []
+
+    def hook(name):
+        def save(_module, _inputs, output):
+            if isinstance(output, Tensor) and output.ndim == 4:
+                outputs.pop(name, None)  # a layer run twice: its last output counts
+                outputs[name] = output
+
+        return save
+
+    try:
+        for name, sub in module.named_modules():
+            if name and (names is None or name in names):
+                handles.append(sub.register_forward_hook(hook(name)))
+        with frozen(module), torch.no_grad():
+            module(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return outputs
+
+
+def find_taps(module: nn.Module, image_size: int, levels: int) -> list[Tap]:
+    """The layer read for each DWT level 1..J of an ``image_size`` image (one probe pass on zeros).
+
+    Raises:
+        ConfigError: TorchScript or a module without any 4-D feature map.
+    """
+    check_hookable(module)
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    probe = torch.zeros(1, 3, image_size, image_size, device=device)
+    outputs = _record(module, probe, None)
+    if not outputs:
+        raise ConfigError("the classifier has no layer with a 4-D (N, C, h, w) output to read features from")
+    candidates = [
+        Tap(name, int(out.shape[1]), image_size / max(int(out.shape[-1]), 1)) for name, out in outputs.items()
+    ]
+    taps = []
+    for level in range(1, levels + 1):
+        # closest stride in log2; among equals the last (deepest) one
+        best = min(
+            reversed(candidates), key=lambda t: abs(math.log2(t.stride) - level)
+        )  # min keeps the first of equals: reversed -> the last in execution order
+        taps.append(best)
+    return taps
+
+
+def read_taps(module: nn.Module, images: Tensor, names: list[str]) -> list[Tensor]:
+    """The outputs of the named layers for ``images: (N, 3, H, W)`` in [0, 1] (detached; one pass, no grad)."""
+    outputs = _record(check_hookable(module), images, set(names))
+    missing = [n for n in names if n not in outputs]
+    if missing:
+        raise ConfigError(f"the classifier has no layer {missing[0]!r} with a 4-D output (its layers changed?)")
+    return [outputs[n].detach().float() for n in names]
+
+
+def check_taps(module: nn.Module, names: list[str], channels: list[int], image_size: int) -> None:
+    """Refuse a module that lacks the named layers or whose channels differ (a checkpoint for another network)."""
+    probe = torch.zeros(1, 3, image_size, image_size, device=next((p.device for p in module.parameters()), "cpu"))
+    found = [int(t.shape[1]) for t in read_taps(module, probe, names)]
+    if found != list(channels):
+        raise ConfigError(
+            f"the classifier's layers {names} have {found} channels, the mask predictor was trained on {channels}"
+        )
+
+
+__all__ = ["Tap", "check_hookable", "check_taps", "find_taps", "read_taps"]

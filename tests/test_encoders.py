@@ -1,0 +1,132 @@
+"""The mask predictor's ``classifier`` encoder: feature taps found by stride, temporary hooks, checkpoints."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from amortized_cartoonx.amortized import AmortizedExplainer
+from amortized_cartoonx.classifiers import wrap_classifier
+from amortized_cartoonx.errors import ConfigError, InputError
+from amortized_cartoonx.feature_taps import find_taps, read_taps
+from amortized_cartoonx.mask_predictor import MaskPredictor, MaskPredictorConfig
+
+TESTS = Path(__file__).resolve().parent
+if str(TESTS) not in sys.path:  # the classifier spec imports conftest.make_tiny_cnn
+    sys.path.insert(0, str(TESTS))
+SPEC = "conftest:make_tiny_cnn"
+SIZE = 32
+
+
+class Strided(nn.Module):
+    """A classifier with feature maps at strides 2, 4 and 8 (and a stride-1 stem)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.s2 = nn.Sequential(nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.ReLU())
+        self.s4 = nn.Sequential(nn.Conv2d(6, 10, 3, stride=2, padding=1), nn.ReLU())
+        self.s8 = nn.Sequential(nn.Conv2d(10, 12, 3, stride=2, padding=1), nn.ReLU())
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x):
+        return self.head(self.s8(self.s4(self.s2(self.stem(x)))).mean((2, 3)))
+
+
+def tiny_config(**fields) -> MaskPredictorConfig:
+    return MaskPredictorConfig(num_classes=5, levels=3, width=8, decoder_width=8, embed_dim=8, **fields)
+
+
+def test_taps_are_found_by_stride_and_hooks_are_removed():
+    torch.manual_seed(0)
+    classifier = wrap_classifier(Strided())
+    taps = find_taps(classifier, SIZE, 3)
+    # the last module to finish at each stride: the stage itself (its output is its closing ReLU's)
+    assert [t.name for t in taps] == ["model.s2", "model.s4", "model.s8"]
+    assert [t.channels for t in taps] == [6, 10, 12] and [t.stride for t in taps] == [2, 4, 8]
+    # a level beyond the coarsest map reads the coarsest one
+    assert find_taps(classifier, SIZE, 4)[-1].name == "model.s8"
+    maps = read_taps(classifier, torch.rand(2, 3, SIZE, SIZE), [t.name for t in taps])
+    assert [tuple(m.shape) for m in maps] == [(2, 6, 16, 16), (2, 10, 8, 8), (2, 12, 4, 4)]
+    assert all(not m.requires_grad for m in maps)
+    assert not any(m._forward_hooks for m in classifier.modules())
+
+
+def test_classifier_encoder_trains_its_projections_not_the_classifier():
+    torch.manual_seed(0)
+    model = Strided()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    classifier = wrap_classifier(model)
+    classifier.train()
+    config = tiny_config(encoder="classifier").with_taps(classifier, SIZE)
+    network = MaskPredictor(config, features=classifier)
+    assert network.feature_source is classifier
+    # the classifier is not part of the network: not trained, saved or moved with it
+    assert not any(k.startswith("_features") or "s2" in k for k in network.state_dict())
+    logits = network(torch.rand(2, 3, SIZE, SIZE), torch.tensor([0, 3]))
+    (logits.lowpass.sum() + sum(d.sum() for d in logits.details)).backward()
+    assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in network.tap_projections.parameters())
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert classifier.training  # flags restored
+    # the features matter: another image changes the taps' contribution
+    with torch.no_grad():
+        for proj in network.tap_projections:
+            proj[1].weight.mul_(100)
+        a = network(torch.rand(1, 3, SIZE, SIZE), torch.tensor([1])).flatten()
+        b = network(torch.rand(1, 3, SIZE, SIZE), torch.tensor([1])).flatten()
+    assert not torch.allclose(a, b)
+
+
+def test_classifier_encoder_needs_taps_and_a_classifier():
+    with pytest.raises(ConfigError, match="with_taps"):
+        MaskPredictor(tiny_config(encoder="classifier"))
+    config = tiny_config(encoder="classifier").with_taps(wrap_classifier(Strided()), SIZE)
+    network = MaskPredictor(config)
+    with pytest.raises(ConfigError, match="attach"):
+        network(torch.rand(1, 3, SIZE, SIZE), torch.tensor([0]))
+    with pytest.raises(ConfigError, match="unknown encoder"):
+        tiny_config(encoder="imagenet").validate()
+    with pytest.raises(ConfigError, match="reads no classifier"):
+        MaskPredictor(tiny_config()).attach(Strided())
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_torchscript_classifier_gets_a_clear_error():
+    scripted = torch.jit.script(Strided())
+    with pytest.raises(ConfigError, match="TorchScript.*'scratch'.*'backbone'"):
+        tiny_config(encoder="classifier").with_taps(wrap_classifier(scripted), SIZE)
+
+
+def test_checkpoint_with_the_classifier_encoder_round_trips(tmp_path):
+    from amortized_cartoonx.training import AmortizedCartoonXModule
+
+    torch.manual_seed(0)
+    network = MaskPredictorConfig(width=8, decoder_width=8, embed_dim=8, init_bias=1.0, encoder="classifier")
+    module = AmortizedCartoonXModule(SPEC, image_size=SIZE, levels=3, num_samples=2, mask_predictor=network)
+    taps = module.mask_predictor.config.taps
+    assert taps and all(name.startswith("model.features") for name in taps)
+    with torch.no_grad():
+        for proj in module.mask_predictor.tap_projections:
+            proj[1].weight.normal_(std=0.5)
+        for head in [*module.mask_predictor.detail_heads, module.mask_predictor.lowpass_head]:
+            head[-1].weight.normal_(std=0.5)
+    state = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(state)
+    assert not any(k.startswith("classifier.") for k in state["state_dict"])
+    path = tmp_path / "enc.ckpt"
+    torch.save(state, path)
+
+    images = torch.rand(2, 3, SIZE, SIZE)
+    explainer = AmortizedExplainer.from_checkpoint(path, SPEC, measure_samples=4)
+    target = torch.tensor([1, 2])
+    with torch.no_grad():
+        expected = module.mask_predictor.mask(images, target).flatten()
+    assert torch.allclose(explainer.predict_mask(images, target).flatten(), expected, atol=1e-6)
+    # another classifier architecture lacks the recorded layers
+    with pytest.raises((ConfigError, InputError)):
+        AmortizedExplainer.from_checkpoint(path, Strided())
