@@ -197,3 +197,30 @@ def test_a_diverging_loss_stops_with_a_clear_error(images):
 
     with pytest.raises(NonFiniteError, match="RDE loss of image 0 became nan"):
         CartoonX(FineOnceThenNaN(), levels=3, steps=10, num_samples=2).explain(images)
+
+
+def test_logit_parametrisation_is_deterministic_batched_and_in_the_unit_interval(tiny_cnn, images):
+    config = OptimizerConfig(steps=20, num_samples=4, lr=0.2, parametrisation="logit")
+    batch = CartoonX(tiny_cnn, levels=3, config=config).explain(images, seeds=[1, 2, 3])
+    again = CartoonX(tiny_cnn, levels=3, config=config).explain(images, seeds=[1, 2, 3])
+    assert torch.equal(batch.mask.flatten(), again.mask.flatten())
+    one = CartoonX(tiny_cnn, levels=3, config=config).explain(images[1:2], seeds=[2])
+    assert torch.allclose(one.mask.flatten(), batch.mask.flatten()[1:2], atol=1e-5)
+    flat = batch.mask.flatten()
+    assert bool(((flat >= 0) & (flat <= 1)).all())
+    assert bool((batch.history.total[-1] < batch.history.total[0]).all())
+    # chunked noise samples give the same result (each backward pass has its own graph from the logits)
+    chunked = CartoonX(tiny_cnn, levels=3, config=config, chunk_size=2).explain(images, seeds=[1, 2, 3])
+    assert torch.allclose(chunked.mask.flatten(), flat, atol=1e-5)
+
+
+def test_logit_parametrisation_starts_from_the_given_mask(tiny_cnn, images):
+    config = OptimizerConfig(steps=0, num_samples=4, parametrisation="logit")
+    explainer = CartoonX(tiny_cnn, levels=3, config=config)
+    start = explainer.explain(images[:1]).mask.flatten()
+    assert torch.allclose(start, torch.ones_like(start))  # the all-ones mask, at finite logits
+    given = torch.rand_like(start)
+    given[:10] = 0.0
+    assert torch.allclose(explainer.explain(images[:1], init_mask=given).mask.flatten(), given, atol=1e-5)
+    with pytest.raises(ConfigError, match="parametrisation"):
+        OptimizerConfig(parametrisation="tanh").validate()

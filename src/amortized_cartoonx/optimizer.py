@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from .classifiers import frozen
 from .errors import ConfigError, NonFiniteError
 from .explanation import Explanation, LossHistory, as_mask, measure_mask
+from .mask_logits import logits_to_mask, mask_to_logits
 from .rde import DEFAULT_LAMBDA, DISTORTIONS, OBFUSCATIONS, RDEObjective, RDEProblem, make_generators
 from .runtime import synchronize
 from .seeding import Stream, image_seeds, stream_seeds
@@ -57,6 +58,15 @@ LR_DECAYS: dict[str, Callable[[int, int, float], float]] = {
 }
 
 
+#: How the optimised variable maps to the mask. ``clamp``: the mask itself, projected onto [0, 1] after every
+#: step (the paper's Algorithm 1). ``logit``: the mask is the stretched sigmoid
+#: :func:`~amortized_cartoonx.mask_logits.logits_to_mask` of free logits z (``logit_stretch``; exact 0 and 1
+#: at finite z, so no sigmoid tail is paid for); a start mask (all ones for a cold start) begins at its
+#: logits (:func:`~amortized_cartoonx.mask_logits.mask_to_logits`). In the logit form a step moves an entry
+#: by up to about lr / 4 near 0.5 and less towards the edges, where a clamped entry moves by up to lr anywhere.
+PARAMETRISATIONS = ("clamp", "logit")
+
+
 @dataclass
 class OptimizerConfig:
     """Hyper-parameters of the exact optimizer. Defaults are the paper's (Algorithm 1, Section 5.2).
@@ -70,6 +80,8 @@ class OptimizerConfig:
         lr_decay: ``constant``, ``linear`` or ``cosine`` decay of the learning rate over the steps of a run,
             down to ``lr * lr_final``. Default: the schedule's (paper: constant).
         lr_final: the decay's last learning rate as a fraction of ``lr``. Default 0.
+        parametrisation: ``clamp`` (default, the paper's projected mask) or ``logit`` (:data:`PARAMETRISATIONS`).
+        logit_stretch: the stretch of the ``logit`` form's sigmoid. Default 0.1.
         l1_lambda: weight of the mean of the mask; None takes the method's default
             (20 for CartoonX, 4 for Pixel RDE).
         obfuscation: noise for the deleted coefficients. Default ``gaussian-adaptive``.
@@ -89,6 +101,8 @@ class OptimizerConfig:
     lr: float | None = None
     lr_decay: str | None = None
     lr_final: float = 0.0
+    parametrisation: str = "clamp"
+    logit_stretch: float = 0.1
     l1_lambda: float | None = None
     obfuscation: str = "gaussian-adaptive"
     distortion: str = "label"
@@ -110,6 +124,12 @@ class OptimizerConfig:
         DISTORTIONS.get(self.distortion)
         if self.lr_decay not in LR_DECAYS:
             raise ConfigError(f"unknown lr_decay {self.lr_decay!r}; choose from: {', '.join(LR_DECAYS)}")
+        if self.parametrisation not in PARAMETRISATIONS:
+            raise ConfigError(
+                f"unknown parametrisation {self.parametrisation!r}; choose from: {', '.join(PARAMETRISATIONS)}"
+            )
+        if not 0.0 <= self.logit_stretch < 0.5:
+            raise ConfigError(f"logit_stretch must be in [0, 0.5), got {self.logit_stretch}")
         if not 0.0 <= self.lr_final <= 1.0:
             raise ConfigError(f"lr_final must be in [0, 1], got {self.lr_final}")
         for name in ("lr", "lr_final", "stop_tolerance", "l1_lambda"):
@@ -181,7 +201,8 @@ class RDEOptimizer:
             images: ``(N, C, H, W)`` in [0, 1], on the device to compute on.
             target: the class to explain: None (the predicted class), one int for all, or one per image.
             init_mask: start from this mask (warm start) instead of all ones: :class:`Coefficients`
-                ``(N, 1, ...)`` or a flat ``(N, K)`` tensor; clamped into [0, 1].
+                ``(N, 1, ...)`` or a flat ``(N, K)`` tensor; clamped into [0, 1] (``logit``: then
+                mapped to its logits, :func:`~amortized_cartoonx.mask_logits.mask_to_logits`).
             seeds: one seed per image (default ``config.seed + n``); the noise of image n depends on its
                 seed alone.
             steps: overrides ``config.steps`` for this call (e.g. the refinement steps of a warm start).
@@ -195,11 +216,8 @@ class RDEOptimizer:
         with frozen(self.classifier):
             problem = self.objective.prepare(images, target)
             seeds = image_seeds(problem.images.shape[0], cfg.seed, seeds)
-            if init_mask is None:
-                mask = problem.coeffs.mask_like(1.0)
-            else:
-                mask = as_mask(init_mask, problem.coeffs).detach().clone().clamp(0.0, 1.0)
-            mask, history, steps_run = self._optimize(problem, mask, seeds, num_steps, progress)
+            variable = self._start(problem, init_mask)
+            mask, history, steps_run = self._optimize(problem, variable, seeds, num_steps, progress)
             measured = measure_mask(self.objective, problem, mask, seeds, cfg.measure_samples or cfg.num_samples)
         synchronize(images.device)
         return Explanation(
@@ -214,16 +232,32 @@ class RDEOptimizer:
             **measured,
         )
 
+    def _start(self, problem: RDEProblem, init_mask: Coefficients | Tensor | None) -> Coefficients:
+        """The optimised variable's start: the mask (``clamp``) or its logits (``logit``), bands ``(N, 1, ...)``."""
+        if init_mask is None:
+            mask = problem.coeffs.mask_like(1.0)
+        else:
+            mask = as_mask(init_mask, problem.coeffs).detach().clone().clamp(0.0, 1.0)
+        if self.config.parametrisation == "logit":
+            return mask.map(lambda m: mask_to_logits(m, self.config.logit_stretch))
+        return mask
+
     def _optimize(
-        self, problem: RDEProblem, mask: Coefficients, seeds: Sequence[int], num_steps: int, progress: bool
+        self, problem: RDEProblem, variable: Coefficients, seeds: Sequence[int], num_steps: int, progress: bool
     ) -> tuple[Coefficients, LossHistory, Tensor]:
-        """Run the projected Adam loop; returns the mask, the history and the steps run per image."""
+        """Run the Adam loop on ``variable`` (the mask, or its logits); returns the mask, the history and the
+        steps run per image."""
         cfg = self.config
         device = problem.images.device
         num_images = problem.images.shape[0]
         generators = make_generators(stream_seeds(seeds, Stream.OPTIMIZE), device)
-        params = [b.requires_grad_(True) for b in mask.bands]  # (N, 1, ...) leaves
-        mask = mask.with_bands(params)
+        params = [b.requires_grad_(True) for b in variable.bands]  # (N, 1, ...) leaves
+        variable = variable.with_bands(params)
+        logit = cfg.parametrisation == "logit"
+
+        def as_mask_of(v: Coefficients) -> Coefficients:
+            return v.map(lambda z: logits_to_mask(z, cfg.logit_stretch)) if logit else v
+
         adam = torch.optim.Adam(params, lr=cfg.lr)
         chunk = cfg.chunk_size or cfg.num_samples
         history = torch.zeros(3, num_steps, num_images, device=device)  # distortion, sparsity, total
@@ -241,11 +275,12 @@ class RDEOptimizer:
             distortion = torch.zeros(num_images, device=device)
             for lo in range(0, cfg.num_samples, chunk):  # gradient accumulation over sample chunks
                 part = noise.map(lambda b, lo=lo: b[:, lo : lo + chunk])
+                mask = as_mask_of(variable)  # logit: a fresh graph for each backward pass
                 d = self.objective.distortions(problem, mask, part)  # (N, l)
                 (d.sum() / cfg.num_samples).backward()
                 distortion += d.detach().sum(1)
             distortion /= cfg.num_samples
-            sparsity = mask.mean_per_image()  # (N,)
+            sparsity = as_mask_of(variable).mean_per_image()  # (N,)
             (self.objective.l1_lambda * sparsity.sum()).backward()
             total = distortion + self.objective.l1_lambda * sparsity.detach()
             if (step % 10 == 9 or step == num_steps - 1) and not bool(
@@ -262,7 +297,8 @@ class RDEOptimizer:
             adam.step()
             with torch.no_grad():
                 for i, p in enumerate(params):
-                    p.clamp_(0.0, 1.0)  # projection onto [0, 1]
+                    if not logit:
+                        p.clamp_(0.0, 1.0)  # projection onto [0, 1]
                     if before is not None:  # images that stopped keep their mask
                         keep = (~active).reshape(-1, *([1] * (p.ndim - 1)))
                         p.copy_(torch.where(keep, before[i], p))
@@ -286,7 +322,7 @@ class RDEOptimizer:
                 last = int(steps_run[n])
                 if 0 < last < history.shape[1]:
                     history[:, last:, n] = history[:, last - 1 : last, n]
-        final = mask.detach().map(lambda b: b.clone())
+        final = as_mask_of(variable.detach()).map(lambda b: b.clone())
         return final, LossHistory(*history), steps_run
 
 
