@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,15 +35,17 @@ from .errors import ClassifierError, ConfigError
 from .explanation import Explanation, measure_mask
 from .mask_predictor import MaskPredictor
 from .optimizer import OptimizerConfig, RDEOptimizer
-from .rde import RDEObjective, check_images, resolve_target
+from .rde import RDEObjective, RDEProblem, check_images, make_generators, resolve_target
 from .runtime import synchronize
-from .seeding import image_seeds
+from .seeding import Stream, image_seeds, stream_seeds
 from .wavelets import Coefficients, WaveletRepresentation
 
 logger = logging.getLogger(__name__)
 
 #: Measurement noise samples of :meth:`AmortizedExplainer.explain` (the optimizer's default L).
 DEFAULT_MEASURE_SAMPLES = OptimizerConfig().num_samples
+#: The logit shifts that calibration tries (added to every logit of an image; negative: a sparser mask).
+DEFAULT_CALIBRATION_SHIFTS = (-6.0, -5.0, -4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -66,9 +69,13 @@ class AmortizedExplainer:
             losses compare directly.
         seed: image ``n`` of a call is seeded ``seed + n`` unless ``seeds`` are given. Default 0.
         strict_size: refuse images of another size than the training size. Default True.
+        calibration_samples: 0 (default): the single forward pass. Above 0: calibrate each image's mask by
+            adding to all its logits the shift among ``calibration_shifts`` whose mask has the lowest RDE loss
+            on this many noise samples (one draw, shared by the shifts; its own seed stream, not the
+            measurement's). It costs ``len(calibration_shifts) * calibration_samples`` classifier passes per
+            image; the explanation's method is then ``amortized-calibrated``.
+        calibration_shifts: the shifts tried. Default :data:`DEFAULT_CALIBRATION_SHIFTS`.
     """
-
-    method = "amortized"
 
     def __init__(
         self,
@@ -80,9 +87,19 @@ class AmortizedExplainer:
         measure_samples: int = DEFAULT_MEASURE_SAMPLES,
         seed: int = 0,
         strict_size: bool = True,
+        calibration_samples: int = 0,
+        calibration_shifts: Sequence[float] = DEFAULT_CALIBRATION_SHIFTS,
     ) -> None:
         if measure_samples < 1:
             raise ConfigError(f"measure_samples must be at least 1, got {measure_samples}")
+        if calibration_samples < 0:
+            raise ConfigError(f"calibration_samples must be at least 0, got {calibration_samples}")
+        shifts = tuple(float(b) for b in calibration_shifts)
+        if calibration_samples and (not shifts or not all(math.isfinite(b) for b in shifts)):
+            raise ConfigError(f"calibration_shifts must be finite numbers, got {calibration_shifts}")
+        self.calibration_samples = int(calibration_samples)
+        self.calibration_shifts = shifts
+        self.method = "amortized-calibrated" if calibration_samples else "amortized"
         self.mask_predictor = mask_predictor.eval()
         self.classifier = classifier
         self.meta = dict(meta)
@@ -122,7 +139,6 @@ class AmortizedExplainer:
         """
         loaded = read_checkpoint(path)
         meta, path = loaded.meta, loaded.path
-        network = build_mask_predictor(loaded)
         device = torch.device(device)
         if classifier is None:
             raise ConfigError(
@@ -154,6 +170,7 @@ class AmortizedExplainer:
                 )
         else:
             classifier = wrap_classifier(classifier)
+        network = build_mask_predictor(loaded, classifier)
         return cls(network.to(device), classifier, meta, path=path, **options)
 
     # ---- settings and checks ----------------------------------------------------------------------------------
@@ -169,6 +186,8 @@ class AmortizedExplainer:
             "normalize": meta["normalize"],
             "measure_samples": self.measure_samples,
             "seed": self.seed,
+            "calibration_samples": self.calibration_samples,
+            "calibration_shifts": list(self.calibration_shifts) if self.calibration_samples else None,
         }
 
     def check_compatible(
@@ -252,6 +271,39 @@ class AmortizedExplainer:
                 )
             return self.mask_predictor.mask(images, target.to(images.device))
 
+    @torch.no_grad()
+    def predict_logits(
+        self,
+        images: Tensor,
+        target: Tensor | Sequence[int] | int | None = None,
+        *,
+        seeds: Sequence[int] | None = None,
+    ) -> tuple[RDEProblem, Coefficients]:
+        """The RDE problem of ``images: (N, 3, H, W)`` and the network's mask logits, bands ``(N, 1, ...)``,
+        shifted per image when calibrating (``seeds``, default ``seed + n``, drive the calibration's noise)."""
+        self._check_inputs(images)
+        with frozen(self.classifier):
+            problem = self.objective.prepare(images, target)
+            self._check_logits(problem.logits)
+            logits = self.mask_predictor(images, problem.target)
+            if self.calibration_samples:
+                seeds = image_seeds(images.shape[0], self.seed, seeds)
+                logits = self.calibrate(problem, logits, seeds)
+        return problem, logits
+
+    def calibrate(self, problem: RDEProblem, logits: Coefficients, seeds: Sequence[int]) -> Coefficients:
+        """``logits`` plus, per image, the shift among ``calibration_shifts`` with the lowest RDE loss on
+        ``calibration_samples`` noise samples (the same draw for every shift)."""
+        generators = make_generators(stream_seeds(seeds, Stream.CALIBRATE), problem.images.device)
+        noise = self.objective.sample_noise(problem, self.calibration_samples, generators)
+        losses = []
+        for shift in self.calibration_shifts:
+            mask = self.mask_predictor.mask_from_logits(logits.map(lambda z, b=shift: z + b))
+            losses.append(self.objective.loss(problem, mask, noise).total)  # (N,)
+        best = torch.stack(losses).argmin(0)  # (N,)
+        shift = torch.tensor(self.calibration_shifts, device=best.device, dtype=logits.lowpass.dtype)[best]
+        return logits.map(lambda z: z + shift.view(-1, *([1] * (z.ndim - 1))))
+
     def explain(
         self,
         images: Tensor,
@@ -260,19 +312,18 @@ class AmortizedExplainer:
         seeds: Sequence[int] | None = None,
         progress: bool = False,
     ) -> Explanation:
-        """Explain ``images: (N, 3, H, W)`` in one forward pass; measured like the exact optimizer.
+        """Explain ``images: (N, 3, H, W)`` in one forward pass (plus the calibration, when on); measured like
+        the exact optimizer.
 
         ``seeds`` (default ``seed + n``) drive only the final measurement's noise, the same stream the exact
         optimizer measures with, so ``loss`` compares directly. ``progress`` is accepted for the common
         signature (there are no steps to show).
         """
         start = time.perf_counter()
-        self._check_inputs(images)
+        seeds = image_seeds(images.shape[0], self.seed, seeds)
+        problem, logits = self.predict_logits(images, target, seeds=seeds)
         with frozen(self.classifier), torch.no_grad():
-            problem = self.objective.prepare(images, target)
-            self._check_logits(problem.logits)
-            mask = self.mask_predictor.mask(images, problem.target)
-            seeds = image_seeds(images.shape[0], self.seed, seeds)
+            mask = self.mask_predictor.mask_from_logits(logits)
             measured = measure_mask(self.objective, problem, mask, seeds, self.measure_samples)
         synchronize(images.device)
         return Explanation(
@@ -290,6 +341,9 @@ class AmortizedExplainer:
 
 class WarmStartExplainer:
     """Exact CartoonX started from the amortized explainer's mask: ``refine_steps`` optimizer steps.
+
+    The refinement starts from the predicted mask (calibrated when the amortized explainer calibrates); with
+    ``config.parametrisation == "logit"`` it optimises the mask's logits instead of the projected mask.
 
     Args:
         amortized: the single-pass explainer (its classifier, DWT and loss are used).
@@ -339,7 +393,9 @@ class WarmStartExplainer:
     ) -> Explanation:
         """The predicted mask refined by ``refine_steps`` exact steps (same seeds, same measurement)."""
         start = time.perf_counter()
-        init = self.amortized.predict_mask(images, target)
+        problem, logits = self.amortized.predict_logits(images, target, seeds=seeds)
+        target = problem.target  # the class the prediction explains
+        init = self.amortized.mask_predictor.mask_from_logits(logits)
         explanation = self.optimizer.explain(
             images, target, init_mask=init, seeds=seeds, steps=self.refine_steps, progress=progress
         )

@@ -47,6 +47,8 @@ class Stream(IntEnum):
     VAL_NOISE = 31
     #: Amortized training: the noise of a test pass.
     TEST_NOISE = 32
+    #: The amortized explainer's calibration: the noise that picks each image's sparsity shift.
+    CALIBRATE = 40
 
 
 _MASK63 = 2**63 - 1
