@@ -5,7 +5,11 @@ For every image (batched, ``--batch-size`` at a time) it runs
 
 (a) the amortized explainer (one forward pass),
 (b) exact CartoonX for ``--exact-steps`` steps from the all-ones mask (the paper: 2000),
+(a') with ``--calibrate-samples L_c``: the amortized explainer calibrated per image (the logit shift with the
+    lowest RDE loss on L_c noise samples; reported separately from the single pass),
 (c) warm start: the amortized mask refined by K exact steps, for each K in ``--refine`` (default 50,100,200),
+    with the refinement's own lr, decay and parametrisation (``--refine-lr``, ``--refine-decay``,
+    ``--refine-parametrisation``; ``logit`` starts from the network's logits),
 
 and measures every mask the same way (:func:`~amortized_cartoonx.explanation.measure_mask`: same lambda,
 distortion and obfuscation as training, same per-image seeds, ``--measure-samples`` noise samples), so the RDE losses
@@ -22,6 +26,11 @@ processes, ``--threads 1`` gives steadier timings (torch threads that wait on ea
 down). Images: the checkpoint's held-out test split of
 ``--images`` when it has one (``--split``).
 
+``--exact-cache DIR`` keeps each image's exact result (mask, loss history, numbers) in a safetensors file
+named by the image, the classifier's weights and every setting that changes it, so benchmarks of several
+checkpoints against the same slow reference compute it once. ``--start`` skips the first images of the folder
+(keep tuning images and reported images apart).
+
 Example (CPU-sized)::
 
     python scripts/bench_amortized.py --checkpoint checkpoints/RUN/best.ckpt --classifier SPEC \\
@@ -31,6 +40,8 @@ Example (CPU-sized)::
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import logging
 import platform
@@ -43,9 +54,11 @@ from pathlib import Path
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
 import torch  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 
 from amortized_cartoonx.amortized import AmortizedExplainer, WarmStartExplainer  # noqa: E402
-from amortized_cartoonx.classifiers import frozen  # noqa: E402
+from amortized_cartoonx.classifiers import frozen, weights_digest  # noqa: E402
 from amortized_cartoonx.errors import CartoonXError, InputError  # noqa: E402
 from amortized_cartoonx.evaluation.agreement import mask_agreement  # noqa: E402
 from amortized_cartoonx.explanation import measure_mask  # noqa: E402
@@ -68,6 +81,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="which images of the folder: auto = the checkpoint's test split if it has one, else all",
     )
     p.add_argument("--limit", type=int, default=8, help="at most this many images (default 8)")
+    p.add_argument("--start", type=int, default=0, help="skip this many images of the split first (default 0)")
+    p.add_argument("--exact-cache", default=None, help="folder that keeps the exact results between runs")
+    p.add_argument(
+        "--calibrate-samples", type=int, default=0, help="also run the calibrated amortized explainer (0: off)"
+    )
+    p.add_argument("--refine-lr", type=float, default=None, help="warm start's lr (default: the exact one's)")
+    p.add_argument(
+        "--refine-decay", default="constant", choices=("constant", "linear", "cosine"), help="warm start's decay"
+    )
+    p.add_argument(
+        "--refine-parametrisation", default="clamp", choices=("clamp", "logit"), help="warm start's variable"
+    )
+    p.add_argument(
+        "--refine-from",
+        default="auto",
+        choices=("auto", "single", "calibrated"),
+        help="warm start from the single-pass or the calibrated prediction (auto: calibrated when calibrating)",
+    )
     p.add_argument("--batch-size", type=int, default=4, help="images per batch, for every method (default 4)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--refine", default="50,100,200", help="warm-start steps K, comma-separated")
@@ -140,7 +171,79 @@ def select_images(args: argparse.Namespace, amortized: AmortizedExplainer) -> tu
         files = [by_id[i] for i in ids]
     if not files:
         raise InputError(f"no images in the {split} split of {args.images}")
-    return files[: args.limit], split
+    return files[args.start : args.start + args.limit], split
+
+
+def exact_cache_path(args, file: Path, exact: CartoonX, identity: str) -> Path | None:
+    """The cache file of one image's exact result, or None without ``--exact-cache``."""
+    if not args.exact_cache:
+        return None
+    key = json.dumps(
+        {
+            "image": hashlib.sha256(file.read_bytes()).hexdigest(),
+            "classifier": identity,
+            "settings": exact.settings(),
+            "size": args.size_used,
+            "seed": args.seed,
+        },
+        sort_keys=True,
+        default=str,
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return Path(args.exact_cache) / f"{file.stem}.{digest}.safetensors"
+
+
+_EXACT_NUMBERS = ("loss", "distortion", "mask_mean", "prob_obfuscated", "seconds", "target", "prob_original")
+
+
+def load_exact(path: Path) -> dict | None:
+    if path is None or not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        numbers = json.loads(f.metadata()["numbers"])
+        return {"mask": f.get_tensor("mask"), "history": f.get_tensor("history"), **numbers}
+
+
+def save_exact(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    numbers = {k: record[k] for k in _EXACT_NUMBERS}
+    tmp = path.with_suffix(".tmp")
+    save_file(
+        {"mask": record["mask"].contiguous(), "history": record["history"].contiguous()},
+        str(tmp),
+        metadata={"numbers": json.dumps(numbers)},
+    )
+    tmp.replace(path)
+
+
+def exact_results(
+    args, exact: CartoonX, batch: torch.Tensor, files: list[Path], seeds, t_measure, identity
+) -> list[dict]:
+    """Each image's exact result: from the cache where it has one, else computed (batched) and cached."""
+    paths = [exact_cache_path(args, f, exact, identity) for f in files]
+    results = [load_exact(p) for p in paths]
+    todo = [i for i, r in enumerate(results) if r is None]
+    if todo:
+        e = exact.explain(batch[todo], seeds=[seeds[i] for i in todo], progress=True).cpu()
+        flat = e.mask.flatten()
+        for k, i in enumerate(todo):
+            record = {
+                "mask": flat[k],
+                "history": e.history.total[:, k],
+                "loss": float(e.loss[k]),
+                "distortion": float(e.distortion[k]),
+                "mask_mean": float(e.mask_mean[k]),
+                "prob_obfuscated": float(e.prob_obfuscated[k]),
+                "prob_original": float(e.prob_original[k]),
+                "target": int(e.target[k]),
+                "seconds": e.seconds / len(todo) - t_measure,
+            }
+            if paths[i] is not None:
+                save_exact(paths[i], record)
+            results[i] = record
+    else:
+        logger.info("exact results of %d images from the cache", len(files))
+    return results
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -165,7 +268,33 @@ def run(args: argparse.Namespace) -> dict:
         seed=args.seed,
     )
     exact = CartoonX(amortized.classifier, wave=meta["wave"], levels=meta["levels"], mode=meta["mode"], config=config)
-    warm = {k: WarmStartExplainer(amortized, refine_steps=k, config=config) for k in refine}
+    calibrated = None
+    if args.calibrate_samples:
+        calibrated = AmortizedExplainer(
+            amortized.mask_predictor,
+            amortized.classifier,
+            meta,
+            path=amortized.path,
+            measure_samples=args.measure_samples,
+            seed=args.seed,
+            calibration_samples=args.calibrate_samples,
+        )
+    refine_from = args.refine_from
+    if refine_from == "auto":
+        refine_from = "calibrated" if calibrated is not None else "single"
+    if refine_from == "calibrated" and calibrated is None:
+        raise InputError("--refine-from calibrated needs --calibrate-samples")
+    refine_config = dataclasses.replace(
+        config,
+        lr=args.refine_lr or config.lr,
+        lr_decay=args.refine_decay,
+        parametrisation=args.refine_parametrisation,
+    )
+    args.refine_lr_used = refine_config.lr
+    start_from = calibrated if refine_from == "calibrated" else amortized
+    warm = {k: WarmStartExplainer(start_from, refine_steps=k, config=refine_config) for k in refine}
+    args.size_used = meta["image_size"]
+    identity = weights_digest(amortized.classifier) or str(meta["classifier"])
     logger.info("%d %s images of %s at %dpx on %s", len(files), split, args.images, meta["image_size"], device)
 
     # warm-up (TorchScript's profiling runs, allocator): not timed
@@ -193,31 +322,42 @@ def run(args: argparse.Namespace) -> dict:
             measure_mask(amortized.objective, problem, e_amortized.mask.to(device), seeds, args.measure_samples)
             synchronize(device)
             t_measure = (time.perf_counter() - start) / n
-        # (b) exact from ones
-        e_exact = exact.explain(batch, seeds=seeds, progress=True).cpu()
-        t_exact = e_exact.seconds / n - t_measure
+        # (a') calibrated
+        e_calibrated, t_calibrated = None, None
+        if calibrated is not None:
+            synchronize(device)
+            start = time.perf_counter()
+            calibrated.predict_logits(batch, seeds=seeds)
+            synchronize(device)
+            t_calibrated = (time.perf_counter() - start) / n
+            e_calibrated = calibrated.explain(batch, seeds=seeds).cpu()
+        # (b) exact from ones (or the cache)
+        e_exact = exact_results(args, exact, batch, files[lo : lo + n], seeds, t_measure, identity)
         # (c) warm starts
         e_warm = {k: w.explain(batch, seeds=seeds, progress=True).cpu() for k, w in warm.items()}
-        agreement = mask_agreement(e_amortized.mask.flatten(), e_exact.mask.flatten())
+        exact_masks = torch.stack([r["mask"] for r in e_exact])
+        agreement = mask_agreement(e_amortized.mask.flatten(), exact_masks)
         k_max = refine[-1] if refine else None
         for i in range(n):
-            exact_history = e_exact.history.total[:, i]
+            exact_history = e_exact[i]["history"]
             record = {
                 "image": files[lo + i].name,
-                "target": int(e_exact.target[i]),
-                "prob_original": float(e_exact.prob_original[i]),
+                "target": e_exact[i]["target"],
+                "prob_original": e_exact[i]["prob_original"],
                 "amortized": {
                     "loss": float(e_amortized.loss[i]),
                     "distortion": float(e_amortized.distortion[i]),
                     "mask_mean": float(e_amortized.mask_mean[i]),
+                    "prob_obfuscated": float(e_amortized.prob_obfuscated[i]),
                     "seconds": t_amortized,
                     "cold_steps_to_reach": steps_to_reach(exact_history, float(e_amortized.loss[i]), args.smooth),
                 },
                 "exact": {
-                    "loss": float(e_exact.loss[i]),
-                    "distortion": float(e_exact.distortion[i]),
-                    "mask_mean": float(e_exact.mask_mean[i]),
-                    "seconds": t_exact,
+                    "loss": e_exact[i]["loss"],
+                    "distortion": e_exact[i]["distortion"],
+                    "mask_mean": e_exact[i]["mask_mean"],
+                    "prob_obfuscated": e_exact[i]["prob_obfuscated"],
+                    "seconds": e_exact[i]["seconds"],
                     "steps": args.exact_steps,
                 },
                 "warm": {},
@@ -225,17 +365,27 @@ def run(args: argparse.Namespace) -> dict:
                 "spearman_amortized_exact": float(agreement["spearman"][i]),
                 "top10_overlap_amortized_exact": float(agreement["top_overlap"][i]),
             }
+            if e_calibrated is not None:
+                record["calibrated"] = {
+                    "loss": float(e_calibrated.loss[i]),
+                    "distortion": float(e_calibrated.distortion[i]),
+                    "mask_mean": float(e_calibrated.mask_mean[i]),
+                    "prob_obfuscated": float(e_calibrated.prob_obfuscated[i]),
+                    "seconds": t_calibrated,
+                    "cold_steps_to_reach": steps_to_reach(exact_history, float(e_calibrated.loss[i]), args.smooth),
+                }
             for k, e in e_warm.items():
                 record["warm"][str(k)] = {
                     "loss": float(e.loss[i]),
                     "distortion": float(e.distortion[i]),
                     "mask_mean": float(e.mask_mean[i]),
+                    "prob_obfuscated": float(e.prob_obfuscated[i]),
                     "seconds": e.seconds / n - t_measure,
                     "cold_steps_to_reach": steps_to_reach(exact_history, float(e.loss[i]), args.smooth),
                 }
             if k_max is not None:
                 record["warm_steps_to_exact"] = steps_to_reach(
-                    e_warm[k_max].history.total[:, i], float(e_exact.loss[i]), args.smooth
+                    e_warm[k_max].history.total[:, i], e_exact[i]["loss"], args.smooth
                 )
             records.append(record)
         logger.info("%d/%d images done", len(records), len(files))
@@ -253,7 +403,10 @@ def summarise(args, records, refine, split, device, meta) -> dict:
         return median(values)
 
     exact_loss, exact_time = med(["exact", "loss"]), med(["exact", "seconds"])
-    rows = [("amortized", ["amortized"]), (f"exact ({args.exact_steps} steps)", ["exact"])]
+    rows = [("amortized", ["amortized"])]
+    if args.calibrate_samples:
+        rows.append((f"calibrated (L={args.calibrate_samples})", ["calibrated"]))
+    rows.append((f"exact ({args.exact_steps} steps)", ["exact"]))
     rows += [(f"warm K={k}", ["warm", str(k)]) for k in refine]
     summary = []
     for name, path in rows:
@@ -269,6 +422,14 @@ def summarise(args, records, refine, split, device, meta) -> dict:
                 "loss": loss,
                 "distortion": med([*path, "distortion"]),
                 "mask_mean": med([*path, "mask_mean"]),
+                "mask_mean_ratio": median(
+                    [
+                        _get(r, [*path, "mask_mean"]) / r["exact"]["mask_mean"]
+                        for r in records
+                        if r["exact"]["mask_mean"]
+                    ]
+                ),
+                "prob_obfuscated": med([*path, "prob_obfuscated"]),
                 "seconds": seconds,
                 "loss_ratio": median(ratios),
                 "time_ratio": seconds / exact_time if seconds is not None and exact_time else None,
@@ -293,6 +454,12 @@ def summarise(args, records, refine, split, device, meta) -> dict:
             "obfuscation": meta["obfuscation"],
             "exact_steps": args.exact_steps,
             "refine": refine,
+            "refine_lr": args.refine_lr_used,
+            "refine_decay": args.refine_decay,
+            "refine_parametrisation": args.refine_parametrisation,
+            "refine_from": args.refine_from,
+            "calibrate_samples": args.calibrate_samples,
+            "start": args.start,
             "samples": args.samples,
             "measure_samples": args.measure_samples,
             "batch_size": args.batch_size,
@@ -314,6 +481,9 @@ def summarise(args, records, refine, split, device, meta) -> dict:
             "measure_seconds": med(["measure_seconds"]),
             "warm_steps_to_exact": med(["warm_steps_to_exact"]),
             "warm_reached_exact": sum(r.get("warm_steps_to_exact") is not None for r in records),
+            "warm_within_40": sum(
+                r.get("warm_steps_to_exact") is not None and r["warm_steps_to_exact"] <= 40 for r in records
+            ),
             "spearman_amortized_exact": med(["spearman_amortized_exact"]),
             "top10_overlap_amortized_exact": med(["top10_overlap_amortized_exact"]),
         },
@@ -339,9 +509,9 @@ def markdown(result: dict) -> str:
         f"machine: {result['machine']['device']} ({result['machine']['device_name']}, "
         f"{result['machine']['torch_threads']} threads).",
         "",
-        "| method | median RDE loss | median distortion | median mask mean | s / image | loss / exact | "
-        "time / exact | cold steps to reach (median, reached) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| method | median RDE loss | median distortion | median mask mean | mask mean / exact | p(obfuscated) | "
+        "s / image | loss / exact | time / exact | cold steps to reach (median, reached) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in result["summary"]:
         reach = (
@@ -351,7 +521,8 @@ def markdown(result: dict) -> str:
         )
         lines.append(
             f"| {row['method']} | {fmt(row['loss'])} | {fmt(row['distortion'])} | {fmt(row['mask_mean'])} | "
-            f"{fmt(row['seconds'], 3)} | {fmt(row['loss_ratio'], 3)} | {fmt(row['time_ratio'], 3)} | {reach} |"
+            f"{fmt(row['mask_mean_ratio'], 3)} | {fmt(row['prob_obfuscated'], 3)} | {fmt(row['seconds'], 3)} | "
+            f"{fmt(row['loss_ratio'], 3)} | {fmt(row['time_ratio'], 3)} | {reach} |"
         )
     speed = next(r for r in result["summary"] if r["method"] == "amortized")["time_ratio"]
     lines += [
@@ -359,7 +530,8 @@ def markdown(result: dict) -> str:
         f"Amortized vs exact: speed-up {fmt(1 / speed if speed else None, 1)}x; mask agreement: Spearman "
         f"{fmt(m['spearman_amortized_exact'], 3)}, top-10% overlap {fmt(m['top10_overlap_amortized_exact'], 3)} "
         f"(medians). Warm start K={s['refine'][-1] if s['refine'] else '-'} reaches the exact loss after a median "
-        f"of {fmt(m['warm_steps_to_exact'], 0)} steps ({m['warm_reached_exact']}/{n} images reach it). "
+        f"of {fmt(m['warm_steps_to_exact'], 0)} steps ({m['warm_reached_exact']}/{n} images reach it, "
+        f"{m['warm_within_40']}/{n} within 40 steps). "
         f"Final measurement: {fmt(m['measure_seconds'], 3)} s / image (not in the times above). Step counts: "
         f"centred {s['smooth']}-step moving average of the per-step loss, then running minimum.",
         "",
