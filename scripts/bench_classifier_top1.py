@@ -22,14 +22,14 @@ import torch
 
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
-from amortized_cartoonx.classifiers import load_classifier  # noqa: E402
+from amortized_cartoonx.classifiers import NORMALIZATIONS, load_classifier  # noqa: E402
 from amortized_cartoonx.images import load_images  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--classifier", required=True, metavar="SPEC")
-    parser.add_argument("--normalize", default="auto", choices=("auto", "imagenet", "none"))
+    parser.add_argument("--normalize", default="auto", choices=NORMALIZATIONS)
     parser.add_argument("--images", required=True, type=Path, help="a folder with labels.csv (file,class_index)")
     parser.add_argument("--count", type=int, default=200)
     size = parser.add_mutually_exclusive_group()

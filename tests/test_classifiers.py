@@ -16,6 +16,7 @@ from amortized_cartoonx.classifiers import (
     Classifier,
     frozen,
     load_classifier,
+    normalization_name,
     wrap_classifier,
 )
 from amortized_cartoonx.errors import ClassifierError, ConfigError
@@ -154,8 +155,19 @@ def test_efficientnet_lite0_spec_builds_a_frozen_module_with_its_normalisation()
         expected = clf.model((255 * x - 127) / 128)  # the TFLite model's input
     assert logits.shape == (2, 1000) and seen == [torch.Size([2, 16, 32, 32])]
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    assert normalization_name(clf) == "efficientnet-lite"
     assert load_classifier(EFFICIENTNET_LITE0_SPEC, normalize="none").normalization is None
     assert load_classifier(EFFICIENTNET_LITE0_SPEC, normalize="imagenet").normalization == (IMAGENET_MEAN, IMAGENET_STD)
+
+
+def test_normalisation_names_round_trip(tiny_cnn):
+    assert normalization_name(tiny_cnn) == normalization_name(wrap_classifier(tiny_cnn)) == "none"
+    assert normalization_name(wrap_classifier(tiny_cnn, normalize="imagenet")) == "imagenet"
+    lite = wrap_classifier(tiny_cnn, normalize="efficientnet-lite")
+    assert normalization_name(lite) == "efficientnet-lite"
+    x = torch.rand(2, 3, 16, 16)
+    torch.testing.assert_close(lite(x), tiny_cnn((255 * x - 127) / 128))
+    assert normalization_name(Classifier(tiny_cnn, mean=(0.5,) * 3, std=(0.5,) * 3)) == "custom"
 
 
 def test_efficientnet_lite0_without_its_packages_says_what_to_install(monkeypatch):

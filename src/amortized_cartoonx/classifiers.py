@@ -41,7 +41,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 EFFICIENTNET_LITE_MEAN = (127.0 / 255.0,) * 3
 EFFICIENTNET_LITE_STD = (128.0 / 255.0,) * 3
 #: What a user may ask for; ``auto`` picks the model's own (see :func:`load_classifier`).
-NORMALIZATIONS = ("auto", "imagenet", "none")
+NORMALIZATIONS = ("auto", "imagenet", "efficientnet-lite", "none")
 _NORMALIZATION_VALUES = {
     "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
     "efficientnet-lite": (EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD),
@@ -133,6 +133,19 @@ def _normalization(normalize: str, default: str) -> tuple[tuple[float, ...] | No
     if normalize not in NORMALIZATIONS:
         raise ConfigError(f"unknown normalisation {normalize!r}; choose from: {', '.join(NORMALIZATIONS)}")
     return _NORMALIZATION_VALUES[default if normalize == "auto" else normalize]
+
+
+def normalization_name(classifier: nn.Module) -> str:
+    """The name in :data:`NORMALIZATIONS` of a classifier's input normalisation, as settings record it
+    (``load_classifier(spec, normalize=name)`` loads it again): ``none`` for a bare model or a wrapper without
+    one, ``custom`` for a mean and std of the caller's own."""
+    normalization = getattr(classifier, "normalization", None)
+    if normalization is None:
+        return "none"
+    for name, values in _NORMALIZATION_VALUES.items():
+        if values == normalization:
+            return name
+    return "custom"
 
 
 def _efficientnet_lite0() -> nn.Module:
@@ -233,7 +246,7 @@ def load_classifier(spec: str, normalize: str = "auto", device: str | torch.devi
     Args:
         spec: the spec string.
         normalize: ``auto`` (the model's own: ImageNet's for torchvision models, ``(255 x - 127) / 128`` for
-            EfficientNet-Lite0, none otherwise), ``imagenet`` or ``none``.
+            EfficientNet-Lite0, none otherwise), ``imagenet``, ``efficientnet-lite`` or ``none``.
         device: where to put it.
     """
     default_norm = "none"

@@ -69,7 +69,7 @@ def add_classifier_args(parser: argparse.ArgumentParser, required: bool = True) 
     group.add_argument(
         "--normalize",
         default="auto",
-        choices=("auto", "imagenet", "none"),
+        choices=("auto", "imagenet", "efficientnet-lite", "none"),
         help="input normalisation inside the wrapper; auto: the model's own (ImageNet's for torchvision models, "
         "(255x-127)/128 for efficientnet-lite0), none otherwise",
     )
