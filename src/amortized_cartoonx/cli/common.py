@@ -64,13 +64,14 @@ def add_classifier_args(parser: argparse.ArgumentParser, required: bool = True) 
         required=required,
         metavar="SPEC",
         help="torchvision:NAME[:none|WEIGHTS], PATH.pt (TorchScript), PATH.pt2 (ExportedProgram), "
-        "package.module:callable, or synthetic[:PATH]",
+        "package.module:callable, synthetic[:PATH], or efficientnet-lite0 (the efficientnet extra)",
     )
     group.add_argument(
         "--normalize",
         default="auto",
-        choices=("auto", "imagenet", "none"),
-        help="input normalisation inside the wrapper; auto: ImageNet's for torchvision models, none otherwise",
+        choices=("auto", "imagenet", "efficientnet-lite", "none"),
+        help="input normalisation inside the wrapper; auto: the model's own (ImageNet's for torchvision models, "
+        "(255x-127)/128 for efficientnet-lite0), none otherwise",
     )
 
 

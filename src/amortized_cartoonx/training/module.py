@@ -37,7 +37,7 @@ from ..checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KIND, META_KEY, NETWORK_K
 from ..classifiers import classifier_identity, load_classifier
 from ..errors import ConfigError, InputError, NonFiniteError
 from ..evaluation.agreement import mask_agreement
-from ..mask_predictor import MaskPredictor, MaskPredictorConfig, describe_size
+from ..mask_predictor import MaskPredictor, MaskPredictorConfig, describe_size, logits_to_mask
 from ..rde import DISTORTIONS, OBFUSCATIONS, RDEObjective, RDEProblem, make_generators
 from ..seeding import Stream, step_seeds
 from ..wavelets import Coefficients, WaveletRepresentation, grey
@@ -45,10 +45,30 @@ from .data import MaskPredictorDataModule, check_teachers
 
 logger = logging.getLogger(__name__)
 
-#: ``distill(logits (N, K), teacher (N, K) in [0, 1]) -> (N,)``: how far the predicted mask is from the teacher's.
-DISTILL_LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "bce": lambda logits, teacher: F.binary_cross_entropy_with_logits(logits, teacher, reduction="none").mean(1),
-    "l1": lambda logits, teacher: (logits.sigmoid() - teacher).abs().mean(1),
+
+def bce_distillation(logits: Tensor, teacher: Tensor, stretch: float = 0.0) -> Tensor:
+    """``(N,)``: binary cross-entropy of the network's sigmoid against the teacher mapped through the stretch.
+
+    The network's mask is ``clamp((1 + 2 s) sigmoid(z) - s, 0, 1)`` (:func:`logits_to_mask`, stretch ``s``); it
+    equals the teacher's ``t`` exactly where ``sigmoid(z) = (t + s) / (1 + 2 s)``, a target strictly inside
+    (0, 1) for every ``t`` in [0, 1]. So this is the BCE with logits against that target: smallest, entry by
+    entry, where the mask the network outputs is the teacher's; stable (no log of a clamped mask, no gradient
+    lost to the clamp); the plain BCE when ``s = 0``.
+    """
+    target = (teacher + stretch) / (1.0 + 2.0 * stretch)
+    return F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(1)
+
+
+def l1_distillation(logits: Tensor, teacher: Tensor, stretch: float = 0.0) -> Tensor:
+    """``(N,)``: mean absolute difference between the network's mask (stretch included) and the teacher's."""
+    return (logits_to_mask(logits, stretch) - teacher).abs().mean(1)
+
+
+#: ``distill(logits (N, K), teacher (N, K) in [0, 1], stretch) -> (N,)``: how far the mask the network outputs,
+#: ``logits_to_mask(logits, stretch)``, is from the teacher's; smallest where they agree.
+DISTILL_LOSSES: dict[str, Callable[[Tensor, Tensor, float], Tensor]] = {
+    "bce": bce_distillation,
+    "l1": l1_distillation,
 }
 _NOISE_STREAMS = {"train": Stream.TRAIN_NOISE, "val": Stream.VAL_NOISE, "test": Stream.TEST_NOISE}
 #: Fields of the network's config that the module decides: the classifier's classes and the module's DWT.
@@ -256,8 +276,9 @@ class AmortizedCartoonXModule(pl.LightningModule):
                 f"teacher masks have {reference.shape[1]} entries, the {self.hparams.image_size}px images "
                 f"{predicted.shape[1]}: the teachers were made at another size or with another wavelet"
             )
-        distill = DISTILL_LOSSES[self.hparams.distill_loss](predicted, reference).mean()
-        agreement = mask_agreement(predicted.detach().sigmoid(), reference)
+        stretch = self.mask_predictor.config.stretch  # compare the mask the network outputs, not its sigmoid
+        distill = DISTILL_LOSSES[self.hparams.distill_loss](predicted, reference, stretch).mean()
+        agreement = mask_agreement(logits_to_mask(predicted.detach(), stretch), reference)
         metrics = {
             "distill_loss": distill.detach(),
             "spearman": agreement["spearman"].mean(),
