@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .checkpoint import build_mask_predictor, read_checkpoint
-from .classifiers import Classifier, frozen, load_classifier, same_classifier, wrap_classifier
+from .classifiers import Classifier, frozen, load_classifier, normalization_name, same_classifier, wrap_classifier
 from .data import split_train_val_test
 from .errors import ClassifierError, ConfigError
 from .explanation import Explanation, measure_mask
@@ -162,7 +162,7 @@ class AmortizedExplainer:
                 raise ConfigError(
                     f"checkpoint {path.name} was trained for classifier {meta['classifier']!r}, not {classifier.spec!r}"
                 )
-            normalize = "none" if classifier.normalization is None else "imagenet"
+            normalize = normalization_name(classifier)
             if classifier.spec != "<module>" and normalize != meta["normalize"]:
                 raise ConfigError(
                     f"checkpoint {path.name} was trained with input normalisation {meta['normalize']}, "

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..classifiers import Classifier
+from ..classifiers import Classifier, normalization_name
 from ..images import list_images
 from ..optimizer import CartoonX, OptimizerConfig
 from ..seeding import file_seeds
@@ -93,7 +93,7 @@ def build_manifest(settings: TeacherMaskSettings, optimizer: CartoonX, classifie
         "method": optimizer.method,
         "target": "predicted",
         "classifier": settings.classifier,
-        "normalize": "none" if classifier.normalization is None else "imagenet",
+        "normalize": normalization_name(classifier),
         "size": settings.size,
         **representation.describe(),
         "levels": levels,

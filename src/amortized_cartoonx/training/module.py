@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KIND, META_KEY, NETWORK_KEY, STATE_PREFIX
-from ..classifiers import classifier_identity, load_classifier
+from ..classifiers import classifier_identity, load_classifier, normalization_name
 from ..errors import ConfigError, InputError, NonFiniteError
 from ..evaluation.agreement import mask_agreement
 from ..mask_predictor import MaskPredictor, MaskPredictorConfig, describe_size, logits_to_mask
@@ -374,7 +374,7 @@ class AmortizedCartoonXModule(pl.LightningModule):
             "format_version": CHECKPOINT_FORMAT,
             "kind": CHECKPOINT_KIND,
             **self.classifier_identity,
-            "normalize": "none" if self.classifier.normalization is None else "imagenet",
+            "normalize": normalization_name(self.classifier),
             "image_size": int(hp.image_size),
             "representation": "wavelet",
             "wave": hp.wave,
