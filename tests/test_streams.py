@@ -236,7 +236,7 @@ def test_a_fit_step_trains_on_the_stream_and_continues_it_on_resume(image_dir, t
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
             seen.append(list(batch["id"]))
 
-    def fit(max_steps: int, ckpt_path: str | None = None) -> pl.Trainer:
+    def fit(max_steps: int, ckpt_path: str | None = None, max_epochs: int | None = None) -> pl.Trainer:
         torch.manual_seed(0)
         module = AmortizedCartoonXModule(SPEC, image_size=SIZE, num_samples=1, warmup_steps=0, **TINY_NET)
         scenes = CartoonConfig(classes=CLASS_NAMES[:5])  # the tiny classifier's 5 classes
@@ -244,6 +244,7 @@ def test_a_fit_step_trains_on_the_stream_and_continues_it_on_resume(image_dir, t
         trainer = pl.Trainer(
             accelerator="cpu",
             max_steps=max_steps,
+            max_epochs=max_epochs,
             logger=False,
             enable_checkpointing=False,
             enable_progress_bar=False,
@@ -262,9 +263,10 @@ def test_a_fit_step_trains_on_the_stream_and_continues_it_on_resume(image_dir, t
     trainer.save_checkpoint(path)
     checkpoint = torch.load(path, weights_only=True)  # the data settings are plain values
     assert checkpoint["datamodule_hyper_parameters"]["stream"]["seed"] == 7
-    seen.clear()
-    fit(3, ckpt_path=str(path))
-    assert seen == [keys(expected.batch(2))]  # resumed at step 2: the stream goes on, it does not start again
+    for max_epochs in (None, 5):  # with max_epochs Lightning starts the loader before it restores the step
+        seen.clear()
+        fit(3, ckpt_path=str(path), max_epochs=max_epochs)
+        assert seen == [keys(expected.batch(2))]  # resumed at step 2: the stream goes on, it does not start again
 
     with pytest.raises(ConfigError, match="max_steps"):
         fit(-1)

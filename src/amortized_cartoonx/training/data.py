@@ -236,6 +236,7 @@ class MaskPredictorDataModule(pl.LightningDataModule):
         self.teacher_store = TeacherMaskStore(teachers) if teachers else None
         self.splits: dict[str, list[str]] | None = None
         self.datasets: dict[str, TrainingImages] = {}
+        self._resumed_batches = 0  # training batches done in the checkpoint this run resumes from
 
     def split_settings(self) -> dict:
         """What decides the split (stored in checkpoints, so held-out images can be found again)."""
@@ -292,9 +293,22 @@ class MaskPredictorDataModule(pl.LightningDataModule):
         return (int(trainer.global_rank), int(trainer.world_size)) if trainer is not None else (0, 1)
 
     def _batches_trained(self) -> int:
-        """Training batches done so far (global step times gradient accumulation): where the stream goes on."""
+        """Training batches done so far (global step times gradient accumulation): where the stream goes on.
+
+        A resumed run knows them from the checkpoint's data-module state before Lightning restores its global
+        step: Lightning may start the training loader earlier (to count the steps of the schedule when
+        ``trainer.max_epochs`` is set).
+        """
         trainer = self.trainer
-        return int(trainer.global_step) * int(trainer.accumulate_grad_batches) if trainer is not None else 0
+        done = int(trainer.global_step) * int(trainer.accumulate_grad_batches) if trainer is not None else 0
+        return max(done, self._resumed_batches)
+
+    def state_dict(self) -> dict:
+        """The data module's part of a checkpoint: the training batches done (where a resumed stream goes on)."""
+        return {"batches_trained": self._batches_trained()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._resumed_batches = int(state_dict.get("batches_trained", 0))
 
     def _check_endless(self) -> None:
         """Refuse Trainer settings under which an endless stream would never stop or never validate."""

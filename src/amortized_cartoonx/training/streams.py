@@ -20,7 +20,8 @@ data-loading workers or the order of access (the seeding table's rules, :mod:`am
   number of ranks) alone, the ranks' items are disjoint and together are the single-rank stream, and data-loading
   worker ``w`` of ``W`` makes the batches ``t = start + w + m W``, which the DataLoader hands out in step order.
   :class:`StreamLoader` starts every pass at the batches already trained (Lightning's global step times the
-  gradient accumulation): a resumed run, or a new epoch under ``limit_train_batches``, continues the stream.
+  gradient accumulation, or the count in the checkpoint's data-module state while Lightning has not yet restored
+  its step): a resumed run, or a new epoch under ``limit_train_batches``, continues the stream.
 
 Shapes: S the image side; images ``(3, S, S)`` float32 in [0, 1].
 """
