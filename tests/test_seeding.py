@@ -14,6 +14,8 @@ def test_the_stream_table_is_pinned():
         "TRAIN_NOISE": 30,
         "VAL_NOISE": 31,
         "TEST_NOISE": 32,
+        "AUGMENT": 33,
+        "TRAIN_ORDER": 34,
         "CALIBRATE": 40,
     }
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from amortized_cartoonx.errors import ClassifierError, ConfigError
 from amortized_cartoonx.runtime import torch_threads
-from amortized_cartoonx.synthetic.dataset import CLASS_NAMES, CartoonConfig, SyntheticCartoons
+from amortized_cartoonx.synthetic.dataset import CLASS_NAMES, CartoonConfig, SyntheticCartoons, SyntheticStream
 from amortized_cartoonx.synthetic.scenes import SHAPES, render_scene
 
 
@@ -27,6 +27,21 @@ def test_same_seed_same_image_and_different_seed_different_image():
     assert not torch.equal(a[0]["image"], other[0]["image"])
     assert not torch.equal(a[0]["image"], a[1]["image"])
     assert not torch.equal(a[0]["image"], SyntheticCartoons(6, seed=3, split="test")[0]["image"])
+
+
+def test_stream_items_depend_on_seed_and_index_alone():
+    a, b = SyntheticStream(seed=3, size=32), SyntheticStream(seed=3, size=32)
+    for k in (5, 0, 1000):  # any order, any index
+        x, y = a[k], b[k]
+        assert torch.equal(x["image"], y["image"]) and x["label"] == y["label"] and x["id"] == y["id"]
+    assert a[5]["id"] == "stream-3-00005"
+    assert not torch.equal(a[5]["image"], SyntheticStream(seed=4, size=32)[5]["image"])  # another seed
+    assert not torch.equal(a[5]["image"], a[6]["image"])
+    # never one of the benchmark's split images of the same seed and index
+    for split in ("train", "val", "test"):
+        assert not torch.equal(a[5]["image"], SyntheticCartoons(6, size=32, seed=3, split=split)[5]["image"])
+    with pytest.raises(IndexError):
+        a[-1]
 
 
 def test_items_are_pinned():

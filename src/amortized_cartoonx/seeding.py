@@ -47,6 +47,10 @@ class Stream(IntEnum):
     VAL_NOISE = 31
     #: Amortized training: the noise of a test pass.
     TEST_NOISE = 32
+    #: Amortized training: the augmentation of a training image (random resized crop, flip), per epoch and image.
+    AUGMENT = 33
+    #: Amortized training: the order of the training images in an epoch (with augmentation or a stream).
+    TRAIN_ORDER = 34
     #: The amortized explainer's calibration: the noise that picks each image's sparsity shift.
     CALIBRATE = 40
 

@@ -1,5 +1,5 @@
-"""The synthetic cartoon benchmark as a torch Dataset (pure torch, no Lightning): :class:`CartoonConfig` and
-:class:`SyntheticCartoons`.
+"""The synthetic cartoon benchmark as a torch Dataset (pure torch, no Lightning): :class:`CartoonConfig`,
+:class:`SyntheticCartoons` (a fixed number of items of a split) and :class:`SyntheticStream` (endless fresh items).
 
 The paper's premise is that natural images are roughly piece-wise smooth ("cartoon-like"); every image here is
 one by construction. What a scene holds (a smooth background, one outlined decisive object whose shape is the
@@ -8,8 +8,9 @@ class, one to three distractors of other classes, pixel noise), how it is drawn 
 
 **Determinism.** Item ``i`` of the split ``split`` with seed ``seed`` is drawn from its own
 ``torch.Generator`` seeded by :func:`item_seed` (a hash of ``(split, seed, i)``): the same image whatever the
-worker, the order of access or the other items. Scenes are resolution-free, so one item rendered at 64 and at
-128 px is the same picture; only the pixel noise is drawn per resolution.
+worker, the order of access or the other items. The stream (:data:`STREAM`) is a fourth sequence of items with
+ids of its own, so it never repeats an item of ``train``, ``val`` or ``test``. Scenes are resolution-free, so
+one item rendered at 64 and at 128 px is the same picture; only the pixel noise is drawn per resolution.
 
 Shapes:
     image ``(3, S, S)`` float32 in [0, 1]; ``object_mask`` and ``distractor_mask`` ``(S, S)`` bool (the pixels
@@ -34,6 +35,10 @@ CLASS_NAMES: tuple[str, ...] = ("disc", "square", "triangle", "cross", "ring", "
 
 #: Dataset splits; each has its own stream of items (the held-out accuracy uses ``test``).
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+#: The endless stream of fresh training items (:class:`SyntheticStream`): not a split, never exported for
+#: validation or test; its items hash ``cartoon:stream:<index>``, distinct from every split's.
+STREAM = "stream"
 
 #: The dataset seed of the held-out ``test`` images (fixed, so held-out accuracies compare across runs).
 HELD_OUT_SEED = 0
@@ -112,6 +117,24 @@ def item_seed(split: str, seed: int, index: int) -> int:
     return _item_seed(f"cartoon:{split}:{index}", seed)
 
 
+def render_item(split: str, seed: int, index: int, config: CartoonConfig) -> dict:
+    """Item ``index`` of ``split`` (a split or :data:`STREAM`) with dataset seed ``seed``, drawn from its own
+    generator: ``image``, ``label``, ``object_mask``, ``distractor_mask``, ``id`` (``"<split>-<seed>-<index:05d>"``),
+    ``index``."""
+    with single_thread():
+        gen = torch.Generator().manual_seed(item_seed(split, seed, index))
+        scene = sample_scene(gen, config)
+        image, object_mask, distractor_mask = render_scene(scene, config)
+    return {
+        "image": image,
+        "label": scene.label,
+        "object_mask": object_mask,
+        "distractor_mask": distractor_mask,
+        "id": f"{split}-{seed}-{index:05d}",
+        "index": index,
+    }
+
+
 # --------------------------------------------------------------------------------------------- dataset
 
 
@@ -171,14 +194,47 @@ class SyntheticCartoons(Dataset):
         return sample_scene(gen, self.config)
 
     def __getitem__(self, index: int) -> dict:
-        with single_thread():
-            scene = self.scene(index)
-            image, object_mask, distractor_mask = render_scene(scene, self.config)
-        return {
-            "image": image,
-            "label": scene.label,
-            "object_mask": object_mask,
-            "distractor_mask": distractor_mask,
-            "id": self.item_id(index),
-            "index": index,
-        }
+        if not 0 <= index < self.num_images:
+            raise IndexError(f"index {index} out of range for {self.num_images} images")
+        return render_item(self.split, self.seed, index, self.config)
+
+
+class SyntheticStream:
+    """An endless stream of fresh procedural training images: item ``k`` is a function of ``(seed, k)`` alone.
+
+    Items are those of :class:`SyntheticCartoons` (same keys; ``id`` ``"stream-<seed>-<k:05d>"``), drawn from the
+    stream's own sequence (:data:`STREAM`), so no item is ever one of the ``train``, ``val`` or ``test`` images,
+    whatever their seeds. Which item goes to which step, device and worker is decided by the reader
+    (:class:`~amortized_cartoonx.training.streams.TrainingStream`); this class only says what item ``k`` is.
+
+    Args:
+        seed: the stream's seed.
+        size: image side S (overrides ``config.size``); default 64.
+        config: drawing settings (:class:`CartoonConfig`).
+    """
+
+    def __init__(self, seed: int = 0, size: int | None = None, config: CartoonConfig | None = None) -> None:
+        config = config or CartoonConfig()
+        if size is not None:
+            config = dataclasses.replace(config, size=size)
+        self.config = config.validate()
+        self.seed = int(seed)
+
+    @property
+    def size(self) -> int:
+        return self.config.size
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.config.classes
+
+    def scene(self, index: int) -> Scene:
+        """The scene of item ``index``."""
+        if index < 0:
+            raise IndexError(f"stream items are numbered from 0, got {index}")
+        return sample_scene(torch.Generator().manual_seed(item_seed(STREAM, self.seed, index)), self.config)
+
+    def __getitem__(self, index: int) -> dict:
+        if index < 0:
+            raise IndexError(f"stream items are numbered from 0, got {index}")
+        return render_item(STREAM, self.seed, index, self.config)

@@ -4,24 +4,41 @@
 teacher masks (``cartoonx targets``) by image id and splits the folder deterministically into train, validation
 and test (held out: never trained on, never used to pick the checkpoint) with
 :func:`~amortized_cartoonx.data.split_train_val_test`. :func:`check_teachers` refuses teacher masks made for
-another training problem.
+another training problem. Training images can be augmented (``augment``) and mixed with an endless stream of
+fresh synthetic images (``stream``); validation and test images never change (:mod:`.streams`).
 
 Shapes: S the image side, K mask entries per image.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ..classifiers import same_classifier
 from ..data import ImageFolder, split_train_val_test
 from ..errors import ConfigError, InputError
+from ..images import load_image
+from ..synthetic.dataset import CartoonConfig, SyntheticStream
 from ..teacher_masks.store import TeacherMaskStore
+from .streams import (
+    DEFAULT_AUGMENT,
+    AugmentConfig,
+    FolderViews,
+    StreamConfig,
+    StreamLoader,
+    TrainingStream,
+    augment_config,
+    augment_image,
+    stream_config,
+    view_generator,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -68,19 +85,33 @@ class TrainingImages(Dataset):
     prediction, decided in the module) and, with a teacher store, ``teacher_mask (K,)`` (zeros when the image has
     none), ``has_teacher`` and ``teacher_target`` (-1 when none).
 
+    A key is an index, or ``(index, epoch)``: that epoch's view of the image, augmented with ``augment`` unless
+    the image has a teacher mask (the teacher mask explains the unaugmented image).
+
     Args:
         folder: the images.
         teachers: a teacher store, or None.
         target_source: ``auto`` (the teacher's target when there is one, else the prediction), ``predicted``
             or ``label`` (from ``labels.csv``; an image without a label is an error).
+        augment: how views are augmented (:class:`~.streams.AugmentConfig`), or None: never.
+        seed: the augmentation's seed.
     """
 
-    def __init__(self, folder: ImageFolder, teachers: TeacherMaskStore | None, target_source: str = "auto") -> None:
+    def __init__(
+        self,
+        folder: ImageFolder,
+        teachers: TeacherMaskStore | None,
+        target_source: str = "auto",
+        augment: AugmentConfig | None = None,
+        seed: int = 0,
+    ) -> None:
         if target_source not in TARGET_SOURCES:
             raise ConfigError(f"unknown target_source {target_source!r}; choose from: {', '.join(TARGET_SOURCES)}")
         self.folder = folder
         self.teachers = teachers if teachers is not None and len(teachers) else None
         self.target_source = target_source
+        self.augment = augment
+        self.seed = seed
         self.mask_length = 0
         if self.teachers is not None:
             self.mask_length = int(self.teachers.get(self.teachers.ids()[0]).mask.numel())
@@ -92,12 +123,32 @@ class TrainingImages(Dataset):
     def __len__(self) -> int:
         return len(self.folder)
 
-    def __getitem__(self, index: int) -> dict:
-        item = self.folder[index]
-        target = int(item["label"]) if self.target_source == "label" else -1
-        out = {"image": item["image"], "id": item["id"], "label": item["label"]}
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        index, epoch = key if isinstance(key, tuple) else (key, None)
+        return self.view(index, epoch)
+
+    def has_teacher(self, image_id: str) -> bool:
+        return self.teachers is not None and image_id in self.teachers
+
+    def view(self, index: int, epoch: int | None = None) -> dict:
+        """Item ``index``; with ``epoch``, its view in that epoch (augmented unless it has a teacher mask)."""
+        image_id = self.folder.ids[index]
+        if epoch is not None and self.augment is not None and not self.has_teacher(image_id):
+            whole = load_image(self.folder.files[index], None)  # (3, H, W): the crop is taken from the whole image
+            image = augment_image(whole, self.folder.size, self.augment, view_generator(self.seed, epoch, image_id))
+        else:
+            image = load_image(self.folder.files[index], self.folder.size)
+        return self.training_item(image, image_id, self.folder.labels.get(image_id, -1))
+
+    def training_item(self, image: Tensor, image_id: str, label: int) -> dict:
+        """The training item of ``image (3, S, S)``: its target and teacher entries (by ``image_id``).
+
+        Images from elsewhere (the synthetic stream) use it too, so every item of a batch has the same keys.
+        """
+        target = int(label) if self.target_source == "label" else -1
+        out = {"image": image, "id": image_id, "label": label}
         if self.teachers is not None:
-            record = self.teachers.get(item["id"]) if item["id"] in self.teachers else None
+            record = self.teachers.get(image_id) if image_id in self.teachers else None
             out["has_teacher"] = record is not None
             out["teacher_target"] = record.target if record is not None else -1
             out["teacher_mask"] = record.mask if record is not None else torch.zeros(self.mask_length)
@@ -113,18 +164,34 @@ class MaskPredictorDataModule(pl.LightningDataModule):
 
     Formerly ``ExplainerDataModule`` (a deprecated alias remains in :mod:`amortized_cartoonx.training`).
 
+    Training batches come in one of three ways (validation and test are always the fixed folder split, unaugmented):
+
+    * ``augment`` None and ``stream`` None: the training images shuffled by the global random state (as before
+      these options existed);
+    * ``augment`` set, ``stream`` None: epochs of augmented views in a seeded order (:class:`~.streams.FolderViews`);
+    * ``stream`` set: an endless stream (:class:`~.streams.TrainingStream`); every batch mixes folder images
+      (augmented unless they have a teacher mask) with fresh synthetic images. The epoch never ends: set
+      ``trainer.max_steps``, and ``trainer.val_check_interval`` as a number of steps.
+
     Args:
         images: the image folder.
         image_size: side of the square images (resize + centre crop). Linked to the module's ``image_size``.
         labels: ``auto`` (``images/labels.csv`` when present), a CSV path, or None.
         teachers: a teacher-mask folder (``cartoonx targets --out``), or None.
-        target_source: see :class:`TrainingImages`. Default ``auto``.
+        target_source: see :class:`TrainingImages`; for stream images ``label`` is the scene's class, otherwise
+            the prediction. Default ``auto``.
         val_fraction: share of the images for validation (checkpoint selection). Default 0.1.
         test_fraction: share held out entirely (never trained on, never used for selection). Default 0.
         split_seed: seed of the hash split (an image's side does not depend on the other images).
-        batch_size: training batch size. Default 16.
+        batch_size: training batch size (per device). Default 16.
         val_batch_size: validation batch size (default: ``batch_size``).
         num_workers: data-loading workers. Default 2.
+        augment: training views of the folder images without a teacher mask (:class:`~.streams.AugmentConfig`:
+            random resized crop with area share in ``scale`` (0.5, 1) and aspect ratio in ``ratio`` (3/4, 4/3),
+            horizontal flip); None: no augmentation. Default: on.
+        stream: fresh synthetic training images mixed into every batch (:class:`~.streams.StreamConfig`:
+            ``fraction``, ``seed``, ``scenes``); None (default): the folder only.
+        train_seed: seed of the training order and the augmentation (with ``augment`` or ``stream``). Default 0.
     """
 
     def __init__(
@@ -140,16 +207,36 @@ class MaskPredictorDataModule(pl.LightningDataModule):
         batch_size: int = 16,
         val_batch_size: int | None = None,
         num_workers: int = 2,
+        augment: AugmentConfig | None = DEFAULT_AUGMENT,
+        stream: StreamConfig | None = None,
+        train_seed: int = 0,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
         if target_source not in TARGET_SOURCES:
             raise ConfigError(f"unknown target_source {target_source!r}; choose from: {', '.join(TARGET_SOURCES)}")
         if batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+        self.augment = augment_config(augment)
+        self.stream = stream_config(stream)
+        if self.stream is not None:
+            self.stream.count(batch_size)  # refuses a fraction that rounds to no image
+            size = self.stream.scenes.size
+            if size not in (CartoonConfig().size, image_size):
+                raise ConfigError(
+                    f"stream.scenes.size {size} is not data.image_size {image_size}: stream images are drawn at "
+                    "data.image_size; leave stream.scenes.size out"
+                )
+            scenes = dataclasses.replace(self.stream.scenes, size=image_size)
+            self.stream = dataclasses.replace(self.stream, scenes=scenes.validate())
+        # save_hyperparameters reads the arguments from this frame: the settings as plain values (checkpoints stay
+        # readable with torch.load(weights_only=True), fit_config writes them as YAML)
+        augment = self.augment.to_dict() if self.augment is not None else None
+        stream = self.stream.to_dict() if self.stream is not None else None
+        self.save_hyperparameters()
         self.teacher_store = TeacherMaskStore(teachers) if teachers else None
         self.splits: dict[str, list[str]] | None = None
         self.datasets: dict[str, TrainingImages] = {}
+        self._resumed_batches = 0  # training batches done in the checkpoint this run resumes from
 
     def split_settings(self) -> dict:
         """What decides the split (stored in checkpoints, so held-out images can be found again)."""
@@ -169,16 +256,21 @@ class MaskPredictorDataModule(pl.LightningDataModule):
         hp = self.hparams
         everything = ImageFolder(hp.images, size=hp.image_size, labels=hp.labels)
         self.splits = split_train_val_test(everything.ids, hp.val_fraction, hp.test_fraction, hp.split_seed)
+        # with fraction 1 every training image comes from the stream: the folder may have no training split
+        stream_only = self.stream is not None and self.stream.count(hp.batch_size) == hp.batch_size
         for name in ("train", "val"):
-            if not self.splits[name]:
+            if not self.splits[name] and not (name == "train" and stream_only):
                 raise InputError(
                     f"the {name} split of {hp.images} is empty ({len(everything)} images, val_fraction "
                     f"{hp.val_fraction}, test_fraction {hp.test_fraction}); use more images or other fractions"
                 )
         for name, ids in self.splits.items():
-            if ids:
+            if ids or name == "train":
                 folder = ImageFolder(hp.images, size=hp.image_size, labels=hp.labels, ids=ids)
-                self.datasets[name] = TrainingImages(folder, self.teacher_store, hp.target_source)
+                augment = self.augment if name == "train" else None  # validation and test images never change
+                self.datasets[name] = TrainingImages(
+                    folder, self.teacher_store, hp.target_source, augment=augment, seed=hp.train_seed
+                )
         if self.teacher_store is not None:
             have = sum(i in self.teacher_store for i in self.splits["train"])
             logger.info("teacher masks for %d of %d training images", have, len(self.splits["train"]))
@@ -195,8 +287,64 @@ class MaskPredictorDataModule(pl.LightningDataModule):
             drop_last=shuffle and len(self.datasets[name]) > batch_size,
         )
 
+    def _rank(self) -> tuple[int, int]:
+        """This process's rank and the number of ranks (0 and 1 without a trainer)."""
+        trainer = self.trainer
+        return (int(trainer.global_rank), int(trainer.world_size)) if trainer is not None else (0, 1)
+
+    def _batches_trained(self) -> int:
+        """Training batches done so far (global step times gradient accumulation): where the stream goes on.
+
+        A resumed run knows them from the checkpoint's data-module state before Lightning restores its global
+        step: Lightning may start the training loader earlier (to count the steps of the schedule when
+        ``trainer.max_epochs`` is set).
+        """
+        trainer = self.trainer
+        done = int(trainer.global_step) * int(trainer.accumulate_grad_batches) if trainer is not None else 0
+        return max(done, self._resumed_batches)
+
+    def state_dict(self) -> dict:
+        """The data module's part of a checkpoint: the training batches done (where a resumed stream goes on)."""
+        return {"batches_trained": self._batches_trained()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._resumed_batches = int(state_dict.get("batches_trained", 0))
+
+    def _check_endless(self) -> None:
+        """Refuse Trainer settings under which an endless stream would never stop or never validate."""
+        trainer = self.trainer
+        if trainer is None or isinstance(trainer.limit_train_batches, int):  # epochs of that many batches
+            return
+        if trainer.max_steps == -1:
+            raise ConfigError("data.stream never runs out: set trainer.max_steps (the number of training steps)")
+        interval = trainer.val_check_interval
+        if isinstance(interval, float) and interval == 1.0 and trainer.limit_val_batches != 0:
+            raise ConfigError(
+                "with data.stream the training epoch never ends, so validation (and best.ckpt) needs "
+                "trainer.val_check_interval as a number of steps (or trainer.limit_val_batches: 0)"
+            )
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True, self.hparams.batch_size)
+        hp = self.hparams
+        train = self.datasets["train"]
+        rank, world_size = self._rank()
+        if self.stream is not None:
+            self._check_endless()
+            scenes = SyntheticStream(self.stream.seed, config=self.stream.scenes)
+            count = self.stream.count(hp.batch_size)
+            stream = TrainingStream(train, scenes, hp.batch_size, count, hp.train_seed, rank, world_size)
+            return StreamLoader(stream, self._batches_trained, num_workers=hp.num_workers)
+        if self.augment is not None:
+            workers = hp.num_workers
+            return DataLoader(
+                train,
+                batch_size=hp.batch_size,
+                sampler=FolderViews(train, hp.train_seed, rank, world_size),
+                num_workers=workers,
+                persistent_workers=workers > 0,
+                drop_last=len(train) > hp.batch_size,
+            )
+        return self._loader("train", True, hp.batch_size)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", False, self.hparams.val_batch_size or self.hparams.batch_size)
