@@ -120,7 +120,7 @@ def test_workers_and_the_start_position_do_not_change_the_batches(image_dir):
 
 def test_the_data_module_streams_only_for_training(image_dir):
     plain = data_module(image_dir, augment=None, test_fraction=0.2)
-    streamed = data_module(image_dir, stream={"fraction": 0.75, "seed": 2}, train_seed=5, test_fraction=0.2)
+    streamed = data_module(image_dir, stream={"fraction": 0.75, "seed": 2}, augment={}, train_seed=5, test_fraction=0.2)
     assert streamed.splits == plain.splits and plain.splits["test"]  # the folder's split does not change
     for name in ("val", "test"):  # nor do the validation and test images: never augmented
         assert streamed.datasets[name].augment is None
@@ -185,14 +185,14 @@ def test_crop_boxes_are_seeded_and_inside_the_image():
 
 
 def test_augmented_views_are_seeded_per_epoch_and_never_of_teacher_images(image_dir, tmp_path):
-    data = data_module(image_dir)  # augmentation is on by default
+    data = data_module(image_dir, augment=AugmentConfig())  # on (off by default)
     train = data.datasets["train"]
     plain = train[0]["image"]  # an index: the unaugmented image
     assert torch.equal(plain, load_image(image_dir / train.folder.ids[0], SIZE))
     assert torch.equal(train[(0, 3)]["image"], train[(0, 3)]["image"])  # (index, epoch): that epoch's view
     assert not torch.equal(train[(0, 3)]["image"], train[(0, 4)]["image"])
     assert not torch.equal(train[(0, 3)]["image"], plain)
-    reseeded = data_module(image_dir, train_seed=1).datasets["train"]
+    reseeded = data_module(image_dir, augment=AugmentConfig(), train_seed=1).datasets["train"]
     assert not torch.equal(reseeded[(0, 3)]["image"], train[(0, 3)]["image"])
     assert torch.equal(data_module(image_dir, augment=None).datasets["train"][(0, 3)]["image"], plain)
 
@@ -200,7 +200,7 @@ def test_augmented_views_are_seeded_per_epoch_and_never_of_teacher_images(image_
     store = TeacherMaskStore.create(tmp_path / "teachers", {"mask_length": 10})
     ids = train.folder.ids[:2]
     store.write_shard("a", ids, torch.rand(2, 10), torch.tensor([1, 2]), *torch.zeros(3, 2))
-    with_teachers = data_module(image_dir, teachers=str(store.folder)).datasets["train"]
+    with_teachers = data_module(image_dir, teachers=str(store.folder), augment=AugmentConfig()).datasets["train"]
     for epoch in range(3):
         item = with_teachers[(0, epoch)]
         assert item["has_teacher"] and item["target"] == 1 and torch.equal(item["image"], plain)
@@ -208,14 +208,16 @@ def test_augmented_views_are_seeded_per_epoch_and_never_of_teacher_images(image_
         assert not other["has_teacher"] and not torch.equal(other["image"], with_teachers[2]["image"])
 
     # folder images with teacher masks and stream images share a batch (distillation still sees its teachers)
-    mixed = data_module(image_dir, teachers=str(store.folder), stream=StreamConfig(fraction=0.5), train_seed=3)
+    mixed = data_module(
+        image_dir, teachers=str(store.folder), stream=StreamConfig(fraction=0.5), augment=AugmentConfig(), train_seed=3
+    )
     batch = next(iter(mixed.train_dataloader()))
     assert batch["teacher_mask"].shape == (4, 10) and batch["has_teacher"].tolist()[2:] == [False, False]
     assert batch["teacher_target"].tolist()[2:] == [-1, -1] and batch["target"].tolist()[2:] == [-1, -1]
 
 
 def test_folder_views_shard_the_epoch_and_change_with_it(image_dir):
-    train = data_module(image_dir).datasets["train"]
+    train = data_module(image_dir, augment=AugmentConfig()).datasets["train"]
     single = list(FolderViews(train, seed=0))
     assert sorted(index for index, _ in single) == list(range(len(train))) and {e for _, e in single} == {0}
     halves = [list(FolderViews(train, seed=0, rank=r, world_size=2)) for r in range(2)]
