@@ -47,8 +47,8 @@ from .wavelets import (
 #: ``paper``: the paper's Algorithm 1 (constant lr 1e-3, 2000 steps). ``fast``: a tenth of the steps, lr 0.1
 #: with cosine decay to 0 (chosen by ``scripts/bench_schedule.py``; measurements in docs/benchmarks.md).
 SCHEDULES: dict[str, dict] = {
-    "paper": {"steps": 2000, "lr": 1e-3, "lr_decay": "constant"},
-    "fast": {"steps": 200, "lr": 0.1, "lr_decay": "cosine"},
+    "paper": {"steps": 2000, "lr": 1e-3, "lr_decay": "constant", "parametrisation": "clamp"},
+    "fast": {"steps": 200, "lr": 0.1, "lr_decay": "cosine", "parametrisation": "clamp"},
 }
 #: How the learning rate moves over a run of S steps (step s = 0 .. S-1), as a factor of ``lr``.
 LR_DECAYS: dict[str, Callable[[int, int, float], float]] = {
@@ -72,15 +72,16 @@ class OptimizerConfig:
     """Hyper-parameters of the exact optimizer. Defaults are the paper's (Algorithm 1, Section 5.2).
 
     Attributes:
-        schedule: a named step schedule (:data:`SCHEDULES`) that fills ``steps``, ``lr`` and ``lr_decay``
-            when they are not given. Default ``paper``.
+        schedule: a named step schedule (:data:`SCHEDULES`) that fills ``steps``, ``lr``, ``lr_decay`` and
+            ``parametrisation`` when they are not given. Default ``paper``.
         steps: Adam steps N. Default: the schedule's (paper: 2000).
         num_samples: noise samples L per step. Default 64.
         lr: Adam learning rate at the first step. Default: the schedule's (paper: 1e-3).
         lr_decay: ``constant``, ``linear`` or ``cosine`` decay of the learning rate over the steps of a run,
             down to ``lr * lr_final``. Default: the schedule's (paper: constant).
         lr_final: the decay's last learning rate as a fraction of ``lr``. Default 0.
-        parametrisation: ``clamp`` (default, the paper's projected mask) or ``logit`` (:data:`PARAMETRISATIONS`).
+        parametrisation: ``clamp`` (the paper's projected mask) or ``logit`` (:data:`PARAMETRISATIONS`).
+            Default: the schedule's (paper: clamp).
         logit_stretch: the stretch of the ``logit`` form's sigmoid. Default 0.1.
         l1_lambda: weight of the mean of the mask; None takes the method's default
             (20 for CartoonX, 4 for Pixel RDE).
@@ -101,7 +102,7 @@ class OptimizerConfig:
     lr: float | None = None
     lr_decay: str | None = None
     lr_final: float = 0.0
-    parametrisation: str = "clamp"
+    parametrisation: str | None = None
     logit_stretch: float = 0.1
     l1_lambda: float | None = None
     obfuscation: str = "gaussian-adaptive"

@@ -37,6 +37,8 @@ RESULT_FIELDS = (
     "lr",
     "lr_decay",
     "lr_final",
+    "parametrisation",
+    "logit_stretch",
     "l1_lambda",
     "obfuscation",
     "distortion",
