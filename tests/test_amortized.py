@@ -182,6 +182,15 @@ def test_cli_explain_amortized_and_warm(checkpoint, small_images, tmp_path, caps
     assert len(error) == 1 and "use --size 32" in error[0]
     assert main(["explain", paths[0], "--method", "warm", "--classifier", SPEC, "--out", str(tmp_path / "y")]) == 2
     assert "needs --checkpoint" in capsys.readouterr().err
+    # calibrated, and warm start in logit space
+    calibrated = ["--calibrate-samples", "2", "--out", str(tmp_path / "c")]
+    assert main(["explain", *paths, "--method", "amortized", *calibrated, *common]) == 0
+    records = [json.loads(line) for line in (tmp_path / "c" / "summary.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in records] == ["amortized-calibrated"] * 2
+    logit = ["--refine-steps", "2", "--parametrisation", "logit", "--lr", "0.1", "--out", str(tmp_path / "l")]
+    assert main(["explain", *paths, "--method", "warm", *logit, *common]) == 0
+    assert main(["explain", paths[0], "--calibrate-samples", "2", "--out", str(tmp_path / "z"), *common[:2]]) == 2
+    assert "--calibrate-samples is for" in capsys.readouterr().err
 
 
 def test_agreement_and_split_helpers():

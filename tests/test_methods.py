@@ -5,10 +5,16 @@ from __future__ import annotations
 
 from amortized_cartoonx import methods
 from amortized_cartoonx.cli import build_parser
-from amortized_cartoonx.cli.common import DISTORTION_NAMES, MAX_IMAGE_SIZE, OBFUSCATION_NAMES, SCHEDULE_NAMES
+from amortized_cartoonx.cli.common import (
+    DISTORTION_NAMES,
+    MAX_IMAGE_SIZE,
+    OBFUSCATION_NAMES,
+    PARAMETRISATION_NAMES,
+    SCHEDULE_NAMES,
+)
 from amortized_cartoonx.evaluation.methods import METHODS, method_names
 from amortized_cartoonx.images import MAX_SIZE
-from amortized_cartoonx.optimizer import SCHEDULES
+from amortized_cartoonx.optimizer import PARAMETRISATIONS, SCHEDULES
 from amortized_cartoonx.rde import DISTORTIONS, OBFUSCATIONS
 
 
@@ -37,8 +43,10 @@ def test_cli_choices_follow_the_registries():
     assert sorted(DISTORTION_NAMES) == sorted(DISTORTIONS.names())
     assert sorted(OBFUSCATION_NAMES) == sorted(OBFUSCATIONS.names())
     assert list(SCHEDULE_NAMES) == list(SCHEDULES)
+    assert list(PARAMETRISATION_NAMES) == list(PARAMETRISATIONS)
     assert MAX_IMAGE_SIZE == MAX_SIZE
     for command in ("explain", "targets", "evaluate"):
         assert _choices(command, "--schedule") == list(SCHEDULE_NAMES)
+        assert _choices(command, "--parametrisation") == list(PARAMETRISATION_NAMES)
         assert _choices(command, "--distortion") == list(DISTORTION_NAMES)
         assert _choices(command, "--obfuscation") == list(OBFUSCATION_NAMES)

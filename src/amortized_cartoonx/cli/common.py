@@ -12,6 +12,7 @@ from typing import NoReturn
 
 #: Mirrors of the registries in ``rde`` (kept here so ``--help`` needs no torch; ``tests/test_methods.py`` ties them).
 SCHEDULE_NAMES = ("paper", "fast")
+PARAMETRISATION_NAMES = ("clamp", "logit")
 DISTORTION_NAMES = ("label", "maximize-target", "l2", "kl")
 OBFUSCATION_NAMES = ("gaussian-adaptive", "zero", "uniform")
 
@@ -96,6 +97,13 @@ def add_rde_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--lr", type=positive_float, default=None, help="Adam learning rate (default: the schedule's; paper 1e-3)"
     )
+    group.add_argument(
+        "--parametrisation",
+        default=None,
+        choices=PARAMETRISATION_NAMES,
+        help="clamp: the projected mask (the paper's); logit: a stretched sigmoid of free logits "
+        "(default: the schedule's)",
+    )
     group.add_argument("--distortion", default="label", choices=DISTORTION_NAMES, help="default: label")
     group.add_argument(
         "--obfuscation", default="gaussian-adaptive", choices=OBFUSCATION_NAMES, help="default: gaussian-adaptive"
@@ -148,6 +156,7 @@ def optimizer_config(args: argparse.Namespace):
         steps=args.steps,
         num_samples=args.samples,
         lr=args.lr,
+        parametrisation=args.parametrisation,
         l1_lambda=args.l1_lambda,
         obfuscation=args.obfuscation,
         distortion=args.distortion,

@@ -40,6 +40,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--refine-steps", type=nonnegative_int, default=100, help="optimizer steps after the warm start (default 100)"
     )
+    p.add_argument(
+        "--calibrate-samples",
+        type=nonnegative_int,
+        default=0,
+        help="amortized and warm: calibrate each predicted mask (the logit shift with the lowest RDE loss on this "
+        "many noise samples; 0, the default: the single forward pass)",
+    )
     add_device_arg(p)
     add_rde_args(p)
     p.set_defaults(run=run)
@@ -84,6 +91,8 @@ def build_explainer(args: argparse.Namespace, classifier, device):
     from .common import build_optimizer
 
     if args.method in EXACT_METHODS:
+        if args.calibrate_samples:
+            raise ConfigError(f"--calibrate-samples is for --method amortized or warm, not {args.method}")
         if args.checkpoint:
             raise ConfigError(f"--checkpoint is for --method amortized or warm, not {args.method}")
         return build_optimizer(args.method, classifier, args)
@@ -94,7 +103,12 @@ def build_explainer(args: argparse.Namespace, classifier, device):
     from .common import optimizer_config
 
     amortized = AmortizedExplainer.from_checkpoint(
-        args.checkpoint, classifier, device=device, measure_samples=args.samples, seed=args.seed
+        args.checkpoint,
+        classifier,
+        device=device,
+        measure_samples=args.samples,
+        seed=args.seed,
+        calibration_samples=args.calibrate_samples,
     )  # measured on as many noise samples as the exact optimizer
     amortized.check_compatible(
         args.classifier,
