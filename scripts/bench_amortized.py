@@ -182,7 +182,7 @@ def exact_cache_path(args, file: Path, exact: CartoonX, identity: str) -> Path |
         {
             "image": hashlib.sha256(file.read_bytes()).hexdigest(),
             "classifier": identity,
-            "settings": exact.settings(),
+            "settings": result_settings(exact),
             "size": args.size_used,
             "seed": args.seed,
         },
@@ -191,6 +191,14 @@ def exact_cache_path(args, file: Path, exact: CartoonX, identity: str) -> Path |
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return Path(args.exact_cache) / f"{file.stem}.{digest}.safetensors"
+
+
+def result_settings(exact: CartoonX) -> dict:
+    """The exact optimizer's settings that change its result (the logit form's stretch only when it is used)."""
+    settings = exact.settings()
+    if settings["parametrisation"] == "clamp":
+        settings.pop("logit_stretch")
+    return settings
 
 
 _EXACT_NUMBERS = ("loss", "distortion", "mask_mean", "prob_obfuscated", "seconds", "target", "prob_original")
