@@ -339,6 +339,14 @@ class AmortizedExplainer:
         )
 
 
+def refine_config(config: OptimizerConfig) -> OptimizerConfig:
+    """``config`` (an exact optimizer's) with the ``refine`` schedule's steps, lr, decay and parametrisation:
+    the warm start's settings, keeping the noise samples, loss, seed and measurement."""
+    return dataclasses.replace(
+        config, schedule="refine", steps=None, lr=None, lr_decay=None, lr_final=0.0, parametrisation=None
+    )
+
+
 class WarmStartExplainer:
     """Exact CartoonX started from the amortized explainer's mask: ``refine_steps`` optimizer steps.
 
@@ -347,22 +355,25 @@ class WarmStartExplainer:
 
     Args:
         amortized: the single-pass explainer (its classifier, DWT and loss are used).
-        refine_steps: K, the optimizer steps after the prediction. 0 returns the predicted mask unchanged.
-        config: the optimizer's settings (steps are ignored: K is used). Its ``l1_lambda`` (when set),
-            ``distortion`` and ``obfuscation`` must be the checkpoint's; its ``seed``, ``num_samples``, ``lr``,
-            ``chunk_size`` and ``measure_samples`` apply. Default: the paper's :class:`OptimizerConfig`.
+        refine_steps: K, the optimizer steps after the prediction; None: the config's ``steps``. 0 returns the
+            predicted mask unchanged.
+        config: the optimizer's settings. Its ``l1_lambda`` (when set), ``distortion`` and ``obfuscation`` must be
+            the checkpoint's. Default: the ``refine`` schedule (:data:`~amortized_cartoonx.optimizer.SCHEDULES`),
+            chosen by ``scripts/bench_amortized.py``; :func:`refine_config` turns an exact optimizer's config
+            into it.
     """
 
     method = "warm"
 
     def __init__(
-        self, amortized: AmortizedExplainer, refine_steps: int = 100, config: OptimizerConfig | None = None
+        self, amortized: AmortizedExplainer, refine_steps: int | None = None, config: OptimizerConfig | None = None
     ) -> None:
-        if refine_steps < 0:
-            raise ConfigError(f"refine_steps must be at least 0, got {refine_steps}")
         meta = amortized.meta
         if config is None:
-            config = OptimizerConfig(distortion=meta["distortion"], obfuscation=meta["obfuscation"])
+            config = OptimizerConfig(schedule="refine", distortion=meta["distortion"], obfuscation=meta["obfuscation"])
+        refine_steps = config.steps if refine_steps is None else refine_steps
+        if refine_steps < 0:
+            raise ConfigError(f"refine_steps must be at least 0, got {refine_steps}")
         amortized.check_compatible(
             l1_lambda=config.l1_lambda, distortion=config.distortion, obfuscation=config.obfuscation
         )

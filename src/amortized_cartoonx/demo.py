@@ -66,7 +66,8 @@ class DemoConfig:
             stretched sigmoid (see
             :class:`~amortized_cartoonx.training.AmortizedCartoonXModule`); without the ramp, training on many
             images without teachers collapses to the empty mask on this benchmark.
-        refine_steps: warm-start refinement steps in the evaluation.
+        refine_steps: warm-start refinement steps in the evaluation; None (default): the ``refine`` schedule's
+            (40 steps in logit space, :data:`~amortized_cartoonx.optimizer.SCHEDULES`).
         eval_rates, noise_draws: the evaluation's rate grid and noise draws per rate.
         methods: the evaluated methods.
         classifier_train_size, classifier_epochs, classifier_batch_size, classifier_val_size,
@@ -97,7 +98,7 @@ class DemoConfig:
     width: int = 16
     l1_warmup_fraction: float = 0.6
     stretch: float = 0.05
-    refine_steps: int = 50
+    refine_steps: int | None = None
     eval_rates: int = 11
     noise_draws: int = 4
     methods: tuple[str, ...] = DEMO_METHODS

@@ -19,6 +19,13 @@ if TYPE_CHECKING:
     from .demo import DemoConfig, StageTimes
 
 
+def warm_steps(cfg: DemoConfig) -> int:
+    """The demo's warm-start steps: ``refine_steps``, or the ``refine`` schedule's."""
+    from .optimizer import SCHEDULES
+
+    return SCHEDULES["refine"]["steps"] if cfg.refine_steps is None else cfg.refine_steps
+
+
 def _median(values) -> float:
     values = np.asarray(values, dtype=float)
     values = values[np.isfinite(values)]
@@ -71,7 +78,7 @@ def report_markdown(
         )
     lines += [
         "",
-        f"Warm start = the amortized mask refined by {cfg.refine_steps} optimizer steps "
+        f"Warm start = the amortized mask refined by {warm_steps(cfg)} optimizer steps of the refine schedule "
         f"(the exact optimizer runs {cfg.steps}).",
         "",
         "## Localisation on the ground truth and rate-distortion areas",

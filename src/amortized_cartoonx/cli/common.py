@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import NoReturn
 
 #: Mirrors of the registries in ``rde`` (kept here so ``--help`` needs no torch; ``tests/test_methods.py`` ties them).
-SCHEDULE_NAMES = ("paper", "fast")
+SCHEDULE_NAMES = ("paper", "fast", "refine")
 PARAMETRISATION_NAMES = ("clamp", "logit")
 DISTORTION_NAMES = ("label", "maximize-target", "l2", "kl")
 OBFUSCATION_NAMES = ("gaussian-adaptive", "zero", "uniform")
@@ -81,10 +81,11 @@ def add_rde_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("RDE optimizer (defaults: the paper's)")
     group.add_argument(
         "--schedule",
-        default="paper",
+        default=None,
         choices=SCHEDULE_NAMES,
-        help="step schedule: steps, learning rate and its decay (default paper: 2000 steps at lr 1e-3; "
-        "fast: 200 steps, lr 0.1 with cosine decay)",
+        help="step schedule: steps, learning rate, its decay and the parametrisation (default: paper, 2000 steps "
+        "at lr 1e-3; the warm start: refine, 40 logit-space steps from lr 0.8 with cosine decay; fast: 200 steps, "
+        "lr 0.1 with cosine decay)",
     )
     group.add_argument("--steps", type=nonnegative_int, default=None, help="Adam steps (default: the schedule's)")
     group.add_argument("--samples", type=positive_int, default=64, help="noise samples per step (default 64)")
@@ -147,12 +148,12 @@ def resolve_device(name: str):
     return device
 
 
-def optimizer_config(args: argparse.Namespace):
-    """An :class:`OptimizerConfig` from the parsed RDE options."""
+def optimizer_config(args: argparse.Namespace, default_schedule: str = "paper"):
+    """An :class:`OptimizerConfig` from the parsed RDE options (``--schedule`` or ``default_schedule``)."""
     from amortized_cartoonx.optimizer import OptimizerConfig
 
     return OptimizerConfig(
-        schedule=args.schedule,
+        schedule=args.schedule or default_schedule,
         steps=args.steps,
         num_samples=args.samples,
         lr=args.lr,

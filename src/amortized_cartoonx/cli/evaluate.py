@@ -53,7 +53,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_classifier_args(p)
     p.add_argument("--checkpoint", default=None, metavar="CKPT", help="amortized explainer (amortized, warm)")
     p.add_argument(
-        "--refine-steps", type=nonnegative_int, default=100, help="optimizer steps after the warm start (default 100)"
+        "--refine-steps",
+        type=nonnegative_int,
+        default=None,
+        help="optimizer steps after the warm start (default: the refine schedule's, 40)",
     )
     p.add_argument("--size", type=image_size, default=256, help="images are resized and centre-cropped (default 256)")
     p.add_argument("--limit", type=positive_int, default=None, metavar="N", help="only the first N images")
@@ -175,9 +178,6 @@ def run(args: argparse.Namespace) -> int:
     check_output_folder(args.out, inputs=images, outputs=[Path(args.out) / p.name for p in images])
     if args.size < 8:
         raise ConfigError(f"--size must be at least 8, got {args.size}")
-    for name in ("refine_steps",):
-        if getattr(args, name) < 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be at least 0")
     config = EvaluationConfig(
         methods=methods,
         limit=args.limit,

@@ -38,7 +38,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", default=None, metavar="FILE", help="class names, one per line")
     p.add_argument("--checkpoint", default=None, metavar="CKPT", help="amortized explainer (amortized, warm)")
     p.add_argument(
-        "--refine-steps", type=nonnegative_int, default=100, help="optimizer steps after the warm start (default 100)"
+        "--refine-steps",
+        type=nonnegative_int,
+        default=None,
+        help="optimizer steps after the warm start (default: the schedule's; refine: 40)",
     )
     p.add_argument(
         "--calibrate-samples",
@@ -122,7 +125,8 @@ def build_explainer(args: argparse.Namespace, classifier, device):
     )
     if args.method == "amortized":
         return amortized
-    return WarmStartExplainer(amortized, refine_steps=args.refine_steps, config=optimizer_config(args))
+    config = optimizer_config(args, default_schedule="refine")  # the warm start's own schedule unless given
+    return WarmStartExplainer(amortized, refine_steps=args.refine_steps, config=config)
 
 
 def preflight(classifier, explainer, images, targets, device) -> None:

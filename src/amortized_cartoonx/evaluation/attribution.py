@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, InputError
-from ..optimizer import OptimizerConfig
+from ..optimizer import SCHEDULES, OptimizerConfig
 from ..rde import check_images
 from ..registry import Registry
 from ..wavelets import Representation, WaveletRepresentation
@@ -81,7 +81,9 @@ class MethodContext:
         optimizer: the exact optimizer's settings (``l1_lambda`` None takes each method's default).
         wave, levels, mode: the DWT of the wavelet methods.
         checkpoint: the amortized explainer's checkpoint (``amortized``, ``warm``).
-        refine_steps: optimizer steps after the amortized mask (``warm``).
+        refine_steps: optimizer steps after the amortized mask (``warm``); None: the ``refine`` schedule's.
+            The warm start refines with the ``refine`` schedule (:func:`~amortized_cartoonx.amortized.refine_config`
+            of ``optimizer``).
         baselines: settings of the gradient baselines.
     """
 
@@ -93,8 +95,12 @@ class MethodContext:
     levels: int = 5
     mode: str = "zero"
     checkpoint: str | None = None
-    refine_steps: int = 100
+    refine_steps: int | None = None
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
+
+    def warm_steps(self) -> int:
+        """The warm start's refinement steps: ``refine_steps``, or the ``refine`` schedule's."""
+        return SCHEDULES["refine"]["steps"] if self.refine_steps is None else self.refine_steps
 
     def wavelet(self) -> WaveletRepresentation:
         return WaveletRepresentation(self.wave, self.levels, self.mode)

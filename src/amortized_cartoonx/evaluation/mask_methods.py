@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..amortized import AmortizedExplainer, WarmStartExplainer
+from ..amortized import AmortizedExplainer, WarmStartExplainer, refine_config
 from ..errors import ConfigError
 from ..explanation import Explanation
 from ..io import file_sha256
@@ -131,11 +131,11 @@ def _amortized(ctx: MethodContext) -> EvaluationMethod:
 @METHODS.register("warm")
 def _warm(ctx: MethodContext) -> EvaluationMethod:
     amortized = load_amortized(ctx)
-    explainer = WarmStartExplainer(amortized, refine_steps=ctx.refine_steps, config=ctx.optimizer)
+    explainer = WarmStartExplainer(amortized, refine_steps=ctx.refine_steps, config=refine_config(ctx.optimizer))
     settings = {
         **_checkpoint_settings(ctx),
-        "refine_steps": ctx.refine_steps,
-        **{k: v for k, v in dataclasses.asdict(ctx.optimizer).items() if k not in ("steps", "seed")},
+        "refine_steps": explainer.refine_steps,
+        **{k: v for k, v in dataclasses.asdict(explainer.optimizer.config).items() if k not in ("steps", "seed")},
     }
     return MaskMethod("warm", explainer, ctx.wavelet(), settings)
 

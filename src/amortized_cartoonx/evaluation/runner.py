@@ -154,6 +154,6 @@ class Evaluation:
             "dwt": {"wave": ctx.wave, "levels": ctx.levels, "mode": ctx.mode},
             "baselines": asdict(ctx.baselines),
             "checkpoint": ctx.checkpoint,
-            "refine_steps": ctx.refine_steps,
+            "refine_steps": ctx.warm_steps(),
             "command": self.command,
         }
