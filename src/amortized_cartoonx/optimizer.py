@@ -51,7 +51,7 @@ from .wavelets import (
 SCHEDULES: dict[str, dict] = {
     "paper": {"steps": 2000, "lr": 1e-3, "lr_decay": "constant", "parametrisation": "clamp"},
     "fast": {"steps": 200, "lr": 0.1, "lr_decay": "cosine", "parametrisation": "clamp"},
-    "refine": {"steps": 40, "lr": 0.8, "lr_decay": "cosine", "parametrisation": "logit"},
+    "refine": {"steps": 40, "lr": 0.5, "lr_decay": "constant", "parametrisation": "logit"},
 }
 #: How the learning rate moves over a run of S steps (step s = 0 .. S-1), as a factor of ``lr``.
 LR_DECAYS: dict[str, Callable[[int, int, float], float]] = {
