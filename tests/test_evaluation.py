@@ -506,11 +506,26 @@ def test_ground_truth_metrics_for_every_method(tmp_path):
     results = make_run(images_dir, out, ["random-wavelet", "integrated-gradients"], lambdas={}).run()
     assert results.has_ground_truth
     data = write_report(results, out)
+    levels = [f"detail_{kind}_level{j}" for kind in ("fraction", "outline") for j in (1, 2)]  # levels=2
     for name in ("random-wavelet", "integrated-gradients"):
         gt = data["methods"][name]["ground_truth"]
-        assert set(gt) == {"energy_object", "energy_distractors", "energy_background", "pointing_game"}
+        assert set(gt) == {
+            "energy_object",
+            "energy_distractors",
+            "energy_background",
+            "energy_outline",
+            "pointing_game",
+            "detail_object",
+            "detail_distractors",
+            "detail_outline",
+            "detail_pointing_game",
+            *levels,
+        }
         assert all(0.0 <= gt[k]["mean"] <= 1.0 and gt[k]["n"] == 2 for k in gt)
-    assert "## Ground truth" in (out / "report.md").read_text()
+    assert set(data["ground_truth_chance"]) == {"object", "distractors", "outline"}
+    assert 0.0 < data["ground_truth_chance"]["outline"]["mean"] < 1.0
+    report = (out / "report.md").read_text()
+    assert "## Ground truth" in report and "**Detail part**" in report and "*chance (area share)*" in report
 
 
 # ---- amortized and warm start ------------------------------------------------------------------------------------

@@ -74,6 +74,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--examples", type=nonnegative_int, default=4, help="images in the example grid (default 4)")
     ev.add_argument("--no-cache", action="store_true", help="recompute everything and write no cache")
 
+    gt = p.add_argument_group("ground truth (a folder with ground_truth.safetensors, e.g. the synthetic benchmark)")
+    gt.add_argument(
+        "--outline-radius",
+        type=positive_int,
+        default=4,
+        metavar="PX",
+        help="half-width in pixels of the decisive object's outline band (default 4; the outline is 2 px at 64 px)",
+    )
+
     lam = p.add_argument_group("panel (c): the exact optimizer over lambda")
     lam.add_argument(
         "--lambdas",
@@ -189,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
         lambdas=parse_lambdas(args.lambdas),
         lambda_steps=args.lambda_steps,
         lambda_limit=args.lambda_limit,
+        outline_radius=args.outline_radius,
         examples=args.examples,
         max_batch=args.max_batch,
         cache=not args.no_cache,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
+from ..ground_truth import DEFAULT_OUTLINE_RADIUS
 from ..methods import DEFAULT_METHODS
 from ..rde import DISTORTIONS, OBFUSCATIONS
 from .lambdas import DEFAULT_LAMBDAS, LAMBDA_METHODS
@@ -27,6 +28,7 @@ class EvaluationConfig:
         lambdas: panel (c) grid per method (``cartoonx``, ``pixel-rde``); empty to skip the panel.
         lambda_steps: optimizer steps of panel (c); None: the main optimizer's.
         lambda_limit: images of panel (c) (the first ones); None: all.
+        outline_radius: half-width in pixels of the decisive object's outline band (ground truth). Default 4.
         examples: images shown in the example grid.
         max_batch: classifier inputs per forward pass when measuring curves.
         cache: keep per-image results in ``DIR/cache`` and reuse them.
@@ -45,6 +47,7 @@ class EvaluationConfig:
     lambdas: dict[str, tuple[float, ...]] = field(default_factory=lambda: dict(DEFAULT_LAMBDAS))
     lambda_steps: int | None = None
     lambda_limit: int | None = None
+    outline_radius: int = DEFAULT_OUTLINE_RADIUS
     examples: int = 4
     max_batch: int = 128
     cache: bool = True
@@ -66,6 +69,8 @@ class EvaluationConfig:
                 raise ConfigError(f"{name} must be positive, got {value}")
         if not 0 < self.early_rate <= 1:
             raise ConfigError(f"early_rate must be in (0, 1], got {self.early_rate}")
+        if self.outline_radius < 1:
+            raise ConfigError(f"outline_radius must be at least 1 pixel, got {self.outline_radius}")
         if self.examples < 0:
             raise ConfigError(f"examples must be at least 0, got {self.examples}")
         DISTORTIONS.get(self.distortion)

@@ -30,6 +30,20 @@ from ..plotting import save_figure
 from .results import EvaluationResults, mean_se
 
 AREA_KEYS = ("area_keep", "area_keep_early", "area_randomise", "area_randomise_early")
+#: The ground-truth tables of report.md: (metric, column title, chance-level region or None), on the pixel
+#: relevance R and on the explanation's detail part (docs/evaluation.md defines them).
+PIXEL_GROUND_TRUTH = (
+    ("energy_object", "on object ↑", "object"),
+    ("energy_distractors", "on distractors ↓", "distractors"),
+    ("energy_outline", "on outline band ↑", "outline"),
+    ("pointing_game", "pointing game ↑", None),
+)
+DETAIL_GROUND_TRUTH = (
+    ("detail_object", "on object ↑", "object"),
+    ("detail_distractors", "on distractors ↓", "distractors"),
+    ("detail_outline", "on outline band ↑", "outline"),
+    ("detail_pointing_game", "pointing game ↑", None),
+)
 
 
 def _style(name: str, representation: str) -> dict:
@@ -99,7 +113,7 @@ def summary(results: EvaluationResults) -> dict:
         if res.ground_truth:
             entry["ground_truth"] = {k: mean_se(v) for k, v in res.ground_truth.items()}
         methods[name] = entry
-    return {
+    out = {
         "images": results.ids,
         "rates": results.rates,
         "early_rate": early,
@@ -109,6 +123,9 @@ def summary(results: EvaluationResults) -> dict:
         "computed_this_run": results.computed,
         "settings": results.settings,
     }
+    if results.ground_truth_chance:
+        out["ground_truth_chance"] = {k: mean_se(v) for k, v in results.ground_truth_chance.items()}
+    return out
 
 
 # ---- figures ------------------------------------------------------------------------------------------------------
@@ -219,6 +236,45 @@ def _best(entries: dict, key: str, lower: bool) -> str | None:
     return (min if lower else max)(values, key=values.get)
 
 
+def _ground_truth_table(methods: dict, chance: dict, columns: tuple) -> list[str]:
+    lines = [
+        "| method | " + " | ".join(c[1] for c in columns) + " |",
+        "| --- | " + " | ".join("---" for _ in columns) + " |",
+    ]
+    if chance:
+        cells = [_fmt(chance.get(region, {}), 3) if region else "-" for _, _, region in columns]
+        lines.append("| *chance (area share)* | " + " | ".join(cells) + " |")
+    for name, e in methods.items():
+        gt = e.get("ground_truth", {})
+        lines.append(f"| {title(name)} | " + " | ".join(_fmt(gt.get(key, {}), 3) for key, _, _ in columns) + " |")
+    return lines
+
+
+def ground_truth_markdown(methods: dict, chance: dict, evaluation_settings: dict) -> list[str]:
+    """The two ground-truth tables of report.md: the pixel relevance R, and the explanation's detail part."""
+    radius = evaluation_settings.get("outline_radius")
+    return [
+        "",
+        "## Ground truth (decisive object vs distractors)",
+        "",
+        "Mean ± standard error over images. Shares of a map on the decisive object, on the distractors and on the "
+        f"object's outline band (±{radius} px around its boundary); pointing game: the map's strongest point hits "
+        "the object. The chance row is each region's share of the image (what a uniform map scores). "
+        "Definitions: docs/evaluation.md.",
+        "",
+        "**Pixel relevance R** (mask methods: the energy of what the mask keeps; gradient methods: |attribution| "
+        "summed over channels):",
+        "",
+        *_ground_truth_table(methods, chance, PIXEL_GROUND_TRUTH),
+        "",
+        "**Detail part** (wavelet-aware: the explanation's detail coefficients, levels 1..J; shares of their energy "
+        "spread over each coefficient's footprint; pointing game on the explanation minus its low-pass "
+        "reconstruction):",
+        "",
+        *_ground_truth_table(methods, chance, DETAIL_GROUND_TRUTH),
+    ]
+
+
 def report_markdown(results: EvaluationResults, summary_data: dict, figures: list[str]) -> str:
     s = results.settings
     ev = s["evaluation"]
@@ -278,20 +334,7 @@ def report_markdown(results: EvaluationResults, summary_data: dict, figures: lis
             f"| {title(name)} | {e['representation']} | {' | '.join(cells)} | {_fmt(e['seconds_per_explanation'], 3)} |"
         )
     if results.has_ground_truth:
-        metric_names = sorted({k for e in methods.values() for k in e.get("ground_truth", {})})
-        lines += [
-            "",
-            "## Ground truth (decisive object vs distractors)",
-            "",
-            "Pixel relevance R per method as defined in docs/evaluation.md (mask methods: the energy of what the "
-            "mask keeps; gradient methods: |attribution| summed over channels).",
-            "",
-            "| method | " + " | ".join(metric_names) + " |",
-            "| --- | " + " | ".join("---" for _ in metric_names) + " |",
-        ]
-        for name, e in methods.items():
-            gt = e.get("ground_truth", {})
-            lines.append(f"| {title(name)} | " + " | ".join(_fmt(gt.get(m, {}), 3) for m in metric_names) + " |")
+        lines += ground_truth_markdown(methods, summary_data.get("ground_truth_chance", {}), ev)
     panel = summary_data["lambda_panel"]
     if panel:
         lines += [

@@ -68,6 +68,8 @@ class EvaluationResults:
         settings: the run's settings as plain values.
         computed: phase -> method -> images computed by this run (the rest came from the cache).
         has_ground_truth: whether the folder had ground truth (then ``MethodResults.ground_truth`` is filled).
+        ground_truth_chance: region (``object``, ``distractors``, ``outline``) -> ``(n,)`` its area fraction per
+            image, the chance level of the shares (empty without ground truth).
     """
 
     ids: list[str]
@@ -81,3 +83,4 @@ class EvaluationResults:
     settings: dict
     computed: dict[str, dict[str, int]]
     has_ground_truth: bool
+    ground_truth_chance: dict[str, np.ndarray] = field(default_factory=dict)

@@ -9,7 +9,8 @@ progress bar, save each batch), so an interrupted run resumes and a new method r
 2. **curves** (:func:`.curves.measure_curves`): curves (a) keep and (b) randomise of every method and image.
 3. **lambda** (:func:`.lambdas.lambda_panel`): panel (c) for CartoonX and Pixel RDE over the lambda grid; optional.
 4. **ground truth** (:func:`.localisation.localise`): with ``ground_truth.safetensors`` in the images folder, the
-   share of each method's pixel relevance on the decisive object vs the distractors, and the pointing game.
+   share of each method's pixel relevance on the decisive object vs the distractors and on its outline, the
+   pointing game, and the same on the explanation's detail part (wavelet-aware, :mod:`.details`).
 5. **examples** (:func:`.maps.example_pictures`): the pictures of the first images.
 
 :func:`.report.write_report` then writes ``curves.csv``, ``summary.json``, ``rate_distortion.png``,
@@ -108,7 +109,7 @@ class Evaluation:
                 self.computed["curves"][name] = measured.computed
             panel = lambda_panel(run, methods, explained, self.context)
             self.computed["lambda"] = panel.computed
-            ground_truth = localise(run, methods, explained)
+            ground_truth = localise(run, methods, explained, self.context.wavelet())
             examples = example_pictures(run, methods, explained)
 
         ids = run.ids
@@ -124,7 +125,7 @@ class Evaluation:
                 randomise=np.array([curves[name][i]["randomise"] for i in ids]),
                 seconds=np.array([r.seconds for r in records]),
                 targets=np.array([r.target for r in records]),
-                ground_truth=ground_truth.get(name, {}),
+                ground_truth=ground_truth.metrics.get(name, {}),
                 scalars={k: np.array([r.scalars.get(k, np.nan) for r in records]) for k in scalar_names},
             )
         return EvaluationResults(
@@ -138,7 +139,8 @@ class Evaluation:
             example_targets=examples.targets,
             settings=self.settings(),
             computed=self.computed,
-            has_ground_truth=bool(ground_truth),
+            has_ground_truth=bool(ground_truth.metrics),
+            ground_truth_chance=ground_truth.chance,
         )
 
     def settings(self) -> dict:
