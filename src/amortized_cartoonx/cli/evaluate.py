@@ -64,7 +64,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     ev = p.add_argument_group("curves")
     ev.add_argument(
-        "--rates", type=positive_int, default=21, metavar="K", help="rate grid points on [0, 1] (default 21)"
+        "--rates",
+        default="dense",
+        metavar="GRID",
+        help="the rate grid: 'dense' (the default: 21 rates, dense below 0.1, where the wavelet methods' curves "
+        "fall), a number K of evenly spaced points on [0, 1] (e.g. 21: steps of 0.05), or the rates themselves, "
+        "comma separated, rising from 0 to 1 (e.g. 0,0.01,0.05,0.2,1)",
     )
     ev.add_argument("--noise-draws", type=positive_int, default=8, help="noise draws averaged per rate (default 8)")
     ev.add_argument("--early-rate", type=positive_float, default=0.2, help="early areas over [0, R] (default 0.2)")
@@ -141,6 +146,36 @@ def parse_lambdas(values: list[str] | None) -> dict[str, tuple[float, ...]]:
     return grids
 
 
+def parse_rates(text: str) -> int | tuple[float, ...]:
+    """``--rates``: ``dense`` -> the default grid, ``K`` -> K evenly spaced points, ``r0,r1,...`` -> that grid.
+
+    Raises:
+        ConfigError: text that is none of these, or a grid :func:`~amortized_cartoonx.evaluation.curves.rate_grid`
+            refuses (the message names ``--rates``).
+    """
+    from amortized_cartoonx.errors import ConfigError
+    from amortized_cartoonx.evaluation.curves import DEFAULT_RATES, rate_grid
+
+    text = text.strip()
+    try:
+        spec: int | tuple[float, ...]
+        if text == "dense":
+            spec = DEFAULT_RATES
+        elif "," in text:
+            spec = tuple(float(v) for v in text.split(",") if v.strip())
+        else:
+            spec = int(text)
+    except ValueError:
+        raise ConfigError(
+            f"--rates: expected 'dense', a number of points or comma-separated rates from 0 to 1, got {text!r}"
+        ) from None
+    try:
+        rate_grid(spec)
+    except ConfigError as exc:
+        raise ConfigError(f"--rates: {exc}") from None
+    return spec
+
+
 def command_line(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
     """The command that reproduces ``args``: every option whose value differs from its default."""
     parts = ["cartoonx", "evaluate"]
@@ -172,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
     from .common import check_output_folder, optimizer_config, resolve_device
 
     methods = parse_methods(args.methods, args.checkpoint)
+    rates = parse_rates(args.rates)
     known = method_names()
     unknown = [m for m in methods if m not in known]
     if unknown:
@@ -191,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
         methods=methods,
         limit=args.limit,
         batch_size=args.batch_size,
-        rates=args.rates,
+        rates=rates,
         noise_draws=args.noise_draws,
         early_rate=args.early_rate,
         seed=args.seed,

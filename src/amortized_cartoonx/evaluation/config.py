@@ -8,6 +8,7 @@ from ..errors import ConfigError
 from ..ground_truth import DEFAULT_OUTLINE_RADIUS
 from ..methods import DEFAULT_METHODS
 from ..rde import DISTORTIONS, OBFUSCATIONS
+from .curves import DEFAULT_RATES, rate_grid
 from .lambdas import DEFAULT_LAMBDAS, LAMBDA_METHODS
 
 
@@ -19,7 +20,8 @@ class EvaluationConfig:
         methods: the methods to compare (names of :data:`~.methods.METHODS`).
         limit: evaluate only the first ``limit`` images of the folder (sorted by name); None: all.
         batch_size: images explained and measured together.
-        rates: points of the rate grid on [0, 1]. Default 21 (steps of 0.05).
+        rates: the rate grid on [0, 1]: a tuple of rates rising strictly from 0 to 1, or a number K of evenly
+            spaced points. Default :data:`~.curves.DEFAULT_RATES` (21 rates, dense below 0.1).
         noise_draws: noise draws per rate (averaged). Default 8.
         early_rate: the "early" areas integrate over [0, early_rate]. Default 0.2.
         seed: the global seed; image seeds are derived from it and the file names.
@@ -38,7 +40,7 @@ class EvaluationConfig:
     methods: tuple[str, ...] = DEFAULT_METHODS
     limit: int | None = None
     batch_size: int = 4
-    rates: int = 21
+    rates: int | tuple[float, ...] = DEFAULT_RATES
     noise_draws: int = 8
     early_rate: float = 0.2
     seed: int = 0
@@ -61,8 +63,7 @@ class EvaluationConfig:
         for name in ("batch_size", "noise_draws", "max_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.rates < 2:
-            raise ConfigError(f"rates must be at least 2 (0 and 1), got {self.rates}")
+        rate_grid(self.rates)  # raises ConfigError for a bad grid
         for name in ("limit", "lambda_limit", "lambda_steps"):
             value = getattr(self, name)
             if value is not None and value < (0 if name == "lambda_steps" else 1):

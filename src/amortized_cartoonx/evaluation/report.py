@@ -129,22 +129,41 @@ def summary(results: EvaluationResults) -> dict:
 
 
 # ---- figures ------------------------------------------------------------------------------------------------------
-def _band(ax, x, values: np.ndarray, style: dict) -> None:
+#: A rate grid whose smallest positive rate is below this is drawn on a log-like axis (see :func:`rate_axis`).
+LOG_AXIS_BELOW = 0.05
+
+
+def _band(ax, x, values: np.ndarray, style: dict, marker: str | None = None) -> None:
     mean = values.mean(0)
     se = values.std(0, ddof=1) / math.sqrt(values.shape[0]) if values.shape[0] > 1 else np.zeros_like(mean)
-    ax.plot(x, mean, **style, linewidth=1.5)
+    ax.plot(x, mean, **style, linewidth=1.5, marker=marker, markersize=2.5)
     ax.fill_between(x, mean - se, mean + se, color=style["color"], alpha=0.18, linewidth=0)
 
 
+def rate_axis(ax, rates) -> None:
+    """The x axis of curves (a) and (b): [0, 1], log-like (``symlog``: linear from 0 to the smallest positive rate,
+    logarithmic above) when the grid is dense at low rates (its smallest positive rate below
+    :data:`LOG_AXIS_BELOW`), where the wavelet methods' curves fall; linear otherwise."""
+    positive = [r for r in rates if r > 0]
+    if positive and min(positive) < LOG_AXIS_BELOW:
+        ax.set_xscale("symlog", linthresh=min(positive), linscale=0.4)
+        ticks = [0.0] + [t for t in (0.001, 0.01, 0.1, 1.0) if t >= min(positive)]
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.set_xlim(0, 1)
+
+
 def rate_distortion_figure(results: EvaluationResults) -> Figure:
-    """Fig. 7's three panels: (a) keep, (b) randomise, (c) distortion against mean mask over lambda."""
-    fig = Figure(figsize=(15, 4.4))
-    axes = fig.subplots(1, 3)
+    """Fig. 7's panels: (a) keep, (b) randomise and, when there is a lambda grid, (c) distortion against mean
+    mask over lambda (without one, the figure has two panels, not an empty third)."""
+    panel = lambda_summary(results)
+    fig = Figure(figsize=(15 if panel else 10, 4.4))
+    axes = fig.subplots(1, 3 if panel else 2)
     rates = np.asarray(results.rates)
+    log_axis = any(0 < r < LOG_AXIS_BELOW for r in results.rates)
     for name, res in results.methods.items():
         style = _style(name, res.representation)
-        _band(axes[0], rates, res.keep, style)
-        _band(axes[1], rates, res.randomise, style)
+        _band(axes[0], rates, res.keep, style, "." if log_axis else None)
+        _band(axes[1], rates, res.randomise, style, "." if log_axis else None)
     axes[0].set(
         title="(a) keep the most relevant, randomise the rest",
         xlabel="rate: fraction of coefficients kept",
@@ -155,10 +174,12 @@ def rate_distortion_figure(results: EvaluationResults) -> Figure:
         xlabel="fraction of most relevant coefficients randomised",
         ylabel=r"distortion $\|p(x) - p(y)\|_2$",
     )
-    axes[0].legend(fontsize=7, loc="upper right")
-    ax = axes[2]
-    panel = lambda_summary(results)
+    axes[0].legend(fontsize=7, loc="lower left" if log_axis else "upper right")
+    for a in axes[:2]:
+        rate_axis(a, results.rates)
+        a.grid(alpha=0.3)
     if panel:
+        ax = axes[2]
         for name, rows in panel.items():
             res = results.methods.get(name)
             style = _style(name, res.representation if res else "wavelet")
@@ -182,16 +203,10 @@ def rate_distortion_figure(results: EvaluationResults) -> Figure:
             xlabel=r"mean of the mask (normalised $\ell_1$)",
             ylabel=r"distortion $\|p(x) - p(y)\|_2$",
         )
-    else:
-        ax.text(0.5, 0.5, "panel (c) skipped\n(no lambda grid)", ha="center", va="center", transform=ax.transAxes)
-        ax.set_axis_off()
-    for a in axes[:2]:
-        a.set_xlim(0, 1)
-        a.grid(alpha=0.3)
-    if panel:
         ax.grid(alpha=0.3)
         ax.ticklabel_format(useOffset=False)
-    fig.suptitle(f"{len(results.ids)} images; band: +-1 standard error", fontsize=9)
+    scale = "; x axis logarithmic above the smallest positive rate" if log_axis else ""
+    fig.suptitle(f"{len(results.ids)} images; band: +-1 standard error{scale}", fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -294,7 +309,7 @@ def report_markdown(results: EvaluationResults, summary_data: dict, figures: lis
         "",
         "| setting | value |",
         "| --- | --- |",
-        f"| rates | {ev['rates']} points on [0, 1] |",
+        f"| rates | {len(results.rates)} on [0, 1]: {', '.join(f'{r:g}' for r in results.rates)} |",
         f"| noise draws per rate | {ev['noise_draws']} ({ev['obfuscation']}, the same draws for every method "
         "of a representation) |",
         f"| distortion | `{ev['distortion']}` (softmax) |",
