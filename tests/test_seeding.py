@@ -15,6 +15,7 @@ def test_the_stream_table_is_pinned():
         "VAL_NOISE": 31,
         "TEST_NOISE": 32,
         "CALIBRATE": 40,
+        "SANITY": 50,
     }
 
 

@@ -49,6 +49,8 @@ class Stream(IntEnum):
     TEST_NOISE = 32
     #: The amortized explainer's calibration: the noise that picks each image's sparsity shift.
     CALIBRATE = 40
+    #: The evaluation's sanity checks: re-initialising a classifier layer (with the layer's index).
+    SANITY = 50
 
 
 _MASK63 = 2**63 - 1

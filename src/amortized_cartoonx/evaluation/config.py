@@ -1,4 +1,5 @@
-"""The settings of an evaluation run (the explainers' own settings live in :class:`~.attribution.MethodContext`)."""
+"""The settings of an evaluation run (the explainers' own settings live in :class:`~.attribution.MethodContext`),
+and of its sanity checks."""
 
 from __future__ import annotations
 
@@ -10,6 +11,30 @@ from ..methods import DEFAULT_METHODS
 from ..rde import DISTORTIONS, OBFUSCATIONS
 from .curves import DEFAULT_RATES, rate_grid
 from .lambdas import DEFAULT_LAMBDAS, LAMBDA_METHODS
+
+
+@dataclass
+class SanityConfig:
+    """Settings of the sanity checks by model randomisation (:mod:`.sanity`).
+
+    Attributes:
+        enabled: run them (``cartoonx evaluate --sanity``). Default False.
+        depths: the cascade depths, numbers of top layers randomised (each at least 1); all layers are always
+            added as the last depth. None: :func:`~.sanity.cascade_depths`' default (the top layer, a quarter, half and
+            three quarters of the layers).
+        limit: check only the first ``limit`` images of the run; None: all of them.
+    """
+
+    enabled: bool = False
+    depths: tuple[int, ...] | None = None
+    limit: int | None = None
+
+    def validate(self) -> SanityConfig:
+        if self.depths is not None and (not self.depths or any(d < 1 for d in self.depths)):
+            raise ConfigError(f"sanity depths must be at least 1 layer each, got {list(self.depths)}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"the sanity checks' image limit must be positive, got {self.limit}")
+        return self
 
 
 @dataclass
@@ -35,6 +60,7 @@ class EvaluationConfig:
         max_batch: classifier inputs per forward pass when measuring curves.
         cache: keep per-image results in ``DIR/cache`` and reuse them.
         progress: show progress bars.
+        sanity: the sanity checks by model randomisation (:mod:`.sanity`); off by default.
     """
 
     methods: tuple[str, ...] = DEFAULT_METHODS
@@ -54,6 +80,7 @@ class EvaluationConfig:
     max_batch: int = 128
     cache: bool = True
     progress: bool = True
+    sanity: SanityConfig = field(default_factory=SanityConfig)
 
     def validate(self) -> EvaluationConfig:
         if not self.methods:
@@ -74,6 +101,7 @@ class EvaluationConfig:
             raise ConfigError(f"outline_radius must be at least 1 pixel, got {self.outline_radius}")
         if self.examples < 0:
             raise ConfigError(f"examples must be at least 0, got {self.examples}")
+        self.sanity.validate()
         DISTORTIONS.get(self.distortion)
         OBFUSCATIONS.get(self.obfuscation)
         for method, grid in self.lambdas.items():

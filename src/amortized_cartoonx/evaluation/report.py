@@ -5,9 +5,11 @@
   ``curve`` is ``keep`` (a), ``randomise`` (b) or ``lambda`` (c; then ``r`` is the image's mask mean and
   ``lambda`` the sparsity weight).
 - ``summary.json``: per method the mean and standard error over images of each area, of the seconds per
-  explanation and, with ground truth, of each localisation metric; panel (c) per lambda; the settings.
+  explanation and, with ground truth, of each localisation metric (and the chance levels); panel (c) per lambda;
+  the sanity checks; the settings.
 - ``rate_distortion.png``: the three panels of the paper's Fig. 7 (mean curve, band = +-1 standard error).
 - ``examples.png``: the first images, one column per method (explanation image or heat map).
+- ``sanity.png`` (with the sanity checks): rows methods, columns the cascade depths of the model randomisation.
 - ``report.md``: the command, the settings, the tables and the figures.
 
 Titles and colours come from the method table (:data:`~amortized_cartoonx.methods.METHOD_TABLE`).
@@ -125,7 +127,33 @@ def summary(results: EvaluationResults) -> dict:
     }
     if results.ground_truth_chance:
         out["ground_truth_chance"] = {k: mean_se(v) for k, v in results.ground_truth_chance.items()}
+    if results.sanity is not None:
+        out["sanity"] = sanity_summary(results)
     return out
+
+
+def depth_label(depth: int, layers: list[str]) -> str:
+    """A cascade depth in words: ``top 3 (down to features.6)``, or ``all 13`` for every layer."""
+    if depth >= len(layers):
+        return f"all {len(layers)}"
+    return f"top {depth} (down to {layers[-depth]})"
+
+
+def sanity_summary(results: EvaluationResults) -> dict:
+    """summary.json's ``sanity``: the layers, the depths, and per method and comparison the mean and standard
+    error over images at each depth."""
+    s = results.sanity
+    return {
+        "images": s.ids,
+        "seed": s.seed,
+        "layers": s.layers,
+        "depths": [{"depth": d, "label": depth_label(d, s.layers)} for d in s.depths],
+        "methods": {
+            name: {c: [mean_se(row) for row in values] for c, values in comparisons.items()}
+            for name, comparisons in s.scores.items()
+        },
+        "computed_this_run": s.computed,
+    }
 
 
 # ---- figures ------------------------------------------------------------------------------------------------------
@@ -237,6 +265,71 @@ def examples_figure(results: EvaluationResults, class_names: list[str] | None = 
     return fig
 
 
+def sanity_figure(results: EvaluationResults) -> Figure | None:
+    """Rows: methods; columns: the first image's picture under the trained classifier, then under each cascade
+    depth; last column: mean Spearman correlation and SSIM (+-1 standard error) against depth."""
+    s = results.sanity
+    if s is None or not s.pictures:
+        return None
+    names = list(s.pictures)
+    cols = 2 + len(s.depths) + 1  # input, trained, depths, plot
+    fig = Figure(figsize=(1.7 * cols + 1.2, 1.8 * len(names) + 0.6))
+    axes = np.atleast_2d(fig.subplots(len(names), cols, squeeze=False))
+    x = np.arange(len(s.depths))
+    for r, name in enumerate(names):
+        heat = results.methods[name].representation == "pixel" if name in results.methods else False
+        for c in range(cols - 1):
+            ax = axes[r, c]
+            ax.axis("off")
+            if c == 0:
+                if r == 0 and s.image is not None:
+                    ax.imshow(s.image.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+                    ax.set_title(f"{s.ids[0]}", fontsize=6)
+                continue
+            ax.imshow(
+                s.pictures[name][c - 1, 0].numpy(),
+                cmap="inferno" if heat else "gray",
+                vmin=0,
+                vmax=1,
+                interpolation="nearest",
+            )
+            if r == 0:
+                label = "trained" if c == 1 else depth_label(s.depths[c - 2], s.layers).replace(" (", "\n(")
+                ax.set_title(label, fontsize=6)
+            if c == 1:
+                ax.text(
+                    -0.08, 0.5, title(name), transform=ax.transAxes, rotation=90, ha="right", va="center", fontsize=7
+                )
+        ax = axes[r, -1]
+        for comparison, marker in (("spearman", "o"), ("ssim", "s")):
+            values = s.scores[name][comparison]
+            stats = [mean_se(row) for row in values]
+            ax.errorbar(
+                x,
+                [st["mean"] for st in stats],
+                yerr=[st["se"] for st in stats],
+                marker=marker,
+                markersize=3,
+                capsize=2,
+                label="Spearman" if comparison == "spearman" else "SSIM",
+            )
+        ax.set_ylim(-0.3, 1.05)
+        ax.axhline(0, color="grey", linewidth=0.5)
+        ax.set_xticks(x, [str(d) for d in s.depths], fontsize=6)
+        ax.tick_params(labelsize=6)
+        ax.grid(alpha=0.3)
+        if r == 0:
+            ax.legend(fontsize=6)
+            ax.set_title("vs trained (mean)", fontsize=7)
+        if r == len(names) - 1:
+            ax.set_xlabel("top layers randomised", fontsize=6)
+    fig.suptitle(
+        f"Sanity check: weights randomised in cascade from the top ({len(s.ids)} images, seed {s.seed})", fontsize=8
+    )
+    fig.tight_layout()
+    return fig
+
+
 # ---- report.md -----------------------------------------------------------------------------------------------------
 def _fmt(stat: dict, digits: int = 4) -> str:
     if not stat or stat.get("n", 0) == 0 or not math.isfinite(stat["mean"]):
@@ -288,6 +381,33 @@ def ground_truth_markdown(methods: dict, chance: dict, evaluation_settings: dict
         "",
         *_ground_truth_table(methods, chance, DETAIL_GROUND_TRUTH),
     ]
+
+
+def sanity_markdown(sanity: dict) -> list[str]:
+    """The sanity checks' section of report.md: Spearman and SSIM per method (rows) and depth (columns)."""
+    labels = [d["label"] for d in sanity["depths"]]
+    lines = [
+        "",
+        "## Sanity checks: model randomisation",
+        "",
+        f"The first {len(sanity['images'])} images explained again (the trained classifier's class) with the "
+        f"classifier's weights randomised in cascade from the top layer (columns: the layers randomised; the last: "
+        f"all {len(sanity['layers'])} at once; seed {sanity['seed']}), compared with the trained classifier's "
+        "explanation: Spearman rank correlation of the relevance (the method's own ranking scores) and SSIM of the "
+        "pictures. Mean ± standard error over images. **Lower means the explanation depends on the weights**, as "
+        "it should; the trained explanation scores 1 against itself. Figure: `sanity.png`.",
+    ]
+    for comparison, heading in (("spearman", "Spearman rank correlation"), ("ssim", "SSIM")):
+        lines += [
+            "",
+            f"{heading}:",
+            "",
+            "| method | " + " | ".join(labels) + " |",
+            "| --- | " + " | ".join("---" for _ in labels) + " |",
+        ]
+        for name, values in sanity["methods"].items():
+            lines.append(f"| {title(name)} | " + " | ".join(_fmt(v, 3) for v in values[comparison]) + " |")
+    return lines
 
 
 def report_markdown(results: EvaluationResults, summary_data: dict, figures: list[str]) -> str:
@@ -350,6 +470,8 @@ def report_markdown(results: EvaluationResults, summary_data: dict, figures: lis
         )
     if results.has_ground_truth:
         lines += ground_truth_markdown(methods, summary_data.get("ground_truth_chance", {}), ev)
+    if "sanity" in summary_data:
+        lines += sanity_markdown(summary_data["sanity"])
     panel = summary_data["lambda_panel"]
     if panel:
         lines += [
@@ -396,5 +518,9 @@ def write_report(results: EvaluationResults, out_dir: str | Path, class_names: l
     if grid is not None:
         save_figure(grid, out / "examples.png")
         figures.append("examples.png")
+    sanity = sanity_figure(results)
+    if sanity is not None:
+        save_figure(sanity, out / "sanity.png")
+        figures.append("sanity.png")
     atomic_write_text(out / "report.md", report_markdown(results, data, figures))
     return data

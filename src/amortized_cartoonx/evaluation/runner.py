@@ -12,6 +12,9 @@ progress bar, save each batch), so an interrupted run resumes and a new method r
    share of each method's pixel relevance on the decisive object vs the distractors and on its outline, the
    pointing game, and the same on the explanation's detail part (wavelet-aware, :mod:`.details`).
 5. **examples** (:func:`.maps.example_pictures`): the pictures of the first images.
+6. **sanity** (:func:`.sanity.sanity_checks`, with ``config.sanity.enabled``): the first images explained again
+   under the classifier with its weights randomised in cascade from the top layer, compared with the trained
+   classifier's explanations.
 
 :func:`.report.write_report` then writes ``curves.csv``, ``summary.json``, ``rate_distortion.png``,
 ``examples.png`` and ``report.md``.
@@ -39,6 +42,7 @@ from .localisation import localise
 from .maps import example_pictures
 from .methods import build_methods
 from .results import EvaluationResults, MethodResults
+from .sanity import sanity_checks, sanity_problem
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +83,10 @@ class Evaluation:
         self.class_names = class_names
         self.command = command
         self.cache = ResultCache(self.out_dir / "cache" if config.cache else None)
+        if self.config.sanity.enabled:
+            problem = sanity_problem(classifier)
+            if problem:
+                raise ConfigError(problem)
         #: phase -> method -> images computed by the last :meth:`run` (the rest came from the cache)
         self.computed: dict[str, dict[str, int]] = {"explanations": {}, "curves": {}, "lambda": {}}
 
@@ -111,6 +119,10 @@ class Evaluation:
             self.computed["lambda"] = panel.computed
             ground_truth = localise(run, methods, explained, self.context.wavelet())
             examples = example_pictures(run, methods, explained)
+            sanity = None
+            if self.config.sanity.enabled:
+                sanity = sanity_checks(run, methods, explained, self.context)
+                self.computed["sanity"] = sanity.computed
 
         ids = run.ids
         results = {}
@@ -141,6 +153,7 @@ class Evaluation:
             computed=self.computed,
             has_ground_truth=bool(ground_truth.metrics),
             ground_truth_chance=ground_truth.chance,
+            sanity=sanity,
         )
 
     def settings(self) -> dict:
