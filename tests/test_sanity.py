@@ -92,7 +92,8 @@ def test_spearman_and_ssim():
     assert spearman(a, 2 * a + 1) == pytest.approx(1.0)
     assert spearman(a, -a) == pytest.approx(-1.0)
     assert spearman([1, 1, 2, 3], [1, 2, 2, 3]) == pytest.approx(5 / 6)  # ties share their average rank
-    assert math.isnan(spearman([0, 0, 0], [1, 2, 3]))
+    assert spearman([0, 0, 0], [1, 2, 3]) == 0.0  # a constant vector ranks nothing: a random ordering's 0
+    assert math.isnan(spearman([0, 0, 0], [1, 1, 1]))
     gen = torch.Generator().manual_seed(0)
     picture = torch.rand(1, 32, 32, generator=gen)
     assert ssim(picture, picture) == pytest.approx(1.0)
@@ -142,7 +143,7 @@ def test_a_tiny_run_writes_the_sanity_table_and_figure(tmp_path):
     assert [d["depth"] for d in sanity["depths"]] == [1, 4] and sanity["depths"][-1]["label"] == "all 4"
     assert set(sanity["methods"]) == {"cartoonx", "smoothgrad", "grad-cam"}  # random orderings are not checked
     for values in sanity["methods"].values():
-        assert [len(values[c]) for c in ("spearman", "ssim")] == [2, 2]
+        assert [len(values[c]) for c in ("spearman", "ssim", "constant")] == [2, 2, 2]
         assert all(v["n"] <= 2 and (v["n"] == 0 or -1.0 <= v["mean"] <= 1.0) for c in values for v in values[c])
     assert sanity["methods"]["smoothgrad"]["spearman"][-1]["mean"] < 0.9  # the gradient did change
     report = (out / "report.md").read_text()

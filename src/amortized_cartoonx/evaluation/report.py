@@ -397,7 +397,12 @@ def sanity_markdown(sanity: dict) -> list[str]:
         "pictures. Mean ± standard error over images. **Lower means the explanation depends on the weights**, as "
         "it should; the trained explanation scores 1 against itself. Figure: `sanity.png`.",
     ]
-    for comparison, heading in (("spearman", "Spearman rank correlation"), ("ssim", "SSIM")):
+    comparisons = (
+        ("spearman", "Spearman rank correlation (a constant explanation against a non-constant one: 0)"),
+        ("ssim", "SSIM of the pictures"),
+        ("constant", "Share of randomised explanations that are constant (rank nothing, e.g. an all-zero mask)"),
+    )
+    for comparison, heading in comparisons:
         lines += [
             "",
             f"{heading}:",

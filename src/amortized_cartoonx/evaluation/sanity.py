@@ -25,8 +25,12 @@ Gaussian parameters with each tensor's own mean and standard deviation. Everythi
 one's:
 
 - ``spearman``: Spearman's rank correlation of the two relevance vectors in the method's own representation (the
-  scores the curves rank: a mask's entries, or |attribution| per pixel), ties sharing their average rank; NaN
-  (left out of the means) when a vector is constant;
+  scores the curves rank: a mask's entries, or |attribution| per pixel), ties sharing their average rank. A
+  constant vector (e.g. an all-zero mask: the optimizer found nothing worth keeping) ranks nothing, and the curves
+  would order it at random: against a non-constant one it scores 0 (what a random ordering scores in
+  expectation); two constant vectors are left out (NaN);
+- ``constant``: 1 when the randomised explanation is constant (it ranks nothing), else 0; its mean is the share
+  of such images, stated beside the correlations;
 - ``ssim``: the structural similarity (Gaussian window 11, sigma 1.5, data range 1) of the two pictures of the
   example grid (:func:`.maps.display_image`: the CartoonX explanation image for wavelet masks, the mask for pixel
   masks, the heat map scaled to its 99th percentile for attributions).
@@ -61,7 +65,7 @@ from .explanations import ExplainedImage, explain_images, explanation_key
 from .maps import display_image
 
 #: The comparisons of a randomised explanation with the trained one (the module docstring defines them).
-COMPARISONS = ("spearman", "ssim")
+COMPARISONS = ("spearman", "ssim", "constant")
 #: SSIM's Gaussian window (side, sigma) and constants (Wang et al., 2004).
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
@@ -155,14 +159,17 @@ def _average_ranks(values: np.ndarray) -> np.ndarray:
 
 
 def spearman(a: Tensor | np.ndarray, b: Tensor | np.ndarray) -> float:
-    """Spearman's rank correlation of two vectors (ties share their average rank); NaN when one is constant."""
+    """Spearman's rank correlation of two vectors (ties share their average rank); 0 when exactly one of them is
+    constant (it ranks nothing), NaN when both are."""
     x = _average_ranks(np.asarray(a, dtype=np.float64).ravel())
     y = _average_ranks(np.asarray(b, dtype=np.float64).ravel())
     if x.size != y.size:
         raise ValueError(f"cannot correlate vectors of {x.size} and {y.size} entries")
     x, y = x - x.mean(), y - y.mean()
-    denominator = math.sqrt(float((x * x).sum()) * float((y * y).sum()))
-    return float((x * y).sum() / denominator) if denominator > 0 else float("nan")
+    var_x, var_y = float((x * x).sum()), float((y * y).sum())
+    if var_x == 0 or var_y == 0:
+        return float("nan") if var_x == var_y else 0.0
+    return float((x * y).sum() / math.sqrt(var_x * var_y))
 
 
 def ssim(a: Tensor, b: Tensor) -> float:
@@ -197,7 +204,7 @@ class SanityResults:
         layers: the classifier's weight layers, bottom to top.
         depths: the cascade depths (top layers randomised), rising; the last is all layers.
         seed: the randomisation's seed (the run's).
-        scores: method -> comparison (``spearman``, ``ssim``) -> ``(len(depths), len(ids))``.
+        scores: method -> comparison (``spearman``, ``ssim``, ``constant``) -> ``(len(depths), len(ids))``.
         pictures: method -> ``(1 + len(depths), 1, H, W)``: the first image's picture under the trained
             classifier, then under each depth.
         image: ``(3, H, W)`` the first image (None without images).
@@ -279,9 +286,9 @@ def sanity_checks(run: RunContext, methods: dict, explained: dict[str, dict[str,
                 found = explain_images(twin_run, method, key, targets[name], count)
                 computed[name] += found.computed
                 for j, image_id in enumerate(ids):
-                    scores[name]["spearman"][d, j] = spearman(
-                        explained[name][image_id].relevance, found.records[image_id].relevance
-                    )
+                    randomised = found.records[image_id].relevance
+                    scores[name]["spearman"][d, j] = spearman(explained[name][image_id].relevance, randomised)
+                    scores[name]["constant"][d, j] = float(bool((randomised == randomised[0]).all()))
                 for lo in range(0, count, run.config.batch_size):
                     batch = list(range(lo, min(count, lo + run.config.batch_size)))
                     images = run.images.load(batch)
