@@ -548,6 +548,7 @@ def test_ground_truth_metrics_for_every_method(tmp_path):
     report = (out / "report.md").read_text()
     assert "## Ground truth" in report and "**Detail part**" in report and "*chance (area share)*" in report
     assert len(rate_distortion_figure(results).axes) == 2  # no lambda grid: no empty third panel
+    assert (out / "ground_truth.png").stat().st_size > 0 and "ground_truth.png" in report
 
 
 # ---- amortized and warm start ------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ cheap and not cached.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -131,11 +131,20 @@ def chance_levels(
 
 @dataclass
 class Localisation:
-    """Phase 4's result: per method, metric name -> ``(n,)``; ``chance``: region -> ``(n,)`` area fractions
-    (:func:`chance_levels`). Both empty when the folder has no ground truth."""
+    """Phase 4's result (all empty when the folder has no ground truth).
+
+    Attributes:
+        metrics: per method, metric name -> ``(n,)``.
+        chance: region -> ``(n,)`` area fractions (:func:`chance_levels`).
+        example_regions: ``(e, H, W)`` uint8 for the first ``config.examples`` images: 0 background, 1 object,
+            2 outline band (drawn over the object), 3 distractors; None without ground truth.
+        example_detail: per method, ``(e, H, W)`` its coefficient energy map M (:mod:`.details`) of those images.
+    """
 
     metrics: dict[str, dict[str, np.ndarray]]
     chance: dict[str, np.ndarray]
+    example_regions: Tensor | None = None
+    example_detail: dict[str, Tensor] = field(default_factory=dict)
 
 
 def localise(
@@ -157,18 +166,35 @@ def localise(
     object_mask, distractor_mask = load_ground_truth_masks(path, ids, run.images.size)
     detail_maps = DetailMaps(wavelet)
     values: dict[str, dict[str, list[float]]] = {name: {} for name in methods}
+    example_detail: dict[str, list[Tensor]] = {}
     chance = {k: v.double().numpy() for k, v in chance_levels(object_mask, distractor_mask, radius).items()}
     with progress_bar(len(ids), "ground truth", run.config.progress) as bar:
         for batch in batches(range(len(ids)), run.config.batch_size):
             images = run.images.load(batch)
             obj = object_mask[batch].to(run.device)
             dis = distractor_mask[batch].to(run.device)
+            details = {}
             for name, method in methods.items():
                 relevance = torch.stack([explained[name][ids[i]].relevance for i in batch]).to(run.device)
                 maps = pixel_relevance(method, images, relevance)  # (n, H, W)
                 detail = detail_maps(method, images, relevance)
+                details[name] = detail.coefficient_energy
                 for metric, v in localisation_metrics(maps, obj, dis, detail, radius).items():
                     values[name].setdefault(metric, []).extend(v.detach().cpu().double().tolist())
+            for name in methods:
+                if batch[0] < run.config.examples:
+                    shown = [k for k, i in enumerate(batch) if i < run.config.examples]
+                    example_detail.setdefault(name, []).append(details[name][shown].cpu())
             bar.update(len(batch))
     metrics = {name: {k: np.asarray(v) for k, v in m.items()} for name, m in values.items()}
-    return Localisation(metrics, chance)
+    shown = min(run.config.examples, len(ids))
+    regions = None
+    if shown:
+        obj, dis = object_mask[:shown], distractor_mask[:shown]
+        regions = torch.zeros(obj.shape, dtype=torch.uint8)
+        regions[dis & ~obj] = 3
+        regions[obj] = 1
+        regions[outline_band(obj, radius)] = 2
+    return Localisation(
+        metrics, chance, regions, {name: torch.cat(maps) for name, maps in example_detail.items() if maps}
+    )

@@ -9,6 +9,8 @@
   the sanity checks; the settings.
 - ``rate_distortion.png``: the three panels of the paper's Fig. 7 (mean curve, band = +-1 standard error).
 - ``examples.png``: the first images, one column per method (explanation image or heat map).
+- ``ground_truth.png`` (with ground truth): per example image, each method's detail-coefficient energy map with
+  the decisive object's outline band.
 - ``sanity.png`` (with the sanity checks): rows methods, columns the cascade depths of the model randomisation.
 - ``report.md``: the command, the settings, the tables and the figures.
 
@@ -261,6 +263,40 @@ def examples_figure(results: EvaluationResults, class_names: list[str] | None = 
                 axes[r, c].set_title(title(name), fontsize=7)
     for ax in axes.flat:
         ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def ground_truth_figure(results: EvaluationResults) -> Figure | None:
+    """Where each method's kept detail energy sits: one row per example image, the input with its regions, then
+    per method the coefficient energy map M (scaled to its maximum) with the outline band's edges drawn on it and
+    the image's ``detail_outline`` share in the title."""
+    regions, detail = results.ground_truth_examples
+    if regions is None or not detail or results.example_images is None:
+        return None
+    names = [n for n in results.methods if n in detail]
+    rows = min(regions.shape[0], results.example_images.shape[0])
+    cols = 1 + len(names)
+    fig = Figure(figsize=(1.9 * cols, 2.0 * rows + 0.5))
+    axes = np.atleast_2d(fig.subplots(rows, cols, squeeze=False))
+    for r in range(rows):
+        band = (regions[r] == 2).numpy().astype(float)
+        ax = axes[r, 0]
+        ax.imshow(results.example_images[r].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+        ax.contour(band, levels=[0.5], colors="cyan", linewidths=0.6)
+        ax.contour((regions[r] == 3).numpy().astype(float), levels=[0.5], colors="red", linewidths=0.6)
+        ax.set_title(f"{results.ids[r]}\noutline band (cyan), distractors (red)", fontsize=6)
+        for c, name in enumerate(names, start=1):
+            ax = axes[r, c]
+            m = detail[name][r].numpy()
+            ax.imshow(m / max(float(m.max()), 1e-12), cmap="magma", vmin=0, vmax=1, interpolation="nearest")
+            ax.contour(band, levels=[0.5], colors="cyan", linewidths=0.4)
+            share = results.methods[name].ground_truth.get("detail_outline")
+            label = f"{title(name)}\n" if r == 0 else ""
+            ax.set_title(label + (f"on outline {share[r]:.2f}" if share is not None else ""), fontsize=6)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.suptitle("Detail-coefficient energy M (each method's kept fine-scale structure), scaled per map", fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -523,6 +559,10 @@ def write_report(results: EvaluationResults, out_dir: str | Path, class_names: l
     if grid is not None:
         save_figure(grid, out / "examples.png")
         figures.append("examples.png")
+    truth = ground_truth_figure(results)
+    if truth is not None:
+        save_figure(truth, out / "ground_truth.png")
+        figures.append("ground_truth.png")
     sanity = sanity_figure(results)
     if sanity is not None:
         save_figure(sanity, out / "sanity.png")

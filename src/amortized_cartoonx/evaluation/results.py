@@ -74,6 +74,8 @@ class EvaluationResults:
         has_ground_truth: whether the folder had ground truth (then ``MethodResults.ground_truth`` is filled).
         ground_truth_chance: region (``object``, ``distractors``, ``outline``) -> ``(n,)`` its area fraction per
             image, the chance level of the shares (empty without ground truth).
+        ground_truth_examples: ``(regions, detail)`` of the first example images (see
+            :class:`~.localisation.Localisation`: ``example_regions``, ``example_detail``), ``(None, {})`` without.
         sanity: the sanity checks by model randomisation (:class:`~.sanity.SanityResults`), or None.
     """
 
@@ -89,4 +91,5 @@ class EvaluationResults:
     computed: dict[str, dict[str, int]]
     has_ground_truth: bool
     ground_truth_chance: dict[str, np.ndarray] = field(default_factory=dict)
+    ground_truth_examples: tuple[Tensor | None, dict[str, Tensor]] = (None, {})
     sanity: SanityResults | None = None

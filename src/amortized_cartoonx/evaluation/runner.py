@@ -153,6 +153,7 @@ class Evaluation:
             computed=self.computed,
             has_ground_truth=bool(ground_truth.metrics),
             ground_truth_chance=ground_truth.chance,
+            ground_truth_examples=(ground_truth.example_regions, ground_truth.example_detail),
             sanity=sanity,
         )
 
