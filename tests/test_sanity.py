@@ -123,7 +123,7 @@ def test_a_tiny_run_writes_the_sanity_table_and_figure(tmp_path):
     classifier = wrap_classifier(trained_cnn())
     reference = copy.deepcopy(classifier.state_dict())
 
-    def run():
+    def run(folder=out):
         ctx = MethodContext(classifier, "tiny", image_size=SIZE, optimizer=FAST_OPT, levels=2, baselines=FAST_BASE)
         config = EvaluationConfig(
             methods=("cartoonx", "smoothgrad", "grad-cam", "random-pixel"),
@@ -134,7 +134,7 @@ def test_a_tiny_run_writes_the_sanity_table_and_figure(tmp_path):
             progress=False,
             sanity=SanityConfig(enabled=True, depths=(1,), limit=2),
         )
-        evaluation = Evaluation(classifier, images_dir, out, config, ctx)
+        evaluation = Evaluation(classifier, images_dir, folder, config, ctx)
         return evaluation, evaluation.run()
 
     evaluation, results = run()
@@ -158,6 +158,10 @@ def test_a_tiny_run_writes_the_sanity_table_and_figure(tmp_path):
     np.testing.assert_array_equal(
         second.sanity.scores["cartoonx"]["spearman"], results.sanity.scores["cartoonx"]["spearman"]
     )
+    _, fresh = run(tmp_path / "fresh")  # computed again from scratch: bit-identical
+    for name, scores in results.sanity.scores.items():
+        for comparison, values in scores.items():
+            np.testing.assert_array_equal(fresh.sanity.scores[name][comparison], values)
 
 
 def test_the_command_line_runs_the_sanity_checks(tmp_path, capsys):
