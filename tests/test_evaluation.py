@@ -16,12 +16,13 @@ from torch import nn
 
 from amortized_cartoonx.classifiers import load_classifier, wrap_classifier
 from amortized_cartoonx.cli import main
-from amortized_cartoonx.errors import InputError
+from amortized_cartoonx.errors import ConfigError, InputError
 from amortized_cartoonx.evaluation import curves as curves_mod
 from amortized_cartoonx.evaluation import lambdas as lambdas_mod
 from amortized_cartoonx.evaluation.attribution import EvaluationMethod
 from amortized_cartoonx.evaluation.cache import JsonStore, ResultCache, cached_map
 from amortized_cartoonx.evaluation.curves import (
+    DEFAULT_RATES,
     area,
     binary_masks,
     rank_positions,
@@ -39,7 +40,7 @@ from amortized_cartoonx.evaluation.methods import (
     build_methods,
     method_names,
 )
-from amortized_cartoonx.evaluation.report import write_report
+from amortized_cartoonx.evaluation.report import rate_distortion_figure, write_report
 from amortized_cartoonx.evaluation.runner import Evaluation, EvaluationConfig
 from amortized_cartoonx.methods import ALL_METHODS, DEFAULT_METHODS, method_info
 from amortized_cartoonx.optimizer import OptimizerConfig
@@ -172,6 +173,22 @@ def test_area_is_the_trapezoid_rule_and_early_interpolates():
     rates = [0.0, 0.5, 1.0]
     assert area(rates, [1.0, 1.0, 0.0]) == pytest.approx(0.75)
     assert area(rates, [0.0, 1.0, 1.0], upto=0.25) == pytest.approx(0.25 * 0.5 / 2)
+    # any spacing: the trapezoids follow the actual rates
+    assert area([0.0, 0.01, 0.1, 1.0], [1.0, 0.0, 0.0, 0.0]) == pytest.approx(0.005)
+    assert area(rate_grid(), [1.0 - r for r in rate_grid()]) == pytest.approx(0.5)
+
+
+def test_the_default_rate_grid_is_dense_at_low_rates_and_grids_are_checked():
+    grid = rate_grid()
+    assert grid == list(DEFAULT_RATES) and grid[0] == 0.0 and grid[-1] == 1.0 and len(grid) == 21
+    assert sum(r < 0.1 for r in grid) >= 10  # the old default (steps of 0.05) had 2 points below 0.1
+    assert rate_grid(5) == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert rate_grid((0, 0.01, 1)) == [0.0, 0.01, 1.0]
+    for bad in (1, (0.0, 0.5), (0.1, 1.0), (0.0, 0.5, 0.5, 1.0), (0.0, float("nan"), 1.0), (0.0, 1.5, 1.0)):
+        with pytest.raises(ConfigError):
+            rate_grid(bad)
+    with pytest.raises(ConfigError):
+        EvaluationConfig(rates=(0.0, 0.2)).validate()
 
 
 # ---- maps -------------------------------------------------------------------------------------------------------
@@ -295,6 +312,7 @@ def test_run_writes_every_file_resumes_and_adds_methods(tmp_path, count_explains
     assert keep_end and all(float(r["distortion"]) == 0.0 for r in keep_end)
     report = (out / "report.md").read_text()
     assert "| CartoonX | wavelet |" in report and "rate_distortion.png" in report
+    assert len(rate_distortion_figure(results).axes) == 3  # with panel (c)
 
     count_explains.clear()
     again = make_run(images_dir, out, ["cartoonx", "random-pixel"]).run()
@@ -448,12 +466,13 @@ def scripted_classifier(tmp_path) -> Path:
 def test_cli_runs_and_skips_grad_cam_on_torchscript(tmp_path, scripted_classifier, caplog):
     images_dir = write_folder(tmp_path / "images", 2)
     out = tmp_path / "out"
-    methods = ["--methods", "pixel-rde,grad-cam", "random-wavelet", "--steps", "2"]
+    methods = ["--methods", "pixel-rde,grad-cam", "random-wavelet", "--steps", "2", "--rates", "0,0.01,0.5,1"]
     args = evaluate_args(scripted_classifier, images_dir, out, *methods)
     with caplog.at_level(logging.WARNING):
         assert main(args) == 0
     assert "grad-cam" in caplog.text and "TorchScript" in caplog.text
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["rates"] == [0.0, 0.01, 0.5, 1.0] and len(summary["methods"]["pixel-rde"]["mean_curve"]["keep"]) == 4
     assert set(summary["methods"]) == {"pixel-rde", "random-wavelet"}
     assert "grad-cam" in summary["skipped"] and summary["lambda_panel"] == {}
     assert "grad-cam" in (out / "report.md").read_text() and "cartoonx evaluate" in (out / "report.md").read_text()
@@ -467,6 +486,8 @@ def test_cli_runs_and_skips_grad_cam_on_torchscript(tmp_path, scripted_classifie
         (["--methods", "warm", "--checkpoint", "missing.ckpt"], "checkpoint not found"),
         (["--lambdas", "vgg=1,2"], "panel (c)"),
         (["--rates", "1"], "rates must be at least 2"),
+        (["--rates", "0,0.5"], "--rates: a rate grid must rise strictly from 0 to 1"),
+        (["--rates", "fine"], "--rates: expected 'dense'"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, scripted_classifier, capsys, extra, message):
@@ -506,11 +527,28 @@ def test_ground_truth_metrics_for_every_method(tmp_path):
     results = make_run(images_dir, out, ["random-wavelet", "integrated-gradients"], lambdas={}).run()
     assert results.has_ground_truth
     data = write_report(results, out)
+    levels = [f"detail_{kind}_level{j}" for kind in ("fraction", "outline") for j in (1, 2)]  # levels=2
     for name in ("random-wavelet", "integrated-gradients"):
         gt = data["methods"][name]["ground_truth"]
-        assert set(gt) == {"energy_object", "energy_distractors", "energy_background", "pointing_game"}
+        assert set(gt) == {
+            "energy_object",
+            "energy_distractors",
+            "energy_background",
+            "energy_outline",
+            "pointing_game",
+            "detail_object",
+            "detail_distractors",
+            "detail_outline",
+            "detail_pointing_game",
+            *levels,
+        }
         assert all(0.0 <= gt[k]["mean"] <= 1.0 and gt[k]["n"] == 2 for k in gt)
-    assert "## Ground truth" in (out / "report.md").read_text()
+    assert set(data["ground_truth_chance"]) == {"object", "distractors", "outline"}
+    assert 0.0 < data["ground_truth_chance"]["outline"]["mean"] < 1.0
+    report = (out / "report.md").read_text()
+    assert "## Ground truth" in report and "**Detail part**" in report and "*chance (area share)*" in report
+    assert len(rate_distortion_figure(results).axes) == 2  # no lambda grid: no empty third panel
+    assert (out / "ground_truth.png").stat().st_size > 0 and "ground_truth.png" in report
 
 
 # ---- amortized and warm start ------------------------------------------------------------------------------------

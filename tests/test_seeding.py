@@ -17,6 +17,7 @@ def test_the_stream_table_is_pinned():
         "AUGMENT": 33,
         "TRAIN_ORDER": 34,
         "CALIBRATE": 40,
+        "SANITY": 50,
     }
 
 

@@ -84,13 +84,24 @@ def report_markdown(
         "## Localisation on the ground truth and rate-distortion areas",
         "",
         "Energy share: the share of a method's pixel relevance on the decisive object / on the distractors. "
-        "Pointing game: the strongest point of the relevance falls on the decisive object. Areas under curves "
-        "(a) keep the top r (lower is better) and (b) randomise the top r (higher is better); see "
-        "`evaluation/report.md`.",
+        "Pointing game: the strongest point of the relevance falls on the decisive object. Wavelet-aware (the "
+        "explanation's detail part: what it keeps of the fine-scale coefficients, levels 1..J): *detail on "
+        "outline*, the share of the kept detail-coefficient energy on the object's outline band (the decision "
+        "rule is the dark outline); *detail pointing*, the pointing game on the explanation minus its low-pass "
+        "reconstruction. Areas under curves (a) keep the top r (lower is better) and (b) randomise the top r "
+        "(higher is better). Means over the images; standard errors and the definitions: `evaluation/report.md`, "
+        "`docs/evaluation.md`.",
         "",
-        "| method | energy on object | energy on distractors | pointing game | area (a) | area (b) | seconds |",
-        "|---|---|---|---|---|---|---|",
+        "| method | energy on object | energy on distractors | pointing game | detail on outline | detail pointing "
+        "| area (a) | area (b) | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    chance = summary.get("ground_truth_chance", {})
+    if chance:
+        lines.append(
+            f"| *chance (area share)* | {chance['object']['mean']:.3f} | {chance['distractors']['mean']:.3f} | - | "
+            f"{chance['outline']['mean']:.3f} | - | - | - | - |"
+        )
     for name, entry in summary["methods"].items():
         gt = entry.get("ground_truth", {})
 
@@ -99,6 +110,7 @@ def report_markdown(
 
         lines.append(
             f"| {name} | {cell('energy_object')} | {cell('energy_distractors')} | {cell('pointing_game')} | "
+            f"{cell('detail_outline')} | {cell('detail_pointing_game')} | "
             f"{entry['area_keep']['mean']:.4f} | {entry['area_randomise']['mean']:.4f} | "
             f"{entry['seconds_per_explanation']['mean']:.4f} |"
         )

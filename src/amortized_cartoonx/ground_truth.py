@@ -17,6 +17,12 @@ summed over channels); here R is only taken.
   filter, default 3), falls on the object dilated by ``tolerance`` pixels (a disc; default
   :data:`DEFAULT_TOLERANCE` = 2 px, about 3% of a 64-px image). An all-zero map is a miss. Ties go to the
   first maximum in row-major order.
+* :func:`outline_band`: the band around the object's boundary, the object dilated by a disc of ``radius``
+  pixels minus the object eroded by it (default :data:`DEFAULT_OUTLINE_RADIUS` = 4 px: the synthetic scenes'
+  dark outline, 2 px wide at 64 px, plus the 2 to 3 px on either side of its edges that the energy of a
+  finest-level db3 wavelet on an edge reaches). :func:`region_share` is the share of R on any region (e.g. this
+  band), with the same all-zero rule as :func:`energy_share`; :func:`area_share` is a region's share of the
+  image, the chance level of both.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ DISTRACTOR_PREFIX = "distractors/"
 DEFAULT_TOLERANCE = 2
 #: Side of the box filter applied to R before its maximum is taken (1 = none).
 DEFAULT_SMOOTHING = 3
+#: Half-width in pixels of the outline band (:func:`outline_band`): a disc dilation minus a disc erosion.
+DEFAULT_OUTLINE_RADIUS = 4
 
 
 def read_ground_truth(folder: str | Path) -> dict[str, tuple[Tensor, Tensor]] | None:
@@ -158,6 +166,48 @@ def _disc_dilate(mask: Tensor, radius: int) -> Tensor:
     disc = ((r.view(-1, 1) ** 2 + r.view(1, -1) ** 2) <= radius**2 + 1e-6).float()[None, None]
     hits = F.conv2d(mask.float()[:, None], disc, padding=radius)
     return hits[:, 0] > 0.5
+
+
+def _disc_erode(mask: Tensor, radius: int) -> Tensor:
+    """``(N, H, W)`` bool eroded by a disc of ``radius`` pixels; outside the image counts as inside the mask (an
+    object cut by the image border has no boundary there)."""
+    return ~_disc_dilate(~mask, radius)
+
+
+def outline_band(object_mask: Tensor, radius: int = DEFAULT_OUTLINE_RADIUS) -> Tensor:
+    """The pixels within ``radius`` of the object's boundary: dilation minus erosion by a disc.
+
+    Args:
+        object_mask: ``(N, H, W)`` or ``(H, W)``, bool or 0/1.
+        radius: the band's half-width in pixels (default 4); the band is about ``2 * radius`` pixels wide.
+
+    Returns:
+        bool of the mask's shape. Empty for an empty object; the image border is not a boundary.
+    """
+    if radius < 1:
+        raise InputError(f"the outline band's radius must be at least 1 pixel, got {radius}")
+    mask = object_mask.bool()
+    squeeze = mask.dim() == 2
+    mask = mask[None] if squeeze else mask
+    band = _disc_dilate(mask, radius) & ~_disc_erode(mask, radius)
+    return band[0] if squeeze else band
+
+
+def region_share(relevance: Tensor, region: Tensor) -> Tensor:
+    """``(N,)``: the share of ``sum(R)`` on ``region`` (``(N, H, W)`` or ``(H, W)``); an all-zero map is scored
+    as a uniform one (the region's area fraction, :func:`area_share`), as in :func:`energy_share`."""
+    r, reg = _check(relevance, region)
+    total = r.sum(dim=(1, 2))
+    r = torch.where((total > 0).view(-1, 1, 1), r, torch.ones_like(r))
+    return (r * reg).sum(dim=(1, 2)) / r.sum(dim=(1, 2))
+
+
+def area_share(region: Tensor) -> Tensor:
+    """``(N,)``: the fraction of the image a region ``(N, H, W)`` or ``(H, W)`` covers (the chance level of a
+    share)."""
+    region = region.bool()
+    region = region[None] if region.dim() == 2 else region
+    return region.float().mean(dim=(1, 2))
 
 
 def pointing_game(

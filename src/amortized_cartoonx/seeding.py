@@ -53,6 +53,8 @@ class Stream(IntEnum):
     TRAIN_ORDER = 34
     #: The amortized explainer's calibration: the noise that picks each image's sparsity shift.
     CALIBRATE = 40
+    #: The evaluation's sanity checks: re-initialising a classifier layer (with the layer's index).
+    SANITY = 50
 
 
 _MASK63 = 2**63 - 1

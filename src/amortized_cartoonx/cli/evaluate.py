@@ -7,7 +7,8 @@ randomising the rest with adaptive Gaussian noise, (b) when randomising the top 
 curves, seconds per explanation, and ground-truth localisation when DIR has ground_truth.safetensors.
 
 Writes DIR/curves.csv, DIR/summary.json, DIR/rate_distortion.png, DIR/examples.png, DIR/report.md, and a
-per-image cache DIR/cache/ so an interrupted run resumes and new methods reuse the others' results.
+per-image cache DIR/cache/ so an interrupted run resumes and new methods reuse the others' results. With
+--sanity (nn.Module classifiers), also the sanity checks by model randomisation (DIR/sanity.png).
 
 Methods: cartoonx, pixel-rde, amortized and warm (need --checkpoint), integrated-gradients, smoothgrad,
 guided-backprop, grad-cam (nn.Module classifiers only), random-pixel, random-wavelet.
@@ -67,7 +68,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     ev = p.add_argument_group("curves")
     ev.add_argument(
-        "--rates", type=positive_int, default=21, metavar="K", help="rate grid points on [0, 1] (default 21)"
+        "--rates",
+        default="dense",
+        metavar="GRID",
+        help="the rate grid: 'dense' (the default: 21 rates, dense below 0.1, where the wavelet methods' curves "
+        "fall), a number K of evenly spaced points on [0, 1] (e.g. 21: steps of 0.05), or the rates themselves, "
+        "comma separated, rising from 0 to 1 (e.g. 0,0.01,0.05,0.2,1)",
     )
     ev.add_argument("--noise-draws", type=positive_int, default=8, help="noise draws averaged per rate (default 8)")
     ev.add_argument("--early-rate", type=positive_float, default=0.2, help="early areas over [0, R] (default 0.2)")
@@ -76,6 +82,33 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     ev.add_argument("--examples", type=nonnegative_int, default=4, help="images in the example grid (default 4)")
     ev.add_argument("--no-cache", action="store_true", help="recompute everything and write no cache")
+
+    gt = p.add_argument_group("ground truth (a folder with ground_truth.safetensors, e.g. the synthetic benchmark)")
+    gt.add_argument(
+        "--outline-radius",
+        type=positive_int,
+        default=4,
+        metavar="PX",
+        help="half-width in pixels of the decisive object's outline band (default 4; the outline is 2 px at 64 px)",
+    )
+
+    san = p.add_argument_group("sanity checks: model randomisation (nn.Module classifiers)")
+    san.add_argument(
+        "--sanity",
+        action="store_true",
+        help="explain the first images again with the classifier's weights randomised in cascade from the top "
+        "layer (and all at once), and compare: Spearman rank correlation and SSIM per method (sanity.png)",
+    )
+    san.add_argument(
+        "--sanity-depths",
+        default=None,
+        metavar="D,D,...",
+        help="numbers of top layers randomised, comma separated (all layers are always added); default: the top "
+        "layer, a quarter, half and three quarters of the layers with weights",
+    )
+    san.add_argument(
+        "--sanity-limit", type=positive_int, default=None, metavar="N", help="check only the first N images"
+    )
 
     lam = p.add_argument_group("panel (c): the exact optimizer over lambda")
     lam.add_argument(
@@ -135,6 +168,51 @@ def parse_lambdas(values: list[str] | None) -> dict[str, tuple[float, ...]]:
     return grids
 
 
+def parse_rates(text: str) -> int | tuple[float, ...]:
+    """``--rates``: ``dense`` -> the default grid, ``K`` -> K evenly spaced points, ``r0,r1,...`` -> that grid.
+
+    Raises:
+        ConfigError: text that is none of these, or a grid :func:`~amortized_cartoonx.evaluation.curves.rate_grid`
+            refuses (the message names ``--rates``).
+    """
+    from amortized_cartoonx.errors import ConfigError
+    from amortized_cartoonx.evaluation.curves import DEFAULT_RATES, rate_grid
+
+    text = text.strip()
+    try:
+        spec: int | tuple[float, ...]
+        if text == "dense":
+            spec = DEFAULT_RATES
+        elif "," in text:
+            spec = tuple(float(v) for v in text.split(",") if v.strip())
+        else:
+            spec = int(text)
+    except ValueError:
+        raise ConfigError(
+            f"--rates: expected 'dense', a number of points or comma-separated rates from 0 to 1, got {text!r}"
+        ) from None
+    try:
+        rate_grid(spec)
+    except ConfigError as exc:
+        raise ConfigError(f"--rates: {exc}") from None
+    return spec
+
+
+def parse_depths(text: str | None) -> tuple[int, ...] | None:
+    """``--sanity-depths 1,3,6`` -> ``(1, 3, 6)``; None -> None (the default depths)."""
+    from amortized_cartoonx.errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        depths = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"--sanity-depths: expected layer counts such as 1,3,6, got {text!r}") from None
+    if not depths or min(depths) < 1:
+        raise ConfigError(f"--sanity-depths: every depth must be at least 1 layer, got {text!r}")
+    return depths
+
+
 def command_line(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
     """The command that reproduces ``args``: every option whose value differs from its default."""
     parts = ["cartoonx", "evaluate"]
@@ -157,6 +235,7 @@ def command_line(parser: argparse.ArgumentParser, args: argparse.Namespace) -> s
 def run(args: argparse.Namespace) -> int:
     from amortized_cartoonx.classifiers import load_classifier
     from amortized_cartoonx.errors import ConfigError, InputError
+    from amortized_cartoonx.evaluation.config import SanityConfig
     from amortized_cartoonx.evaluation.methods import BaselineConfig, MethodContext, method_names
     from amortized_cartoonx.evaluation.report import write_report
     from amortized_cartoonx.evaluation.runner import Evaluation, EvaluationConfig
@@ -166,6 +245,8 @@ def run(args: argparse.Namespace) -> int:
     from .common import check_output_folder, optimizer_config, resolve_device
 
     methods = parse_methods(args.methods, args.checkpoint)
+    rates = parse_rates(args.rates)
+    sanity = SanityConfig(enabled=args.sanity, depths=parse_depths(args.sanity_depths), limit=args.sanity_limit)
     known = method_names()
     unknown = [m for m in methods if m not in known]
     if unknown:
@@ -182,16 +263,18 @@ def run(args: argparse.Namespace) -> int:
         methods=methods,
         limit=args.limit,
         batch_size=args.batch_size,
-        rates=args.rates,
+        rates=rates,
         noise_draws=args.noise_draws,
         early_rate=args.early_rate,
         seed=args.seed,
         lambdas=parse_lambdas(args.lambdas),
         lambda_steps=args.lambda_steps,
         lambda_limit=args.lambda_limit,
+        outline_radius=args.outline_radius,
         examples=args.examples,
         max_batch=args.max_batch,
         cache=not args.no_cache,
+        sanity=sanity,
     ).validate()
     list_images(args.images)  # a missing or empty folder fails before the classifier loads
     labels = read_class_names(args.labels)
@@ -220,7 +303,8 @@ def run(args: argparse.Namespace) -> int:
     results = evaluation.run()
     summary = write_report(results, args.out, labels)
     print(_table(summary))
-    print(f"wrote {args.out}/report.md, curves.csv, summary.json, rate_distortion.png, examples.png")
+    figures = "rate_distortion.png, examples.png" + (", sanity.png" if args.sanity else "")
+    print(f"wrote {args.out}/report.md, curves.csv, summary.json, {figures}")
     return 0
 
 
@@ -235,4 +319,9 @@ def _table(summary: dict) -> str:
         )
     for name, reason in summary["skipped"].items():
         rows.append(f"{name:<22} skipped: {reason}")
+    if "sanity" in summary:
+        rows.append(f"{'sanity: all layers randomised':<30} {'Spearman':>15} {'SSIM':>8}  (vs trained; low = depends)")
+        for name, values in summary["sanity"]["methods"].items():
+            rho, ssim = values["spearman"][-1]["mean"], values["ssim"][-1]["mean"]
+            rows.append(f"{name:<30} {rho:>15.3f} {ssim:>8.3f}")
     return "\n".join(rows)

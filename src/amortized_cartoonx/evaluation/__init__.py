@@ -8,8 +8,9 @@ Modules:
   gradients, random orderings), :mod:`.methods` (the full registry, :func:`~.methods.build_methods`);
 - the run: :mod:`.config` (settings), :mod:`.context` (what every phase reads), :mod:`.cache` (the per-image cache
   and :func:`~.cache.cached_map`), the phases :mod:`.explanations`, :mod:`.curves` (also the curves' maths),
-  :mod:`.lambdas` (panel c), :mod:`.localisation` (ground truth), :mod:`.maps` (pixel maps and example pictures),
-  :mod:`.runner` (the phases in order), :mod:`.results`;
+  :mod:`.lambdas` (panel c), :mod:`.localisation` (ground truth), :mod:`.details` (the explanation's detail part,
+  wavelet-aware), :mod:`.maps` (pixel maps and example pictures), :mod:`.sanity` (sanity checks by model
+  randomisation), :mod:`.runner` (the phases in order), :mod:`.results`;
 - :mod:`.report` (the output files); :mod:`.agreement` (mask agreement, for the amortized training).
 
 Example::

@@ -1,13 +1,40 @@
-"""The settings of an evaluation run (the explainers' own settings live in :class:`~.attribution.MethodContext`)."""
+"""The settings of an evaluation run (the explainers' own settings live in :class:`~.attribution.MethodContext`),
+and of its sanity checks."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from ..errors import ConfigError
+from ..ground_truth import DEFAULT_OUTLINE_RADIUS
 from ..methods import DEFAULT_METHODS
 from ..rde import DISTORTIONS, OBFUSCATIONS
+from .curves import DEFAULT_RATES, rate_grid
 from .lambdas import DEFAULT_LAMBDAS, LAMBDA_METHODS
+
+
+@dataclass
+class SanityConfig:
+    """Settings of the sanity checks by model randomisation (:mod:`.sanity`).
+
+    Attributes:
+        enabled: run them (``cartoonx evaluate --sanity``). Default False.
+        depths: the cascade depths, numbers of top layers randomised (each at least 1); all layers are always
+            added as the last depth. None: :func:`~.sanity.cascade_depths`' default (the top layer, a quarter, half and
+            three quarters of the layers).
+        limit: check only the first ``limit`` images of the run; None: all of them.
+    """
+
+    enabled: bool = False
+    depths: tuple[int, ...] | None = None
+    limit: int | None = None
+
+    def validate(self) -> SanityConfig:
+        if self.depths is not None and (not self.depths or any(d < 1 for d in self.depths)):
+            raise ConfigError(f"sanity depths must be at least 1 layer each, got {list(self.depths)}")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"the sanity checks' image limit must be positive, got {self.limit}")
+        return self
 
 
 @dataclass
@@ -18,7 +45,8 @@ class EvaluationConfig:
         methods: the methods to compare (names of :data:`~.methods.METHODS`).
         limit: evaluate only the first ``limit`` images of the folder (sorted by name); None: all.
         batch_size: images explained and measured together.
-        rates: points of the rate grid on [0, 1]. Default 21 (steps of 0.05).
+        rates: the rate grid on [0, 1]: a tuple of rates rising strictly from 0 to 1, or a number K of evenly
+            spaced points. Default :data:`~.curves.DEFAULT_RATES` (21 rates, dense below 0.1).
         noise_draws: noise draws per rate (averaged). Default 8.
         early_rate: the "early" areas integrate over [0, early_rate]. Default 0.2.
         seed: the global seed; image seeds are derived from it and the file names.
@@ -27,16 +55,18 @@ class EvaluationConfig:
         lambdas: panel (c) grid per method (``cartoonx``, ``pixel-rde``); empty to skip the panel.
         lambda_steps: optimizer steps of panel (c); None: the main optimizer's.
         lambda_limit: images of panel (c) (the first ones); None: all.
+        outline_radius: half-width in pixels of the decisive object's outline band (ground truth). Default 4.
         examples: images shown in the example grid.
         max_batch: classifier inputs per forward pass when measuring curves.
         cache: keep per-image results in ``DIR/cache`` and reuse them.
         progress: show progress bars.
+        sanity: the sanity checks by model randomisation (:mod:`.sanity`); off by default.
     """
 
     methods: tuple[str, ...] = DEFAULT_METHODS
     limit: int | None = None
     batch_size: int = 4
-    rates: int = 21
+    rates: int | tuple[float, ...] = DEFAULT_RATES
     noise_draws: int = 8
     early_rate: float = 0.2
     seed: int = 0
@@ -45,10 +75,12 @@ class EvaluationConfig:
     lambdas: dict[str, tuple[float, ...]] = field(default_factory=lambda: dict(DEFAULT_LAMBDAS))
     lambda_steps: int | None = None
     lambda_limit: int | None = None
+    outline_radius: int = DEFAULT_OUTLINE_RADIUS
     examples: int = 4
     max_batch: int = 128
     cache: bool = True
     progress: bool = True
+    sanity: SanityConfig = field(default_factory=SanityConfig)
 
     def validate(self) -> EvaluationConfig:
         if not self.methods:
@@ -58,16 +90,18 @@ class EvaluationConfig:
         for name in ("batch_size", "noise_draws", "max_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.rates < 2:
-            raise ConfigError(f"rates must be at least 2 (0 and 1), got {self.rates}")
+        rate_grid(self.rates)  # raises ConfigError for a bad grid
         for name in ("limit", "lambda_limit", "lambda_steps"):
             value = getattr(self, name)
             if value is not None and value < (0 if name == "lambda_steps" else 1):
                 raise ConfigError(f"{name} must be positive, got {value}")
         if not 0 < self.early_rate <= 1:
             raise ConfigError(f"early_rate must be in (0, 1], got {self.early_rate}")
+        if self.outline_radius < 1:
+            raise ConfigError(f"outline_radius must be at least 1 pixel, got {self.outline_radius}")
         if self.examples < 0:
             raise ConfigError(f"examples must be at least 0, got {self.examples}")
+        self.sanity.validate()
         DISTORTIONS.get(self.distortion)
         OBFUSCATIONS.get(self.obfuscation)
         for method, grid in self.lambdas.items():

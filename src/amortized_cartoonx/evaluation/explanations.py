@@ -94,11 +94,26 @@ def explanation_key(run: RunContext, method: EvaluationMethod) -> str:
     )
 
 
-def explain_images(run: RunContext, method: EvaluationMethod, key: str) -> CachedMap[ExplainedImage]:
-    """Every image's :class:`ExplainedImage` under ``method`` (cached under ``key``)."""
+def explain_images(
+    run: RunContext,
+    method: EvaluationMethod,
+    key: str,
+    targets: dict[str, int] | None = None,
+    count: int | None = None,
+) -> CachedMap[ExplainedImage]:
+    """Every image's :class:`ExplainedImage` under ``method`` (cached under ``key``).
+
+    Args:
+        targets: image id -> the class to explain; None: the class the classifier predicts (the run's rule).
+        count: only the first ``count`` images of the run (all by default).
+    """
+    ids = run.ids
 
     def compute(indices: list[int]) -> list[ExplainedImage]:
-        att = method.attribute(run.images.load(indices), None, seeds=run.seeds(indices))
+        target = None
+        if targets is not None:
+            target = torch.tensor([targets[ids[i]] for i in indices], device=run.device)
+        att = method.attribute(run.images.load(indices), target, seeds=run.seeds(indices))
         return [
             ExplainedImage(
                 relevance=att.relevance[j].detach().float().cpu(),
@@ -109,4 +124,4 @@ def explain_images(run: RunContext, method: EvaluationMethod, key: str) -> Cache
             for j in range(len(indices))
         ]
 
-    return run.cached(ExplanationStore(run.cache, method.name, key), compute, f"explain {method.name}")
+    return run.cached(ExplanationStore(run.cache, method.name, key), compute, f"explain {method.name}", count)

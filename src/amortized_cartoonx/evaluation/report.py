@@ -5,9 +5,13 @@
   ``curve`` is ``keep`` (a), ``randomise`` (b) or ``lambda`` (c; then ``r`` is the image's mask mean and
   ``lambda`` the sparsity weight).
 - ``summary.json``: per method the mean and standard error over images of each area, of the seconds per
-  explanation and, with ground truth, of each localisation metric; panel (c) per lambda; the settings.
+  explanation and, with ground truth, of each localisation metric (and the chance levels); panel (c) per lambda;
+  the sanity checks; the settings.
 - ``rate_distortion.png``: the three panels of the paper's Fig. 7 (mean curve, band = +-1 standard error).
 - ``examples.png``: the first images, one column per method (explanation image or heat map).
+- ``ground_truth.png`` (with ground truth): per example image, each method's detail-coefficient energy map with
+  the decisive object's outline band.
+- ``sanity.png`` (with the sanity checks): rows methods, columns the cascade depths of the model randomisation.
 - ``report.md``: the command, the settings, the tables and the figures.
 
 Titles and colours come from the method table (:data:`~amortized_cartoonx.methods.METHOD_TABLE`).
@@ -30,6 +34,20 @@ from ..plotting import save_figure
 from .results import EvaluationResults, mean_se
 
 AREA_KEYS = ("area_keep", "area_keep_early", "area_randomise", "area_randomise_early")
+#: The ground-truth tables of report.md: (metric, column title, chance-level region or None), on the pixel
+#: relevance R and on the explanation's detail part (docs/evaluation.md defines them).
+PIXEL_GROUND_TRUTH = (
+    ("energy_object", "on object ↑", "object"),
+    ("energy_distractors", "on distractors ↓", "distractors"),
+    ("energy_outline", "on outline band ↑", "outline"),
+    ("pointing_game", "pointing game ↑", None),
+)
+DETAIL_GROUND_TRUTH = (
+    ("detail_object", "on object ↑", "object"),
+    ("detail_distractors", "on distractors ↓", "distractors"),
+    ("detail_outline", "on outline band ↑", "outline"),
+    ("detail_pointing_game", "pointing game ↑", None),
+)
 
 
 def _style(name: str, representation: str) -> dict:
@@ -99,7 +117,7 @@ def summary(results: EvaluationResults) -> dict:
         if res.ground_truth:
             entry["ground_truth"] = {k: mean_se(v) for k, v in res.ground_truth.items()}
         methods[name] = entry
-    return {
+    out = {
         "images": results.ids,
         "rates": results.rates,
         "early_rate": early,
@@ -109,25 +127,73 @@ def summary(results: EvaluationResults) -> dict:
         "computed_this_run": results.computed,
         "settings": results.settings,
     }
+    if results.ground_truth_chance:
+        out["ground_truth_chance"] = {k: mean_se(v) for k, v in results.ground_truth_chance.items()}
+    if results.sanity is not None:
+        out["sanity"] = sanity_summary(results)
+    return out
+
+
+def depth_label(depth: int, layers: list[str]) -> str:
+    """A cascade depth in words: ``top 3 (down to features.6)``, or ``all 13`` for every layer."""
+    if depth >= len(layers):
+        return f"all {len(layers)}"
+    return f"top {depth} (down to {layers[-depth]})"
+
+
+def sanity_summary(results: EvaluationResults) -> dict:
+    """summary.json's ``sanity``: the layers, the depths, and per method and comparison the mean and standard
+    error over images at each depth."""
+    s = results.sanity
+    return {
+        "images": s.ids,
+        "seed": s.seed,
+        "layers": s.layers,
+        "depths": [{"depth": d, "label": depth_label(d, s.layers)} for d in s.depths],
+        "methods": {
+            name: {c: [mean_se(row) for row in values] for c, values in comparisons.items()}
+            for name, comparisons in s.scores.items()
+        },
+        "computed_this_run": s.computed,
+    }
 
 
 # ---- figures ------------------------------------------------------------------------------------------------------
-def _band(ax, x, values: np.ndarray, style: dict) -> None:
+#: A rate grid whose smallest positive rate is below this is drawn on a log-like axis (see :func:`rate_axis`).
+LOG_AXIS_BELOW = 0.05
+
+
+def _band(ax, x, values: np.ndarray, style: dict, marker: str | None = None) -> None:
     mean = values.mean(0)
     se = values.std(0, ddof=1) / math.sqrt(values.shape[0]) if values.shape[0] > 1 else np.zeros_like(mean)
-    ax.plot(x, mean, **style, linewidth=1.5)
+    ax.plot(x, mean, **style, linewidth=1.5, marker=marker, markersize=2.5)
     ax.fill_between(x, mean - se, mean + se, color=style["color"], alpha=0.18, linewidth=0)
 
 
+def rate_axis(ax, rates) -> None:
+    """The x axis of curves (a) and (b): [0, 1], log-like (``symlog``: linear from 0 to the smallest positive rate,
+    logarithmic above) when the grid is dense at low rates (its smallest positive rate below
+    :data:`LOG_AXIS_BELOW`), where the wavelet methods' curves fall; linear otherwise."""
+    positive = [r for r in rates if r > 0]
+    if positive and min(positive) < LOG_AXIS_BELOW:
+        ax.set_xscale("symlog", linthresh=min(positive), linscale=0.4)
+        ticks = [0.0] + [t for t in (0.001, 0.01, 0.1, 1.0) if t >= min(positive)]
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.set_xlim(0, 1)
+
+
 def rate_distortion_figure(results: EvaluationResults) -> Figure:
-    """Fig. 7's three panels: (a) keep, (b) randomise, (c) distortion against mean mask over lambda."""
-    fig = Figure(figsize=(15, 4.4))
-    axes = fig.subplots(1, 3)
+    """Fig. 7's panels: (a) keep, (b) randomise and, when there is a lambda grid, (c) distortion against mean
+    mask over lambda (without one, the figure has two panels, not an empty third)."""
+    panel = lambda_summary(results)
+    fig = Figure(figsize=(15 if panel else 10, 4.4))
+    axes = fig.subplots(1, 3 if panel else 2)
     rates = np.asarray(results.rates)
+    log_axis = any(0 < r < LOG_AXIS_BELOW for r in results.rates)
     for name, res in results.methods.items():
         style = _style(name, res.representation)
-        _band(axes[0], rates, res.keep, style)
-        _band(axes[1], rates, res.randomise, style)
+        _band(axes[0], rates, res.keep, style, "." if log_axis else None)
+        _band(axes[1], rates, res.randomise, style, "." if log_axis else None)
     axes[0].set(
         title="(a) keep the most relevant, randomise the rest",
         xlabel="rate: fraction of coefficients kept",
@@ -138,10 +204,12 @@ def rate_distortion_figure(results: EvaluationResults) -> Figure:
         xlabel="fraction of most relevant coefficients randomised",
         ylabel=r"distortion $\|p(x) - p(y)\|_2$",
     )
-    axes[0].legend(fontsize=7, loc="upper right")
-    ax = axes[2]
-    panel = lambda_summary(results)
+    axes[0].legend(fontsize=7, loc="lower left" if log_axis else "upper right")
+    for a in axes[:2]:
+        rate_axis(a, results.rates)
+        a.grid(alpha=0.3)
     if panel:
+        ax = axes[2]
         for name, rows in panel.items():
             res = results.methods.get(name)
             style = _style(name, res.representation if res else "wavelet")
@@ -165,16 +233,10 @@ def rate_distortion_figure(results: EvaluationResults) -> Figure:
             xlabel=r"mean of the mask (normalised $\ell_1$)",
             ylabel=r"distortion $\|p(x) - p(y)\|_2$",
         )
-    else:
-        ax.text(0.5, 0.5, "panel (c) skipped\n(no lambda grid)", ha="center", va="center", transform=ax.transAxes)
-        ax.set_axis_off()
-    for a in axes[:2]:
-        a.set_xlim(0, 1)
-        a.grid(alpha=0.3)
-    if panel:
         ax.grid(alpha=0.3)
         ax.ticklabel_format(useOffset=False)
-    fig.suptitle(f"{len(results.ids)} images; band: +-1 standard error", fontsize=9)
+    scale = "; x axis logarithmic above the smallest positive rate" if log_axis else ""
+    fig.suptitle(f"{len(results.ids)} images; band: +-1 standard error{scale}", fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -205,6 +267,105 @@ def examples_figure(results: EvaluationResults, class_names: list[str] | None = 
     return fig
 
 
+def ground_truth_figure(results: EvaluationResults) -> Figure | None:
+    """Where each method's kept detail energy sits: one row per example image, the input with its regions, then
+    per method the coefficient energy map M (scaled to its maximum) with the outline band's edges drawn on it and
+    the image's ``detail_outline`` share in the title."""
+    regions, detail = results.ground_truth_examples
+    if regions is None or not detail or results.example_images is None:
+        return None
+    names = [n for n in results.methods if n in detail]
+    rows = min(regions.shape[0], results.example_images.shape[0])
+    cols = 1 + len(names)
+    fig = Figure(figsize=(1.9 * cols, 2.0 * rows + 0.5))
+    axes = np.atleast_2d(fig.subplots(rows, cols, squeeze=False))
+    for r in range(rows):
+        band = (regions[r] == 2).numpy().astype(float)
+        ax = axes[r, 0]
+        ax.imshow(results.example_images[r].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+        ax.contour(band, levels=[0.5], colors="cyan", linewidths=0.6)
+        ax.contour((regions[r] == 3).numpy().astype(float), levels=[0.5], colors="red", linewidths=0.6)
+        ax.set_title(f"{results.ids[r]}\noutline band (cyan), distractors (red)", fontsize=6)
+        for c, name in enumerate(names, start=1):
+            ax = axes[r, c]
+            m = detail[name][r].numpy()
+            ax.imshow(m / max(float(m.max()), 1e-12), cmap="magma", vmin=0, vmax=1, interpolation="nearest")
+            ax.contour(band, levels=[0.5], colors="cyan", linewidths=0.4)
+            share = results.methods[name].ground_truth.get("detail_outline")
+            label = f"{title(name)}\n" if r == 0 else ""
+            ax.set_title(label + (f"on outline {share[r]:.2f}" if share is not None else ""), fontsize=6)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.suptitle("Detail-coefficient energy M (each method's kept fine-scale structure), scaled per map", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def sanity_figure(results: EvaluationResults) -> Figure | None:
+    """Rows: methods; columns: the first image's picture under the trained classifier, then under each cascade
+    depth; last column: mean Spearman correlation and SSIM (+-1 standard error) against depth."""
+    s = results.sanity
+    if s is None or not s.pictures:
+        return None
+    names = list(s.pictures)
+    cols = 2 + len(s.depths) + 1  # input, trained, depths, plot
+    fig = Figure(figsize=(1.7 * cols + 1.2, 1.8 * len(names) + 0.6))
+    axes = np.atleast_2d(fig.subplots(len(names), cols, squeeze=False))
+    x = np.arange(len(s.depths))
+    for r, name in enumerate(names):
+        heat = results.methods[name].representation == "pixel" if name in results.methods else False
+        for c in range(cols - 1):
+            ax = axes[r, c]
+            ax.axis("off")
+            if c == 0:
+                if r == 0 and s.image is not None:
+                    ax.imshow(s.image.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+                    ax.set_title(f"{s.ids[0]}", fontsize=6)
+                continue
+            ax.imshow(
+                s.pictures[name][c - 1, 0].numpy(),
+                cmap="inferno" if heat else "gray",
+                vmin=0,
+                vmax=1,
+                interpolation="nearest",
+            )
+            if r == 0:
+                label = "trained" if c == 1 else depth_label(s.depths[c - 2], s.layers).replace(" (", "\n(")
+                ax.set_title(label, fontsize=6)
+            if c == 1:
+                ax.text(
+                    -0.08, 0.5, title(name), transform=ax.transAxes, rotation=90, ha="right", va="center", fontsize=7
+                )
+        ax = axes[r, -1]
+        for comparison, marker in (("spearman", "o"), ("ssim", "s")):
+            values = s.scores[name][comparison]
+            stats = [mean_se(row) for row in values]
+            ax.errorbar(
+                x,
+                [st["mean"] for st in stats],
+                yerr=[st["se"] for st in stats],
+                marker=marker,
+                markersize=3,
+                capsize=2,
+                label="Spearman" if comparison == "spearman" else "SSIM",
+            )
+        ax.set_ylim(-0.3, 1.05)
+        ax.axhline(0, color="grey", linewidth=0.5)
+        ax.set_xticks(x, [str(d) for d in s.depths], fontsize=6)
+        ax.tick_params(labelsize=6)
+        ax.grid(alpha=0.3)
+        if r == 0:
+            ax.legend(fontsize=6)
+            ax.set_title("vs trained (mean)", fontsize=7)
+        if r == len(names) - 1:
+            ax.set_xlabel("top layers randomised", fontsize=6)
+    fig.suptitle(
+        f"Sanity check: weights randomised in cascade from the top ({len(s.ids)} images, seed {s.seed})", fontsize=8
+    )
+    fig.tight_layout()
+    return fig
+
+
 # ---- report.md -----------------------------------------------------------------------------------------------------
 def _fmt(stat: dict, digits: int = 4) -> str:
     if not stat or stat.get("n", 0) == 0 or not math.isfinite(stat["mean"]):
@@ -217,6 +378,77 @@ def _best(entries: dict, key: str, lower: bool) -> str | None:
     if not values:
         return None
     return (min if lower else max)(values, key=values.get)
+
+
+def _ground_truth_table(methods: dict, chance: dict, columns: tuple) -> list[str]:
+    lines = [
+        "| method | " + " | ".join(c[1] for c in columns) + " |",
+        "| --- | " + " | ".join("---" for _ in columns) + " |",
+    ]
+    if chance:
+        cells = [_fmt(chance.get(region, {}), 3) if region else "-" for _, _, region in columns]
+        lines.append("| *chance (area share)* | " + " | ".join(cells) + " |")
+    for name, e in methods.items():
+        gt = e.get("ground_truth", {})
+        lines.append(f"| {title(name)} | " + " | ".join(_fmt(gt.get(key, {}), 3) for key, _, _ in columns) + " |")
+    return lines
+
+
+def ground_truth_markdown(methods: dict, chance: dict, evaluation_settings: dict) -> list[str]:
+    """The two ground-truth tables of report.md: the pixel relevance R, and the explanation's detail part."""
+    radius = evaluation_settings.get("outline_radius")
+    return [
+        "",
+        "## Ground truth (decisive object vs distractors)",
+        "",
+        "Mean ± standard error over images. Shares of a map on the decisive object, on the distractors and on the "
+        f"object's outline band (±{radius} px around its boundary); pointing game: the map's strongest point hits "
+        "the object. The chance row is each region's share of the image (what a uniform map scores). "
+        "Definitions: docs/evaluation.md.",
+        "",
+        "**Pixel relevance R** (mask methods: the energy of what the mask keeps; gradient methods: |attribution| "
+        "summed over channels):",
+        "",
+        *_ground_truth_table(methods, chance, PIXEL_GROUND_TRUTH),
+        "",
+        "**Detail part** (wavelet-aware: the explanation's detail coefficients, levels 1..J; shares of their energy "
+        "spread over each coefficient's footprint; pointing game on the explanation minus its low-pass "
+        "reconstruction):",
+        "",
+        *_ground_truth_table(methods, chance, DETAIL_GROUND_TRUTH),
+    ]
+
+
+def sanity_markdown(sanity: dict) -> list[str]:
+    """The sanity checks' section of report.md: Spearman and SSIM per method (rows) and depth (columns)."""
+    labels = [d["label"] for d in sanity["depths"]]
+    lines = [
+        "",
+        "## Sanity checks: model randomisation",
+        "",
+        f"The first {len(sanity['images'])} images explained again (the trained classifier's class) with the "
+        f"classifier's weights randomised in cascade from the top layer (columns: the layers randomised; the last: "
+        f"all {len(sanity['layers'])} at once; seed {sanity['seed']}), compared with the trained classifier's "
+        "explanation: Spearman rank correlation of the relevance (the method's own ranking scores) and SSIM of the "
+        "pictures. Mean ± standard error over images. **Lower means the explanation depends on the weights**, as "
+        "it should; the trained explanation scores 1 against itself. Figure: `sanity.png`.",
+    ]
+    comparisons = (
+        ("spearman", "Spearman rank correlation (a constant explanation against a non-constant one: 0)"),
+        ("ssim", "SSIM of the pictures"),
+        ("constant", "Share of randomised explanations that are constant (rank nothing, e.g. an all-zero mask)"),
+    )
+    for comparison, heading in comparisons:
+        lines += [
+            "",
+            f"{heading}:",
+            "",
+            "| method | " + " | ".join(labels) + " |",
+            "| --- | " + " | ".join("---" for _ in labels) + " |",
+        ]
+        for name, values in sanity["methods"].items():
+            lines.append(f"| {title(name)} | " + " | ".join(_fmt(v, 3) for v in values[comparison]) + " |")
+    return lines
 
 
 def report_markdown(results: EvaluationResults, summary_data: dict, figures: list[str]) -> str:
@@ -238,7 +470,7 @@ def report_markdown(results: EvaluationResults, summary_data: dict, figures: lis
         "",
         "| setting | value |",
         "| --- | --- |",
-        f"| rates | {ev['rates']} points on [0, 1] |",
+        f"| rates | {len(results.rates)} on [0, 1]: {', '.join(f'{r:g}' for r in results.rates)} |",
         f"| noise draws per rate | {ev['noise_draws']} ({ev['obfuscation']}, the same draws for every method "
         "of a representation) |",
         f"| distortion | `{ev['distortion']}` (softmax) |",
@@ -278,20 +510,9 @@ def report_markdown(results: EvaluationResults, summary_data: dict, figures: lis
             f"| {title(name)} | {e['representation']} | {' | '.join(cells)} | {_fmt(e['seconds_per_explanation'], 3)} |"
         )
     if results.has_ground_truth:
-        metric_names = sorted({k for e in methods.values() for k in e.get("ground_truth", {})})
-        lines += [
-            "",
-            "## Ground truth (decisive object vs distractors)",
-            "",
-            "Pixel relevance R per method as defined in docs/evaluation.md (mask methods: the energy of what the "
-            "mask keeps; gradient methods: |attribution| summed over channels).",
-            "",
-            "| method | " + " | ".join(metric_names) + " |",
-            "| --- | " + " | ".join("---" for _ in metric_names) + " |",
-        ]
-        for name, e in methods.items():
-            gt = e.get("ground_truth", {})
-            lines.append(f"| {title(name)} | " + " | ".join(_fmt(gt.get(m, {}), 3) for m in metric_names) + " |")
+        lines += ground_truth_markdown(methods, summary_data.get("ground_truth_chance", {}), ev)
+    if "sanity" in summary_data:
+        lines += sanity_markdown(summary_data["sanity"])
     panel = summary_data["lambda_panel"]
     if panel:
         lines += [
@@ -338,5 +559,13 @@ def write_report(results: EvaluationResults, out_dir: str | Path, class_names: l
     if grid is not None:
         save_figure(grid, out / "examples.png")
         figures.append("examples.png")
+    truth = ground_truth_figure(results)
+    if truth is not None:
+        save_figure(truth, out / "ground_truth.png")
+        figures.append("ground_truth.png")
+    sanity = sanity_figure(results)
+    if sanity is not None:
+        save_figure(sanity, out / "sanity.png")
+        figures.append("sanity.png")
     atomic_write_text(out / "report.md", report_markdown(results, data, figures))
     return data

@@ -5,11 +5,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from torch import Tensor
 
 from .curves import CURVES, area
+
+if TYPE_CHECKING:
+    from .sanity import SanityResults
 
 
 def mean_se(values: Sequence[float]) -> dict[str, float | int]:
@@ -68,6 +72,11 @@ class EvaluationResults:
         settings: the run's settings as plain values.
         computed: phase -> method -> images computed by this run (the rest came from the cache).
         has_ground_truth: whether the folder had ground truth (then ``MethodResults.ground_truth`` is filled).
+        ground_truth_chance: region (``object``, ``distractors``, ``outline``) -> ``(n,)`` its area fraction per
+            image, the chance level of the shares (empty without ground truth).
+        ground_truth_examples: ``(regions, detail)`` of the first example images (see
+            :class:`~.localisation.Localisation`: ``example_regions``, ``example_detail``), ``(None, {})`` without.
+        sanity: the sanity checks by model randomisation (:class:`~.sanity.SanityResults`), or None.
     """
 
     ids: list[str]
@@ -81,3 +90,6 @@ class EvaluationResults:
     settings: dict
     computed: dict[str, dict[str, int]]
     has_ground_truth: bool
+    ground_truth_chance: dict[str, np.ndarray] = field(default_factory=dict)
+    ground_truth_examples: tuple[Tensor | None, dict[str, Tensor]] = (None, {})
+    sanity: SanityResults | None = None

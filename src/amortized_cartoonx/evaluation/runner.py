@@ -9,8 +9,12 @@ progress bar, save each batch), so an interrupted run resumes and a new method r
 2. **curves** (:func:`.curves.measure_curves`): curves (a) keep and (b) randomise of every method and image.
 3. **lambda** (:func:`.lambdas.lambda_panel`): panel (c) for CartoonX and Pixel RDE over the lambda grid; optional.
 4. **ground truth** (:func:`.localisation.localise`): with ``ground_truth.safetensors`` in the images folder, the
-   share of each method's pixel relevance on the decisive object vs the distractors, and the pointing game.
+   share of each method's pixel relevance on the decisive object vs the distractors and on its outline, the
+   pointing game, and the same on the explanation's detail part (wavelet-aware, :mod:`.details`).
 5. **examples** (:func:`.maps.example_pictures`): the pictures of the first images.
+6. **sanity** (:func:`.sanity.sanity_checks`, with ``config.sanity.enabled``): the first images explained again
+   under the classifier with its weights randomised in cascade from the top layer, compared with the trained
+   classifier's explanations.
 
 :func:`.report.write_report` then writes ``curves.csv``, ``summary.json``, ``rate_distortion.png``,
 ``examples.png`` and ``report.md``.
@@ -38,6 +42,7 @@ from .localisation import localise
 from .maps import example_pictures
 from .methods import build_methods
 from .results import EvaluationResults, MethodResults
+from .sanity import sanity_checks, sanity_problem
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +83,10 @@ class Evaluation:
         self.class_names = class_names
         self.command = command
         self.cache = ResultCache(self.out_dir / "cache" if config.cache else None)
+        if self.config.sanity.enabled:
+            problem = sanity_problem(classifier)
+            if problem:
+                raise ConfigError(problem)
         #: phase -> method -> images computed by the last :meth:`run` (the rest came from the cache)
         self.computed: dict[str, dict[str, int]] = {"explanations": {}, "curves": {}, "lambda": {}}
 
@@ -108,8 +117,12 @@ class Evaluation:
                 self.computed["curves"][name] = measured.computed
             panel = lambda_panel(run, methods, explained, self.context)
             self.computed["lambda"] = panel.computed
-            ground_truth = localise(run, methods, explained)
+            ground_truth = localise(run, methods, explained, self.context.wavelet())
             examples = example_pictures(run, methods, explained)
+            sanity = None
+            if self.config.sanity.enabled:
+                sanity = sanity_checks(run, methods, explained, self.context)
+                self.computed["sanity"] = sanity.computed
 
         ids = run.ids
         results = {}
@@ -124,7 +137,7 @@ class Evaluation:
                 randomise=np.array([curves[name][i]["randomise"] for i in ids]),
                 seconds=np.array([r.seconds for r in records]),
                 targets=np.array([r.target for r in records]),
-                ground_truth=ground_truth.get(name, {}),
+                ground_truth=ground_truth.metrics.get(name, {}),
                 scalars={k: np.array([r.scalars.get(k, np.nan) for r in records]) for k in scalar_names},
             )
         return EvaluationResults(
@@ -138,7 +151,10 @@ class Evaluation:
             example_targets=examples.targets,
             settings=self.settings(),
             computed=self.computed,
-            has_ground_truth=bool(ground_truth),
+            has_ground_truth=bool(ground_truth.metrics),
+            ground_truth_chance=ground_truth.chance,
+            ground_truth_examples=(ground_truth.example_regions, ground_truth.example_detail),
+            sanity=sanity,
         )
 
     def settings(self) -> dict:
