@@ -68,7 +68,8 @@ class DemoConfig:
             images without teachers collapses to the empty mask on this benchmark.
         refine_steps: warm-start refinement steps in the evaluation; None (default): the ``refine`` schedule's
             (40 steps in logit space, :data:`~amortized_cartoonx.optimizer.SCHEDULES`).
-        eval_rates, noise_draws: the evaluation's rate grid and noise draws per rate.
+        eval_rates, noise_draws: the evaluation's rate grid (None, the default: the evaluation's, 21 rates dense
+            below 0.1) and noise draws per rate.
         methods: the evaluated methods.
         classifier_train_size, classifier_epochs, classifier_batch_size, classifier_val_size,
             classifier_held_out: the synthetic classifier's training (the defaults are ``cartoonx
@@ -99,7 +100,7 @@ class DemoConfig:
     l1_warmup_fraction: float = 0.6
     stretch: float = 0.05
     refine_steps: int | None = None
-    eval_rates: int = 11
+    eval_rates: int | tuple[float, ...] | None = None
     noise_draws: int = 4
     methods: tuple[str, ...] = DEMO_METHODS
     classifier_train_size: int = 6000
@@ -277,10 +278,11 @@ def stage_evaluate(cfg: DemoConfig):
     from .images import read_class_names
 
     classifier = load_classifier(cfg.classifier_spec)
+    grid = {} if cfg.eval_rates is None else {"rates": cfg.eval_rates}
     config = EvaluationConfig(
         methods=tuple(cfg.methods),
         batch_size=8,
-        rates=cfg.eval_rates,
+        **grid,
         noise_draws=cfg.noise_draws,
         seed=cfg.seed,
         lambdas={},
