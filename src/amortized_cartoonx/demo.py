@@ -55,8 +55,9 @@ class DemoConfig:
         teacher_images: how many of them (the first, by name) get an exact CartoonX teacher mask; the others
             train with the RDE loss alone. Teachers are the demo's most expensive stage.
         test_images: held-out images of the evaluation (the classifier's held-out ``test`` stream).
-        steps, samples, lr: the exact optimizer of the teachers and of the evaluation's reference. Fewer
-            steps than the paper's 2000 with a larger learning rate, so masks can reach 0 in time.
+        schedule, steps, samples, lr: the exact optimizer of the teachers and of the evaluation's reference: the
+            ``fast`` schedule (lr 0.1 with cosine decay; docs/benchmarks.md) for 200 steps, a tenth of the
+            paper's, at ``lr`` None: the schedule's.
         l1_lambda: the sparsity weight shared by the teachers, the explainer and the evaluation.
         levels: DWT scales (J = 5 fits 64 px with db3).
         fit_steps, fit_batch, fit_samples, fit_lr, distill_weight, val_fraction, width: the amortized
@@ -85,9 +86,10 @@ class DemoConfig:
     train_images: int = 1024
     teacher_images: int = 256
     test_images: int = 16
+    schedule: str = "fast"
     steps: int = 200
     samples: int = 8
-    lr: float = 0.02
+    lr: float | None = None
     l1_lambda: float = 20.0
     levels: int = 5
     fit_steps: int = 1000
@@ -244,7 +246,12 @@ def _optimizer_config(cfg: DemoConfig):
     from .optimizer import OptimizerConfig
 
     return OptimizerConfig(
-        steps=cfg.steps, num_samples=cfg.samples, lr=cfg.lr, l1_lambda=cfg.l1_lambda, seed=cfg.seed
+        schedule=cfg.schedule,
+        steps=cfg.steps,
+        num_samples=cfg.samples,
+        lr=cfg.lr,
+        l1_lambda=cfg.l1_lambda,
+        seed=cfg.seed,
     ).validate()
 
 

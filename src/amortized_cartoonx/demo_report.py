@@ -19,6 +19,15 @@ if TYPE_CHECKING:
     from .demo import DemoConfig, StageTimes
 
 
+def exact_lr(cfg: DemoConfig) -> str:
+    """The exact optimizer's learning rate as the report states it (``lr`` or the schedule's, and its decay)."""
+    from .optimizer import SCHEDULES
+
+    schedule = SCHEDULES[cfg.schedule]
+    decay = schedule["lr_decay"]
+    return f"{cfg.lr if cfg.lr is not None else schedule['lr']}" + ("" if decay == "constant" else f" ({decay} decay)")
+
+
 def warm_steps(cfg: DemoConfig) -> int:
     """The demo's warm-start steps: ``refine_steps``, or the ``refine`` schedule's."""
     from .optimizer import SCHEDULES
@@ -62,8 +71,8 @@ def report_markdown(
         "# cartoonx demo: the synthetic cartoon benchmark",
         "",
         f"Images {cfg.size} px; explainer trained for {cfg.fit_steps} steps on {cfg.train_images} images, "
-        f"{cfg.teacher_images} of them with exact CartoonX teacher masks ({cfg.steps} steps, {cfg.samples} noise "
-        f"samples, lr {cfg.lr}, lambda {cfg.l1_lambda}); evaluated on "
+        f"{cfg.teacher_images} of them with exact CartoonX teacher masks ({cfg.schedule} schedule: {cfg.steps} "
+        f"steps, {cfg.samples} noise samples, lr {exact_lr(cfg)}, lambda {cfg.l1_lambda}); evaluated on "
         f"{cfg.test_images} held-out images. Classifier held-out accuracy: {classifier['accuracy']:.2%}.",
         "",
         "## Fast paths against the exact optimizer (RDE loss, same lambda, same noise seeds; medians per image)",
