@@ -63,6 +63,9 @@ class DemoConfig:
         fit_steps, fit_batch, fit_samples, fit_lr, distill_weight, val_fraction, width: the amortized
             explainer's training (``val_fraction`` of the training images select the checkpoint; the network
             has ``width``, a decoder of ``2 * width`` and a class embedding of ``4 * width``).
+        encoder: the mask predictor's encoder (``scratch`` or ``classifier``: + the classifier's feature maps).
+        stream_fraction: the share of every training batch drawn from the endless synthetic stream (fresh
+            images, RDE loss only; the rest from the training folder, teachers included); 0: the folder only.
         l1_warmup_fraction, stretch: the explainer's sparsity ramp (over this fraction of ``fit_steps``) and
             stretched sigmoid (see
             :class:`~amortized_cartoonx.training.AmortizedCartoonXModule`); without the ramp, training on many
@@ -101,6 +104,8 @@ class DemoConfig:
     width: int = 16
     l1_warmup_fraction: float = 0.6
     stretch: float = 0.05
+    encoder: str = "classifier"
+    stream_fraction: float = 0.5
     refine_steps: int | None = None
     eval_rates: int | tuple[float, ...] | None = None
     noise_draws: int = 4

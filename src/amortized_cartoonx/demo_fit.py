@@ -55,7 +55,7 @@ def explainer_training(cfg: DemoConfig):
     from .training import AmortizedCartoonXModule, MaskPredictorDataModule
 
     network = MaskPredictorConfig(
-        width=cfg.width, decoder_width=2 * cfg.width, embed_dim=4 * cfg.width, stretch=cfg.stretch
+        width=cfg.width, decoder_width=2 * cfg.width, embed_dim=4 * cfg.width, stretch=cfg.stretch, encoder=cfg.encoder
     )
     module = AmortizedCartoonXModule(
         classifier=cfg.classifier_spec,
@@ -80,6 +80,7 @@ def explainer_training(cfg: DemoConfig):
         split_seed=cfg.seed,
         batch_size=cfg.fit_batch,
         num_workers=0,
+        stream={"fraction": cfg.stream_fraction, "seed": cfg.seed + 1} if cfg.stream_fraction else None,
     )
     return module, data
 
