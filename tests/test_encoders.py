@@ -130,3 +130,36 @@ def test_checkpoint_with_the_classifier_encoder_round_trips(tmp_path):
     # another classifier architecture lacks the recorded layers
     with pytest.raises((ConfigError, InputError)):
         AmortizedExplainer.from_checkpoint(path, Strided())
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated", "ignore:`torch.jit.save` is deprecated")
+def test_backbone_encoder_gives_a_torchscript_classifier_pretrained_features(tmp_path):
+    """A TorchScript classifier (no hooks) explained with the feature maps of an nn.Module backbone named by a
+    spec; a checkpoint loads a non-built-in backbone only when the caller names it."""
+    from amortized_cartoonx.training import AmortizedCartoonXModule
+
+    torch.manual_seed(0)
+    scripted = tmp_path / "strided.pt"
+    torch.jit.save(torch.jit.script(Strided()), str(scripted))
+    network = MaskPredictorConfig(width=8, decoder_width=8, embed_dim=8, encoder="backbone", backbone=SPEC)
+    module = AmortizedCartoonXModule(str(scripted), image_size=SIZE, levels=3, num_samples=2, mask_predictor=network)
+    assert module.mask_predictor.feature_source is module.backbone
+    assert module.mask_predictor.config.taps and module.mask_predictor.config.backbone == SPEC
+    with torch.no_grad():
+        for proj in module.mask_predictor.tap_projections:
+            proj[1].weight.normal_(std=0.5)
+    state = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(state)
+    assert not any(k.startswith("backbone.") for k in state["state_dict"])  # the backbone is not saved
+    path = tmp_path / "backbone.ckpt"
+    torch.save(state, path)
+
+    with pytest.raises(ConfigError, match="name it"):  # a checkpoint never imports the caller's code by itself
+        AmortizedExplainer.from_checkpoint(path, str(scripted))
+    explainer = AmortizedExplainer.from_checkpoint(path, str(scripted), backbone=SPEC, measure_samples=2)
+    images, target = torch.rand(2, 3, SIZE, SIZE), torch.tensor([1, 2])
+    with torch.no_grad():
+        expected = module.mask_predictor.mask(images, target).flatten()
+    assert torch.allclose(explainer.predict_mask(images, target).flatten(), expected, atol=1e-6)
+    with pytest.raises(ConfigError, match="backbone"):
+        MaskPredictorConfig(encoder="backbone").validate()

@@ -121,6 +121,7 @@ class AmortizedExplainer:
         *,
         device: str | torch.device = "cpu",
         normalize: str | None = None,
+        backbone: torch.nn.Module | str | None = None,
         **options,
     ) -> AmortizedExplainer:
         """Load a ``cartoonx fit`` checkpoint (``best.ckpt`` / ``last.ckpt``) without Lightning.
@@ -135,6 +136,8 @@ class AmortizedExplainer:
                 ``nn.Module`` (wrapped as is; the caller vouches for it).
             device: where to run.
             normalize: the input normalisation for a spec (default: the checkpoint's).
+            backbone: with the ``backbone`` encoder, its network (a module or a spec); None loads the recorded
+                spec when it is built in (``torchvision:NAME``, ``efficientnet-lite0``), else it must be named.
             options: ``measure_samples``, ``seed``, ``strict_size`` (see the class).
         """
         loaded = read_checkpoint(path)
@@ -170,7 +173,7 @@ class AmortizedExplainer:
                 )
         else:
             classifier = wrap_classifier(classifier)
-        network = build_mask_predictor(loaded, classifier)
+        network = build_mask_predictor(loaded, classifier, backbone)
         return cls(network.to(device), classifier, meta, path=path, **options)
 
     # ---- settings and checks ----------------------------------------------------------------------------------

@@ -140,8 +140,11 @@ def _check_settings(path: Path, meta: dict) -> None:
             or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value)
         ):
             raise InputError(f"{path}: network setting {name!r} is not a list of {kind.__name__}")
+    backbone = network.get("backbone")
+    if backbone is not None and (not isinstance(backbone, str) or not 0 < len(backbone) <= 1000):
+        raise InputError(f"{path}: network setting 'backbone' is not a classifier spec")
     for name, value in network.items():
-        if name in _TAP_FIELDS:
+        if name in _TAP_FIELDS or name == "backbone":
             continue
         default = getattr(MaskPredictorConfig, name, None)
         expected = (int, float) if isinstance(default, float) else type(default)
@@ -154,24 +157,48 @@ def _check_settings(path: Path, meta: dict) -> None:
             raise InputError(f"{path}: network setting {name}={network[name]} is above the cap {cap}")
 
 
-def build_mask_predictor(loaded: LoadedCheckpoint, classifier: nn.Module | None = None) -> MaskPredictor:
+def build_mask_predictor(
+    loaded: LoadedCheckpoint, classifier: nn.Module | None = None, backbone: nn.Module | str | None = None
+) -> MaskPredictor:
     """The network a checkpoint describes, with its weights; one :class:`InputError` line when they do not fit.
 
     ``classifier``: the explained classifier, which the ``classifier`` encoder reads features from (it must
-    offer the recorded layers with the recorded channels); other encoders ignore it.
+    offer the recorded layers with the recorded channels). ``backbone``: the ``backbone`` encoder's network, a
+    module or a spec; None loads the recorded spec when it is a built-in one (``torchvision:NAME``,
+    ``efficientnet-lite0``): a checkpoint never decides what other code is imported. Other encoders ignore both.
     """
     try:
         network = MaskPredictor(MaskPredictorConfig(**loaded.meta[NETWORK_KEY]))
     except (ConfigError, TypeError, ValueError) as exc:
         raise InputError(f"{loaded.path}: invalid network config ({exc})") from None
-    if network.config.encoder == "classifier":
-        if classifier is None:
-            raise ConfigError(f"{loaded.path.name} reads the classifier's features: give the classifier")
-        cfg = network.config
-        check_taps(classifier, list(cfg.taps), list(cfg.tap_channels), int(loaded.meta["image_size"]))
-        network.attach(classifier)
     try:
         network.load_state_dict(loaded.state)
     except RuntimeError as exc:
         raise InputError(f"{loaded.path}: the weights do not fit the recorded network ({one_line(exc)})") from None
-    return network
+    cfg = network.config
+    if cfg.encoder == "classifier":
+        source = classifier
+        if source is None:
+            raise ConfigError(f"{loaded.path.name} reads the classifier's features: give the classifier")
+    elif cfg.encoder == "backbone":
+        source = _backbone(loaded, backbone, classifier)
+    else:
+        return network
+    check_taps(source, list(cfg.taps), list(cfg.tap_channels), int(loaded.meta["image_size"]))
+    return network.attach(source)
+
+
+def _backbone(loaded: LoadedCheckpoint, given: nn.Module | str | None, classifier: nn.Module | None) -> nn.Module:
+    """The backbone module: given, or loaded from the given spec or from the recorded built-in spec."""
+    from .classifiers import load_classifier
+
+    if isinstance(given, nn.Module):
+        return given
+    spec = given or loaded.meta[NETWORK_KEY]["backbone"]
+    if given is None and not (spec.startswith("torchvision:") or spec == "efficientnet-lite0"):
+        raise ConfigError(
+            f"{loaded.path.name} reads the features of the backbone {spec!r}: name it (backbone=...); a checkpoint "
+            "loads only built-in backbones (torchvision:NAME, efficientnet-lite0) by itself"
+        )
+    tensors = [*classifier.parameters(), *classifier.buffers()] if isinstance(classifier, nn.Module) else []
+    return load_classifier(spec, normalize="auto", device=tensors[0].device if tensors else "cpu")

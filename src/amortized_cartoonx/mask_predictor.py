@@ -21,6 +21,9 @@ The encoder (``encoder`` in the config, :data:`ENCODERS`):
   classifier's own feature map at stride ``2^s`` (frozen; read with temporary forward hooks, found
   automatically by :func:`~amortized_cartoonx.feature_taps.find_taps`). The classifier is given to the network
   (:meth:`MaskPredictor.attach`); it is not one of its submodules, so its weights are never trained or saved.
+* ``backbone``: the same with the feature maps of another frozen ``nn.Module``, named by a classifier spec
+  (``backbone``, e.g. ``torchvision:resnet18``): pretrained features for any classifier, TorchScript files
+  included.
 
 Feature maps and coefficient bands differ by a few positions: with ``mode="zero"`` a level-j band of a
 length-n signal has ``floor((n_{j-1} + F - 1) / 2)`` entries (F = filter length), the extra ones covering the
@@ -60,7 +63,9 @@ from .wavelets import (
 _INPUT_MEAN = 0.45
 _INPUT_STD = 0.25
 #: The encoders of :class:`MaskPredictor` (see the module docstring).
-ENCODERS = ("scratch", "classifier")
+ENCODERS = ("scratch", "classifier", "backbone")
+#: The encoders that read a frozen network's feature maps.
+TAPPED_ENCODERS = ("classifier", "backbone")
 
 
 @dataclass
@@ -82,10 +87,12 @@ class MaskPredictorConfig:
             exact optimizer's projected masks do, instead of sigmoid tails that cost ``l1_lambda * floor``.
         init_std: standard deviation of the heads' initial weights. Default 1e-3.
         groups: GroupNorm groups (batch-size independent normalisation). Default 8.
-        encoder: ``scratch`` (default) or ``classifier`` (adds the explained classifier's frozen feature maps;
-            see the module docstring).
-        taps, tap_channels: with the ``classifier`` encoder, the classifier's layer read for each level 1..J and
-            its channels. Leave them None: :meth:`with_taps` (called by the training module) fills them in.
+        encoder: ``scratch`` (default), ``classifier`` (adds the explained classifier's frozen feature maps) or
+            ``backbone`` (adds those of the network ``backbone`` names); see the module docstring.
+        backbone: the ``backbone`` encoder's network, a classifier spec
+            (:func:`~amortized_cartoonx.classifiers.load_classifier`; its own normalisation).
+        taps, tap_channels: with a tapped encoder, the layer read for each level 1..J and its channels. Leave
+            them None: :meth:`with_taps` (called by the training module) fills them in.
     """
 
     num_classes: int = 1000
@@ -101,6 +108,7 @@ class MaskPredictorConfig:
     init_std: float = 1e-3
     groups: int = 8
     encoder: str = "scratch"
+    backbone: str | None = None
     taps: list[str] | None = None
     tap_channels: list[int] | None = None
 
@@ -122,7 +130,9 @@ class MaskPredictorConfig:
                 raise ConfigError(f"{name} ({getattr(self, name)}) must be a multiple of groups ({self.groups})")
         if self.encoder not in ENCODERS:
             raise ConfigError(f"unknown encoder {self.encoder!r}; choose from: {', '.join(ENCODERS)}")
-        if self.encoder == "classifier" and self.taps is not None:
+        if (self.encoder == "backbone") != bool(self.backbone):
+            raise ConfigError("the backbone encoder needs a backbone spec (and only it takes one)")
+        if self.encoder in TAPPED_ENCODERS and self.taps is not None:
             if self.tap_channels is None or len(self.taps) != self.levels or len(self.tap_channels) != self.levels:
                 raise ConfigError(
                     f"taps and tap_channels must name one layer per level ({self.levels}), got {self.taps} and "
@@ -130,12 +140,12 @@ class MaskPredictorConfig:
                 )
         return self
 
-    def with_taps(self, classifier: nn.Module, image_size: int) -> MaskPredictorConfig:
-        """This config with ``taps`` found in ``classifier`` for ``image_size`` images (``classifier`` encoder;
-        other encoders: unchanged)."""
-        if self.encoder != "classifier" or self.taps is not None:
+    def with_taps(self, network: nn.Module, image_size: int) -> MaskPredictorConfig:
+        """This config with ``taps`` found in ``network`` (the classifier, or the backbone) for ``image_size``
+        images (the ``scratch`` encoder: unchanged)."""
+        if self.encoder not in TAPPED_ENCODERS or self.taps is not None:
             return self
-        found = find_taps(classifier, image_size, self.levels)
+        found = find_taps(network, image_size, self.levels)
         return replace(self, taps=[t.name for t in found], tap_channels=[t.channels for t in found])
 
     def stage_channels(self) -> list[int]:
@@ -206,7 +216,7 @@ class MaskPredictor(nn.Module):
 
     Args:
         config: a :class:`MaskPredictorConfig` (or its fields as keyword arguments).
-        features: with the ``classifier`` encoder, the classifier whose feature maps it reads (or call
+        features: with a tapped encoder, the classifier or backbone whose feature maps it reads (or call
             :meth:`attach` later); it stays the caller's (not a submodule, never trained, saved or moved).
 
     ``forward(images (N, 3, H, W) in [0, 1], target (N,) long) -> Coefficients`` of logits with bands
@@ -221,8 +231,8 @@ class MaskPredictor(nn.Module):
             raise TypeError("give a MaskPredictorConfig or keyword fields, not both")
         self.config = (config or MaskPredictorConfig(**fields)).validate()
         cfg = self.config
-        if cfg.encoder == "classifier" and cfg.taps is None:
-            raise ConfigError("the classifier encoder needs its taps: build the config with config.with_taps(...)")
+        if cfg.encoder in TAPPED_ENCODERS and cfg.taps is None:
+            raise ConfigError(f"the {cfg.encoder} encoder needs its taps: build the config with config.with_taps(...)")
         self._features: tuple[nn.Module, ...] = ()  # a tuple: not registered as a submodule
         channels = cfg.stage_channels()
         groups = cfg.groups
@@ -254,15 +264,16 @@ class MaskPredictor(nn.Module):
             self.attach(features)
 
     def attach(self, features: nn.Module) -> MaskPredictor:
-        """Read feature maps from ``features`` (the ``classifier`` encoder's classifier). Returns self."""
-        if self.config.encoder != "classifier":
+        """Read feature maps from ``features`` (the classifier or the backbone). Returns self."""
+        if self.config.encoder not in TAPPED_ENCODERS:
             raise ConfigError(f"the {self.config.encoder!r} encoder reads no classifier features")
-        self._features = (check_hookable(features),)
+        role = "the backbone" if self.config.encoder == "backbone" else "the classifier"
+        self._features = (check_hookable(features, role),)
         return self
 
     @property
     def feature_source(self) -> nn.Module | None:
-        """The attached classifier of the ``classifier`` encoder (None: none attached)."""
+        """The attached classifier or backbone of a tapped encoder (None: none attached)."""
         return self._features[0] if self._features else None
 
     def _head(self, width: int, out: int) -> nn.Sequential:
@@ -331,10 +342,12 @@ class MaskPredictor(nn.Module):
         return Coefficients(lowpass=lowpass, details=tuple(details), image_size=(height, width))
 
     def _read_taps(self, images: Tensor) -> list[Tensor]:
-        if self.config.encoder != "classifier":
+        if self.config.encoder not in TAPPED_ENCODERS:
             return []
         if not self._features:
-            raise ConfigError("the classifier encoder has no classifier attached: call mask_predictor.attach(...)")
+            raise ConfigError(
+                f"the {self.config.encoder} encoder has no network attached: call mask_predictor.attach(...)"
+            )
         return read_taps(self._features[0], images, list(self.config.taps))
 
     def mask(self, images: Tensor, target: Tensor) -> Coefficients:

@@ -173,10 +173,15 @@ class AmortizedCartoonXModule(pl.LightningModule):
             self.mask_length = self.representation.encode(probe).numel_per_channel()
         self.levels_used = self.representation.levels_for(image_size, image_size)
         derived = {"num_classes": num_classes, "wave": wave, "levels": self.levels_used, "mode": mode}
-        network = _complete(_network_config(mask_predictor), derived, levels).with_taps(self.classifier, image_size)
-        self.mask_predictor = MaskPredictor(
-            network, features=self.classifier if network.encoder == "classifier" else None
-        )
+        network = _complete(_network_config(mask_predictor), derived, levels)
+        source = None  # the frozen network a tapped encoder reads
+        if network.encoder == "classifier":
+            source = self.classifier
+        elif network.encoder == "backbone":  # frozen, not saved in checkpoints (they keep the mask predictor only)
+            self.backbone = load_classifier(network.backbone, normalize="auto")
+            source = self.backbone
+        network = network.with_taps(source, image_size) if source is not None else network
+        self.mask_predictor = MaskPredictor(network, features=source)
         self.classifier_identity = classifier_identity(classifier, self.classifier)  # spec, file and weights
         # save_hyperparameters reads the arguments from this frame: the network's config in use, as a plain dict
         # (checkpoints stay readable with torch.load(weights_only=True))
