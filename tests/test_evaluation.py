@@ -625,3 +625,23 @@ def test_a_checkpoint_for_another_classifier_exits_2(tmp_path, scripted_classifi
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert "classifier" in err and len(err.splitlines()) == 1
+
+
+def test_guided_backprop_matches_captum_on_relu_and_covers_relu6():
+    from captum.attr import GuidedBackprop
+
+    torch.manual_seed(0)
+    classifier = wrap_classifier(make_tiny_cnn())
+    images = smooth_images(2)
+    target = classifier(images).argmax(1)
+    method = METHODS.get("guided-backprop")(MethodContext(classifier))
+    ours = method._attribute(images, target, [1, 2])
+    torch.testing.assert_close(ours, GuidedBackprop(classifier).attribute(images, target=target))
+    assert not any(m._forward_hooks for m in classifier.modules())  # the hooks are gone
+    # ReLU6 (MobileNets, EfficientNet-Lite): rectified too, so it differs from the plain gradient
+    relu6 = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU6(inplace=True), nn.Conv2d(8, 8, 3), nn.ReLU6())
+    model = wrap_classifier(nn.Sequential(relu6, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)))
+    guided = METHODS.get("guided-backprop")(MethodContext(model))._attribute(images, torch.tensor([0, 1]), [1, 2])
+    x = images.clone().requires_grad_(True)
+    (plain,) = torch.autograd.grad(model(x).gather(1, torch.tensor([[0], [1]])).sum(), x)
+    assert guided.shape == images.shape and not torch.allclose(guided, plain)

@@ -11,9 +11,11 @@ channels (Grad-CAM: its bilinearly upsampled, ReLU'd map). Settings follow the p
 - ``smoothgrad``: the mean over 10 noisy copies ``x + N(0, 0.1^2)`` of captum's ``Saliency`` (the signed
   gradient); the noise comes from per-image seeded generators (captum's ``NoiseTunnel`` draws from the
   global random state, which would make a batch's result depend on its other images).
-- ``guided-backprop``: captum ``GuidedBackprop``. It rewrites the backward pass of ``nn.ReLU`` modules, so it
-  needs a plain ``nn.Module`` with ``nn.ReLU`` modules; on a TorchScript model captum silently computes the
-  plain gradient instead, so the method is skipped there with a message.
+- ``guided-backprop``: the gradient with every rectifier's (``nn.ReLU``, ``nn.ReLU6``) backward pass keeping
+  only positive gradients, as captum's ``GuidedBackprop`` does for ``nn.ReLU`` (identical there; ReLU6 covers
+  MobileNets and EfficientNet-Lite). Temporary hooks on the rectifiers' outputs, removed after each call, so it
+  needs a plain ``nn.Module`` with such modules; on a TorchScript model the hooks would be silently ignored, so
+  the method is skipped there with a message.
 - ``grad-cam``: captum ``LayerGradCam`` on the last ``nn.Conv2d`` of the model (found automatically); skipped
   for a model without one it can hook (TorchScript, torch.export).
 - ``random-pixel``, ``random-wavelet``: a uniform random score per position, from the image's seed: the
@@ -50,14 +52,15 @@ def _scripted(model: nn.Module) -> bool:
     return any(isinstance(m, torch.jit.ScriptModule) for m in model.modules())
 
 
-def hook_problem(classifier, layer_type: type[nn.Module], method: str) -> str | None:
+def hook_problem(classifier, layer_type: type[nn.Module] | tuple[type[nn.Module], ...], method: str) -> str | None:
     """Why ``method`` cannot hook ``layer_type`` modules of ``classifier``, or None when it can."""
     if not isinstance(classifier, nn.Module):
         return f"{method} needs an nn.Module classifier to hook its layers; got {type(classifier).__name__}"
     if _scripted(classifier):
         return f"{method} cannot hook the layers of a TorchScript classifier; skipped (use an nn.Module spec)"
     if not any(isinstance(m, layer_type) for m in classifier.modules()):
-        return f"{method} found no {layer_type.__name__} module to hook in the classifier; skipped"
+        names = " or ".join(t.__name__ for t in (layer_type if isinstance(layer_type, tuple) else (layer_type,)))
+        return f"{method} found no {names} module to hook in the classifier; skipped"
     return None
 
 
@@ -131,14 +134,29 @@ class SmoothGradMethod(GradientMethod):
         return grads.reshape(num_images, self.samples, *inputs.shape[1:]).mean(1)
 
 
+#: The modules whose backward pass guided backpropagation rectifies.
+RECTIFIERS = (nn.ReLU, nn.ReLU6)
+
+
 class GuidedBackpropMethod(GradientMethod):
     def __init__(self, classifier) -> None:
-        super().__init__("guided-backprop", classifier, {})
+        super().__init__("guided-backprop", classifier, {"rectifiers": [r.__name__ for r in RECTIFIERS]})
 
     def _attribute(self, inputs: Tensor, target: Tensor, seeds: Sequence[int]) -> Tensor:
-        from captum.attr import GuidedBackprop
+        def rectify(_module, _inputs, output):  # the gradient reaching the rectifier's output: only its positive part
+            if isinstance(output, Tensor) and output.requires_grad:
+                output.register_hook(lambda grad: grad.clamp(min=0.0))
 
-        return GuidedBackprop(self.classifier).attribute(inputs, target=target)
+        handles = [m.register_forward_hook(rectify) for m in self.classifier.modules() if isinstance(m, RECTIFIERS)]
+        try:
+            with torch.enable_grad():
+                x = inputs.detach().requires_grad_(True)
+                chosen = self.classifier(x).gather(1, target.reshape(-1, 1).to(x.device)).sum()
+                (grad,) = torch.autograd.grad(chosen, x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return grad
 
 
 class GradCamMethod(GradientMethod):
@@ -171,7 +189,7 @@ def _smoothgrad(ctx: MethodContext) -> EvaluationMethod:
 
 @METHODS.register("guided-backprop")
 def _guided_backprop(ctx: MethodContext) -> EvaluationMethod:
-    problem = hook_problem(ctx.classifier, nn.ReLU, "guided-backprop")
+    problem = hook_problem(ctx.classifier, RECTIFIERS, "guided-backprop")
     if problem:
         raise MethodUnavailable(problem)
     return GuidedBackpropMethod(ctx.classifier)
