@@ -254,6 +254,19 @@ def exact_results(
     return results
 
 
+def measured(explanation, i: int, seconds: float, exact_history: torch.Tensor, smooth: int) -> dict:
+    """Image ``i``'s numbers of one method, and the cold steps the exact optimizer needs to reach its loss."""
+    loss = float(explanation.loss[i])
+    return {
+        "loss": loss,
+        "distortion": float(explanation.distortion[i]),
+        "mask_mean": float(explanation.mask_mean[i]),
+        "prob_obfuscated": float(explanation.prob_obfuscated[i]),
+        "seconds": seconds,
+        "cold_steps_to_reach": steps_to_reach(exact_history, loss, smooth),
+    }
+
+
 def run(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     if args.threads:
@@ -352,14 +365,7 @@ def run(args: argparse.Namespace) -> dict:
                 "image": files[lo + i].name,
                 "target": e_exact[i]["target"],
                 "prob_original": e_exact[i]["prob_original"],
-                "amortized": {
-                    "loss": float(e_amortized.loss[i]),
-                    "distortion": float(e_amortized.distortion[i]),
-                    "mask_mean": float(e_amortized.mask_mean[i]),
-                    "prob_obfuscated": float(e_amortized.prob_obfuscated[i]),
-                    "seconds": t_amortized,
-                    "cold_steps_to_reach": steps_to_reach(exact_history, float(e_amortized.loss[i]), args.smooth),
-                },
+                "amortized": measured(e_amortized, i, t_amortized, exact_history, args.smooth),
                 "exact": {
                     "loss": e_exact[i]["loss"],
                     "distortion": e_exact[i]["distortion"],
@@ -374,23 +380,9 @@ def run(args: argparse.Namespace) -> dict:
                 "top10_overlap_amortized_exact": float(agreement["top_overlap"][i]),
             }
             if e_calibrated is not None:
-                record["calibrated"] = {
-                    "loss": float(e_calibrated.loss[i]),
-                    "distortion": float(e_calibrated.distortion[i]),
-                    "mask_mean": float(e_calibrated.mask_mean[i]),
-                    "prob_obfuscated": float(e_calibrated.prob_obfuscated[i]),
-                    "seconds": t_calibrated,
-                    "cold_steps_to_reach": steps_to_reach(exact_history, float(e_calibrated.loss[i]), args.smooth),
-                }
+                record["calibrated"] = measured(e_calibrated, i, t_calibrated, exact_history, args.smooth)
             for k, e in e_warm.items():
-                record["warm"][str(k)] = {
-                    "loss": float(e.loss[i]),
-                    "distortion": float(e.distortion[i]),
-                    "mask_mean": float(e.mask_mean[i]),
-                    "prob_obfuscated": float(e.prob_obfuscated[i]),
-                    "seconds": e.seconds / n - t_measure,
-                    "cold_steps_to_reach": steps_to_reach(exact_history, float(e.loss[i]), args.smooth),
-                }
+                record["warm"][str(k)] = measured(e, i, e.seconds / n - t_measure, exact_history, args.smooth)
             if k_max is not None:
                 record["warm_steps_to_exact"] = steps_to_reach(
                     e_warm[k_max].history.total[:, i], e_exact[i]["loss"], args.smooth
