@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 import platform
@@ -54,8 +53,7 @@ from pathlib import Path
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
 import torch  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+from exact_cache import cached_results  # noqa: E402  (scripts/exact_cache.py)
 
 from amortized_cartoonx.amortized import AmortizedExplainer, WarmStartExplainer  # noqa: E402
 from amortized_cartoonx.classifiers import frozen, weights_digest  # noqa: E402
@@ -174,86 +172,6 @@ def select_images(args: argparse.Namespace, amortized: AmortizedExplainer) -> tu
     return files[args.start : args.start + args.limit], split
 
 
-def exact_cache_path(args, file: Path, exact: CartoonX, identity: str) -> Path | None:
-    """The cache file of one image's exact result, or None without ``--exact-cache``."""
-    if not args.exact_cache:
-        return None
-    key = json.dumps(
-        {
-            "image": hashlib.sha256(file.read_bytes()).hexdigest(),
-            "classifier": identity,
-            "settings": result_settings(exact),
-            "size": args.size_used,
-            "seed": args.seed,
-        },
-        sort_keys=True,
-        default=str,
-    )
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return Path(args.exact_cache) / f"{file.stem}.{digest}.safetensors"
-
-
-def result_settings(exact: CartoonX) -> dict:
-    """The exact optimizer's settings that change its result (the logit form's stretch only when it is used)."""
-    settings = exact.settings()
-    if settings["parametrisation"] == "clamp":
-        settings.pop("logit_stretch")
-    return settings
-
-
-_EXACT_NUMBERS = ("loss", "distortion", "mask_mean", "prob_obfuscated", "seconds", "target", "prob_original")
-
-
-def load_exact(path: Path) -> dict | None:
-    if path is None or not path.is_file():
-        return None
-    with safe_open(str(path), framework="pt") as f:
-        numbers = json.loads(f.metadata()["numbers"])
-        return {"mask": f.get_tensor("mask"), "history": f.get_tensor("history"), **numbers}
-
-
-def save_exact(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    numbers = {k: record[k] for k in _EXACT_NUMBERS}
-    tmp = path.with_suffix(".tmp")
-    save_file(
-        {"mask": record["mask"].contiguous(), "history": record["history"].contiguous()},
-        str(tmp),
-        metadata={"numbers": json.dumps(numbers)},
-    )
-    tmp.replace(path)
-
-
-def exact_results(
-    args, exact: CartoonX, batch: torch.Tensor, files: list[Path], seeds, t_measure, identity
-) -> list[dict]:
-    """Each image's exact result: from the cache where it has one, else computed (batched) and cached."""
-    paths = [exact_cache_path(args, f, exact, identity) for f in files]
-    results = [load_exact(p) for p in paths]
-    todo = [i for i, r in enumerate(results) if r is None]
-    if todo:
-        e = exact.explain(batch[todo], seeds=[seeds[i] for i in todo], progress=True).cpu()
-        flat = e.mask.flatten()
-        for k, i in enumerate(todo):
-            record = {
-                "mask": flat[k],
-                "history": e.history.total[:, k],
-                "loss": float(e.loss[k]),
-                "distortion": float(e.distortion[k]),
-                "mask_mean": float(e.mask_mean[k]),
-                "prob_obfuscated": float(e.prob_obfuscated[k]),
-                "prob_original": float(e.prob_original[k]),
-                "target": int(e.target[k]),
-                "seconds": e.seconds / len(todo) - t_measure,
-            }
-            if paths[i] is not None:
-                save_exact(paths[i], record)
-            results[i] = record
-    else:
-        logger.info("exact results of %d images from the cache", len(files))
-    return results
-
-
 def measured(explanation, i: int, seconds: float, exact_history: torch.Tensor, smooth: int) -> dict:
     """Image ``i``'s numbers of one method, and the cold steps the exact optimizer needs to reach its loss."""
     loss = float(explanation.loss[i])
@@ -314,7 +232,6 @@ def run(args: argparse.Namespace) -> dict:
     args.refine_lr_used = refine_config.lr
     start_from = calibrated if refine_from == "calibrated" else amortized
     warm = {k: WarmStartExplainer(start_from, refine_steps=k, config=refine_config) for k in refine}
-    args.size_used = meta["image_size"]
     identity = weights_digest(amortized.classifier) or str(meta["classifier"])
     logger.info("%d %s images of %s at %dpx on %s", len(files), split, args.images, meta["image_size"], device)
 
@@ -353,7 +270,17 @@ def run(args: argparse.Namespace) -> dict:
             t_calibrated = (time.perf_counter() - start) / n
             e_calibrated = calibrated.explain(batch, seeds=seeds).cpu()
         # (b) exact from ones (or the cache)
-        e_exact = exact_results(args, exact, batch, files[lo : lo + n], seeds, t_measure, identity)
+        e_exact = cached_results(
+            args.exact_cache,
+            exact,
+            identity,
+            meta["image_size"],
+            args.seed,
+            batch,
+            files[lo : lo + n],
+            seeds,
+            t_measure,
+        )
         # (c) warm starts
         e_warm = {k: w.explain(batch, seeds=seeds, progress=True).cpu() for k, w in warm.items()}
         exact_masks = torch.stack([r["mask"] for r in e_exact])

@@ -11,9 +11,11 @@ the median loss-versus-step curves (the per-step losses are the optimizer's own 
     python scripts/bench_schedule.py --classifier synthetic --images outputs/demo/data/test --size 64 \\
         --limit 16 --samples 8 --json outputs/bench-schedule-synthetic.json --plot docs/figures/schedule.png
 
-Candidates are named ``DECAY-LR`` (``constant-0.02``, ``cosine-0.1``, ``linear-0.05``) or a schedule of
-:data:`amortized_cartoonx.optimizer.SCHEDULES` (``fast``). Held-out images only: the schedules in the package
-were chosen on other images (see docs/benchmarks.md).
+Candidates are named ``DECAY-LR`` (``constant-0.02``, ``cosine-0.1``, ``linear-0.05``), ``logit-DECAY-LR`` for the
+logit parametrisation (``logit-cosine-0.3``), or a schedule of :data:`amortized_cartoonx.optimizer.SCHEDULES`
+(``fast``). ``--reference-cache DIR`` keeps the paper schedule's per-image results (scripts/exact_cache.py, shared
+with bench_amortized.py's ``--exact-cache``), so later runs only pay for the candidates. Held-out images only:
+the schedules in the package were chosen on other images (see docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ import torch
 
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
-from amortized_cartoonx.classifiers import load_classifier  # noqa: E402
+from exact_cache import cached_results  # noqa: E402  (scripts/exact_cache.py)
+
+from amortized_cartoonx.classifiers import load_classifier, weights_digest  # noqa: E402
 from amortized_cartoonx.images import list_images, load_images  # noqa: E402
 from amortized_cartoonx.optimizer import LR_DECAYS, SCHEDULES, CartoonX, OptimizerConfig  # noqa: E402
 from amortized_cartoonx.seeding import file_seeds  # noqa: E402
@@ -40,12 +44,13 @@ def candidate_config(name: str, steps: int, base: dict) -> OptimizerConfig:
     """The optimizer config of candidate ``name`` run for ``steps`` steps."""
     if name in SCHEDULES:
         return OptimizerConfig(schedule=name, steps=steps, **base)
-    decay, _, lr = name.partition("-")
+    parametrisation, rest = ("logit", name[len("logit-") :]) if name.startswith("logit-") else ("clamp", name)
+    decay, _, lr = rest.partition("-")
     if decay not in LR_DECAYS or not lr:
         raise SystemExit(
-            f"unknown candidate {name!r}: use DECAY-LR (decay in {', '.join(LR_DECAYS)}) or {list(SCHEDULES)}"
+            f"unknown candidate {name!r}: use [logit-]DECAY-LR (decay in {', '.join(LR_DECAYS)}) or {list(SCHEDULES)}"
         )
-    return OptimizerConfig(steps=steps, lr=float(lr), lr_decay=decay, **base)
+    return OptimizerConfig(steps=steps, lr=float(lr), lr_decay=decay, parametrisation=parametrisation, **base)
 
 
 def run(
@@ -80,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None)
+    p.add_argument("--reference-cache", default=None, metavar="DIR", help="keep the paper schedule's results here")
     p.add_argument("--plot", default=None, help="write the loss-versus-step figure here (PNG)")
     p.add_argument("--replot", default=None, metavar="JSON", help="only redraw --plot from a --json of an earlier run")
     args = p.parse_args(argv)
@@ -116,7 +122,17 @@ def main(argv: list[str] | None = None) -> int:
         return CartoonX(classifier, levels=args.levels, config=config)
 
     paper_config = OptimizerConfig(schedule="paper", steps=args.paper_steps, **base)
-    paper_loss, paper_history, paper_seconds = run(explainer(paper_config), images, seeds, args.batch_size)
+    paper = explainer(paper_config)
+    identity = weights_digest(classifier) or args.classifier
+    reference = []
+    for lo in range(0, len(images), args.batch_size):
+        hi = lo + args.batch_size
+        reference += cached_results(
+            args.reference_cache, paper, identity, args.size, args.seed, images[lo:hi], files[lo:hi], seeds[lo:hi]
+        )
+    paper_loss = np.array([r["loss"] for r in reference])
+    paper_history = torch.stack([r["history"] for r in reference], dim=1).numpy()  # (S, N)
+    paper_seconds = float(np.mean([r["seconds"] for r in reference]))
     print(
         f"paper schedule: {args.paper_steps} steps, median loss {np.median(paper_loss):.4f}, "
         f"{paper_seconds:.2f} s/image",

@@ -1,0 +1,102 @@
+"""Per-image exact CartoonX results kept between benchmark runs (used by bench_amortized.py and bench_schedule.py).
+
+A result (the mask, the per-step loss history and the measured numbers) is a safetensors file named by the image
+file's stem and a digest of everything that changes it: the image's bytes, the classifier's weights, the
+optimizer's settings, the image size and the seed. Two scripts that run the same optimizer on the same image
+share the file, so the slow reference (2000 steps) is computed once. Loading reads tensors and JSON only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+#: The numbers stored beside the mask and the history.
+NUMBERS = ("loss", "distortion", "mask_mean", "prob_obfuscated", "seconds", "target", "prob_original")
+
+
+def result_settings(optimizer) -> dict:
+    """The optimizer's settings that change its result (the logit form's stretch only when it is used)."""
+    settings = optimizer.settings()
+    if settings.get("parametrisation") == "clamp":
+        settings.pop("logit_stretch", None)
+    return settings
+
+
+def cache_path(folder: str | None, file: Path, optimizer, identity: str, size: int, seed: int) -> Path | None:
+    """The cache file of one image's result, or None without a cache folder."""
+    if not folder:
+        return None
+    key = json.dumps(
+        {
+            "image": hashlib.sha256(file.read_bytes()).hexdigest(),
+            "classifier": identity,
+            "settings": result_settings(optimizer),
+            "size": size,
+            "seed": seed,
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return Path(folder) / f"{file.stem}.{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+
+
+def load_result(path: Path | None) -> dict | None:
+    if path is None or not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        numbers = json.loads(f.metadata()["numbers"])
+        return {"mask": f.get_tensor("mask"), "history": f.get_tensor("history"), **numbers}
+
+
+def save_result(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(
+        {"mask": record["mask"].contiguous(), "history": record["history"].contiguous()},
+        str(tmp),
+        metadata={"numbers": json.dumps({k: record[k] for k in NUMBERS})},
+    )
+    tmp.replace(path)
+
+
+def cached_results(
+    folder: str | None,
+    optimizer,
+    identity: str,
+    size: int,
+    seed: int,
+    batch: torch.Tensor,
+    files: list[Path],
+    seeds: list[int],
+    measure_seconds: float = 0.0,
+) -> list[dict]:
+    """Each image's result: from the cache where it has one, else computed (batched, with a progress bar) and
+    cached. ``seconds`` per image excludes ``measure_seconds`` (the final measurement every method pays)."""
+    paths = [cache_path(folder, f, optimizer, identity, size, seed) for f in files]
+    results = [load_result(p) for p in paths]
+    todo = [i for i, r in enumerate(results) if r is None]
+    if todo:
+        e = optimizer.explain(batch[todo], seeds=[seeds[i] for i in todo], progress=True).cpu()
+        flat = e.mask.flatten()
+        for k, i in enumerate(todo):
+            record = {
+                "mask": flat[k],
+                "history": e.history.total[:, k],
+                "loss": float(e.loss[k]),
+                "distortion": float(e.distortion[k]),
+                "mask_mean": float(e.mask_mean[k]),
+                "prob_obfuscated": float(e.prob_obfuscated[k]),
+                "prob_original": float(e.prob_original[k]),
+                "target": int(e.target[k]),
+                "seconds": e.seconds / len(todo) - measure_seconds,
+            }
+            if paths[i] is not None:
+                save_result(paths[i], record)
+            results[i] = record
+    return results
