@@ -15,7 +15,8 @@ Stages, each reused when its output already exists (so a second run only redoes 
 6. **report**: ``outputs/demo/report.md`` with the loss ratio amortized / exact, the warm start, the
    localisation of every method and the figures.
 
-The defaults take about 12-15 minutes on 2 idle CPU cores (budget: 15; 11-13 measured before the stream and the dense grid); :meth:`DemoConfig.tiny` runs in seconds (tests).
+The defaults take about 12-15 minutes on 2 idle CPU cores (budget: 15; 11-13 measured before the stream and
+the dense grid); :meth:`DemoConfig.tiny` runs in seconds (tests).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""``cartoonx demo``: the whole pipeline offline on the synthetic cartoon benchmark, in about 12-15 minutes on idle
-2 CPU cores. Trains the classifier if missing, makes teacher masks, fits the amortized explainer, evaluates
+"""``cartoonx demo``: the whole pipeline offline on the synthetic cartoon benchmark, in about 12-15 minutes on
+2 idle CPU cores. Trains the classifier if missing, makes teacher masks, fits the amortized explainer, evaluates
 exact CartoonX, the amortized explainer, warm start, Pixel RDE and baselines on held-out images, and writes
 ``outputs/demo/report.md`` with figures. A second run reuses everything that exists.
 """
