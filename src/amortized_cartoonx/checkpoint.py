@@ -22,6 +22,7 @@ from .errors import ConfigError, InputError, one_line
 from .feature_taps import check_taps
 from .images import MAX_SIZE as MAX_IMAGE_SIZE
 from .mask_predictor import MaskPredictor, MaskPredictorConfig
+from .runtime import module_device
 
 #: Version of the ``checkpoint["cartoonx"]`` settings dict. 2: the network is ``mask_predictor`` (was ``explainer``).
 CHECKPOINT_FORMAT = 2
@@ -200,5 +201,4 @@ def _backbone(loaded: LoadedCheckpoint, given: nn.Module | str | None, classifie
             f"{loaded.path.name} reads the features of the backbone {spec!r}: name it (backbone=...); a checkpoint "
             "loads only built-in backbones (torchvision:NAME, efficientnet-lite0) by itself"
         )
-    tensors = [*classifier.parameters(), *classifier.buffers()] if isinstance(classifier, nn.Module) else []
-    return load_classifier(spec, normalize="auto", device=tensors[0].device if tensors else "cpu")
+    return load_classifier(spec, normalize="auto", device=module_device(classifier))

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .classifiers import frozen
 from .errors import ConfigError
+from .runtime import module_device
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,7 @@ def find_taps(module: nn.Module, image_size: int, levels: int) -> list[Tap]:
         ConfigError: TorchScript or a module without any 4-D feature map.
     """
     check_hookable(module)
-    device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    probe = torch.zeros(1, 3, image_size, image_size, device=device)
+    probe = torch.zeros(1, 3, image_size, image_size, device=module_device(module))
     outputs = _record(module, probe, None)
     if not outputs:
         raise ConfigError("the classifier has no layer with a 4-D (N, C, h, w) output to read features from")
@@ -111,7 +111,7 @@ def read_taps(module: nn.Module, images: Tensor, names: list[str]) -> list[Tenso
 
 def check_taps(module: nn.Module, names: list[str], channels: list[int], image_size: int) -> None:
     """Refuse a module that lacks the named layers or whose channels differ (a checkpoint for another network)."""
-    probe = torch.zeros(1, 3, image_size, image_size, device=next((p.device for p in module.parameters()), "cpu"))
+    probe = torch.zeros(1, 3, image_size, image_size, device=module_device(module))
     found = [int(t.shape[1]) for t in read_taps(module, probe, names)]
     if found != list(channels):
         raise ConfigError(

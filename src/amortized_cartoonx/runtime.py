@@ -1,4 +1,5 @@
-"""Small helpers about where and how torch runs: device synchronisation and intra-op thread counts."""
+"""Small helpers about where and how torch runs: a module's device, device synchronisation and intra-op thread
+counts."""
 
 from __future__ import annotations
 
@@ -6,6 +7,15 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 
 import torch
+
+
+def module_device(module: object) -> torch.device:
+    """Where ``module`` lives: the device of its first parameter or buffer; the CPU for a module without any
+    (or a plain callable)."""
+    if isinstance(module, torch.nn.Module):
+        for tensor in (*module.parameters(), *module.buffers()):
+            return tensor.device
+    return torch.device("cpu")
 
 
 def synchronize(device: torch.device) -> None:

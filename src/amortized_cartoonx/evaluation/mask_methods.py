@@ -12,7 +12,6 @@ import dataclasses
 import time
 from pathlib import Path
 
-import torch
 from torch import Tensor
 
 from ..amortized import AmortizedExplainer, WarmStartExplainer, refine_config
@@ -20,7 +19,7 @@ from ..errors import ConfigError
 from ..explanation import Explanation
 from ..io import file_sha256
 from ..optimizer import CartoonX, PixelRDE
-from ..runtime import synchronize
+from ..runtime import module_device, synchronize
 from ..wavelets import Representation
 from .attribution import MASK, METHODS, Attribution, EvaluationMethod, MethodContext, explained_target
 
@@ -107,7 +106,7 @@ def load_amortized(ctx: MethodContext) -> AmortizedExplainer:
     amortized = AmortizedExplainer.from_checkpoint(
         Path(ctx.checkpoint).expanduser(),
         ctx.classifier,
-        device=_device_of(ctx.classifier),
+        device=module_device(ctx.classifier),
         measure_samples=_measure_samples(ctx),
         seed=ctx.optimizer.seed,
     )
@@ -138,10 +137,3 @@ def _warm(ctx: MethodContext) -> EvaluationMethod:
         **{k: v for k, v in dataclasses.asdict(explainer.optimizer.config).items() if k not in ("steps", "seed")},
     }
     return MaskMethod("warm", explainer, ctx.wavelet(), settings)
-
-
-def _device_of(classifier) -> torch.device:
-    if isinstance(classifier, torch.nn.Module):
-        for tensor in (*classifier.parameters(), *classifier.buffers()):
-            return tensor.device
-    return torch.device("cpu")
