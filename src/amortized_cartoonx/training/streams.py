@@ -131,33 +131,37 @@ class StreamConfig:
         return {"fraction": float(self.fraction), "seed": int(self.seed), "scenes": self.scenes.to_dict()}
 
 
-#: ``data.augment``'s default: training images are augmented unless the config says ``augment: null``.
-DEFAULT_AUGMENT = AugmentConfig()
+def _option_fields(given: object, kind: type, name: str) -> dict | None:
+    """The fields of option ``name`` given as a dict (saved hyper-parameters), checked against dataclass ``kind``;
+    None when ``given`` is None or already a ``kind``."""
+    if given is None or isinstance(given, kind):
+        return None
+    if not isinstance(given, dict):
+        raise ConfigError(
+            f"{name} must be a{'n' if kind.__name__[0] in 'AEIOU' else ''} {kind.__name__}, a dict of its fields "
+            f"or null, got {type(given).__name__}"
+        )
+    unknown = sorted(set(given) - set(kind.__dataclass_fields__))
+    if unknown:
+        raise ConfigError(
+            f"unknown {name} settings: {', '.join(unknown)}; known: {', '.join(kind.__dataclass_fields__)}"
+        )
+    return dict(given)
 
 
 def augment_config(given: AugmentConfig | dict | None) -> AugmentConfig | None:
     """The ``augment`` option as a checked config (a dict of its fields is accepted: saved hyper-parameters)."""
-    if given is None or isinstance(given, AugmentConfig):
+    values = _option_fields(given, AugmentConfig, "augment")
+    if values is None:
         return given.validate() if given is not None else None
-    if not isinstance(given, dict):
-        raise ConfigError(f"augment must be an AugmentConfig, a dict of its fields or null, got {type(given).__name__}")
-    unknown = sorted(set(given) - set(AugmentConfig.__dataclass_fields__))
-    if unknown:
-        raise ConfigError(f"unknown augment settings: {', '.join(unknown)}; known: scale, ratio, flip")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
-    return AugmentConfig(**values).validate()
+    return AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}).validate()
 
 
 def stream_config(given: StreamConfig | dict | None) -> StreamConfig | None:
     """The ``stream`` option as a checked config (a dict of its fields is accepted: saved hyper-parameters)."""
-    if given is None or isinstance(given, StreamConfig):
+    values = _option_fields(given, StreamConfig, "stream")
+    if values is None:
         return given.validate() if given is not None else None
-    if not isinstance(given, dict):
-        raise ConfigError(f"stream must be a StreamConfig, a dict of its fields or null, got {type(given).__name__}")
-    unknown = sorted(set(given) - set(StreamConfig.__dataclass_fields__))
-    if unknown:
-        raise ConfigError(f"unknown stream settings: {', '.join(unknown)}; known: fraction, seed, scenes")
-    values = dict(given)
     scenes = values.get("scenes")
     if isinstance(scenes, dict):
         values["scenes"] = CartoonConfig.from_dict(scenes)
