@@ -26,12 +26,18 @@ def logits_to_mask(logits: Tensor, stretch: float = 0.0) -> Tensor:
     return stretched + (stretched.clamp(0.0, 1.0) - stretched).detach()
 
 
+def sigmoid_for_mask(mask: Tensor, stretch: float) -> Tensor:
+    """``(mask + stretch) / (1 + 2 * stretch)``: the sigmoid value whose stretched mask is ``mask`` (in [0, 1]),
+    strictly inside (0, 1) when ``stretch > 0``."""
+    return (mask + stretch) / (1.0 + 2.0 * stretch)
+
+
 def mask_to_logits(mask: Tensor, stretch: float = 0.0, eps: float = 1e-3) -> Tensor:
     """Logits whose :func:`logits_to_mask` is ``mask`` (in [0, 1]); with ``stretch = 0`` the mask is first clipped
     to ``[eps, 1 - eps]`` (a sigmoid never reaches 0 or 1), with ``stretch > 0`` 0 and 1 map to the clamp's edges."""
     if stretch == 0.0:
         return torch.logit(mask.clamp(eps, 1.0 - eps))
-    return torch.logit((mask.clamp(0.0, 1.0) + stretch) / (1.0 + 2.0 * stretch))
+    return torch.logit(sigmoid_for_mask(mask.clamp(0.0, 1.0), stretch))
 
 
-__all__ = ["logits_to_mask", "mask_to_logits"]
+__all__ = ["logits_to_mask", "mask_to_logits", "sigmoid_for_mask"]

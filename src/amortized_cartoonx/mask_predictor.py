@@ -140,7 +140,7 @@ class MaskPredictorConfig:
                 )
         return self
 
-    def with_taps(self, network: nn.Module, image_size: int) -> MaskPredictorConfig:
+    def with_taps(self, network: nn.Module | None, image_size: int) -> MaskPredictorConfig:
         """This config with ``taps`` found in ``network`` (the classifier, or the backbone) for ``image_size``
         images (the ``scratch`` encoder: unchanged)."""
         if self.encoder not in TAPPED_ENCODERS or self.taps is not None:

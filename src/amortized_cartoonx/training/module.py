@@ -37,7 +37,8 @@ from ..checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KIND, META_KEY, NETWORK_K
 from ..classifiers import classifier_identity, load_classifier, normalization_name
 from ..errors import ConfigError, InputError, NonFiniteError
 from ..evaluation.agreement import mask_agreement
-from ..mask_predictor import MaskPredictor, MaskPredictorConfig, describe_size, logits_to_mask
+from ..mask_logits import logits_to_mask, sigmoid_for_mask
+from ..mask_predictor import MaskPredictor, MaskPredictorConfig, describe_size
 from ..rde import DISTORTIONS, OBFUSCATIONS, RDEObjective, RDEProblem, make_generators
 from ..seeding import Stream, step_seeds
 from ..wavelets import Coefficients, WaveletRepresentation, grey
@@ -55,7 +56,7 @@ def bce_distillation(logits: Tensor, teacher: Tensor, stretch: float = 0.0) -> T
     entry, where the mask the network outputs is the teacher's; stable (no log of a clamped mask, no gradient
     lost to the clamp); the plain BCE when ``s = 0``.
     """
-    target = (teacher + stretch) / (1.0 + 2.0 * stretch)
+    target = sigmoid_for_mask(teacher, stretch)
     return F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(1)
 
 
@@ -180,7 +181,7 @@ class AmortizedCartoonXModule(pl.LightningModule):
         elif network.encoder == "backbone":  # frozen, not saved in checkpoints (they keep the mask predictor only)
             self.backbone = load_classifier(network.backbone, normalize="auto")
             source = self.backbone
-        network = network.with_taps(source, image_size) if source is not None else network
+        network = network.with_taps(source, image_size)  # the scratch encoder: unchanged
         self.mask_predictor = MaskPredictor(network, features=source)
         self.classifier_identity = classifier_identity(classifier, self.classifier)  # spec, file and weights
         # save_hyperparameters reads the arguments from this frame: the network's config in use, as a plain dict
