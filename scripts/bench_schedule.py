@@ -13,7 +13,8 @@ the median loss-versus-step curves (the per-step losses are the optimizer's own 
 
 Candidates are named ``DECAY-LR`` (``constant-0.02``, ``cosine-0.1``, ``linear-0.05``), ``logit-DECAY-LR`` for the
 logit parametrisation (``logit-cosine-0.3``), or a schedule of :data:`amortized_cartoonx.optimizer.SCHEDULES`
-(``fast``). ``--reference-cache DIR`` keeps the paper schedule's per-image results (scripts/exact_cache.py, shared
+(``fast``); a suffix ``+bf16`` runs the candidate's steps with the classifier in bf16 (``fast+bf16``; the
+reference and every measurement stay float32). ``--reference-cache DIR`` keeps the paper schedule's per-image results (scripts/exact_cache.py, shared
 with bench_amortized.py's ``--exact-cache``), so later runs only pay for the candidates. Held-out images only:
 the schedules in the package were chosen on other images (see docs/benchmarks.md).
 """
@@ -36,12 +37,16 @@ from exact_cache import cached_results  # noqa: E402  (scripts/exact_cache.py)
 
 from amortized_cartoonx.classifiers import load_classifier, weights_digest  # noqa: E402
 from amortized_cartoonx.images import list_images, load_images  # noqa: E402
-from amortized_cartoonx.optimizer import LR_DECAYS, SCHEDULES, CartoonX, OptimizerConfig  # noqa: E402
+from amortized_cartoonx.optimizer import LR_DECAYS, PRECISIONS, SCHEDULES, CartoonX, OptimizerConfig  # noqa: E402
 from amortized_cartoonx.seeding import file_seeds  # noqa: E402
 
 
 def candidate_config(name: str, steps: int, base: dict) -> OptimizerConfig:
-    """The optimizer config of candidate ``name`` run for ``steps`` steps."""
+    """The optimizer config of candidate ``name`` run for ``steps`` steps (suffix ``+bf16``: the bf16 path)."""
+    name, plus, precision = name.partition("+")
+    if plus and precision not in PRECISIONS:
+        raise SystemExit(f"unknown precision suffix +{precision}: use +{' or +'.join(PRECISIONS)}")
+    base = {**base, "precision": precision or "fp32"}
     if name in SCHEDULES:
         return OptimizerConfig(schedule=name, steps=steps, **base)
     parametrisation, rest = ("logit", name[len("logit-") :]) if name.startswith("logit-") else ("clamp", name)

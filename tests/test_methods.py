@@ -10,11 +10,12 @@ from amortized_cartoonx.cli.common import (
     MAX_IMAGE_SIZE,
     OBFUSCATION_NAMES,
     PARAMETRISATION_NAMES,
+    PRECISION_NAMES,
     SCHEDULE_NAMES,
 )
 from amortized_cartoonx.evaluation.methods import METHODS, method_names
 from amortized_cartoonx.images import MAX_SIZE
-from amortized_cartoonx.optimizer import PARAMETRISATIONS, SCHEDULES
+from amortized_cartoonx.optimizer import PARAMETRISATIONS, PRECISIONS, SCHEDULES
 from amortized_cartoonx.rde import DISTORTIONS, OBFUSCATIONS
 
 
@@ -44,9 +45,11 @@ def test_cli_choices_follow_the_registries():
     assert sorted(OBFUSCATION_NAMES) == sorted(OBFUSCATIONS.names())
     assert list(SCHEDULE_NAMES) == list(SCHEDULES)
     assert list(PARAMETRISATION_NAMES) == list(PARAMETRISATIONS)
+    assert list(PRECISION_NAMES) == list(PRECISIONS)
     assert MAX_IMAGE_SIZE == MAX_SIZE
     for command in ("explain", "targets", "evaluate"):
         assert _choices(command, "--schedule") == list(SCHEDULE_NAMES)
         assert _choices(command, "--parametrisation") == list(PARAMETRISATION_NAMES)
+        assert _choices(command, "--precision") == list(PRECISION_NAMES)
         assert _choices(command, "--distortion") == list(DISTORTION_NAMES)
         assert _choices(command, "--obfuscation") == list(OBFUSCATION_NAMES)

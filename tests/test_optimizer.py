@@ -224,3 +224,34 @@ def test_logit_parametrisation_starts_from_the_given_mask(tiny_cnn, images):
     assert torch.allclose(explainer.explain(images[:1], init_mask=given).mask.flatten(), given, atol=1e-5)
     with pytest.raises(ConfigError, match="parametrisation"):
         OptimizerConfig(parametrisation="tanh").validate()
+
+
+def test_bf16_precision_runs_the_classifier_in_bf16_and_measures_in_float32(tiny_cnn, images):
+    seen = []
+
+    class Recording(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            out = self.inner(x)
+            seen.append(out.dtype)
+            return out
+
+    config = OptimizerConfig(steps=15, num_samples=4, lr=0.05)
+    model = Recording(tiny_cnn)
+    low = CartoonX(model, levels=3, config=config, precision="bf16").explain(images, seeds=[1, 2, 3])
+    assert torch.bfloat16 in seen  # the steps ran under autocast
+    assert seen[0] == torch.float32 and seen[-1] == torch.float32  # the start and the measurement did not
+    assert low.settings["precision"] == "bf16"
+    assert low.loss.dtype == torch.float32 and bool(torch.isfinite(low.loss).all())
+    again = CartoonX(model, levels=3, config=config, precision="bf16").explain(images, seeds=[1, 2, 3])
+    assert torch.equal(low.mask.flatten(), again.mask.flatten())  # deterministic
+    full = CartoonX(tiny_cnn, levels=3, config=config).explain(images, seeds=[1, 2, 3])
+    assert not torch.equal(low.mask.flatten(), full.mask.flatten())  # bf16 really changed the arithmetic
+    torch.testing.assert_close(low.loss, full.loss, rtol=0.1, atol=0.02)  # ... but not the result
+    flat = low.mask.flatten()
+    assert bool(((flat >= 0) & (flat <= 1)).all())
+    with pytest.raises(ConfigError, match="precision"):
+        OptimizerConfig(precision="fp16").validate()

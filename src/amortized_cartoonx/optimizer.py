@@ -69,6 +69,14 @@ LR_DECAYS: dict[str, Callable[[int, int, float], float]] = {
 #: by up to about lr / 4 near 0.5 and less towards the edges, where a clamped entry moves by up to lr anywhere.
 PARAMETRISATIONS = ("clamp", "logit")
 
+#: The classifier's precision inside the optimisation steps. ``fp32``: full precision (the default).
+#: ``bf16``: the classifier's forward and backward run under bfloat16 autocast (on a GPU with bf16 tensor
+#: cores about twice as fast for convolutional classifiers); the DWT, the noise, the decoding and the loss
+#: stay float32 (:mod:`~amortized_cartoonx.rde` turns autocast off around them), and the start (the
+#: target class) and the final measurement always run in float32, so results of both precisions are
+#: measured alike. Measured loss change: docs/benchmarks.md.
+PRECISIONS = ("fp32", "bf16")
+
 
 @dataclass
 class OptimizerConfig:
@@ -86,6 +94,8 @@ class OptimizerConfig:
         parametrisation: ``clamp`` (the paper's projected mask) or ``logit`` (:data:`PARAMETRISATIONS`).
             Default: the schedule's (paper: clamp).
         logit_stretch: the stretch of the ``logit`` form's sigmoid. Default 0.1.
+        precision: ``fp32`` (default) or ``bf16``: the classifier's precision during the steps
+            (:data:`PRECISIONS`); the measurement is float32 either way.
         l1_lambda: weight of the mean of the mask; None takes the method's default
             (20 for CartoonX, 4 for Pixel RDE).
         obfuscation: noise for the deleted coefficients. Default ``gaussian-adaptive``.
@@ -107,6 +117,7 @@ class OptimizerConfig:
     lr_final: float = 0.0
     parametrisation: str | None = None
     logit_stretch: float = 0.1
+    precision: str = "fp32"
     l1_lambda: float | None = None
     obfuscation: str = "gaussian-adaptive"
     distortion: str = "label"
@@ -132,6 +143,8 @@ class OptimizerConfig:
             raise ConfigError(
                 f"unknown parametrisation {self.parametrisation!r}; choose from: {', '.join(PARAMETRISATIONS)}"
             )
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {self.precision!r}; choose from: {', '.join(PRECISIONS)}")
         if not 0.0 <= self.logit_stretch < 0.5:
             raise ConfigError(f"logit_stretch must be in [0, 0.5), got {self.logit_stretch}")
         if not 0.0 <= self.lr_final <= 1.0:
@@ -263,6 +276,7 @@ class RDEOptimizer:
             return v.map(lambda z: logits_to_mask(z, cfg.logit_stretch)) if logit else v
 
         adam = torch.optim.Adam(params, lr=cfg.lr)
+        low_precision = cfg.precision == "bf16"
         chunk = cfg.chunk_size or cfg.num_samples
         history = torch.zeros(3, num_steps, num_images, device=device)  # distortion, sparsity, total
         active = torch.ones(num_images, dtype=torch.bool, device=device)
@@ -280,7 +294,8 @@ class RDEOptimizer:
             for lo in range(0, cfg.num_samples, chunk):  # gradient accumulation over sample chunks
                 part = noise.map(lambda b, lo=lo: b[:, lo : lo + chunk])
                 mask = as_mask_of(variable)  # logit: a fresh graph for each backward pass
-                d = self.objective.distortions(problem, mask, part)  # (N, l)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=low_precision):
+                    d = self.objective.distortions(problem, mask, part)  # (N, l), float32
                 (d.sum() / cfg.num_samples).backward()
                 distortion += d.detach().sum(1)
             distortion /= cfg.num_samples

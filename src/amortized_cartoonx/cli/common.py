@@ -13,6 +13,7 @@ from typing import NoReturn
 #: Mirrors of the registries in ``rde`` (kept here so ``--help`` needs no torch; ``tests/test_methods.py`` ties them).
 SCHEDULE_NAMES = ("paper", "fast", "refine")
 PARAMETRISATION_NAMES = ("clamp", "logit")
+PRECISION_NAMES = ("fp32", "bf16")
 DISTORTION_NAMES = ("label", "maximize-target", "l2", "kl")
 OBFUSCATION_NAMES = ("gaussian-adaptive", "zero", "uniform")
 
@@ -105,6 +106,13 @@ def add_rde_args(parser: argparse.ArgumentParser) -> None:
         help="clamp: the projected mask (the paper's); logit: a stretched sigmoid of free logits "
         "(default: the schedule's)",
     )
+    group.add_argument(
+        "--precision",
+        default="fp32",
+        choices=PRECISION_NAMES,
+        help="the classifier's precision during the steps: fp32 (default) or bf16 (autocast; for GPUs with bf16 "
+        "tensor cores); the DWT, the noise, the loss and the final measurement stay float32",
+    )
     group.add_argument("--distortion", default="label", choices=DISTORTION_NAMES, help="default: label")
     group.add_argument(
         "--obfuscation", default="gaussian-adaptive", choices=OBFUSCATION_NAMES, help="default: gaussian-adaptive"
@@ -158,6 +166,7 @@ def optimizer_config(args: argparse.Namespace, default_schedule: str = "paper"):
         num_samples=args.samples,
         lr=args.lr,
         parametrisation=args.parametrisation,
+        precision=args.precision,
         l1_lambda=args.l1_lambda,
         obfuscation=args.obfuscation,
         distortion=args.distortion,

@@ -39,6 +39,7 @@ RESULT_FIELDS = (
     "lr_final",
     "parametrisation",
     "logit_stretch",
+    "precision",
     "l1_lambda",
     "obfuscation",
     "distortion",

@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# One prepared GPU session: every benchmark that needs a GPU, in one go, each stage under its own time limit.
+#
+#   bash scripts/bench_gpu.sh                       # on a machine with the package installed and ../shared beside it
+#   QUICK=1 bash scripts/bench_gpu.sh               # a tiny CPU dry run of the same commands (minutes)
+#
+# Stages, in order of priority (results in $OUT_DIR, a log in $OUT_DIR/log.txt, everything but the caches
+# packed into $PACK (default $OUT_DIR/results.tar.gz) after every stage, so a stage that runs out of time keeps
+# what the others wrote):
+#   1 optimizer  scripts/bench_optimizer.py: MobileNetV3-Small at 256 px, B x L grid, fp32 and bf16
+#   2 effnet     cartoonx evaluate: EfficientNet-Lite0, 50 photos, every method (Grad-CAM and Guided Backprop
+#                included), the optimizers with the fast schedule and the paper's L = 64; panel (c) on 8 photos
+#   3 schedule   scripts/bench_schedule.py: 16 held-out photos (#600-615), paper 2000 steps against fast, fast+bf16
+#                and logit-constant-0.3 at 25-200 steps
+#   4 areas      cartoonx evaluate, CartoonX only, 8 held-out photos, MobileNetV3-Small: paper vs fast vs
+#                logit-constant-0.3 (100 steps) schedules, areas (a) and (b)
+#   5 sanity     cartoonx evaluate --sanity on the first 8 photos of stage 2 (its explanations come from the cache)
+#   6 compile    scripts/bench_optimizer.py with torch.compile
+# Environment: OUT_DIR (default outputs/bench-gpu), SHARED (default ../shared), PHOTOS_EVAL (default
+# $SHARED/data/imagenet-samples; its first 50 images), PHOTOS_HELDOUT (default: images #600-615 of that folder,
+# copied into $OUT_DIR/heldout-photos), MOBILENET (default $SHARED/models/mobilenet_v3_small_imagenet.pt),
+# PACK, PYTHON (default python3), STAGES (default "1 2 3 4 5 6"), QUICK=1 (tiny sizes, for a dry run on a CPU).
+set -u
+PY=${PYTHON:-python3}
+OUT_DIR=${OUT_DIR:-outputs/bench-gpu}
+SHARED=${SHARED:-../shared}
+PHOTOS_EVAL=${PHOTOS_EVAL:-$SHARED/data/imagenet-samples}
+MOBILENET=${MOBILENET:-$SHARED/models/mobilenet_v3_small_imagenet.pt}
+LABELS=${LABELS:-$SHARED/models/imagenet_classes.txt}
+STAGES=${STAGES:-1 2 3 4 5 6}
+QUICK=${QUICK:-0}
+PACK=${PACK:-$OUT_DIR/results.tar.gz}
+export PYTHONUNBUFFERED=1 WANDB_MODE=${WANDB_MODE:-disabled} TQDM_DISABLE=${TQDM_DISABLE:-1}
+mkdir -p "$OUT_DIR"
+LOG="$OUT_DIR/log.txt"
+if [ -z "${PHOTOS_HELDOUT:-}" ]; then
+    PHOTOS_HELDOUT="$OUT_DIR/heldout-photos"
+    mkdir -p "$PHOTOS_HELDOUT"
+    ls "$PHOTOS_EVAL" | grep -iE '\.(jpe?g|png)$' | sort | sed -n 601,616p | while read -r f; do
+        cp "$PHOTOS_EVAL/$f" "$PHOTOS_HELDOUT/"
+    done
+fi
+
+if [ "$QUICK" = 1 ]; then  # the same commands at toy sizes: checks that every stage runs
+    OPT="--batch 1 --samples 2 --steps 1 --warmup 1 --repeats 1 --size 64"
+    SCHED="--limit 2 --samples 2 --measure-samples 4 --paper-steps 6 --steps 2,4 --size 64 --batch-size 2"
+    N_EVAL=2; N_AREAS=2; L=2; STEPS="--steps 3"; PAPER_STEPS="--steps 6"; LOGIT_STEPS=3; DRAWS=1; IG=4; SIZE=64
+    LAMBDAS="--lambdas cartoonx=10,20 pixel-rde=2,4 --lambda-limit 1"; SANITY="--sanity-limit 1 --sanity-depths 1"
+    COMPILE="--batch 1 --samples 2 --steps 1 --warmup 1 --repeats 1 --size 64"
+else
+    OPT="--batch 1,8,32 --samples 16,64 --steps 10 --warmup 3 --repeats 3 --size 256"
+    SCHED="--limit 16 --samples 16 --measure-samples 64 --paper-steps 2000 --steps 25,50,100,200 --size 256 --batch-size 16"
+    N_EVAL=50; N_AREAS=8; L=64; STEPS=""; PAPER_STEPS=""; LOGIT_STEPS=100; DRAWS=8; IG=100; SIZE=224
+    LAMBDAS="--lambdas cartoonx=10,20,40,80 pixel-rde=2,4,8,16 --lambda-limit 8"; SANITY="--sanity-limit 8"
+    COMPILE="--batch 8 --samples 64 --steps 10 --warmup 3 --repeats 3 --size 256"
+fi
+
+pack() {  # everything but the caches and the copied photos, after every stage
+    local tmp
+    tmp=$(mktemp)
+    tar czf "$tmp" -C "$OUT_DIR" --exclude=./cache --exclude='*/cache' --exclude=./heldout-photos \
+        --exclude="./$(basename "$PACK")" . && mv "$tmp" "$PACK"
+}
+
+stage() {  # stage NUMBER NAME SECONDS COMMAND...
+    local number=$1 name=$2 limit=$3
+    shift 3
+    case " $STAGES " in *" $number "*) ;; *) return 0 ;; esac
+    echo "== stage $number $name (limit ${limit}s) $(date -u +%H:%M:%S)" | tee -a "$LOG"
+    local start=$SECONDS
+    timeout --signal=INT --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+    echo "== stage $number $name: exit ${PIPESTATUS[0]}, $((SECONDS - start)) s" | tee -a "$LOG"
+    pack
+}
+
+{
+    echo "# bench_gpu.sh $(date -u +%Y-%m-%dT%H:%M:%SZ) QUICK=$QUICK git $(git rev-parse --short HEAD 2>/dev/null)"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+    $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+} 2>&1 | tee -a "$LOG"
+
+stage 1 optimizer 100 $PY scripts/bench_optimizer.py --classifier "$MOBILENET" $OPT --precision fp32,bf16 \
+    --json "$OUT_DIR/optimizer.json"
+
+stage 2 effnet 270 $PY -m amortized_cartoonx.cli evaluate --classifier efficientnet-lite0 --images "$PHOTOS_EVAL" \
+    --limit $N_EVAL --size $SIZE --out "$OUT_DIR/effnet" --labels "$LABELS" --batch-size 16 --max-batch 1024 \
+    --schedule fast $STEPS --samples $L --noise-draws $DRAWS --ig-steps $IG $LAMBDAS
+
+stage 3 schedule 150 $PY scripts/bench_schedule.py --classifier "$MOBILENET" --images "$PHOTOS_HELDOUT" $SCHED \
+    --candidates fast,fast+bf16,logit-constant-0.3 --json "$OUT_DIR/schedule_photos.json" \
+    --plot "$OUT_DIR/schedule_photos.png"
+
+stage 4 areas 120 bash -c "
+    $PY -m amortized_cartoonx.cli evaluate --classifier '$MOBILENET' --images '$PHOTOS_HELDOUT' --limit $N_AREAS \
+        --out '$OUT_DIR/areas-fast' --methods cartoonx --batch-size 8 --max-batch 1024 --schedule fast $STEPS \
+        --samples $L --noise-draws $DRAWS --lambdas none &&
+    $PY -m amortized_cartoonx.cli evaluate --classifier '$MOBILENET' --images '$PHOTOS_HELDOUT' --limit $N_AREAS \
+        --out '$OUT_DIR/areas-logit' --methods cartoonx --batch-size 8 --max-batch 1024 --steps $LOGIT_STEPS \
+        --lr 0.3 --parametrisation logit --samples $L --noise-draws $DRAWS --lambdas none &&
+    $PY -m amortized_cartoonx.cli evaluate --classifier '$MOBILENET' --images '$PHOTOS_HELDOUT' --limit $N_AREAS \
+        --out '$OUT_DIR/areas-paper' --methods cartoonx --batch-size 8 --max-batch 1024 --schedule paper $PAPER_STEPS \
+        --samples $L --noise-draws $DRAWS --lambdas none"
+
+stage 5 sanity 110 $PY -m amortized_cartoonx.cli evaluate --classifier efficientnet-lite0 --images "$PHOTOS_EVAL" \
+    --limit $N_EVAL --size $SIZE --out "$OUT_DIR/effnet" --labels "$LABELS" --batch-size 16 --max-batch 1024 \
+    --schedule fast $STEPS --samples $L --noise-draws $DRAWS --ig-steps $IG $LAMBDAS --sanity $SANITY
+
+stage 6 compile 120 $PY scripts/bench_optimizer.py --classifier "$MOBILENET" $COMPILE --precision fp32,bf16 --compile \
+    --json "$OUT_DIR/optimizer_compile.json"
+
+echo "# done $(date -u +%H:%M:%S)" | tee -a "$LOG"
+pack
