@@ -9,10 +9,10 @@
 # what the others wrote):
 #   1 optimizer  scripts/bench_optimizer.py: MobileNetV3-Small at 256 px, B x L grid, fp32 and bf16
 #   2 effnet     cartoonx evaluate: EfficientNet-Lite0, 50 photos, every method (Grad-CAM and Guided Backprop
-#                included), the optimizers with the fast schedule and the paper's L = 64; panel (c) on 8 photos
+#                included), the optimizers with the fast schedule and L = 16; panel (c) on 8 photos
 #   3 schedule   scripts/bench_schedule.py: 16 held-out photos (#600-615), paper 2000 steps against fast, fast+bf16
 #                and logit-constant-0.3 at 25-200 steps
-#   4 areas      cartoonx evaluate, CartoonX only, 8 held-out photos, MobileNetV3-Small: paper vs fast vs
+#   4 areas      cartoonx evaluate, CartoonX only, 8 held-out photos, MobileNetV3-Small, L = 16: paper vs fast vs
 #                logit-constant-0.3 (100 steps) schedules, areas (a) and (b)
 #   5 sanity     cartoonx evaluate --sanity on the first 8 photos of stage 2 (its explanations come from the cache)
 #   6 compile    scripts/bench_optimizer.py with torch.compile
@@ -20,6 +20,8 @@
 # $SHARED/data/imagenet-samples; its first 50 images), PHOTOS_HELDOUT (default: images #600-615 of that folder,
 # copied into $OUT_DIR/heldout-photos), MOBILENET (default $SHARED/models/mobilenet_v3_small_imagenet.pt),
 # PACK, PYTHON (default python3), STAGES (default "1 2 3 4 5 6"), QUICK=1 (tiny sizes, for a dry run on a CPU).
+# Sized from steps measured on an H200 (docs/benchmarks.md): about 8 minutes in all there; the stage limits
+# below are ceilings, not estimates.
 set -u
 PY=${PYTHON:-python3}
 OUT_DIR=${OUT_DIR:-outputs/bench-gpu}
@@ -48,9 +50,9 @@ if [ "$QUICK" = 1 ]; then  # the same commands at toy sizes: checks that every s
     LAMBDAS="--lambdas cartoonx=10,20 pixel-rde=2,4 --lambda-limit 1"; SANITY="--sanity-limit 1 --sanity-depths 1"
     COMPILE="--batch 1 --samples 2 --steps 1 --warmup 1 --repeats 1 --size 64"
 else
-    OPT="--batch 1,8,32 --samples 16,64 --steps 10 --warmup 3 --repeats 3 --size 256"
+    OPT="--batch 1,8 --samples 16,64 --steps 10 --warmup 3 --repeats 3 --size 256"
     SCHED="--limit 16 --samples 16 --measure-samples 64 --paper-steps 2000 --steps 25,50,100,200 --size 256 --batch-size 16"
-    N_EVAL=50; N_AREAS=8; L=64; STEPS=""; PAPER_STEPS=""; LOGIT_STEPS=100; DRAWS=8; IG=100; SIZE=224
+    N_EVAL=50; N_AREAS=8; L=16; STEPS=""; PAPER_STEPS=""; LOGIT_STEPS=100; DRAWS=8; IG=100; SIZE=224
     LAMBDAS="--lambdas cartoonx=10,20,40,80 pixel-rde=2,4,8,16 --lambda-limit 8"; SANITY="--sanity-limit 8"
     COMPILE="--batch 8 --samples 64 --steps 10 --warmup 3 --repeats 3 --size 256"
 fi

@@ -14,8 +14,9 @@ the median loss-versus-step curves (the per-step losses are the optimizer's own 
 Candidates are named ``DECAY-LR`` (``constant-0.02``, ``cosine-0.1``, ``linear-0.05``), ``logit-DECAY-LR`` for the
 logit parametrisation (``logit-cosine-0.3``), or a schedule of :data:`amortized_cartoonx.optimizer.SCHEDULES`
 (``fast``); a suffix ``+bf16`` runs the candidate's steps with the classifier in bf16 (``fast+bf16``; the
-reference and every measurement stay float32). ``--reference-cache DIR`` keeps the paper schedule's per-image results (scripts/exact_cache.py, shared
-with bench_amortized.py's ``--exact-cache``), so later runs only pay for the candidates. Held-out images only:
+reference and every measurement stay float32). ``--reference-cache DIR`` keeps the paper schedule's per-image
+results (scripts/exact_cache.py, shared with bench_amortized.py's ``--exact-cache``), so later runs only pay for
+the candidates. Held-out images only:
 the schedules in the package were chosen on other images (see docs/benchmarks.md).
 """
 

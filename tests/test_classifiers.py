@@ -189,3 +189,24 @@ def test_efficientnet_lite0_classifies_shared_photos(shared):
         predicted = load_classifier(EFFICIENTNET_LITE0_SPEC)(images).argmax(1)
     correct = int((predicted == torch.tensor([int(r["class_index"]) for r in rows])).sum())
     assert correct >= 6, f"{correct} of 8 photos classified right"  # 7 of 8 when written
+
+
+def test_torchscript_runs_without_the_profiling_executors_reoptimisation(tmp_path, monkeypatch):
+    # the profiling executor re-optimised the shared MobileNetV3 for every new shape and stalled on a GPU
+    model = make_tiny_cnn()
+    torch.jit.script(model).save(str(tmp_path / "m.pt"))
+    clf = load_classifier(str(tmp_path / "m.pt"))
+    flags = []
+    original = torch.jit.optimized_execution
+
+    def recording(flag):
+        flags.append(flag)
+        return original(flag)
+
+    monkeypatch.setattr(torch.jit, "optimized_execution", recording)
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(clf(x), model(x))
+    assert flags == [False]
+    assert torch._C._get_graph_executor_optimize()  # restored afterwards
+    Classifier(model)(x)  # an nn.Module is called as it is
+    assert flags == [False]

@@ -118,3 +118,17 @@ def test_decode_matches_pytorch_wavelets_inverse(mode, wave, size):
     coeffs = rep.encode(torch.rand(2, 3, *size)).map(lambda b: b + 0.1 * torch.randn_like(b))  # not a DWT image
     reference = DWTInverse(wave=wave, mode=mode)((coeffs.lowpass, list(coeffs.details)))[..., : size[0], : size[1]]
     torch.testing.assert_close(rep.decode(coeffs), reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("wave", ["db3", "haar", "sym4", "bior2.2"])
+@pytest.mark.parametrize("size", [(9, 9), (16, 13)])
+def test_polyphase_synthesis_equals_the_strided_transposed_convolution(wave, size):
+    from amortized_cartoonx.wavelets import polyphase_kernels, synthesis_step
+
+    kernels = WaveletRepresentation(wave, 1).synthesis_kernels.double()  # (4, 1, L, L)
+    length = kernels.shape[-1]
+    bands = torch.randn(3, 4, *size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    expected = torch.nn.functional.conv_transpose2d(bands, kernels, stride=2, padding=length - 2)
+    got = synthesis_step(bands, polyphase_kernels(kernels))
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
