@@ -82,6 +82,34 @@ def test_classifier_encoder_trains_its_projections_not_the_classifier():
     assert not torch.allclose(a, b)
 
 
+def test_tapping_records_the_taps_during_the_callers_own_pass():
+    torch.manual_seed(0)
+    calls = []
+    model = Strided()
+    model.register_forward_pre_hook(lambda module, inputs: calls.append(inputs[0].shape[0]))
+    classifier = wrap_classifier(model)
+    network = MaskPredictor(tiny_config(encoder="classifier").with_taps(classifier, SIZE), features=classifier)
+    images = torch.rand(2, 3, SIZE, SIZE)
+    calls.clear()
+    with torch.no_grad():
+        with network.tapping(classifier) as taps:
+            logits = classifier(images)  # the caller's pass (e.g. the RDE problem's clean logits)
+        shared = network(images, logits.argmax(1), taps=taps())
+        assert calls == [2]  # one pass of the classifier for both
+        separate = network(images, logits.argmax(1))
+    assert calls == [2, 2]
+    assert all(torch.equal(a, b) for a, b in zip(shared.bands, separate.bands))
+    assert not any(m._forward_hooks for m in model.modules() if m is not model)  # hooks removed
+    other = wrap_classifier(Strided())  # not the attached network: nothing recorded, the network reads its own
+    with network.tapping(other) as taps:
+        other(images)
+    assert taps() is None
+    with network.tapping(classifier) as taps:  # no pass inside the block: a clear error, not stale maps
+        pass
+    with pytest.raises(ConfigError, match="no layer"):
+        taps()
+
+
 def test_classifier_encoder_needs_taps_and_a_classifier():
     with pytest.raises(ConfigError, match="with_taps"):
         MaskPredictor(tiny_config(encoder="classifier"))

@@ -286,9 +286,10 @@ class AmortizedExplainer:
         shifted per image when calibrating (``seeds``, default ``seed + n``, drive the calibration's noise)."""
         self._check_inputs(images)
         with frozen(self.classifier):
-            problem = self.objective.prepare(images, target)
+            with self.mask_predictor.tapping(self.classifier) as taps:  # the classifier encoder: one pass, not two
+                problem = self.objective.prepare(images, target)
             self._check_logits(problem.logits)
-            logits = self.mask_predictor(images, problem.target)
+            logits = self.mask_predictor(images, problem.target, taps=taps())
             if self.calibration_samples:
                 seeds = image_seeds(images.shape[0], self.seed, seeds)
                 logits = self.calibrate(problem, logits, seeds)

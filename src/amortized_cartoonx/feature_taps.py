@@ -7,8 +7,11 @@ those are is found automatically by one probe pass (:func:`find_taps`): every su
 stride is closest to ``2^j``. The chosen layer names and channel counts are stored in the network's config, so
 a checkpoint can check that a classifier offers the same layers (:func:`check_taps`).
 
-Hooks are registered for one forward pass and removed at once (:func:`read_taps`): the caller's model keeps
-no hook, no flag and no gradient setting from us. TorchScript modules have no Python hooks and are refused.
+Hooks are registered for one forward pass and removed at once (:func:`read_taps`, :func:`recording`): the
+caller's model keeps no hook, no flag and no gradient setting from us. When the classifier runs anyway (its
+logits on the clean image), the taps are recorded during that pass instead of a second one
+(:meth:`~amortized_cartoonx.mask_predictor.MaskPredictor.tapping`). TorchScript modules have no Python hooks and
+are refused.
 
 Shapes: N images, H x W pixels, C_j channels of the map read for level j.
 """
@@ -16,6 +19,8 @@ Shapes: N images, H x W pixels, C_j channels of the map read for level j.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -50,9 +55,10 @@ def check_hookable(module: object, role: str = "the classifier") -> nn.Module:
     return module
 
 
-def _record(module: nn.Module, images: Tensor, names: set[str] | None) -> dict[str, Tensor]:
-    """One frozen forward pass of ``module`` on ``images``; the 4-D outputs of its submodules by name (in the
-    order they finished). ``names``: only these (None: all but the module itself)."""
+@contextmanager
+def recording(module: nn.Module, names: set[str] | None) -> Iterator[dict[str, Tensor]]:
+    """Record the 4-D outputs of ``module``'s submodules (``names``; None: all but the module itself) by name,
+    in the order they finish, during whatever passes run inside the block; the hooks are removed on exit."""
     outputs: dict[str, Tensor] = {}
     handles = []
 
@@ -68,12 +74,25 @@ def _record(module: nn.Module, images: Tensor, names: set[str] | None) -> dict[s
         for name, sub in module.named_modules():
             if name and (names is None or name in names):
                 handles.append(sub.register_forward_hook(hook(name)))
-        with frozen(module), torch.no_grad():
-            module(images)
+        yield outputs
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _record(module: nn.Module, images: Tensor, names: set[str] | None) -> dict[str, Tensor]:
+    """One frozen forward pass of ``module`` on ``images``; the 4-D outputs of its submodules by name."""
+    with recording(module, names) as outputs, frozen(module), torch.no_grad():
+        module(images)
     return outputs
+
+
+def collect(outputs: dict[str, Tensor], names: list[str]) -> list[Tensor]:
+    """The recorded outputs of the named layers, in ``names``' order, detached and float32."""
+    missing = [n for n in names if n not in outputs]
+    if missing:
+        raise ConfigError(f"the classifier has no layer {missing[0]!r} with a 4-D output (its layers changed?)")
+    return [outputs[n].detach().float() for n in names]
 
 
 def find_taps(module: nn.Module, image_size: int, levels: int) -> list[Tap]:
@@ -102,11 +121,7 @@ def find_taps(module: nn.Module, image_size: int, levels: int) -> list[Tap]:
 
 def read_taps(module: nn.Module, images: Tensor, names: list[str]) -> list[Tensor]:
     """The outputs of the named layers for ``images: (N, 3, H, W)`` in [0, 1] (detached; one pass, no grad)."""
-    outputs = _record(check_hookable(module), images, set(names))
-    missing = [n for n in names if n not in outputs]
-    if missing:
-        raise ConfigError(f"the classifier has no layer {missing[0]!r} with a 4-D output (its layers changed?)")
-    return [outputs[n].detach().float() for n in names]
+    return collect(_record(check_hookable(module), images, set(names)), names)
 
 
 def check_taps(module: nn.Module, names: list[str], channels: list[int], image_size: int) -> None:

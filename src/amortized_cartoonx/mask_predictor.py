@@ -39,6 +39,8 @@ Shapes: N images, C = 3 colour channels, H x W pixels, J levels, level j = 1 the
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -46,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ConfigError, InputError
-from .feature_taps import check_hookable, find_taps, read_taps
+from .feature_taps import check_hookable, collect, find_taps, read_taps, recording
 from .mask_logits import logits_to_mask
 from .wavelets import (
     DEFAULT_LEVELS,
@@ -296,8 +298,27 @@ class MaskPredictor(nn.Module):
         cols = band_sizes(width, self.config.wave, levels, self.config.mode)
         return levels, list(zip(rows, cols))
 
-    def forward(self, images: Tensor, target: Tensor) -> Coefficients:
-        """Mask logits. ``images: (N, 3, H, W)`` in [0, 1]; ``target: (N,)`` class indices."""
+    @contextmanager
+    def tapping(self, network: object) -> Iterator[Callable[[], list[Tensor] | None]]:
+        """Record this network's taps during the passes of ``network`` inside the block, so that a caller who runs
+        the classifier anyway (for its logits) saves the encoder's own pass. Yields a function that returns the
+        taps for :meth:`forward` (``taps=``), or None when ``network`` is not the attached feature source (then
+        :meth:`forward` reads them itself)::
+
+            with mask_predictor.tapping(classifier) as taps:
+                problem = objective.prepare(images)      # runs the classifier once
+            logits = mask_predictor(images, problem.target, taps=taps())
+        """
+        if self.config.encoder not in TAPPED_ENCODERS or self.feature_source is not network:
+            yield lambda: None
+            return
+        names = list(self.config.taps)
+        with recording(self.feature_source, set(names)) as outputs:
+            yield lambda: collect(outputs, names)
+
+    def forward(self, images: Tensor, target: Tensor, *, taps: list[Tensor] | None = None) -> Coefficients:
+        """Mask logits. ``images: (N, 3, H, W)`` in [0, 1]; ``target: (N,)`` class indices. ``taps``: the feature
+        maps of a tapped encoder recorded on these images (:meth:`tapping`); None reads them with one pass."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise InputError(f"the mask predictor takes images (N, 3, H, W), got {tuple(images.shape)}")
         target = torch.as_tensor(target, device=images.device).long().reshape(-1)
@@ -309,7 +330,8 @@ class MaskPredictor(nn.Module):
         levels, shapes = self.band_shapes(height, width)
 
         embedding = self.embedding(target)  # (N, E)
-        taps = self._read_taps(images)  # classifier encoder: (N, C_s, h_s, w_s) per stage, else empty
+        if taps is None or self.config.encoder not in TAPPED_ENCODERS:
+            taps = self._read_taps(images)  # tapped encoder: (N, C_s, h_s, w_s) per stage, else empty
         x = self.stem((images - _INPUT_MEAN) / _INPUT_STD)  # (N, c0, H, W)
         features = []
         for s, (down, block) in enumerate(zip(self.down, self.encoder)):

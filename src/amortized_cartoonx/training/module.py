@@ -207,9 +207,10 @@ class AmortizedCartoonXModule(pl.LightningModule):
         (:meth:`rde_loss`), the distillation term (:meth:`distillation`) and the metrics (:meth:`log_metrics`).
         """
         images = batch["image"]  # (N, 3, S, S)
-        problem = self.objective.prepare(images)  # coefficients, noise statistics, logits, predicted class
+        with self.mask_predictor.tapping(self.classifier) as taps:  # the classifier encoder reads this same pass
+            problem = self.objective.prepare(images)  # coefficients, noise statistics, logits, predicted class
         problem = dataclasses.replace(problem, target=self.explained_classes(batch, problem.target))
-        logits = self.mask_predictor(images, problem.target)  # mask logits, bands (N, 1, ...)
+        logits = self.mask_predictor(images, problem.target, taps=taps())  # mask logits, bands (N, 1, ...)
         mask = self.mask_predictor.mask_from_logits(logits)
 
         loss, metrics = self.rde_loss(problem, mask, list(batch["id"]), stage)
