@@ -11,8 +11,9 @@ the median loss-versus-step curves (the per-step losses are the optimizer's own 
     python scripts/bench_schedule.py --classifier synthetic --images outputs/demo/data/test --size 64 \\
         --limit 16 --samples 8 --json outputs/bench-schedule-synthetic.json --plot docs/figures/schedule.png
 
-Candidates are named ``DECAY-LR`` (``constant-0.02``, ``cosine-0.1``, ``linear-0.05``), ``logit-DECAY-LR`` for the
-logit parametrisation (``logit-cosine-0.3``), or a schedule of :data:`amortized_cartoonx.optimizer.SCHEDULES`
+Candidates are named ``DECAY-LR`` (``constant-0.02``, ``cosine-0.1``, ``linear-0.05``), ``DECAY-LR-FINAL`` for a
+decay that ends at ``FINAL`` times the lr (``cosine-0.5-0.2``), ``logit-...`` for the logit parametrisation
+(``logit-cosine-0.3``), or a schedule of :data:`amortized_cartoonx.optimizer.SCHEDULES`
 (``fast``); a suffix ``+bf16`` runs the candidate's steps with the classifier in bf16 (``fast+bf16``; the
 reference and every measurement stay float32). ``--reference-cache DIR`` keeps the paper schedule's per-image
 results (scripts/exact_cache.py, shared with bench_amortized.py's ``--exact-cache``), so later runs only pay for
@@ -51,12 +52,18 @@ def candidate_config(name: str, steps: int, base: dict) -> OptimizerConfig:
     if name in SCHEDULES:
         return OptimizerConfig(schedule=name, steps=steps, **base)
     parametrisation, rest = ("logit", name[len("logit-") :]) if name.startswith("logit-") else ("clamp", name)
-    decay, _, lr = rest.partition("-")
-    if decay not in LR_DECAYS or not lr:
+    decay, _, numbers = rest.partition("-")
+    lr, _, final = numbers.partition("-")
+    try:
+        lr, final = float(lr), float(final or 0.0)
+    except ValueError:
+        lr = None
+    if decay not in LR_DECAYS or lr is None:
         raise SystemExit(
-            f"unknown candidate {name!r}: use [logit-]DECAY-LR (decay in {', '.join(LR_DECAYS)}) or {list(SCHEDULES)}"
+            f"unknown candidate {name!r}: use [logit-]DECAY-LR[-FINAL] (decay in {', '.join(LR_DECAYS)}) or "
+            f"{list(SCHEDULES)}"
         )
-    return OptimizerConfig(steps=steps, lr=float(lr), lr_decay=decay, parametrisation=parametrisation, **base)
+    return OptimizerConfig(steps=steps, lr=lr, lr_decay=decay, lr_final=final, parametrisation=parametrisation, **base)
 
 
 def run(

@@ -565,3 +565,12 @@ def test_fuzzed_stores_load_valid_data_or_raise_input_error(tmp_path):
             assert 0 <= float(record.mask.min()) and float(record.mask.max()) <= 1 and record.target >= 0
         outcomes["valid"] += 1
     assert outcomes["refused"] > 50 and outcomes["valid"] > 5, outcomes  # both kinds of outcome were exercised
+
+
+def test_a_manifest_from_before_the_precision_setting_counts_as_fp32():
+    from amortized_cartoonx.teacher_masks.files import manifest_differences
+
+    old = {"steps": 200, "lr": 0.1}  # written before manifests recorded the precision
+    assert manifest_differences(old, {**old, "precision": "fp32"}) == []
+    assert manifest_differences(old, {**old, "precision": "bf16"}) == ["precision"]
+    assert manifest_differences({**old, "precision": "bf16"}, {**old, "precision": "bf16"}) == []

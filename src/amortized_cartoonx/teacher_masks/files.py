@@ -142,10 +142,16 @@ def manifest_problem(manifest: dict) -> str | None:
     return None
 
 
+#: Settings added to manifests after stores were written, with the value every earlier store was computed with.
+LATER_SETTINGS = {"precision": "fp32"}
+
+
 def manifest_differences(old: dict, new: dict) -> list[str]:
-    """Keys whose values differ between two manifests (ignoring bookkeeping keys)."""
+    """Keys whose values differ between two manifests (ignoring bookkeeping keys; a setting of
+    :data:`LATER_SETTINGS` missing from a manifest counts as its earlier value)."""
     ignore = {"created", "format_version"}
     keys = (set(old) | set(new)) - ignore
+    old, new = {**LATER_SETTINGS, **old}, {**LATER_SETTINGS, **new}
     return sorted(k for k in keys if old.get(k) != new.get(k))
 
 
