@@ -14,7 +14,9 @@ the median loss-versus-step curves (the per-step losses are the optimizer's own 
 Candidates are named ``DECAY-LR`` (``constant-0.02``, ``cosine-0.1``, ``linear-0.05``), ``DECAY-LR-FINAL`` for a
 decay that ends at ``FINAL`` times the lr (``cosine-0.5-0.2``), ``logit-...`` for the logit parametrisation
 (``logit-cosine-0.3``), or a schedule of :data:`amortized_cartoonx.optimizer.SCHEDULES`
-(``fast``); a suffix ``+bf16`` runs the candidate's steps with the classifier in bf16 (``fast+bf16``; the
+(``fast``); a suffix ``~L`` ramps the noise samples from ``--samples`` at the first step to L at the last
+(``fast~16``), ``~L0-L1`` from L0 to L1 (``fast~4-12``: on average as many as ``--samples 8``); a suffix
+``+bf16`` runs the candidate's steps with the classifier in bf16 (``fast+bf16``; the
 reference and every measurement stay float32). ``--reference-cache DIR`` keeps the paper schedule's per-image
 results (scripts/exact_cache.py, shared with bench_amortized.py's ``--exact-cache``), so later runs only pay for
 the candidates. Held-out images only:
@@ -44,11 +46,18 @@ from amortized_cartoonx.seeding import file_seeds  # noqa: E402
 
 
 def candidate_config(name: str, steps: int, base: dict) -> OptimizerConfig:
-    """The optimizer config of candidate ``name`` run for ``steps`` steps (suffix ``+bf16``: the bf16 path)."""
+    """The optimizer config of candidate ``name`` run for ``steps`` steps (suffixes: ``~L`` or ``~L0-L1`` the
+    noise samples ramp to L, ``+bf16`` the bf16 path)."""
     name, plus, precision = name.partition("+")
     if plus and precision not in PRECISIONS:
         raise SystemExit(f"unknown precision suffix +{precision}: use +{' or +'.join(PRECISIONS)}")
+    name, tilde, ramp = name.partition("~")
+    first, dash, final = ramp.rpartition("-") if "-" in ramp else ("", "", ramp)
+    if tilde and not (final.isdigit() and (first.isdigit() or not dash)):
+        raise SystemExit(f"the suffix ~L or ~L0-L1 takes numbers of noise samples, got ~{ramp}")
     base = {**base, "precision": precision or "fp32"}
+    if tilde:
+        base |= {"final_samples": int(final), **({"num_samples": int(first)} if dash else {})}
     if name in SCHEDULES:
         return OptimizerConfig(schedule=name, steps=steps, **base)
     parametrisation, rest = ("logit", name[len("logit-") :]) if name.startswith("logit-") else ("clamp", name)

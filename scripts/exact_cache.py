@@ -16,13 +16,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from amortized_cartoonx.optimizer import without_later_defaults
+
 #: The numbers stored beside the mask and the history.
 NUMBERS = ("loss", "distortion", "mask_mean", "prob_obfuscated", "seconds", "target", "prob_original")
 
 
 def result_settings(optimizer) -> dict:
-    """The optimizer's settings that change its result (the logit form's stretch only when it is used)."""
-    settings = optimizer.settings()
+    """The optimizer's settings that change its result (the logit form's stretch only when it is used; settings
+    added later only when they differ from the value earlier results had)."""
+    settings = without_later_defaults(optimizer.settings())
     if settings.get("parametrisation") == "clamp":
         settings.pop("logit_stretch", None)
     return settings

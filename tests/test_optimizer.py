@@ -255,3 +255,48 @@ def test_bf16_precision_runs_the_classifier_in_bf16_and_measures_in_float32(tiny
     assert bool(((flat >= 0) & (flat <= 1)).all())
     with pytest.raises(ConfigError, match="precision"):
         OptimizerConfig(precision="fp16").validate()
+
+
+def test_noise_samples_ramp_from_first_to_final(tiny_cnn, images):
+    from amortized_cartoonx.optimizer import samples_at
+
+    assert [samples_at(s, 5, 4, 12) for s in range(5)] == [4, 6, 8, 10, 12]
+    assert samples_at(3, 5, 8, None) == 8 and samples_at(0, 1, 4, 12) == 4
+    drawn = []
+
+    class Counting(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            drawn.append(x.shape[0])
+            return self.inner(x)
+
+    config = OptimizerConfig(steps=5, num_samples=2, final_samples=6, lr=0.05, measure_samples=3)
+    ramped = CartoonX(Counting(tiny_cnn), levels=3, config=config).explain(images[:1], seeds=[4])
+    assert drawn[1:6] == [2, 3, 4, 5, 6]  # the steps, after the clean pass
+    assert 3 in drawn[6:] and max(drawn[6:]) == 3  # the measurement: measure_samples, not the ramp's end
+    again = CartoonX(tiny_cnn, levels=3, config=config).explain(images[:1], seeds=[4])
+    assert torch.equal(ramped.mask.flatten(), again.mask.flatten())
+    chunked = CartoonX(tiny_cnn, levels=3, config=config, chunk_size=2).explain(images[:1], seeds=[4])
+    assert torch.allclose(chunked.mask.flatten(), ramped.mask.flatten(), atol=1e-5)
+    flat = ramped.mask.flatten()
+    assert bool(((flat >= 0) & (flat <= 1)).all())
+    with pytest.raises(ConfigError, match="final_samples"):
+        OptimizerConfig(final_samples=0).validate()
+
+
+def test_settings_added_later_leave_old_cache_keys_and_manifests_valid():
+    from amortized_cartoonx.evaluation.cache import settings_hash
+    from amortized_cartoonx.optimizer import LATER_DEFAULTS, without_later_defaults
+
+    old = {"method": "cartoonx", "steps": 200, "nested": [{"lr": 0.1}]}
+    new = {**old, **LATER_DEFAULTS, "nested": [{"lr": 0.1, "precision": "fp32"}]}
+    assert without_later_defaults(new) == old
+    assert settings_hash(new) == settings_hash(old)
+    assert settings_hash({**old, "precision": "bf16"}) != settings_hash(old)
+    assert settings_hash({**old, "final_samples": 16}) != settings_hash(old)
+    assert set(LATER_DEFAULTS) <= set(OptimizerConfig().__dict__)
+    defaults = OptimizerConfig()
+    assert all(getattr(defaults, k) == v for k, v in LATER_DEFAULTS.items())  # the neutral values are the defaults

@@ -43,6 +43,25 @@ from .wavelets import (
     WaveletRepresentation,
 )
 
+#: Settings added to :class:`OptimizerConfig` after results were first stored (teacher manifests, evaluation and
+#: benchmark caches), with the value every earlier result was computed with. Comparisons and cache keys leave a
+#: setting out at this value (:func:`without_later_defaults`), so older stores and caches stay valid.
+LATER_DEFAULTS: dict[str, object] = {"precision": "fp32", "final_samples": None}
+
+
+def without_later_defaults(settings: object) -> object:
+    """``settings`` (a dict, nested in dicts and lists) without the :data:`LATER_DEFAULTS` keys at their value."""
+    if isinstance(settings, dict):
+        return {
+            k: without_later_defaults(v)
+            for k, v in settings.items()
+            if not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])
+        }
+    if isinstance(settings, (list, tuple)):
+        return [without_later_defaults(v) for v in settings]
+    return settings
+
+
 #: Named step schedules: the number of Adam steps, the learning rate and its decay over the steps.
 #: ``paper``: the paper's Algorithm 1 (constant lr 1e-3, 2000 steps). ``fast``: a tenth of the steps, lr 0.1
 #: with cosine decay to 0 (chosen by ``scripts/bench_schedule.py``; measurements in docs/benchmarks.md).
@@ -87,6 +106,9 @@ class OptimizerConfig:
             ``parametrisation`` when they are not given. Default ``paper``.
         steps: Adam steps N. Default: the schedule's (paper: 2000).
         num_samples: noise samples L per step. Default 64.
+        final_samples: when given, L ramps linearly from ``num_samples`` at the first step to this at the last
+            (few samples while the mask moves fast, more when the gradient noise limits the end). Default None
+            (constant L).
         lr: Adam learning rate at the first step. Default: the schedule's (paper: 1e-3).
         lr_decay: ``constant``, ``linear`` or ``cosine`` decay of the learning rate over the steps of a run,
             down to ``lr * lr_final``. Default: the schedule's (paper: constant).
@@ -112,6 +134,7 @@ class OptimizerConfig:
     schedule: str = "paper"
     steps: int | None = None
     num_samples: int = 64
+    final_samples: int | None = None
     lr: float | None = None
     lr_decay: str | None = None
     lr_final: float = 0.0
@@ -156,7 +179,7 @@ class OptimizerConfig:
         for name in ("num_samples", "lr"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("chunk_size", "stop_patience", "measure_samples"):
+        for name in ("chunk_size", "stop_patience", "measure_samples", "final_samples"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{name} must be positive, got {value}")
@@ -165,6 +188,13 @@ class OptimizerConfig:
         if self.l1_lambda is not None and self.l1_lambda < 0:
             raise ConfigError(f"l1_lambda must be at least 0, got {self.l1_lambda}")
         return self
+
+
+def samples_at(step: int, num_steps: int, first: int, final: int | None) -> int:
+    """Noise samples L at ``step`` (0 .. num_steps - 1): ``first``, or the linear ramp from ``first`` to ``final``."""
+    if final is None or num_steps <= 1:
+        return first
+    return round(first + (final - first) * step / (num_steps - 1))
 
 
 class RDEOptimizer:
@@ -277,7 +307,6 @@ class RDEOptimizer:
 
         adam = torch.optim.Adam(params, lr=cfg.lr)
         low_precision = cfg.precision == "bf16"
-        chunk = cfg.chunk_size or cfg.num_samples
         history = torch.zeros(3, num_steps, num_images, device=device)  # distortion, sparsity, total
         active = torch.ones(num_images, dtype=torch.bool, device=device)
         steps_run = torch.zeros(num_images, dtype=torch.long, device=device)
@@ -288,17 +317,19 @@ class RDEOptimizer:
         bar = tqdm(range(num_steps), desc=f"{self.method} steps", unit="step", leave=False, disable=not progress)
         for step in bar:
             adam.param_groups[0]["lr"] = cfg.lr * decay(step, num_steps, cfg.lr_final)
-            noise = self.objective.sample_noise(problem, cfg.num_samples, generators)  # (N, L, C, ...)
+            num_samples = samples_at(step, num_steps, cfg.num_samples, cfg.final_samples)
+            chunk = cfg.chunk_size or num_samples
+            noise = self.objective.sample_noise(problem, num_samples, generators)  # (N, L, C, ...)
             adam.zero_grad(set_to_none=True)
             distortion = torch.zeros(num_images, device=device)
-            for lo in range(0, cfg.num_samples, chunk):  # gradient accumulation over sample chunks
-                part = noise.map(lambda b, lo=lo: b[:, lo : lo + chunk])
+            for lo in range(0, num_samples, chunk):  # gradient accumulation over sample chunks
+                part = noise.map(lambda b, lo=lo, hi=lo + chunk: b[:, lo:hi])
                 mask = as_mask_of(variable)  # logit: a fresh graph for each backward pass
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=low_precision):
                     d = self.objective.distortions(problem, mask, part)  # (N, l), float32
-                (d.sum() / cfg.num_samples).backward()
+                (d.sum() / num_samples).backward()
                 distortion += d.detach().sum(1)
-            distortion /= cfg.num_samples
+            distortion /= num_samples
             sparsity = as_mask_of(variable).mean_per_image()  # (N,)
             (self.objective.l1_lambda * sparsity.sum()).backward()
             total = distortion + self.objective.l1_lambda * sparsity.detach()

@@ -34,6 +34,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..io import atomic_write, atomic_write_text
+from ..optimizer import without_later_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,9 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
 def settings_hash(settings: dict) -> str:
-    """A short stable hash of a JSON-serialisable settings dict (key order does not matter)."""
+    """A short stable hash of a JSON-serialisable settings dict (key order does not matter; optimizer settings added
+    later are left out at their earlier value, so older caches stay valid)."""
+    settings = without_later_defaults(settings)
     text = json.dumps({"cache_version": CACHE_VERSION, **settings}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 

@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from ..errors import InputError, one_line
+from ..optimizer import LATER_DEFAULTS
 
 MANIFEST_KIND = "cartoonx-teacher-masks"
 
@@ -142,16 +143,12 @@ def manifest_problem(manifest: dict) -> str | None:
     return None
 
 
-#: Settings added to manifests after stores were written, with the value every earlier store was computed with.
-LATER_SETTINGS = {"precision": "fp32"}
-
-
 def manifest_differences(old: dict, new: dict) -> list[str]:
     """Keys whose values differ between two manifests (ignoring bookkeeping keys; a setting of
-    :data:`LATER_SETTINGS` missing from a manifest counts as its earlier value)."""
+    :data:`~amortized_cartoonx.optimizer.LATER_DEFAULTS` missing from a manifest counts as its earlier value)."""
     ignore = {"created", "format_version"}
     keys = (set(old) | set(new)) - ignore
-    old, new = {**LATER_SETTINGS, **old}, {**LATER_SETTINGS, **new}
+    old, new = {**LATER_DEFAULTS, **old}, {**LATER_DEFAULTS, **new}
     return sorted(k for k in keys if old.get(k) != new.get(k))
 
 

@@ -34,6 +34,7 @@ RESULT_FIELDS = (
     "schedule",
     "steps",
     "num_samples",
+    "final_samples",
     "lr",
     "lr_decay",
     "lr_final",
