@@ -13,6 +13,19 @@ from amortized_cartoonx.optimizer import LR_DECAYS, SCHEDULES, CartoonX, Optimiz
 FAST = {"steps": 30, "num_samples": 4}
 
 
+class Recorder(torch.nn.Module):
+    """``inner``, calling ``record(inputs, outputs)`` on every forward pass."""
+
+    def __init__(self, inner, record):
+        super().__init__()
+        self.inner, self.record = inner, record
+
+    def forward(self, x):
+        out = self.inner(x)
+        self.record(x, out)
+        return out
+
+
 def test_explanation_fields_and_shapes(tiny_cnn, images):
     exp = CartoonX(tiny_cnn, levels=3, **FAST).explain(images)
     n = images.shape[0]
@@ -228,19 +241,8 @@ def test_logit_parametrisation_starts_from_the_given_mask(tiny_cnn, images):
 
 def test_bf16_precision_runs_the_classifier_in_bf16_and_measures_in_float32(tiny_cnn, images):
     seen = []
-
-    class Recording(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            out = self.inner(x)
-            seen.append(out.dtype)
-            return out
-
     config = OptimizerConfig(steps=15, num_samples=4, lr=0.05)
-    model = Recording(tiny_cnn)
+    model = Recorder(tiny_cnn, lambda x, out: seen.append(out.dtype))
     low = CartoonX(model, levels=3, config=config, precision="bf16").explain(images, seeds=[1, 2, 3])
     assert torch.bfloat16 in seen  # the steps ran under autocast
     assert seen[0] == torch.float32 and seen[-1] == torch.float32  # the start and the measurement did not
@@ -263,18 +265,9 @@ def test_noise_samples_ramp_from_first_to_final(tiny_cnn, images):
     assert [samples_at(s, 5, 4, 12) for s in range(5)] == [4, 6, 8, 10, 12]
     assert samples_at(3, 5, 8, None) == 8 and samples_at(0, 1, 4, 12) == 4
     drawn = []
-
-    class Counting(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x):
-            drawn.append(x.shape[0])
-            return self.inner(x)
-
     config = OptimizerConfig(steps=5, num_samples=2, final_samples=6, lr=0.05, measure_samples=3)
-    ramped = CartoonX(Counting(tiny_cnn), levels=3, config=config).explain(images[:1], seeds=[4])
+    counting = Recorder(tiny_cnn, lambda x, out: drawn.append(x.shape[0]))
+    ramped = CartoonX(counting, levels=3, config=config).explain(images[:1], seeds=[4])
     assert drawn[1:6] == [2, 3, 4, 5, 6]  # the steps, after the clean pass
     assert 3 in drawn[6:] and max(drawn[6:]) == 3  # the measurement: measure_samples, not the ramp's end
     again = CartoonX(tiny_cnn, levels=3, config=config).explain(images[:1], seeds=[4])
