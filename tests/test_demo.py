@@ -87,9 +87,11 @@ def test_tiny_demo_runs_end_to_end_and_reuses_its_outputs(tmp_path, monkeypatch)
     report = (out / "report.md").read_text()
     assert "loss ratio to exact" in report and "pointing game" in report
     assert (out / "evaluation" / "rate_distortion.png").stat().st_size > 0
-    assert set(figures["fast_paths"]) == {"amortized", "warm"}
-    for f in figures["fast_paths"].values():
+    assert set(figures["results"]["fast_paths"]) == {"amortized", "warm"}
+    for f in figures["results"]["fast_paths"].values():
         assert f["loss_ratio_median"] > 0 and f["exact_loss_median"] > 0
+    assert set(figures["results"]["methods"]) == set(cfg.methods)
+    assert (out / "demo.json").read_text() == json.dumps(figures, indent=2) + "\n"
     summary = json.loads((out / "evaluation" / "summary.json").read_text())
     assert "ground_truth" in summary["methods"]["cartoonx"]
     assert cfg.explainer_checkpoint.is_file()
@@ -98,9 +100,10 @@ def test_tiny_demo_runs_end_to_end_and_reuses_its_outputs(tmp_path, monkeypatch)
     assert f"{cfg.teacher_images} of them with exact CartoonX teacher masks" in report
 
     again = run_demo(cfg)  # everything exists: every stage is reused
-    assert all(again["stages"]["reused"].values()), again["stages"]
+    assert all(again["run"]["stages"]["reused"].values()), again["run"]["stages"]
 
     # an explainer trained with other settings, or on other images or teachers, is never silently reused
     for other in (replace(cfg, fit_steps=3), replace(cfg, teacher_images=cfg.teacher_images - 1)):
         with pytest.raises(ConfigError, match="trained with other settings"):
             run_demo(other)
+
