@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,3 +108,62 @@ def test_tiny_demo_runs_end_to_end_and_reuses_its_outputs(tmp_path, monkeypatch)
         with pytest.raises(ConfigError, match="trained with other settings"):
             run_demo(other)
 
+
+def _results_text(out) -> str:
+    """``demo.json``'s ``results`` as canonical JSON text (text, not floats: NaN != NaN, and every bit counts)."""
+    return json.dumps(json.loads((out / "demo.json").read_text())["results"], sort_keys=True)
+
+
+def _scramble_global_random_state(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+@pytest.mark.slow
+def test_two_tiny_demo_runs_are_bit_identical(tmp_path, monkeypatch):
+    """Same code, settings, machine and thread count: the same bits in ``demo.json``'s ``results`` (every loss,
+    ratio, area, localisation measure and the classifier's accuracy), the same teacher masks, explainer and
+    classifier weights.
+
+    Only ``demo.json``'s ``run`` section may differ: seconds and speed-ups (wall clock), what was reused, the
+    environment. Before every stage of the second run the global random state (torch, numpy, random) is set to
+    another seed, so a stage that draws from it instead of its own seeded stream makes the runs differ (a stage
+    of a later demo run may find the earlier stages reused, so nothing may rely on what they left in the global
+    state). Both runs happen in one process, at one thread count.
+    """
+    import amortized_cartoonx.demo as demo
+
+    monkeypatch.chdir(tmp_path)
+    # every method of the full demo (the tiny configuration leaves the baselines out)
+    first = replace(DemoConfig.tiny(tmp_path / "first"), methods=DEMO_METHODS)
+    run_demo(first)
+
+    for i, stage in enumerate(("stage_classifier", "stage_data", "stage_teachers", "stage_fit", "stage_evaluate")):
+        original = getattr(demo, stage)
+
+        def scrambled(cfg, original=original, seed=1000 + i):
+            _scramble_global_random_state(seed)
+            return original(cfg)
+
+        monkeypatch.setattr(demo, stage, scrambled)
+    other = DemoConfig.tiny(tmp_path / "second")
+    second = replace(first, out=other.out, checkpoints=other.checkpoints, classifier_dir=other.classifier_dir)
+    figures = run_demo(second)
+    assert not any(figures["run"]["stages"]["reused"].values())  # the second run computed everything itself
+    assert set(figures["results"]["methods"]) == set(DEMO_METHODS)
+
+    assert _results_text(Path(first.out)) == _results_text(Path(second.out))
+    stores = [TeacherMaskStore(first.teachers_dir), TeacherMaskStore(second.teachers_dir)]
+    assert sorted(stores[0].ids()) == sorted(stores[1].ids())
+    for image_id in stores[0].ids():
+        a, b = stores[0].get(image_id), stores[1].get(image_id)
+        assert a.target == b.target and torch.equal(a.mask, b.mask)
+    mine, theirs = _state(first.explainer_checkpoint), _state(second.explainer_checkpoint)
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    classifiers = [Path(cfg.classifier_dir) / "classifier.safetensors" for cfg in (first, second)]
+    assert classifiers[0].read_bytes() == classifiers[1].read_bytes()
