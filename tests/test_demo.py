@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,9 +88,11 @@ def test_tiny_demo_runs_end_to_end_and_reuses_its_outputs(tmp_path, monkeypatch)
     report = (out / "report.md").read_text()
     assert "loss ratio to exact" in report and "pointing game" in report
     assert (out / "evaluation" / "rate_distortion.png").stat().st_size > 0
-    assert set(figures["fast_paths"]) == {"amortized", "warm"}
-    for f in figures["fast_paths"].values():
+    assert set(figures["results"]["fast_paths"]) == {"amortized", "warm"}
+    for f in figures["results"]["fast_paths"].values():
         assert f["loss_ratio_median"] > 0 and f["exact_loss_median"] > 0
+    assert set(figures["results"]["methods"]) == set(cfg.methods)
+    assert (out / "demo.json").read_text() == json.dumps(figures, indent=2) + "\n"
     summary = json.loads((out / "evaluation" / "summary.json").read_text())
     assert "ground_truth" in summary["methods"]["cartoonx"]
     assert cfg.explainer_checkpoint.is_file()
@@ -98,9 +101,69 @@ def test_tiny_demo_runs_end_to_end_and_reuses_its_outputs(tmp_path, monkeypatch)
     assert f"{cfg.teacher_images} of them with exact CartoonX teacher masks" in report
 
     again = run_demo(cfg)  # everything exists: every stage is reused
-    assert all(again["stages"]["reused"].values()), again["stages"]
+    assert all(again["run"]["stages"]["reused"].values()), again["run"]["stages"]
 
     # an explainer trained with other settings, or on other images or teachers, is never silently reused
     for other in (replace(cfg, fit_steps=3), replace(cfg, teacher_images=cfg.teacher_images - 1)):
         with pytest.raises(ConfigError, match="trained with other settings"):
             run_demo(other)
+
+
+def _results_text(out) -> str:
+    """``demo.json``'s ``results`` as canonical JSON text (text, not floats: NaN != NaN, and every bit counts)."""
+    return json.dumps(json.loads((out / "demo.json").read_text())["results"], sort_keys=True)
+
+
+def _scramble_global_random_state(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+@pytest.mark.slow
+def test_two_tiny_demo_runs_are_bit_identical(tmp_path, monkeypatch):
+    """Same code, settings, machine and thread count: the same bits in ``demo.json``'s ``results`` (every loss,
+    ratio, area, localisation measure and the classifier's accuracy), the same teacher masks, explainer and
+    classifier weights.
+
+    Only ``demo.json``'s ``run`` section may differ: seconds and speed-ups (wall clock), what was reused, the
+    environment. Before every stage of the second run the global random state (torch, numpy, random) is set to
+    another seed, so a stage that draws from it instead of its own seeded stream makes the runs differ (a stage
+    of a later demo run may find the earlier stages reused, so nothing may rely on what they left in the global
+    state). Both runs happen in one process, at one thread count.
+    """
+    import amortized_cartoonx.demo as demo
+
+    monkeypatch.chdir(tmp_path)
+    # every method of the full demo (the tiny configuration leaves the baselines out)
+    first = replace(DemoConfig.tiny(tmp_path / "first"), methods=DEMO_METHODS)
+    run_demo(first)
+
+    for i, stage in enumerate(("stage_classifier", "stage_data", "stage_teachers", "stage_fit", "stage_evaluate")):
+        original = getattr(demo, stage)
+
+        def scrambled(cfg, original=original, seed=1000 + i):
+            _scramble_global_random_state(seed)
+            return original(cfg)
+
+        monkeypatch.setattr(demo, stage, scrambled)
+    other = DemoConfig.tiny(tmp_path / "second")
+    second = replace(first, out=other.out, checkpoints=other.checkpoints, classifier_dir=other.classifier_dir)
+    figures = run_demo(second)
+    assert not any(figures["run"]["stages"]["reused"].values())  # the second run computed everything itself
+    assert set(figures["results"]["methods"]) == set(DEMO_METHODS)
+
+    assert _results_text(Path(first.out)) == _results_text(Path(second.out))
+    stores = [TeacherMaskStore(first.teachers_dir), TeacherMaskStore(second.teachers_dir)]
+    assert sorted(stores[0].ids()) == sorted(stores[1].ids())
+    for image_id in stores[0].ids():
+        a, b = stores[0].get(image_id), stores[1].get(image_id)
+        assert a.target == b.target and torch.equal(a.mask, b.mask)
+    mine, theirs = _state(first.explainer_checkpoint), _state(second.explainer_checkpoint)
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    classifiers = [Path(cfg.classifier_dir) / "classifier.safetensors" for cfg in (first, second)]
+    assert classifiers[0].read_bytes() == classifiers[1].read_bytes()

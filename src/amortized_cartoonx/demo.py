@@ -349,6 +349,63 @@ def run_demo(cfg: DemoConfig) -> dict:
     fast = amortized_figures(results)
     report = report_markdown(cfg, classifier, teachers, fast, summary, times)
     atomic_write_text(Path(cfg.out) / "report.md", report)
-    figures = {"classifier_accuracy": classifier["accuracy"], "fast_paths": fast, "stages": asdict(times)}
+    figures = demo_figures(classifier, fast, summary, times)
     atomic_write_text(Path(cfg.out) / "demo.json", json.dumps(figures, indent=2) + "\n")
     return figures
+
+
+#: The keys of a fast path's figures (:func:`~amortized_cartoonx.demo_report.amortized_figures`) that measure time;
+#: ``demo.json`` keeps them under ``run``, apart from the results.
+TIMING_KEYS = ("seconds_median", "exact_seconds_median", "speedup_median")
+
+
+def environment() -> dict:
+    """What the numbers depend on besides the code and the settings: torch's CPU threads (the order of float
+    sums in convolutions and matrix products), torch's version and the CPU kernels it picked."""
+    import os
+    import platform
+
+    import torch
+
+    return {
+        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "cpu_count": os.cpu_count(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
+
+
+def method_figures(summary: dict) -> dict:
+    """Every method's means over the images from the evaluation's ``summary``: the rate-distortion areas, the
+    mask's loss and size, the ground-truth localisation (no timings)."""
+    out = {}
+    for name, entry in summary["methods"].items():
+        keys = ("area_keep", "area_randomise", "area_keep_early", "area_randomise_early")
+        figures = {k: entry[k]["mean"] for k in keys if k in entry}
+        figures.update({k: v["mean"] for k, v in entry.get("mask_scalars", {}).items() if k in ("loss", "mask_mean")})
+        figures.update({k: v["mean"] for k, v in entry.get("ground_truth", {}).items()})
+        out[name] = figures
+    return out
+
+
+def demo_figures(classifier: dict, fast: dict, summary: dict, times: StageTimes) -> dict:
+    """``demo.json``: ``results``, every number the run computes (two runs with the same code, settings, machine
+    and thread count give the same bits), and ``run``, what differs between runs by nature (seconds, speed-ups,
+    what was reused) and the :func:`environment`."""
+    results = {
+        "classifier_accuracy": classifier["accuracy"],
+        "fast_paths": {name: {k: v for k, v in f.items() if k not in TIMING_KEYS} for name, f in fast.items()},
+        "methods": method_figures(summary),
+    }
+    run = {
+        "fast_paths": {name: {k: f[k] for k in TIMING_KEYS if k in f} for name, f in fast.items()},
+        "seconds_per_explanation": {
+            name: entry["seconds_per_explanation"]["mean"] for name, entry in summary["methods"].items()
+        },
+        "stages": asdict(times),
+        "environment": environment(),
+    }
+    return {"results": results, "run": run}
