@@ -66,6 +66,7 @@ def test_the_demo_trains_its_explainer_as_cartoonx_fit_would(tmp_path, monkeypat
     assert (tmp_path / "outputs" / "logs" / "explainer" / "metrics.csv").is_file()
 
     assert stage_fit(cfg) is True  # the same settings: reused
+
     with pytest.raises(ConfigError, match="trained with other settings"):
         stage_fit(replace(cfg, fit_lr=0.01))
 
@@ -77,6 +78,22 @@ def test_the_demo_trains_its_explainer_as_cartoonx_fit_would(tmp_path, monkeypat
         _state(tmp_path / "checkpoints" / "again" / "last.ckpt"),
     )
     assert mine.keys() == again.keys() and all(torch.equal(mine[k], again[k]) for k in mine)
+
+    # a training stopped before its steps (Ctrl+C, SIGTERM) is an error, and nothing is recorded for reuse
+    import pytorch_lightning as pl
+
+    from amortized_cartoonx import training
+
+    class StopAtOnce(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            trainer.should_stop = True
+
+    stopped = replace(cfg, checkpoints=str(tmp_path / "stopped"))
+    build = training.build_trainer
+    monkeypatch.setattr(training, "build_trainer", lambda *a, **k: build(*a, **k, callbacks=[StopAtOnce()]))
+    with pytest.raises(ConfigError, match="stopped at step 1 of"):
+        stage_fit(stopped)
+    assert not stopped.explainer_checkpoint.with_name("demo-fit.json").exists()
 
 
 @pytest.mark.slow

@@ -89,7 +89,8 @@ def stage_fit(cfg: DemoConfig) -> bool:
     """Train the explainer unless a checkpoint trained with the same settings exists; returns True when reused.
 
     Raises:
-        ConfigError: the checkpoint folder holds an explainer trained with other settings.
+        ConfigError: the checkpoint folder holds an explainer trained with other settings, or the training stopped
+            before ``fit_steps`` (interrupted): nothing is recorded, so the next run trains it again.
     """
     import pytorch_lightning as pl
 
@@ -117,6 +118,12 @@ def stage_fit(cfg: DemoConfig) -> bool:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")  # the frozen classifier
         trainer.fit(module, datamodule=data)
+    if trainer.interrupted or trainer.global_step < cfg.fit_steps:  # Ctrl+C, SIGTERM, a callback's stop
+        # never record a half-trained explainer as done: the next run would reuse it
+        raise ConfigError(
+            f"the explainer's training stopped at step {trainer.global_step} of {cfg.fit_steps} "
+            f"({'interrupted' if trainer.interrupted else 'stopped early'}); run the demo again to train it"
+        )
     if not cfg.explainer_checkpoint.is_file():
         last = cfg.explainer_checkpoint.with_name("last.ckpt")
         if not last.is_file():
