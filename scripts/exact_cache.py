@@ -88,16 +88,13 @@ def cached_results(
         e = optimizer.explain(batch[todo], seeds=[seeds[i] for i in todo], progress=True).cpu()
         flat = e.mask.flatten()
         for k, i in enumerate(todo):
+            summary = e.summary(k)  # the explanation's scalars as plain values
             record = {
                 "mask": flat[k],
                 "history": e.history.total[:, k],
-                "loss": float(e.loss[k]),
-                "distortion": float(e.distortion[k]),
-                "mask_mean": float(e.mask_mean[k]),
-                "prob_obfuscated": float(e.prob_obfuscated[k]),
-                "prob_original": float(e.prob_original[k]),
-                "target": int(e.target[k]),
-                "seconds": e.seconds / len(todo) - measure_seconds,
+                "loss": summary["loss_final"],
+                **{name: summary[name] for name in NUMBERS if name not in ("loss", "seconds")},
+                "seconds": summary["seconds"] - measure_seconds,
             }
             if paths[i] is not None:
                 save_result(paths[i], record)
