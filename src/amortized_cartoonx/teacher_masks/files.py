@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from ..errors import InputError, one_line
-from ..optimizer import LATER_DEFAULTS
+from ..optimizer import without_later_defaults
 
 MANIFEST_KIND = "cartoonx-teacher-masks"
 
@@ -146,9 +146,8 @@ def manifest_problem(manifest: dict) -> str | None:
 def manifest_differences(old: dict, new: dict) -> list[str]:
     """Keys whose values differ between two manifests (ignoring bookkeeping keys; a setting of
     :data:`~amortized_cartoonx.optimizer.LATER_DEFAULTS` missing from a manifest counts as its earlier value)."""
-    ignore = {"created", "format_version"}
-    keys = (set(old) | set(new)) - ignore
-    old, new = {**LATER_DEFAULTS, **old}, {**LATER_DEFAULTS, **new}
+    old, new = without_later_defaults(old), without_later_defaults(new)
+    keys = (set(old) | set(new)) - {"created", "format_version"}
     return sorted(k for k in keys if old.get(k) != new.get(k))
 
 
