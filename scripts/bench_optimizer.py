@@ -47,10 +47,9 @@ def time_call(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bare_forward_backward(
-    classifier, batch: int, size: int, device: torch.device, repeats: int, precision: str = "fp32"
-) -> float:
-    """Seconds of one forward+backward of the classifier on ``batch`` images, gradient w.r.t. the input."""
+def bare_pass(classifier, batch: int, size: int, device: torch.device, precision: str = "fp32"):
+    """A function that runs one forward+backward of the classifier on ``batch`` random images (gradient w.r.t. the
+    input; the classifier under bf16 autocast for ``precision="bf16"``, as the optimizer runs it)."""
     x = torch.rand(batch, 3, size, size, device=device, requires_grad=True)
 
     def step():
@@ -59,7 +58,14 @@ def bare_forward_backward(
             logits = classifier(x)
         logits.float().softmax(-1)[:, 0].sum().backward()
 
-    return time_call(step, device, repeats)
+    return step
+
+
+def bare_forward_backward(
+    classifier, batch: int, size: int, device: torch.device, repeats: int, precision: str = "fp32"
+) -> float:
+    """Seconds of one forward+backward of the classifier on ``batch`` images, gradient w.r.t. the input."""
+    return time_call(bare_pass(classifier, batch, size, device, precision), device, repeats)
 
 
 def optimizer_step(explainer, images: torch.Tensor, steps: int, warmup: int, repeats: int) -> float:

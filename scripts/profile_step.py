@@ -21,6 +21,8 @@ import torch
 
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
+from bench_optimizer import bare_pass  # noqa: E402  (scripts/bench_optimizer.py)
+
 from amortized_cartoonx.classifiers import load_classifier  # noqa: E402
 from amortized_cartoonx.optimizer import CartoonX, PixelRDE  # noqa: E402
 from amortized_cartoonx.runtime import synchronize  # noqa: E402
@@ -63,14 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.precision}, {device}, torch {torch.__version__}, cudnn.benchmark={torch.backends.cudnn.benchmark}",
         flush=True,
     )
-    x = torch.rand(n, 3, args.size, args.size, device=device, requires_grad=True)
-
-    def bare():
-        x.grad = None
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-            logits = classifier(x)
-        logits.float().softmax(-1)[:, 0].sum().backward()
-
+    bare = bare_pass(classifier, n, args.size, device, args.precision)
     first = seconds(bare, device)
     for _ in range(2):
         bare()
