@@ -84,28 +84,25 @@ stage() {  # stage NUMBER NAME SECONDS COMMAND...
 stage 1 optimizer 100 $PY scripts/bench_optimizer.py --classifier "$MOBILENET" $OPT --precision fp32,bf16 \
     --json "$OUT_DIR/optimizer.json"
 
-stage 2 effnet 270 $PY -m amortized_cartoonx.cli evaluate --classifier efficientnet-lite0 --images "$PHOTOS_EVAL" \
-    --limit $N_EVAL --size $SIZE --out "$OUT_DIR/effnet" --labels "$LABELS" --batch-size 16 --max-batch 1024 \
-    --schedule fast $STEPS --samples $L --noise-draws $DRAWS --ig-steps $IG $LAMBDAS
+# the EfficientNet evaluation of stage 2; stage 5 repeats it with --sanity (its explanations come from the cache)
+EFFNET=($PY -m amortized_cartoonx.cli evaluate --classifier efficientnet-lite0 --images "$PHOTOS_EVAL"
+    --limit $N_EVAL --size $SIZE --out "$OUT_DIR/effnet" --labels "$LABELS" --batch-size 16 --max-batch 1024
+    --schedule fast $STEPS --samples $L --noise-draws $DRAWS --ig-steps $IG $LAMBDAS)
+stage 2 effnet 270 "${EFFNET[@]}"
 
 stage 3 schedule 150 $PY scripts/bench_schedule.py --classifier "$MOBILENET" --images "$PHOTOS_HELDOUT" $SCHED \
     --candidates fast,fast+bf16,logit-constant-0.3 --json "$OUT_DIR/schedule_photos.json" \
     --plot "$OUT_DIR/schedule_photos.png"
 
+# stage 4: CartoonX alone under three schedules, written to areas-fast, areas-logit and areas-paper
+AREAS="$PY -m amortized_cartoonx.cli evaluate --classifier '$MOBILENET' --images '$PHOTOS_HELDOUT' --limit $N_AREAS \
+    --methods cartoonx --batch-size 8 --max-batch 1024 --samples $L --noise-draws $DRAWS --lambdas none"
 stage 4 areas 120 bash -c "
-    $PY -m amortized_cartoonx.cli evaluate --classifier '$MOBILENET' --images '$PHOTOS_HELDOUT' --limit $N_AREAS \
-        --out '$OUT_DIR/areas-fast' --methods cartoonx --batch-size 8 --max-batch 1024 --schedule fast $STEPS \
-        --samples $L --noise-draws $DRAWS --lambdas none &&
-    $PY -m amortized_cartoonx.cli evaluate --classifier '$MOBILENET' --images '$PHOTOS_HELDOUT' --limit $N_AREAS \
-        --out '$OUT_DIR/areas-logit' --methods cartoonx --batch-size 8 --max-batch 1024 --steps $LOGIT_STEPS \
-        --lr 0.3 --parametrisation logit --samples $L --noise-draws $DRAWS --lambdas none &&
-    $PY -m amortized_cartoonx.cli evaluate --classifier '$MOBILENET' --images '$PHOTOS_HELDOUT' --limit $N_AREAS \
-        --out '$OUT_DIR/areas-paper' --methods cartoonx --batch-size 8 --max-batch 1024 --schedule paper $PAPER_STEPS \
-        --samples $L --noise-draws $DRAWS --lambdas none"
+    $AREAS --out '$OUT_DIR/areas-fast' --schedule fast $STEPS &&
+    $AREAS --out '$OUT_DIR/areas-logit' --steps $LOGIT_STEPS --lr 0.3 --parametrisation logit &&
+    $AREAS --out '$OUT_DIR/areas-paper' --schedule paper $PAPER_STEPS"
 
-stage 5 sanity 110 $PY -m amortized_cartoonx.cli evaluate --classifier efficientnet-lite0 --images "$PHOTOS_EVAL" \
-    --limit $N_EVAL --size $SIZE --out "$OUT_DIR/effnet" --labels "$LABELS" --batch-size 16 --max-batch 1024 \
-    --schedule fast $STEPS --samples $L --noise-draws $DRAWS --ig-steps $IG $LAMBDAS --sanity $SANITY
+stage 5 sanity 110 "${EFFNET[@]}" --sanity $SANITY
 
 stage 6 compile 120 $PY scripts/bench_optimizer.py --classifier "$MOBILENET" $COMPILE --precision fp32,bf16 --compile \
     --json "$OUT_DIR/optimizer_compile.json"
