@@ -53,10 +53,10 @@ from pathlib import Path
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
 import torch  # noqa: E402
-from exact_cache import cached_results  # noqa: E402  (scripts/exact_cache.py)
+from exact_cache import cached_results, classifier_key  # noqa: E402  (scripts/exact_cache.py)
 
 from amortized_cartoonx.amortized import AmortizedExplainer, WarmStartExplainer  # noqa: E402
-from amortized_cartoonx.classifiers import frozen, weights_digest  # noqa: E402
+from amortized_cartoonx.classifiers import frozen  # noqa: E402
 from amortized_cartoonx.errors import CartoonXError, InputError  # noqa: E402
 from amortized_cartoonx.evaluation.agreement import mask_agreement  # noqa: E402
 from amortized_cartoonx.explanation import measure_mask  # noqa: E402
@@ -232,7 +232,7 @@ def run(args: argparse.Namespace) -> dict:
     args.refine_lr_used = refine_config.lr
     start_from = calibrated if refine_from == "calibrated" else amortized
     warm = {k: WarmStartExplainer(start_from, refine_steps=k, config=refine_config) for k in refine}
-    identity = weights_digest(amortized.classifier) or str(meta["classifier"])
+    identity = classifier_key(amortized.classifier, str(meta["classifier"]))
     logger.info("%d %s images of %s at %dpx on %s", len(files), split, args.images, meta["image_size"], device)
 
     # warm-up (TorchScript's profiling runs, allocator): not timed

@@ -37,9 +37,9 @@ import torch
 
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
-from exact_cache import cached_results  # noqa: E402  (scripts/exact_cache.py)
+from exact_cache import cached_results, classifier_key  # noqa: E402  (scripts/exact_cache.py)
 
-from amortized_cartoonx.classifiers import load_classifier, weights_digest  # noqa: E402
+from amortized_cartoonx.classifiers import load_classifier  # noqa: E402
 from amortized_cartoonx.images import list_images, load_images  # noqa: E402
 from amortized_cartoonx.optimizer import LR_DECAYS, PRECISIONS, SCHEDULES, CartoonX, OptimizerConfig  # noqa: E402
 from amortized_cartoonx.seeding import file_seeds  # noqa: E402
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
     paper_config = OptimizerConfig(schedule="paper", steps=args.paper_steps, **base)
     paper = explainer(paper_config)
-    identity = weights_digest(classifier) or args.classifier
+    identity = classifier_key(classifier, args.classifier)
     reference = []
     for lo in range(0, len(images), args.batch_size):
         hi = lo + args.batch_size

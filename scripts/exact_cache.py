@@ -16,10 +16,25 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from amortized_cartoonx.classifiers import is_file_spec, weights_digest
+from amortized_cartoonx.io import file_sha256
 from amortized_cartoonx.optimizer import without_later_defaults
 
 #: The numbers stored beside the mask and the history.
 NUMBERS = ("loss", "distortion", "mask_mean", "prob_obfuscated", "seconds", "target", "prob_original")
+
+
+def classifier_key(classifier: torch.nn.Module, spec: str) -> str:
+    """The classifier's part of a cache key, by content: the digest of its weights; for a model that keeps its
+    weights as constants (a frozen TorchScript file, whose state is empty) the SHA-256 of the file; otherwise the
+    spec's text. So ``.gpu/m.pt`` and ``../shared/models/m.pt`` share results when they are the same file."""
+    digest = weights_digest(classifier)
+    if digest:
+        return digest
+    path = Path(spec).expanduser()
+    if is_file_spec(spec) and path.is_file():
+        return "file-sha256:" + file_sha256(path)
+    return spec
 
 
 def result_settings(optimizer) -> dict:
