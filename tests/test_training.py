@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from amortized_cartoonx.errors import ConfigError
+from amortized_cartoonx.mask_logits import sigmoid_for_mask
 from amortized_cartoonx.mask_predictor import MaskPredictorConfig, logits_to_mask
 from amortized_cartoonx.rde import make_generators
 
@@ -194,7 +195,7 @@ def test_fit_with_teacher_masks_logs_distillation_and_agreement(image_dir, tmp_p
 
 
 @pytest.mark.parametrize("stretch", [0.0, 0.2])
-@pytest.mark.parametrize("name", ["bce", "l1"])
+@pytest.mark.parametrize("name", ["bce", "bce-balanced", "l1"])
 def test_distillation_is_smallest_where_the_network_outputs_the_teacher_mask(name, stretch):
     gen = torch.Generator().manual_seed(0)
     teacher = torch.rand(2, 64, generator=gen)
@@ -207,12 +208,27 @@ def test_distillation_is_smallest_where_the_network_outputs_the_teacher_mask(nam
     for scale in (0.01, 0.3, 3.0):
         moved = at_teacher + scale * torch.randn(at_teacher.shape, generator=gen)
         assert bool((distill(moved, teacher, stretch) > best).all()), scale
-    if name == "bce":  # a stationary point; the sigmoid's BCE against the raw teacher is not, once stretched
+    if name.startswith("bce"):  # a stationary point; the sigmoid's BCE against the raw teacher is not, once stretched
         logits = at_teacher.clone().requires_grad_()
         distill(logits, teacher, stretch).sum().backward()
         assert float(logits.grad.abs().max()) < 1e-6
         if stretch > 0:
             assert float(torch.autograd.grad(distill(logits, teacher, 0.0).sum(), logits)[0].abs().max()) > 1e-3
+
+
+def test_balanced_distillation_charges_a_network_that_deletes_what_a_sparse_teacher_keeps():
+    stretch = 0.05
+    teacher = torch.zeros(2, 2000)
+    teacher[:, :10] = 1.0  # the teacher keeps 0.5% of the entries, as CartoonX does
+    deleting = torch.logit(sigmoid_for_mask(torch.zeros_like(teacher), stretch))  # the empty mask, at its boundary
+    keeping = torch.logit(sigmoid_for_mask(teacher, stretch))  # the teacher's own mask
+    plain, balanced = DISTILL_LOSSES["bce"], DISTILL_LOSSES["bce-balanced"]
+    # the plain mean barely notices the deleted 0.5%; the balanced loss weighs them as half of the loss
+    assert float((plain(deleting, teacher, stretch) - plain(keeping, teacher, stretch)).max()) < 0.05
+    assert float((balanced(deleting, teacher, stretch) - balanced(keeping, teacher, stretch)).min()) > 1.0
+    # an all-zero teacher: only the deleted half, where deleting everything is right
+    empty = torch.zeros(1, 2000)
+    assert float(balanced(deleting[:1], empty, stretch)) < float(balanced(keeping[:1], empty, stretch))
 
 
 def test_distillation_and_agreement_read_the_stretched_mask():

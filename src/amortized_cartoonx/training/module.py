@@ -60,6 +60,21 @@ def bce_distillation(logits: Tensor, teacher: Tensor, stretch: float = 0.0) -> T
     return F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(1)
 
 
+def balanced_bce_distillation(logits: Tensor, teacher: Tensor, stretch: float = 0.0) -> Tensor:
+    """``(N,)``: :func:`bce_distillation` with the teacher's kept and deleted entries given equal shares.
+
+    Entry k of image n is weighted ``t_k / (2 sum_j t_j) + (1 - t_k) / (2 sum_j (1 - t_j))``, so the entries the
+    teacher keeps weigh half of the loss however few they are. A CartoonX mask keeps about 0.5% of the
+    coefficients: in the plain mean they are 0.5% of the loss, and a network that deletes everything pays almost
+    nothing for it (the empty-mask collapse). An all-zero teacher leaves the deleted half alone.
+    """
+    target = sigmoid_for_mask(teacher, stretch)
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    kept = teacher.sum(1, keepdim=True).clamp_min(1e-6)
+    deleted = (1.0 - teacher).sum(1, keepdim=True).clamp_min(1e-6)
+    return 0.5 * (bce * (teacher / kept + (1.0 - teacher) / deleted)).sum(1)
+
+
 def l1_distillation(logits: Tensor, teacher: Tensor, stretch: float = 0.0) -> Tensor:
     """``(N,)``: mean absolute difference between the network's mask (stretch included) and the teacher's."""
     return (logits_to_mask(logits, stretch) - teacher).abs().mean(1)
@@ -69,6 +84,7 @@ def l1_distillation(logits: Tensor, teacher: Tensor, stretch: float = 0.0) -> Te
 #: ``logits_to_mask(logits, stretch)``, is from the teacher's; smallest where they agree.
 DISTILL_LOSSES: dict[str, Callable[[Tensor, Tensor, float], Tensor]] = {
     "bce": bce_distillation,
+    "bce-balanced": balanced_bce_distillation,
     "l1": l1_distillation,
 }
 _NOISE_STREAMS = {"train": Stream.TRAIN_NOISE, "val": Stream.VAL_NOISE, "test": Stream.TEST_NOISE}
@@ -109,7 +125,8 @@ class AmortizedCartoonXModule(pl.LightningModule):
         num_samples: noise samples L per image and training step. Default 16.
         val_samples: L for validation (default: ``num_samples``).
         distill_weight: weight of the distillation term; 0 (default) trains with the RDE loss alone.
-        distill_loss: ``bce`` (default; teacher masks as soft targets) or ``l1``.
+        distill_loss: ``bce`` (default; teacher masks as soft targets), ``bce-balanced`` (the same with the kept
+            and the deleted entries of each teacher at equal shares: against the empty-mask collapse) or ``l1``.
         mask_predictor: the network (:class:`~amortized_cartoonx.mask_predictor.MaskPredictorConfig`: width,
             decoder_width, embed_dim, init_bias, stretch, ...); None: its defaults. Its ``num_classes``, ``wave``,
             ``levels`` and ``mode`` are the module's (the classifier's classes, the DWT above, J as capped for
