@@ -567,10 +567,15 @@ def test_fuzzed_stores_load_valid_data_or_raise_input_error(tmp_path):
     assert outcomes["refused"] > 50 and outcomes["valid"] > 5, outcomes  # both kinds of outcome were exercised
 
 
-def test_a_manifest_from_before_the_precision_setting_counts_as_fp32():
+def test_a_manifest_from_before_later_settings_counts_at_their_earlier_values():
     from amortized_cartoonx.teacher_masks.files import manifest_differences
 
     old = {"steps": 200, "lr": 0.1}  # written before manifests recorded the precision
     assert manifest_differences(old, {**old, "precision": "fp32"}) == []
     assert manifest_differences(old, {**old, "precision": "bf16"}) == ["precision"]
     assert manifest_differences({**old, "precision": "bf16"}, {**old, "precision": "bf16"}) == []
+    # the parametrisation came later too: an old manifest is a clamp one, whose logit stretch is unused
+    clamp = {**old, "parametrisation": "clamp", "logit_stretch": 0.1}
+    assert manifest_differences(old, clamp) == []
+    assert manifest_differences(old, {**clamp, "parametrisation": "logit"}) == ["logit_stretch", "parametrisation"]
+    assert manifest_differences({**clamp, "parametrisation": "logit"}, {**clamp, "parametrisation": "logit"}) == []

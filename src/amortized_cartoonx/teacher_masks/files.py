@@ -143,10 +143,20 @@ def manifest_problem(manifest: dict) -> str | None:
     return None
 
 
+def _comparable(manifest: dict) -> dict:
+    """A manifest without the settings that earlier manifests lack at the value they implied: those of
+    :data:`~amortized_cartoonx.optimizer.LATER_DEFAULTS`, and the parametrisation when it is the projected mask
+    (``clamp``, the only one before the logit form), together with the logit form's stretch, unused then."""
+    manifest = without_later_defaults(manifest)
+    if manifest.get("parametrisation", "clamp") == "clamp":
+        manifest = {k: v for k, v in manifest.items() if k not in ("parametrisation", "logit_stretch")}
+    return manifest
+
+
 def manifest_differences(old: dict, new: dict) -> list[str]:
-    """Keys whose values differ between two manifests (ignoring bookkeeping keys; a setting of
-    :data:`~amortized_cartoonx.optimizer.LATER_DEFAULTS` missing from a manifest counts as its earlier value)."""
-    old, new = without_later_defaults(old), without_later_defaults(new)
+    """Keys whose values differ between two manifests (ignoring bookkeeping keys; a setting added later and missing
+    from a manifest counts as its earlier value, see :func:`_comparable`)."""
+    old, new = _comparable(old), _comparable(new)
     keys = (set(old) | set(new)) - {"created", "format_version"}
     return sorted(k for k in keys if old.get(k) != new.get(k))
 
