@@ -452,20 +452,25 @@ def markdown(result: dict) -> str:
             f"{fmt(row['loss_ratio'], 3)} | {fmt(row['time_ratio'], 3)} | {reach} |"
         )
     speed = next(r for r in result["summary"] if r["method"] == "amortized")["time_ratio"]
+    warm_sentence = (
+        f"Warm start K={s['refine'][-1]} reaches the exact loss after a median of "
+        f"{fmt(m['warm_steps_to_exact'], 0)} steps ({m['warm_reached_exact']}/{n} images reach it, "
+        f"{m['warm_within_40']}/{n} within 40 steps). "
+        if s["refine"]
+        else "No warm start (--refine empty). "
+    )
     lines += [
         "",
         f"Amortized vs exact: speed-up {fmt(1 / speed if speed else None, 1)}x; mask agreement: Spearman "
         f"{fmt(m['spearman_amortized_exact'], 3)}, top-10% overlap {fmt(m['top10_overlap_amortized_exact'], 3)} "
-        f"(medians). Warm start K={s['refine'][-1] if s['refine'] else '-'} reaches the exact loss after a median "
-        f"of {fmt(m['warm_steps_to_exact'], 0)} steps ({m['warm_reached_exact']}/{n} images reach it, "
-        f"{m['warm_within_40']}/{n} within 40 steps). "
+        f"(medians). {warm_sentence}"
         f"Final measurement: {fmt(m['measure_seconds'], 3)} s / image (not in the times above). Step counts: "
         f"centred {s['smooth']}-step moving average of the per-step loss, then running minimum.",
         "",
         "Per image (RDE loss; cold steps to reach in brackets):",
         "",
-        "| image | amortized | exact | " + " | ".join(f"warm K={k}" for k in s["refine"]) + " |",
-        "| --- | --- | --- | " + " | ".join("---" for _ in s["refine"]) + " |",
+        "| " + " | ".join(["image", "amortized", "exact", *(f"warm K={k}" for k in s["refine"])]) + " |",
+        "|" + " --- |" * (3 + len(s["refine"])),
     ]
     for r in result["images"]:
         never = ">" + str(s["exact_steps"])
@@ -474,7 +479,9 @@ def markdown(result: dict) -> str:
             for k in s["refine"]
         )
         reach = _steps(r["amortized"]["cold_steps_to_reach"], never)
-        lines.append(f"| {r['image']} | {fmt(r['amortized']['loss'])} ({reach}) | {fmt(r['exact']['loss'])} | {warm} |")
+        cells = [r["image"], f"{fmt(r['amortized']['loss'])} ({reach})", fmt(r["exact"]["loss"])]
+        cells += [warm] if warm else []
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
