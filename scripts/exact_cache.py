@@ -16,9 +16,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from amortized_cartoonx.classifiers import is_file_spec, weights_digest
-from amortized_cartoonx.io import file_sha256
-from amortized_cartoonx.optimizer import without_later_defaults
+from amortized_cartoonx.classifiers import classifier_identity
+from amortized_cartoonx.optimizer import result_settings as comparable_settings
 
 #: The numbers stored beside the mask and the history.
 NUMBERS = ("loss", "distortion", "mask_mean", "prob_obfuscated", "seconds", "target", "prob_original")
@@ -28,22 +27,17 @@ def classifier_key(classifier: torch.nn.Module, spec: str) -> str:
     """The classifier's part of a cache key, by content: the digest of its weights; for a model that keeps its
     weights as constants (a frozen TorchScript file, whose state is empty) the SHA-256 of the file; otherwise the
     spec's text. So ``.gpu/m.pt`` and ``../shared/models/m.pt`` share results when they are the same file."""
-    digest = weights_digest(classifier)
-    if digest:
-        return digest
-    path = Path(spec).expanduser()
-    if is_file_spec(spec) and path.is_file():
-        return "file-sha256:" + file_sha256(path)
+    identity = classifier_identity(spec, classifier)
+    if identity["classifier_weights_sha256"]:
+        return identity["classifier_weights_sha256"]
+    if identity["classifier_sha256"]:
+        return "file-sha256:" + identity["classifier_sha256"]
     return spec
 
 
 def result_settings(optimizer) -> dict:
-    """The optimizer's settings that change its result (the logit form's stretch only when it is used; settings
-    added later only when they differ from the value earlier results had)."""
-    settings = without_later_defaults(optimizer.settings())
-    if settings.get("parametrisation") == "clamp":
-        settings.pop("logit_stretch", None)
-    return settings
+    """The optimizer's settings that change its result (:func:`amortized_cartoonx.optimizer.result_settings`)."""
+    return comparable_settings(optimizer.settings())
 
 
 def cache_path(folder: str | None, file: Path, optimizer, identity: str, size: int, seed: int) -> Path | None:

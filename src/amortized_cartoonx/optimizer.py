@@ -62,6 +62,17 @@ def without_later_defaults(settings: object) -> object:
     return settings
 
 
+def result_settings(settings: dict) -> dict:
+    """An optimizer's :meth:`~CartoonX.settings` (or a record of them) as results are compared and keyed: without
+    the :data:`LATER_DEFAULTS` at their earlier value, and without the logit form's stretch when the mask is the
+    projected one (``parametrisation`` ``clamp``, or absent: the only form before the logit one), which never
+    reads it."""
+    settings = without_later_defaults(settings)
+    if settings.get("parametrisation", "clamp") == "clamp":
+        settings.pop("logit_stretch", None)
+    return settings
+
+
 #: Named step schedules: the number of Adam steps, the learning rate and its decay over the steps.
 #: ``paper``: the paper's Algorithm 1 (constant lr 1e-3, 2000 steps). ``fast``: a tenth of the steps, lr 0.1
 #: with cosine decay to 0 (chosen by ``scripts/bench_schedule.py``; measurements in docs/benchmarks.md).

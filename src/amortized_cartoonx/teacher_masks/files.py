@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from ..errors import InputError, one_line
-from ..optimizer import without_later_defaults
+from ..optimizer import result_settings
 
 MANIFEST_KIND = "cartoonx-teacher-masks"
 
@@ -147,9 +147,9 @@ def _comparable(manifest: dict) -> dict:
     """A manifest without the settings that earlier manifests lack at the value they implied: those of
     :data:`~amortized_cartoonx.optimizer.LATER_DEFAULTS`, and the parametrisation when it is the projected mask
     (``clamp``, the only one before the logit form), together with the logit form's stretch, unused then."""
-    manifest = without_later_defaults(manifest)
-    if manifest.get("parametrisation", "clamp") == "clamp":
-        manifest = {k: v for k, v in manifest.items() if k not in ("parametrisation", "logit_stretch")}
+    manifest = result_settings(manifest)
+    if manifest.get("parametrisation") == "clamp":
+        del manifest["parametrisation"]
     return manifest
 
 
