@@ -47,6 +47,11 @@ from .data import MaskPredictorDataModule, check_teachers
 logger = logging.getLogger(__name__)
 
 
+def _entry_bce(logits: Tensor, teacher: Tensor, stretch: float = 0.0) -> Tensor:
+    """``(N, K)``: the per-entry binary cross-entropy of :func:`bce_distillation` (see there)."""
+    return F.binary_cross_entropy_with_logits(logits, sigmoid_for_mask(teacher, stretch), reduction="none")
+
+
 def bce_distillation(logits: Tensor, teacher: Tensor, stretch: float = 0.0) -> Tensor:
     """``(N,)``: binary cross-entropy of the network's sigmoid against the teacher mapped through the stretch.
 
@@ -56,8 +61,7 @@ def bce_distillation(logits: Tensor, teacher: Tensor, stretch: float = 0.0) -> T
     entry, where the mask the network outputs is the teacher's; stable (no log of a clamped mask, no gradient
     lost to the clamp); the plain BCE when ``s = 0``.
     """
-    target = sigmoid_for_mask(teacher, stretch)
-    return F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(1)
+    return _entry_bce(logits, teacher, stretch).mean(1)
 
 
 def balanced_bce_distillation(logits: Tensor, teacher: Tensor, stretch: float = 0.0) -> Tensor:
@@ -68,8 +72,7 @@ def balanced_bce_distillation(logits: Tensor, teacher: Tensor, stretch: float = 
     coefficients: in the plain mean they are 0.5% of the loss, and a network that deletes everything pays almost
     nothing for it (the empty-mask collapse). An all-zero teacher leaves the deleted half alone.
     """
-    target = sigmoid_for_mask(teacher, stretch)
-    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    bce = _entry_bce(logits, teacher, stretch)
     kept = teacher.sum(1, keepdim=True).clamp_min(1e-6)
     deleted = (1.0 - teacher).sum(1, keepdim=True).clamp_min(1e-6)
     return 0.5 * (bce * (teacher / kept + (1.0 - teacher) / deleted)).sum(1)
