@@ -13,6 +13,7 @@ from amortized_cartoonx.rde import (
     OBFUSCATIONS,
     RDEObjective,
     band_statistics,
+    clamp_unit,
     make_generators,
     obfuscate,
     rde_loss,
@@ -84,6 +85,16 @@ def test_a_full_mask_reproduces_the_image():
     empty = obfuscate(rep, coeffs, coeffs.mask_like(0.0), noise)
     assert empty.min() >= 0 and empty.max() <= 1  # clamped
     assert not torch.allclose(empty, x.repeat_interleave(3, 0), atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_unit_clamp_has_the_values_of_clamp_and_passes_the_gradient_strictly_inside(dtype):
+    x = torch.tensor([-0.5, -0.0, 0.0, 1e-30, 0.25, 1.0 - 1e-6, 1.0, 1.5], dtype=dtype, requires_grad=True)
+    y = clamp_unit(x)
+    assert torch.equal(y, x.detach().clamp(0.0, 1.0))
+    y.backward(torch.arange(1.0, 9.0, dtype=dtype))
+    assert x.grad.tolist() == [0.0, 0.0, 0.0, 4.0, 5.0, 6.0, 0.0, 0.0]
+    assert not clamp_unit(x.detach()).requires_grad
 
 
 @pytest.mark.parametrize("name", ["label", "l2", "kl"])

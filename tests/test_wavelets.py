@@ -132,3 +132,16 @@ def test_polyphase_synthesis_equals_the_strided_transposed_convolution(wave, siz
     got = synthesis_step(bands, polyphase_kernels(kernels))
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+def test_interleaved_phases_equal_pixel_shuffle_forward_and_backward():
+    from amortized_cartoonx.wavelets import interleave_phases
+
+    z = torch.randn(5, 4, 7, 6, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    ref = z.detach().clone().requires_grad_(True)
+    grad = torch.randn(5, 1, 14, 12, generator=torch.Generator().manual_seed(1))
+    got, expected = interleave_phases(z), torch.nn.functional.pixel_shuffle(ref, 2)
+    assert torch.equal(got, expected)
+    got.backward(grad)
+    expected.backward(grad)
+    assert torch.equal(z.grad, ref.grad)
