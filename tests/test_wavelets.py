@@ -123,15 +123,20 @@ def test_decode_matches_pytorch_wavelets_inverse(mode, wave, size):
 @pytest.mark.parametrize("wave", ["db3", "haar", "sym4", "bior2.2"])
 @pytest.mark.parametrize("size", [(9, 9), (16, 13)])
 def test_polyphase_synthesis_equals_the_strided_transposed_convolution(wave, size):
-    from amortized_cartoonx.wavelets import polyphase_kernels, synthesis_step
+    from amortized_cartoonx.wavelets import paired_kernels, polyphase_kernels, synthesis_step
 
     kernels = WaveletRepresentation(wave, 1).synthesis_kernels.double()  # (4, 1, L, L)
     length = kernels.shape[-1]
     bands = torch.randn(3, 4, *size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     expected = torch.nn.functional.conv_transpose2d(bands, kernels, stride=2, padding=length - 2)
-    got = synthesis_step(bands, polyphase_kernels(kernels))
+    phases = polyphase_kernels(kernels)
+    got = synthesis_step(bands, phases)
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    # two maps per convolution (the CPU path): the same for an even batch, and an odd one falls back
+    pairs = paired_kernels(phases)
+    torch.testing.assert_close(synthesis_step(bands[:2], phases, pairs), expected[:2], rtol=0, atol=1e-12)
+    torch.testing.assert_close(synthesis_step(bands, phases, pairs), expected, rtol=0, atol=1e-12)
 
 
 def test_interleaved_phases_equal_pixel_shuffle_forward_and_backward():

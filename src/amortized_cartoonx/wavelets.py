@@ -283,6 +283,7 @@ class WaveletRepresentation(Representation):
         kernels = [torch.outer(cols[a], rows[b]) for a, b in ((0, 0), (1, 0), (0, 1), (1, 1))]
         self.register_buffer("synthesis_kernels", torch.stack(kernels).unsqueeze(1), persistent=False)  # (4,1,L,L)
         self.register_buffer("synthesis_phases", polyphase_kernels(self.synthesis_kernels), persistent=False)
+        self.register_buffer("synthesis_pairs", paired_kernels(self.synthesis_phases), persistent=False)
         self.forwards = nn.ModuleDict()  # one DWTForward per J actually used (J depends on the image size)
         self._warned: set[tuple[int, int]] = set()
 
@@ -335,13 +336,19 @@ class WaveletRepresentation(Representation):
             x = self.inverse((coeffs.lowpass, list(coeffs.details)))
         else:
             phases = self.synthesis_phases.to(device=coeffs.device, dtype=coeffs.dtype)
+            # CPU: two maps per convolution (see paired_kernels); cuDNN gets the plain 4-channel form
+            pairs = (
+                self.synthesis_pairs.to(device=coeffs.device, dtype=coeffs.dtype)
+                if coeffs.device.type == "cpu"
+                else None
+            )
             x = coeffs.lowpass
             for h in reversed(coeffs.details):  # coarse to fine; h: (N, C, 3, H_j, W_j)
                 if x.shape[-2:] != h.shape[-2:]:  # drop the extra row/column of odd sizes
                     x = x[..., : h.shape[-2], : h.shape[-1]]
                 n, c, height, width = x.shape
                 bands = torch.cat([x.unsqueeze(2), h], dim=2).reshape(n * c, 4, height, width)  # (N*C, 4, H_j, W_j)
-                y = synthesis_step(bands, phases)  # (N*C, 1, 2 H_j - L + 2, 2 W_j - L + 2)
+                y = synthesis_step(bands, phases, pairs)  # (N*C, 1, 2 H_j - L + 2, 2 W_j - L + 2)
                 x = y.reshape(n, c, *y.shape[-2:])
         height, width = coeffs.image_size
         if x.shape[-2:] != (height, width):  # odd sizes come back one pixel larger
@@ -371,15 +378,34 @@ def polyphase_kernels(kernels: Tensor) -> Tensor:
     return weight
 
 
-def synthesis_step(bands: Tensor, phases: Tensor) -> Tensor:
+def paired_kernels(phases: Tensor) -> Tensor:
+    """``(4, 4, l, l) -> (8, 8, l, l)``: the polyphase kernels twice on the diagonal, for two maps at once.
+
+    oneDNN, the CPU's convolution library, pads a 4-channel convolution's channels to its vector width of 8, so
+    half of its work is on zeros; two maps side by side as 8 channels (a free view of the batch) with this
+    block-diagonal kernel fill the width, which halves the backward pass (``scripts/profile_step.py``).
+    """
+    pairs = phases.new_zeros(8, 8, *phases.shape[2:])
+    pairs[:4, :4] = phases
+    pairs[4:, 4:] = phases
+    return pairs
+
+
+def synthesis_step(bands: Tensor, phases: Tensor, pairs: Tensor | None = None) -> Tensor:
     """One level of the inverse DWT: ``(M, 4, H, W)`` sub-bands to ``(M, 1, 2H - L + 2, 2W - L + 2)``.
 
     Equal to ``conv_transpose2d(bands, kernels, stride=2, padding=L - 2)`` for the level's ``L x L``
     outer-product filters ``kernels`` (L even; ``phases = polyphase_kernels(kernels)``). That transposed
     convolution's padding ``L - 2 = 2 (L/2 - 1)`` crops exactly the phase outputs that an unpadded ("valid")
-    stride-1 convolution leaves out, so no padding, cropping or copies are needed.
+    stride-1 convolution leaves out, so no padding, cropping or copies are needed. With ``pairs``
+    (:func:`paired_kernels`) and M even, two maps go through each convolution together; the same result.
     """
-    z = torch.nn.functional.conv2d(bands, phases)  # (M, 4, H - L/2 + 1, W - L/2 + 1), channel 2 r + s
+    m, _, height, width = bands.shape
+    if pairs is not None and m % 2 == 0:
+        z = torch.nn.functional.conv2d(bands.reshape(m // 2, 8, height, width), pairs)
+        z = z.reshape(m, 4, *z.shape[-2:])
+    else:
+        z = torch.nn.functional.conv2d(bands, phases)  # (M, 4, H - L/2 + 1, W - L/2 + 1), channel 2 r + s
     return interleave_phases(z)  # (M, 1, 2H - L + 2, 2W - L + 2)
 
 
