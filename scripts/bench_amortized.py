@@ -5,8 +5,9 @@ For every image (batched, ``--batch-size`` at a time) it runs
 
 (a) the amortized explainer (one forward pass),
 (b) exact CartoonX for ``--exact-steps`` steps from the all-ones mask (the paper: 2000),
-(a') with ``--calibrate-samples L_c``: the amortized explainer calibrated per image (the logit shift with the
-    lowest RDE loss on L_c noise samples; reported separately from the single pass),
+(a') with ``--calibrate-samples L_c``: the amortized explainer calibrated per image (``--calibration shift``: the
+    logit shift, ``top-k``: the binary top-k mask, with the lowest RDE loss on L_c noise samples; reported
+    separately from the single pass),
 (c) warm start: the amortized mask refined by K exact steps, for each K in ``--refine`` (default 50,100,200),
     with the refinement's own lr, decay and parametrisation (``--refine-lr``, ``--refine-decay``,
     ``--refine-parametrisation``; ``logit`` starts from the network's logits),
@@ -55,7 +56,7 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 import torch  # noqa: E402
 from exact_cache import cached_results, classifier_key  # noqa: E402  (scripts/exact_cache.py)
 
-from amortized_cartoonx.amortized import AmortizedExplainer, WarmStartExplainer  # noqa: E402
+from amortized_cartoonx.amortized import CALIBRATIONS, AmortizedExplainer, WarmStartExplainer  # noqa: E402
 from amortized_cartoonx.classifiers import frozen  # noqa: E402
 from amortized_cartoonx.errors import CartoonXError, InputError  # noqa: E402
 from amortized_cartoonx.evaluation.agreement import mask_agreement  # noqa: E402
@@ -83,6 +84,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--exact-cache", default=None, help="folder that keeps the exact results between runs")
     p.add_argument(
         "--calibrate-samples", type=int, default=0, help="also run the calibrated amortized explainer (0: off)"
+    )
+    p.add_argument(
+        "--calibration",
+        default="shift",
+        choices=CALIBRATIONS,
+        help="how the calibrated explainer's candidates are made: logit shifts or binary top-k masks",
     )
     p.add_argument("--refine-lr", type=float, default=None, help="warm start's lr (default: the exact one's)")
     p.add_argument(
@@ -217,6 +224,7 @@ def run(args: argparse.Namespace) -> dict:
             measure_samples=args.measure_samples,
             seed=args.seed,
             calibration_samples=args.calibrate_samples,
+            calibration=args.calibration,
         )
     refine_from = args.refine_from
     if refine_from == "auto":
@@ -265,7 +273,7 @@ def run(args: argparse.Namespace) -> dict:
         if calibrated is not None:
             synchronize(device)
             start = time.perf_counter()
-            calibrated.predict_logits(batch, seeds=seeds)
+            calibrated.predict(batch, seeds=seeds)
             synchronize(device)
             t_calibrated = (time.perf_counter() - start) / n
             e_calibrated = calibrated.explain(batch, seeds=seeds).cpu()
@@ -332,7 +340,7 @@ def summarise(args, records, refine, split, device, meta) -> dict:
     exact_loss, exact_time = med(["exact", "loss"]), med(["exact", "seconds"])
     rows = [("amortized", ["amortized"])]
     if args.calibrate_samples:
-        rows.append((f"calibrated (L={args.calibrate_samples})", ["calibrated"]))
+        rows.append((f"calibrated ({args.calibration}, L={args.calibrate_samples})", ["calibrated"]))
     rows.append((f"exact ({args.exact_steps} steps)", ["exact"]))
     rows += [(f"warm K={k}", ["warm", str(k)]) for k in refine]
     summary = []
@@ -386,6 +394,7 @@ def summarise(args, records, refine, split, device, meta) -> dict:
             "refine_parametrisation": args.refine_parametrisation,
             "refine_from": args.refine_from,
             "calibrate_samples": args.calibrate_samples,
+            "calibration": args.calibration,
             "start": args.start,
             "samples": args.samples,
             "measure_samples": args.measure_samples,

@@ -187,6 +187,10 @@ def test_cli_explain_amortized_and_warm(checkpoint, small_images, tmp_path, caps
     assert main(["explain", *paths, "--method", "amortized", *calibrated, *common]) == 0
     records = [json.loads(line) for line in (tmp_path / "c" / "summary.jsonl").read_text().splitlines()]
     assert [r["method"] for r in records] == ["amortized-calibrated"] * 2
+    top_k = ["--calibrate-samples", "2", "--calibration", "top-k", "--out", str(tmp_path / "k")]
+    assert main(["explain", paths[0], "--method", "amortized", *top_k, *common]) == 0
+    saved = load_saved_explanation(tmp_path / "k" / "im0.safetensors")
+    assert set(saved["mask"].flatten().unique().tolist()) <= {0.0, 1.0}  # a binary top-k mask
     logit = ["--refine-steps", "2", "--parametrisation", "logit", "--lr", "0.1", "--out", str(tmp_path / "l")]
     assert main(["explain", *paths, "--method", "warm", *logit, *common]) == 0
     assert main(["explain", paths[0], "--calibrate-samples", "2", "--out", str(tmp_path / "z"), *common[:2]]) == 2
@@ -226,11 +230,10 @@ def test_calibration_picks_the_shift_with_the_lowest_loss(checkpoint, small_imag
     calibrated = AmortizedExplainer.from_checkpoint(
         checkpoint, SPEC, measure_samples=8, calibration_samples=4, calibration_shifts=shifts
     )
-    problem, logits = single.predict_logits(small_images, seeds=[1, 2, 3])
-    _, chosen = calibrated.predict_logits(small_images, seeds=[1, 2, 3])
-    shift = chosen.lowpass.flatten(1)[:, 0] - logits.lowpass.flatten(1)[:, 0]  # (N,) one shift per image
-    assert all(min(abs(float(s) - b) for b in shifts) < 1e-4 for s in shift)
-    assert torch.allclose(chosen.flatten() - logits.flatten(), shift[:, None].expand(-1, logits.flatten().shape[1]))
+    problem, logits = single.predict_logits(small_images)
+    _, chosen = calibrated.predict(small_images, seeds=[1, 2, 3])
+    net = calibrated.mask_predictor
+    candidates = [net.mask_from_logits(logits.map(lambda z, b=b: z + b)) for b in shifts]
     # the chosen shift has the lowest loss on the calibration noise among the candidates
     from amortized_cartoonx.rde import make_generators
     from amortized_cartoonx.seeding import Stream, stream_seeds
@@ -238,25 +241,67 @@ def test_calibration_picks_the_shift_with_the_lowest_loss(checkpoint, small_imag
     noise = calibrated.objective.sample_noise(
         problem, 4, make_generators(stream_seeds([1, 2, 3], Stream.CALIBRATE), "cpu")
     )
-    net = calibrated.mask_predictor
-    losses = torch.stack(
-        [
-            calibrated.objective.loss(problem, net.mask_from_logits(logits.map(lambda z, b=b: z + b)), noise).total
-            for b in shifts
-        ]
-    )
-    best = torch.tensor(shifts)[losses.argmin(0)]
-    assert torch.allclose(shift, best)
+    losses = torch.stack([calibrated.objective.loss(problem, m, noise).total for m in candidates])  # (3, N)
+    for n, best in enumerate(losses.argmin(0).tolist()):
+        assert torch.equal(chosen.flatten()[n], candidates[best].flatten()[n])
     # deterministic, reported as its own method, and the single pass is unchanged
     explanation = calibrated.explain(small_images, seeds=[1, 2, 3])
     assert explanation.method == "amortized-calibrated" and explanation.settings["calibration_samples"] == 4
+    assert explanation.settings["calibration_shifts"] == list(shifts)
     assert torch.equal(explanation.mask.flatten(), calibrated.explain(small_images, seeds=[1, 2, 3]).mask.flatten())
+    assert torch.equal(explanation.mask.flatten(), chosen.flatten())
     assert single.explain(small_images, seeds=[1, 2, 3]).method == "amortized"
     # only the zero shift: the single pass
     zero = AmortizedExplainer.from_checkpoint(checkpoint, SPEC, calibration_samples=2, calibration_shifts=(0.0,))
-    assert torch.equal(zero.predict_logits(small_images)[1].flatten(), single.predict_logits(small_images)[1].flatten())
+    assert torch.equal(zero.predict(small_images)[1].flatten(), single.predict(small_images)[1].flatten())
     with pytest.raises(ConfigError):
         AmortizedExplainer.from_checkpoint(checkpoint, SPEC, calibration_samples=-1)
+
+
+def test_top_k_masks_keep_exactly_k_largest_entries():
+    from amortized_cartoonx.amortized import top_k_masks
+
+    mask = torch.tensor([[0.9, 0.1, 0.5, 0.5, 0.0], [0.2, 0.2, 0.2, 0.2, 0.2]])  # masses 2.0 and 1.0
+    masks = top_k_masks(mask, (0.5, 1.0, 2.0, 10.0))
+    assert masks.shape == (4, 2, 5)
+    assert masks.tolist()[0] == [[1, 0, 0, 0, 0], [1, 0, 0, 0, 0]]  # k = 1 and k = round(0.5) clamped to 1
+    assert masks.tolist()[1] == [[1, 0, 1, 0, 0], [1, 0, 0, 0, 0]]  # k = 2 (ties: the earlier entry), k = 1
+    assert masks.tolist()[2] == [[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]]  # k = 4 and 2
+    assert masks[3].sum(1).tolist() == [5, 5]  # clamped to D
+
+
+def test_top_k_calibration_picks_the_binary_mask_with_the_lowest_loss(checkpoint, small_images):
+    fractions = (0.5, 1.0, 2.0)
+    single = AmortizedExplainer.from_checkpoint(checkpoint, SPEC, measure_samples=8)
+    calibrated = AmortizedExplainer.from_checkpoint(
+        checkpoint, SPEC, measure_samples=8, calibration_samples=4, calibration="top-k", calibration_fractions=fractions
+    )
+    problem, chosen = calibrated.predict(small_images, seeds=[1, 2, 3])
+    predicted = single.predict(small_images)[1].flatten()  # (N, D)
+    flat = chosen.flatten()
+    assert set(flat.unique().tolist()) <= {0.0, 1.0}  # binary
+    for n in range(flat.shape[0]):
+        k = int(flat[n].sum())
+        assert k in {max(1, round(r * float(predicted[n].sum()))) for r in fractions}
+        kept, deleted = predicted[n][flat[n] == 1], predicted[n][flat[n] == 0]
+        assert deleted.numel() == 0 or kept.min() >= deleted.max()  # the k largest predicted entries
+    explanation = calibrated.explain(small_images, seeds=[1, 2, 3])
+    assert explanation.method == "amortized-calibrated"
+    assert explanation.settings["calibration"] == "top-k" and explanation.settings["calibration_fractions"] == [
+        0.5,
+        1.0,
+        2.0,
+    ]
+    assert torch.equal(explanation.mask.flatten(), flat)
+    # the warm start refines the calibrated mask
+    warm = WarmStartExplainer(calibrated, refine_steps=0).explain(small_images, seeds=[1, 2, 3])
+    assert torch.equal(warm.mask.flatten(), flat)
+    with pytest.raises(ConfigError, match="calibration must be"):
+        AmortizedExplainer.from_checkpoint(checkpoint, SPEC, calibration_samples=2, calibration="quantile")
+    with pytest.raises(ConfigError, match="calibration_fractions"):
+        AmortizedExplainer.from_checkpoint(
+            checkpoint, SPEC, calibration_samples=2, calibration="top-k", calibration_fractions=(0.0,)
+        )
 
 
 def test_warm_start_in_logit_space_returns_to_the_optimum_in_few_steps(small_images):

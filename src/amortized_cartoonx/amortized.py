@@ -44,8 +44,30 @@ logger = logging.getLogger(__name__)
 
 #: Measurement noise samples of :meth:`AmortizedExplainer.explain` (the optimizer's default L).
 DEFAULT_MEASURE_SAMPLES = OptimizerConfig().num_samples
-#: The logit shifts that calibration tries (added to every logit of an image; negative: a sparser mask).
+#: The logit shifts that ``shift`` calibration tries (added to every logit of an image; negative: a sparser mask).
 DEFAULT_CALIBRATION_SHIFTS = (-6.0, -5.0, -4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0)
+#: The sizes that ``top-k`` calibration tries, as multiples of the predicted mask's mass ``sum(mask)``.
+DEFAULT_CALIBRATION_FRACTIONS = (0.25, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0)
+#: How calibration changes a predicted mask: ``shift`` adds a constant to its logits, ``top-k`` keeps its k
+#: largest entries at 1 and deletes the rest.
+CALIBRATIONS = ("shift", "top-k")
+
+
+def top_k_masks(mask: Tensor, fractions: Sequence[float]) -> Tensor:
+    """``(F, N, D)`` binary masks from ``mask: (N, D)``: for fraction ``r``, image n keeps its
+    ``k = round(r * sum(mask[n]))`` largest entries (at least 1, at most D) at 1, the others at 0.
+
+    Ties are broken by position (the earlier entry first), so exactly k entries are kept.
+    """
+    n, d = mask.shape
+    order = torch.sort(mask, dim=1, descending=True, stable=True).indices  # (N, D)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(d, device=mask.device).expand(n, d))
+    mass = mask.sum(1)  # (N,)
+    masks = []
+    for r in fractions:
+        k = torch.round(float(r) * mass).clamp(1, d)  # (N,)
+        masks.append((rank < k[:, None]).to(mask.dtype))
+    return torch.stack(masks)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -69,12 +91,16 @@ class AmortizedExplainer:
             losses compare directly.
         seed: image ``n`` of a call is seeded ``seed + n`` unless ``seeds`` are given. Default 0.
         strict_size: refuse images of another size than the training size. Default True.
-        calibration_samples: 0 (default): the single forward pass. Above 0: calibrate each image's mask by
-            adding to all its logits the shift among ``calibration_shifts`` whose mask has the lowest RDE loss
-            on this many noise samples (one draw, shared by the shifts; its own seed stream, not the
-            measurement's). It costs ``len(calibration_shifts) * calibration_samples`` classifier passes per
-            image; the explanation's method is then ``amortized-calibrated``.
+        calibration_samples: 0 (default): the single forward pass. Above 0: calibrate each image's mask: of a
+            few candidate masks derived from the prediction, keep the one with the lowest RDE loss on this many
+            noise samples (one draw, shared by the candidates; its own seed stream, not the measurement's). It
+            costs (number of candidates) x ``calibration_samples`` classifier passes per image; the
+            explanation's method is then ``amortized-calibrated``.
+        calibration: how the candidates are made (:data:`CALIBRATIONS`). ``shift`` (default): the logits plus
+            each of ``calibration_shifts``. ``top-k``: binary masks keeping the k largest predicted entries,
+            ``k = r * sum(mask)`` for each r of ``calibration_fractions``.
         calibration_shifts: the shifts tried. Default :data:`DEFAULT_CALIBRATION_SHIFTS`.
+        calibration_fractions: the sizes tried. Default :data:`DEFAULT_CALIBRATION_FRACTIONS`.
     """
 
     def __init__(
@@ -88,17 +114,26 @@ class AmortizedExplainer:
         seed: int = 0,
         strict_size: bool = True,
         calibration_samples: int = 0,
+        calibration: str = "shift",
         calibration_shifts: Sequence[float] = DEFAULT_CALIBRATION_SHIFTS,
+        calibration_fractions: Sequence[float] = DEFAULT_CALIBRATION_FRACTIONS,
     ) -> None:
         if measure_samples < 1:
             raise ConfigError(f"measure_samples must be at least 1, got {measure_samples}")
         if calibration_samples < 0:
             raise ConfigError(f"calibration_samples must be at least 0, got {calibration_samples}")
+        if calibration not in CALIBRATIONS:
+            raise ConfigError(f"calibration must be one of {', '.join(CALIBRATIONS)}, got {calibration!r}")
         shifts = tuple(float(b) for b in calibration_shifts)
         if calibration_samples and (not shifts or not all(math.isfinite(b) for b in shifts)):
             raise ConfigError(f"calibration_shifts must be finite numbers, got {calibration_shifts}")
+        fractions = tuple(float(r) for r in calibration_fractions)
+        if calibration_samples and (not fractions or not all(math.isfinite(r) and r > 0 for r in fractions)):
+            raise ConfigError(f"calibration_fractions must be positive numbers, got {calibration_fractions}")
         self.calibration_samples = int(calibration_samples)
+        self.calibration = calibration
         self.calibration_shifts = shifts
+        self.calibration_fractions = fractions
         self.method = "amortized-calibrated" if calibration_samples else "amortized"
         self.mask_predictor = mask_predictor.eval()
         self.classifier = classifier
@@ -190,8 +225,15 @@ class AmortizedExplainer:
             "measure_samples": self.measure_samples,
             "seed": self.seed,
             "calibration_samples": self.calibration_samples,
-            "calibration_shifts": list(self.calibration_shifts) if self.calibration_samples else None,
+            **self._calibration_settings(),
         }
+
+    def _calibration_settings(self) -> dict:
+        if not self.calibration_samples:
+            return {"calibration_shifts": None}  # as before top-k existed: the single pass's settings unchanged
+        if self.calibration == "shift":
+            return {"calibration_shifts": list(self.calibration_shifts)}
+        return {"calibration": self.calibration, "calibration_fractions": list(self.calibration_fractions)}
 
     def check_compatible(
         self,
@@ -276,37 +318,54 @@ class AmortizedExplainer:
 
     @torch.no_grad()
     def predict_logits(
-        self,
-        images: Tensor,
-        target: Tensor | Sequence[int] | int | None = None,
-        *,
-        seeds: Sequence[int] | None = None,
+        self, images: Tensor, target: Tensor | Sequence[int] | int | None = None
     ) -> tuple[RDEProblem, Coefficients]:
-        """The RDE problem of ``images: (N, 3, H, W)`` and the network's mask logits, bands ``(N, 1, ...)``,
-        shifted per image when calibrating (``seeds``, default ``seed + n``, drive the calibration's noise)."""
+        """The RDE problem of ``images: (N, 3, H, W)`` and the network's mask logits, bands ``(N, 1, ...)``
+        (never calibrated)."""
         self._check_inputs(images)
         with frozen(self.classifier):
             with self.mask_predictor.tapping(self.classifier) as taps:  # the classifier encoder: one pass, not two
                 problem = self.objective.prepare(images, target)
             self._check_logits(problem.logits)
             logits = self.mask_predictor(images, problem.target, taps=taps())
-            if self.calibration_samples:
-                seeds = image_seeds(images.shape[0], self.seed, seeds)
-                logits = self.calibrate(problem, logits, seeds)
         return problem, logits
 
+    @torch.no_grad()
+    def predict(
+        self,
+        images: Tensor,
+        target: Tensor | Sequence[int] | int | None = None,
+        *,
+        seeds: Sequence[int] | None = None,
+    ) -> tuple[RDEProblem, Coefficients]:
+        """The RDE problem of ``images: (N, 3, H, W)`` and the mask, bands ``(N, 1, ...)`` in [0, 1]: the single
+        pass's, or the calibrated one when calibrating (``seeds``, default ``seed + n``, drive its noise)."""
+        problem, logits = self.predict_logits(images, target)
+        if not self.calibration_samples:
+            return problem, self.mask_predictor.mask_from_logits(logits)
+        seeds = image_seeds(images.shape[0], self.seed, seeds)
+        with frozen(self.classifier):
+            return problem, self.calibrate(problem, logits, seeds)
+
+    def calibration_candidates(self, logits: Coefficients) -> list[Coefficients]:
+        """The candidate masks calibration chooses from (see ``calibration``)."""
+        net = self.mask_predictor
+        if self.calibration == "shift":
+            return [net.mask_from_logits(logits.map(lambda z, b=b: z + b)) for b in self.calibration_shifts]
+        mask = net.mask_from_logits(logits)
+        return [mask.unflatten(m) for m in top_k_masks(mask.flatten(), self.calibration_fractions)]
+
     def calibrate(self, problem: RDEProblem, logits: Coefficients, seeds: Sequence[int]) -> Coefficients:
-        """``logits`` plus, per image, the shift among ``calibration_shifts`` with the lowest RDE loss on
-        ``calibration_samples`` noise samples (the same draw for every shift)."""
+        """Per image, the candidate mask (:meth:`calibration_candidates`) with the lowest RDE loss on
+        ``calibration_samples`` noise samples (the same draw for every candidate)."""
         generators = make_generators(stream_seeds(seeds, Stream.CALIBRATE), problem.images.device)
         noise = self.objective.sample_noise(problem, self.calibration_samples, generators)
-        losses = []
-        for shift in self.calibration_shifts:
-            mask = self.mask_predictor.mask_from_logits(logits.map(lambda z, b=shift: z + b))
-            losses.append(self.objective.loss(problem, mask, noise).total)  # (N,)
-        best = torch.stack(losses).argmin(0)  # (N,)
-        shift = torch.tensor(self.calibration_shifts, device=best.device, dtype=logits.lowpass.dtype)[best]
-        return logits.map(lambda z: z + shift.view(-1, *([1] * (z.ndim - 1))))
+        candidates = self.calibration_candidates(logits)
+        losses = torch.stack([self.objective.loss(problem, m, noise).total for m in candidates])  # (F, N)
+        best = losses.argmin(0)  # (N,)
+        flat = torch.stack([m.flatten() for m in candidates])  # (F, N, D)
+        chosen = flat[best, torch.arange(flat.shape[1], device=best.device)]  # (N, D)
+        return candidates[0].unflatten(chosen)
 
     def explain(
         self,
@@ -325,9 +384,8 @@ class AmortizedExplainer:
         """
         start = time.perf_counter()
         seeds = image_seeds(images.shape[0], self.seed, seeds)
-        problem, logits = self.predict_logits(images, target, seeds=seeds)
+        problem, mask = self.predict(images, target, seeds=seeds)
         with frozen(self.classifier), torch.no_grad():
-            mask = self.mask_predictor.mask_from_logits(logits)
             measured = measure_mask(self.objective, problem, mask, seeds, self.measure_samples)
         synchronize(images.device)
         return Explanation(
@@ -408,9 +466,8 @@ class WarmStartExplainer:
     ) -> Explanation:
         """The predicted mask refined by ``refine_steps`` exact steps (same seeds, same measurement)."""
         start = time.perf_counter()
-        problem, logits = self.amortized.predict_logits(images, target, seeds=seeds)
+        problem, init = self.amortized.predict(images, target, seeds=seeds)
         target = problem.target  # the class the prediction explains
-        init = self.amortized.mask_predictor.mask_from_logits(logits)
         explanation = self.optimizer.explain(
             images, target, init_mask=init, seeds=seeds, steps=self.refine_steps, progress=progress
         )

@@ -47,8 +47,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--calibrate-samples",
         type=nonnegative_int,
         default=0,
-        help="amortized and warm: calibrate each predicted mask (the logit shift with the lowest RDE loss on this "
+        help="amortized and warm: calibrate each predicted mask (the candidate with the lowest RDE loss on this "
         "many noise samples; 0, the default: the single forward pass)",
+    )
+    p.add_argument(
+        "--calibration",
+        choices=("shift", "top-k"),
+        default="shift",
+        help="with --calibrate-samples: the candidates are the logits plus a few shifts (shift, default) or binary "
+        "masks of the k largest predicted entries for a few k (top-k)",
     )
     add_device_arg(p)
     add_rde_args(p)
@@ -112,6 +119,7 @@ def build_explainer(args: argparse.Namespace, classifier, device):
         measure_samples=args.samples,
         seed=args.seed,
         calibration_samples=args.calibrate_samples,
+        calibration=args.calibration,
     )  # measured on as many noise samples as the exact optimizer
     amortized.check_compatible(
         args.classifier,
