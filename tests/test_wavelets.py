@@ -137,6 +137,32 @@ def test_polyphase_synthesis_equals_the_strided_transposed_convolution(wave, siz
     pairs = paired_kernels(phases)
     torch.testing.assert_close(synthesis_step(bands[:2], phases, pairs), expected[:2], rtol=0, atol=1e-12)
     torch.testing.assert_close(synthesis_step(bands, phases, pairs), expected, rtol=0, atol=1e-12)
+    # the input gradient (a forward convolution on the CPU, see valid_conv2d) equals the transposed convolution's
+    grad = torch.randn(expected.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    leaf = bands.clone().requires_grad_(True)
+    (reference,) = torch.autograd.grad(
+        torch.nn.functional.conv_transpose2d(leaf, kernels, stride=2, padding=length - 2), leaf, grad
+    )
+    for batch, with_pairs in ((3, None), (2, pairs), (3, pairs)):
+        leaf = bands[:batch].clone().requires_grad_(True)
+        (got_grad,) = torch.autograd.grad(synthesis_step(leaf, phases, with_pairs), leaf, grad[:batch])
+        torch.testing.assert_close(got_grad, reference[:batch], rtol=0, atol=1e-12)
+
+
+def test_valid_conv2d_has_conv2d_s_values_and_input_gradient():
+    from amortized_cartoonx.wavelets import valid_conv2d
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 8, 11, 9, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.randn(5, 8, 3, 2, dtype=torch.float64, generator=gen)  # not square, not symmetric
+    y = valid_conv2d(x, weight)
+    expected = torch.nn.functional.conv2d(x, weight)
+    torch.testing.assert_close(y, expected, rtol=0, atol=1e-12)
+    grad = torch.randn(y.shape, dtype=torch.float64, generator=gen)
+    (got,) = torch.autograd.grad(y, x, grad)
+    (ref,) = torch.autograd.grad(expected, x, grad)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda t: valid_conv2d(t, weight), (x[:1, :, :5, :4].detach().requires_grad_(),))
 
 
 def test_interleaved_phases_equal_pixel_shuffle_forward_and_backward():

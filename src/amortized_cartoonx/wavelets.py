@@ -402,11 +402,40 @@ def synthesis_step(bands: Tensor, phases: Tensor, pairs: Tensor | None = None) -
     """
     m, _, height, width = bands.shape
     if pairs is not None and m % 2 == 0:
-        z = torch.nn.functional.conv2d(bands.reshape(m // 2, 8, height, width), pairs)
+        z = valid_conv2d(bands.reshape(m // 2, 8, height, width), pairs)
         z = z.reshape(m, 4, *z.shape[-2:])
     else:
-        z = torch.nn.functional.conv2d(bands, phases)  # (M, 4, H - L/2 + 1, W - L/2 + 1), channel 2 r + s
+        z = valid_conv2d(bands, phases)  # (M, 4, H - L/2 + 1, W - L/2 + 1), channel 2 r + s
     return interleave_phases(z)  # (M, 1, 2H - L + 2, 2W - L + 2)
+
+
+class _ValidConv2d(torch.autograd.Function):
+    """``conv2d(x, weight)`` (stride 1, no padding) whose input gradient is a forward ``conv2d``: the gradient is the
+    full convolution of the output gradient with the flipped, transposed kernel (padding ``k - 1``).
+
+    On a CPU, oneDNN's backward-data kernel for these small-channel convolutions takes twice the time of a forward
+    one (9.6 against 4.5 ms at level 1 of 16 images, 256 px, 2 threads); the forward form is as fast as the forward
+    pass. The same gradient up to the order of the floating-point sums. No gradient for ``weight``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:
+        ctx.save_for_backward(weight)
+        return torch.nn.functional.conv2d(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (weight,) = ctx.saved_tensors
+        kh, kw = weight.shape[-2:]
+        transposed = weight.transpose(0, 1).flip(-1, -2)
+        return torch.nn.functional.conv2d(grad, transposed, padding=(kh - 1, kw - 1)), None
+
+
+def valid_conv2d(x: Tensor, weight: Tensor) -> Tensor:
+    """``conv2d(x, weight)``, stride 1, no padding; on a CPU with the input gradient of :class:`_ValidConv2d`."""
+    if x.device.type == "cpu" and x.requires_grad and not weight.requires_grad:
+        return _ValidConv2d.apply(x, weight)
+    return torch.nn.functional.conv2d(x, weight)
 
 
 def interleave_phases(z: Tensor) -> Tensor:
