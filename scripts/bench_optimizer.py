@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("|---|---|---|---|---|---|---|---|---|")
     rows = []
+    with torch.no_grad():  # the stand-in's class count: the classifier's, once
+        classes = classifier(torch.rand(1, 3, args.size, args.size, device=device)).shape[-1]
     for b in (int(v) for v in args.batch.split(",")):
         for L in (int(v) for v in args.samples.split(",")):
             for precision in args.precision.split(","):
@@ -139,8 +141,6 @@ def main(argv: list[str] | None = None) -> int:
                 explainer = cls(classifier, num_samples=L, measure_samples=1, precision=precision)
                 step = optimizer_step(explainer, images, args.steps, args.warmup, args.repeats)
                 bare = bare_forward_backward(classifier, b * L, args.size, device, args.repeats, precision)
-                with torch.no_grad():
-                    classes = classifier(images[:1]).shape[-1]
                 stand_in = cls(StandIn(classes).to(device), num_samples=L, measure_samples=1, precision=precision)
                 own = optimizer_step(stand_in, images, args.steps, args.warmup, args.repeats)
                 row = {

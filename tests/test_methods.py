@@ -1,11 +1,13 @@
 """Every list of names the CLI keeps for a fast ``--help`` (methods, distortions, obfuscations, schedules,
-size limits) agrees with the registry it mirrors (one table, no drift)."""
+calibrations, size limits) agrees with the registry it mirrors (one table, no drift)."""
 
 from __future__ import annotations
 
 from amortized_cartoonx import methods
+from amortized_cartoonx.amortized import CALIBRATIONS
 from amortized_cartoonx.cli import build_parser
 from amortized_cartoonx.cli.common import (
+    CALIBRATION_NAMES,
     DISTORTION_NAMES,
     MAX_IMAGE_SIZE,
     OBFUSCATION_NAMES,
@@ -47,6 +49,8 @@ def test_cli_choices_follow_the_registries():
     assert list(PARAMETRISATION_NAMES) == list(PARAMETRISATIONS)
     assert list(PRECISION_NAMES) == list(PRECISIONS)
     assert MAX_IMAGE_SIZE == MAX_SIZE
+    assert list(CALIBRATION_NAMES) == list(CALIBRATIONS)
+    assert _choices("explain", "--calibration") == list(CALIBRATION_NAMES)
     for command in ("explain", "targets", "evaluate"):
         assert _choices(command, "--schedule") == list(SCHEDULE_NAMES)
         assert _choices(command, "--parametrisation") == list(PARAMETRISATION_NAMES)

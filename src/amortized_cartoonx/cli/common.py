@@ -10,12 +10,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-#: Mirrors of the registries in ``rde`` (kept here so ``--help`` needs no torch; ``tests/test_methods.py`` ties them).
+#: Mirrors of the registries in ``rde``, ``optimizer`` and ``amortized`` (kept here so ``--help`` needs no torch;
+#: ``tests/test_methods.py`` ties them).
 SCHEDULE_NAMES = ("paper", "fast", "refine")
 PARAMETRISATION_NAMES = ("clamp", "logit")
 PRECISION_NAMES = ("fp32", "bf16")
 DISTORTION_NAMES = ("label", "maximize-target", "l2", "kl")
 OBFUSCATION_NAMES = ("gaussian-adaptive", "zero", "uniform")
+CALIBRATION_NAMES = ("shift", "top-k")
 
 
 def _number(kind: type, low: float | None, low_open: bool, label: str):

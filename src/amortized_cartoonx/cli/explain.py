@@ -12,7 +12,15 @@ import json
 from pathlib import Path
 
 from ..methods import EXACT_METHODS, EXPLAIN_METHODS
-from .common import add_classifier_args, add_device_arg, add_rde_args, image_size, nonnegative_int, positive_int
+from .common import (
+    CALIBRATION_NAMES,
+    add_classifier_args,
+    add_device_arg,
+    add_rde_args,
+    image_size,
+    nonnegative_int,
+    positive_int,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -52,7 +60,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--calibration",
-        choices=("shift", "top-k"),
+        choices=CALIBRATION_NAMES,
         default="shift",
         help="with --calibrate-samples: the candidates are the logits plus a few shifts (shift, default) or binary "
         "masks of the k largest predicted entries for a few k (top-k)",
