@@ -1,4 +1,5 @@
-"""The mask predictor's ``classifier`` encoder: feature taps found by stride, temporary hooks, checkpoints."""
+"""The mask predictor's encoders (``classifier``: feature taps found by stride, temporary hooks) and inputs
+(``coefficient_input``), through checkpoints."""
 
 from __future__ import annotations
 
@@ -191,3 +192,51 @@ def test_backbone_encoder_gives_a_torchscript_classifier_pretrained_features(tmp
     assert torch.allclose(explainer.predict_mask(images, target).flatten(), expected, atol=1e-6)
     with pytest.raises(ConfigError, match="backbone"):
         MaskPredictorConfig(encoder="backbone").validate()
+
+
+def _tiny_module_checkpoint(path: Path, coefficient_input: bool, edit=None):
+    """A tiny module with ``coefficient_input`` saved as ``cartoonx fit`` saves it (``edit(settings)`` first), and
+    a check that the loaded explainer predicts what the module predicts. Returns (module, explainer)."""
+    from amortized_cartoonx.training import AmortizedCartoonXModule
+
+    torch.manual_seed(0)
+    network = MaskPredictorConfig(
+        width=8, decoder_width=8, embed_dim=8, init_bias=1.0, coefficient_input=coefficient_input
+    )
+    module = AmortizedCartoonXModule(SPEC, image_size=SIZE, levels=3, num_samples=2, mask_predictor=network)
+    with torch.no_grad():
+        for branch in module.mask_predictor.coefficient_branches:
+            branch[-1].weight.normal_(std=0.5)
+    state = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(state)
+    if edit is not None:
+        edit(state["cartoonx"]["mask_predictor"])
+    torch.save(state, path)
+    explainer = AmortizedExplainer.from_checkpoint(path, SPEC, measure_samples=4)
+    images, target = torch.rand(2, 3, SIZE, SIZE), torch.tensor([0, 1])
+    with torch.no_grad():
+        expected = module.mask_predictor.mask(images, target).flatten()
+    assert torch.allclose(explainer.predict_mask(images, target).flatten(), expected, atol=1e-6)
+    return module, explainer
+
+
+def test_coefficient_input_checkpoint_round_trips(tmp_path):
+    path = tmp_path / "coefficients.ckpt"
+    _, explainer = _tiny_module_checkpoint(path, coefficient_input=True)
+    assert explainer.mask_predictor.config.coefficient_input is True
+    # a flag must be a bool in the file, and an integer setting no bool
+    for name, value in (("coefficient_input", 1), ("width", True)):
+        bad = torch.load(path, weights_only=True)
+        bad["cartoonx"]["mask_predictor"][name] = value
+        torch.save(bad, tmp_path / "bad.ckpt")
+        with pytest.raises(InputError, match=f"{name}.*wrong type"):
+            AmortizedExplainer.from_checkpoint(tmp_path / "bad.ckpt", SPEC)
+
+
+def test_a_checkpoint_older_than_coefficient_input_loads_the_network_it_was(tmp_path):
+    """Files written before the setting existed lack it: they are read as the network they were trained as
+    (without the coefficient branches), whatever the current default."""
+    _, explainer = _tiny_module_checkpoint(
+        tmp_path / "older.ckpt", coefficient_input=False, edit=lambda settings: settings.pop("coefficient_input")
+    )
+    assert explainer.mask_predictor.config.coefficient_input is False

@@ -22,8 +22,9 @@ SMALL = dict(width=8, decoder_width=8, embed_dim=8)
     ("height", "width", "levels", "wave"),
     [(32, 32, 5, "db3"), (48, 48, 3, "db3"), (64, 64, 5, "db3"), (100, 80, 4, "db3"), (64, 64, 2, "haar")],
 )
-def test_mask_bands_match_the_dwt(height, width, levels, wave):
-    net = MaskPredictor(num_classes=4, levels=levels, wave=wave, **SMALL)
+@pytest.mark.parametrize("coefficient_input", [False, True])
+def test_mask_bands_match_the_dwt(height, width, levels, wave, coefficient_input):
+    net = MaskPredictor(num_classes=4, levels=levels, wave=wave, coefficient_input=coefficient_input, **SMALL)
     images = torch.rand(2, 3, height, width)
     mask = net.mask(images, torch.tensor([0, 3]))
     reference = WaveletRepresentation(wave, levels).encode(images).mask_like()
@@ -60,8 +61,9 @@ def test_class_conditioning_changes_the_mask():
     assert torch.allclose(same[0], same[1])
 
 
-def test_gradients_reach_every_level():
-    net = MaskPredictor(num_classes=3, **SMALL)
+@pytest.mark.parametrize("coefficient_input", [False, True])
+def test_gradients_reach_every_level(coefficient_input):
+    net = MaskPredictor(num_classes=3, coefficient_input=coefficient_input, **SMALL)
     mask = net.mask(torch.rand(2, 3, 64, 64), torch.tensor([0, 1]))
     sum(b.sum() for b in mask.bands).backward()
     unused = [name for name, p in net.named_parameters() if p.grad is None]
@@ -110,3 +112,28 @@ def test_stretched_masks_reach_zero_and_one_and_keep_a_gradient():
     torch.testing.assert_close(logits.grad, expected)  # straight through the clamp: a clamped entry can return
     net = MaskPredictor(num_classes=3, stretch=0.05, init_bias=-6.0, **SMALL)
     assert net.mask(torch.rand(1, 3, 64, 64), torch.tensor([0])).flatten().max().item() == 0.0
+
+
+def test_coefficient_input_feeds_the_bands_to_the_heads():
+    """With ``coefficient_input`` the heads see the image's own DWT coefficients: with the pixel encoder cut off,
+    the logits still follow the image (and without the option they cannot); the DWT adds no state."""
+    plain = MaskPredictor(num_classes=3, coefficient_input=False, **SMALL)
+    images = torch.rand(1, 3, 64, 64)
+    changed = images.clone()
+    changed[:, :, 40:, 40:] = 1 - changed[:, :, 40:, 40:]
+    target = torch.tensor([2])
+    for coefficient_input in (True, False):
+        torch.manual_seed(0)
+        net = MaskPredictor(num_classes=3, coefficient_input=coefficient_input, init_std=0.5, **SMALL)
+        with torch.no_grad():
+            for branch in net.coefficient_branches:
+                branch[-1].weight.normal_(std=0.5)
+            for p in [*net.stem.parameters(), *net.down.parameters()]:  # the encoder sees no pixels
+                p.zero_()
+            moved = [(a - b).abs().max() for a, b in zip(net(images, target).bands, net(changed, target).bands)]
+        if coefficient_input:
+            assert all(float(m) > 1e-3 for m in moved)  # every band, the low-pass included
+            extra = set(net.state_dict()) - set(plain.state_dict())
+            assert extra and all(k.startswith(("coefficient_branches.", "coefficient_blocks.")) for k in extra)
+        else:
+            assert all(float(m) == 0 for m in moved)

@@ -242,7 +242,7 @@ def test_distillation_and_agreement_read_the_stretched_mask():
     assert bool((teacher == 0).any() and (teacher == 1).any())
     batch = {"teacher_mask": teacher, "has_teacher": torch.ones(2), "teacher_target": target}
     _, metrics = module.distillation(batch, logits, target)
-    assert float(metrics["distill_loss"]) == 0.0
+    assert float(metrics["distill_loss"]) < 1e-9  # equal masks (up to the last bit of a vectorised sigmoid)
     torch.testing.assert_close(metrics["spearman"], torch.tensor(1.0))
     torch.testing.assert_close(metrics["top10_overlap"], torch.tensor(1.0))
 

@@ -38,6 +38,10 @@ STATE_PREFIX = "mask_predictor."
 LEGACY_NETWORK_KEY = "explainer"
 LEGACY_STATE_PREFIX = "explainer."
 
+#: Network settings added after checkpoints were first written, with the value a file without them means (the
+#: network it was trained as), so an older file never picks up a newer default.
+ADDED_NETWORK_SETTINGS = {"coefficient_input": False}
+
 #: Sanity caps on what a checkpoint may ask the reader to allocate (a hand-edited file must not ask for 180 GB).
 MAX_NUM_CLASSES = 100_000
 MAX_CHANNELS = 4096
@@ -100,6 +104,8 @@ def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
         )
     key, prefix = (NETWORK_KEY, STATE_PREFIX) if version >= 2 else (LEGACY_NETWORK_KEY, LEGACY_STATE_PREFIX)
     meta = {NETWORK_KEY if k == key else k: v for k, v in meta.items()}
+    if isinstance(meta.get(NETWORK_KEY), dict):
+        meta[NETWORK_KEY] = {**ADDED_NETWORK_SETTINGS, **meta[NETWORK_KEY]}
     _check_settings(path, meta)
     state_dict = checkpoint.get("state_dict")
     if not isinstance(state_dict, dict):
@@ -149,7 +155,7 @@ def _check_settings(path: Path, meta: dict) -> None:
             continue
         default = getattr(MaskPredictorConfig, name, None)
         expected = (int, float) if isinstance(default, float) else type(default)
-        if isinstance(value, bool) or not isinstance(value, expected):
+        if isinstance(value, bool) != isinstance(default, bool) or not isinstance(value, expected):
             raise InputError(f"{path}: network setting {name!r} has the wrong type ({type(value).__name__})")
     caps = {"num_classes": MAX_NUM_CLASSES, "levels": MAX_LEVELS}
     caps.update({n: MAX_CHANNELS for n in ("width", "decoder_width", "embed_dim", "max_multiplier", "groups")})

@@ -10,7 +10,8 @@ image size the wavelet accepts. Its shape follows the DWT:
   semantic features back to every level;
 * per level, a 3-channel head (one logit per orientation); on the coarsest level, a 1-channel head for
   the low-pass band (every parameter takes part in every forward pass at the training size, as DDP needs;
-  build the network with the J the training size allows);
+  build the network with the J the training size allows); with ``coefficient_input`` (the default) each head
+  also reads its band's own DWT coefficients of the image, on the band's grid;
 * class conditioning by FiLM: an embedding of the target class scales and shifts the features of every
   block, so the same image can be explained for any class.
 
@@ -50,12 +51,14 @@ from torch import Tensor, nn
 from .errors import ConfigError, InputError
 from .feature_taps import check_hookable, collect, find_taps, read_taps, recording
 from .mask_logits import logits_to_mask
+from .rde import full_precision
 from .wavelets import (
     DEFAULT_LEVELS,
     DEFAULT_MODE,
     DEFAULT_WAVE,
     PAD_MODES,
     Coefficients,
+    WaveletRepresentation,
     band_sizes,
     check_wavelet,
     max_levels,
@@ -93,6 +96,12 @@ class MaskPredictorConfig:
             ``backbone`` (adds those of the network ``backbone`` names); see the module docstring.
         backbone: the ``backbone`` encoder's network, a classifier spec
             (:func:`~amortized_cartoonx.classifiers.load_classifier`; its own normalisation).
+        coefficient_input: the heads also read the image's own DWT coefficients (default True). Every band's
+            coefficients, divided by the band's std (per image; the low-pass band also centred), and their
+            absolute values pass a small convolution and are added to the decoder's features on the band's own
+            grid; a FiLM residual block then mixes them before the head. The network sees exactly the quantities
+            it masks instead of reconstructing them from pixels. False: the heads read the decoder's features
+            only (checkpoints written before this setting existed load as False).
         taps, tap_channels: with a tapped encoder, the layer read for each level 1..J and its channels. Leave
             them None: :meth:`with_taps` (called by the training module) fills them in.
     """
@@ -111,6 +120,7 @@ class MaskPredictorConfig:
     groups: int = 8
     encoder: str = "scratch"
     backbone: str | None = None
+    coefficient_input: bool = True
     taps: list[str] | None = None
     tap_channels: list[int] | None = None
 
@@ -259,6 +269,17 @@ class MaskPredictor(nn.Module):
         self.decoder = nn.ModuleList(ResBlock(d, cfg.embed_dim, groups) for d in widths)
         self.detail_heads = nn.ModuleList(self._head(d, 3) for d in widths)
         self.lowpass_head = self._head(widths[-1], 1)  # on the coarsest level
+        # coefficient_input: per detail level, then the low-pass band (built empty otherwise)
+        coefficient_widths = (widths + widths[-1:]) if cfg.coefficient_input else []
+        coefficient_inputs = [2 * 3 * 3] * len(widths) + [2 * 3]  # (c / std, |c| / std) x colours (x orientations)
+        self.coefficient_branches = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(k, d, 3, padding=1), nn.SiLU(), nn.Conv2d(d, d, 1))
+            for k, d in zip(coefficient_inputs, coefficient_widths)
+        )
+        self.coefficient_blocks = nn.ModuleList(ResBlock(d, cfg.embed_dim, groups) for d in coefficient_widths)
+        self._dwt: tuple[nn.Module, ...] = ()
+        if cfg.coefficient_input:  # not a submodule: its filters are constants, not state
+            self._dwt = (WaveletRepresentation(cfg.wave, cfg.levels, cfg.mode),)
         self.tap_projections = nn.ModuleList(  # classifier encoder: its map at stage s -> stage s's channels
             nn.Sequential(nn.GroupNorm(1, t), nn.Conv2d(t, c, 1)) for t, c in zip(cfg.tap_channels or [], channels)
         )
@@ -353,15 +374,52 @@ class MaskPredictor(nn.Module):
             top = self.decoder[s](lateral, embedding)
             decoded[s] = top
 
+        if self.config.coefficient_input:
+            return self._heads_on_coefficients(images, decoded, levels, shapes, embedding)
         details = []
         for j in range(levels):  # level j + 1: (N, 1, 3, H_j, W_j)
             logits = align_to_band(self.detail_heads[j](decoded[j]), shapes[j])  # (N, 3, H_j, W_j)
             details.append(logits.unsqueeze(1))
-        lowpass = self.lowpass_head(decoded[-1])  # (N, 1, ~H/2^J, ~W/2^J) at the network's coarsest level
-        if levels < len(decoded):  # a small image caps J: bring it to the grid of level J's features
-            lowpass = F.interpolate(lowpass, size=decoded[levels - 1].shape[-2:], mode="bilinear", align_corners=False)
+        lowpass = self.lowpass_head(self._lowpass_grid(decoded, levels))  # (N, 1, ~H/2^J, ~W/2^J)
         lowpass = align_to_band(lowpass, shapes[-1])  # (N, 1, H_J, W_J)
         return Coefficients(lowpass=lowpass, details=tuple(details), image_size=(height, width))
+
+    @staticmethod
+    def _lowpass_grid(decoded: list[Tensor], levels: int) -> Tensor:
+        """The features the low-pass head reads: the coarsest level's, brought to level J's grid when a small
+        image caps J."""
+        if levels < len(decoded):
+            return F.interpolate(decoded[-1], size=decoded[levels - 1].shape[-2:], mode="bilinear", align_corners=False)
+        return decoded[-1]
+
+    def _heads_on_coefficients(
+        self, images: Tensor, decoded: list[Tensor], levels: int, shapes: list[tuple[int, int]], embedding: Tensor
+    ) -> Coefficients:
+        """The heads of ``coefficient_input``: decoder features on each band's grid + the band's coefficients."""
+        with torch.no_grad(), full_precision(images.device):
+            coeffs = self._dwt[0].encode(images.float())  # lowpass (N, C, H_J, W_J), level j (N, C, 3, H_j, W_j)
+        num_images = images.shape[0]
+
+        def standardised(band: Tensor, centre: bool) -> Tensor:
+            flat = band.reshape(num_images, -1)
+            mean = flat.mean(1) if centre else flat.new_zeros(num_images)
+            std = flat.std(1).clamp_min(1e-6)
+            z = (band.reshape(num_images, -1, *band.shape[-2:]) - mean[:, None, None, None]) / std[:, None, None, None]
+            return torch.cat([z, z.abs()], dim=1).to(decoded[0].dtype)
+
+        def head(index: int, features: Tensor, band: Tensor, centre: bool, out: nn.Module) -> Tensor:
+            x = align_to_band(features, tuple(band.shape[-2:])) + self.coefficient_branches[index](
+                standardised(band, centre)
+            )
+            return out(self.coefficient_blocks[index](x, embedding))
+
+        details = tuple(
+            head(j, decoded[j], coeffs.details[j], False, self.detail_heads[j]).unsqueeze(1) for j in range(levels)
+        )
+        lowpass = head(
+            len(self.detail_heads), self._lowpass_grid(decoded, levels), coeffs.lowpass, True, self.lowpass_head
+        )
+        return Coefficients(lowpass=lowpass, details=details, image_size=tuple(images.shape[-2:]))
 
     def _read_taps(self, images: Tensor) -> list[Tensor]:
         if self.config.encoder not in TAPPED_ENCODERS:
