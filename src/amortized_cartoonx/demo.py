@@ -15,7 +15,7 @@ Stages, each reused when its output already exists (so a second run only redoes 
 6. **report**: ``outputs/demo/report.md`` with the loss ratio amortized / exact, the warm start, the
    localisation of every method and the figures.
 
-The defaults take about 8 minutes on 2 idle CPU cores (budget: 15; docs/demo.md has the measurements);
+The defaults take about 9 minutes on 2 idle CPU cores (budget: 15; docs/demo.md has the measurements);
 :meth:`DemoConfig.tiny` runs in seconds (tests).
 """
 
@@ -44,7 +44,7 @@ DEMO_METHODS = tuple(m.name for m in METHOD_TABLE if m.explains or m.name in DEM
 
 @dataclass
 class DemoConfig:
-    """Settings of ``cartoonx demo``. The defaults take about 8 minutes on 2 idle CPU cores.
+    """Settings of ``cartoonx demo``. The defaults take about 9 minutes on 2 idle CPU cores.
 
     Attributes:
         out: outputs (data, evaluation, report).

@@ -1,4 +1,4 @@
-"""``cartoonx demo``: the whole pipeline offline on the synthetic cartoon benchmark, in about 8 minutes on
+"""``cartoonx demo``: the whole pipeline offline on the synthetic cartoon benchmark, in about 9 minutes on
 2 idle CPU cores. Trains the classifier if missing, makes teacher masks, fits the amortized explainer, evaluates
 exact CartoonX, the amortized explainer, warm start, Pixel RDE and baselines on held-out images, and writes
 ``outputs/demo/report.md`` with figures. A second run reuses everything that exists.
@@ -12,7 +12,7 @@ import argparse
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="run the whole pipeline offline on the synthetic benchmark (about 8 min on 2 idle CPU cores)",
+        help="run the whole pipeline offline on the synthetic benchmark (about 9 min on 2 idle CPU cores)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
