@@ -97,6 +97,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--refine-decay", default="constant", choices=("constant", "linear", "cosine"), help="warm start's decay"
     )
     p.add_argument(
+        "--refine-samples",
+        type=int,
+        default=None,
+        help="noise samples per warm-start step (default: --samples, the exact optimizer's)",
+    )
+    p.add_argument(
         "--refine-parametrisation", default="clamp", choices=("clamp", "logit"), help="warm start's variable"
     )
     p.add_argument(
@@ -247,6 +253,7 @@ def run(args: argparse.Namespace) -> dict:
         lr=args.refine_lr or config.lr,
         lr_decay=args.refine_decay,
         parametrisation=args.refine_parametrisation,
+        num_samples=args.refine_samples or config.num_samples,
     )
     args.refine_lr_used = refine_config.lr
     start_from = calibrated if refine_from == "calibrated" else amortized
@@ -404,6 +411,7 @@ def summarise(args, records, refine, split, device, meta) -> dict:
             "refine_lr": args.refine_lr_used,
             "refine_decay": args.refine_decay,
             "refine_parametrisation": args.refine_parametrisation,
+            "refine_samples": args.refine_samples or args.samples,
             "refine_from": args.refine_from,
             "calibrate_samples": args.calibrate_samples,
             "calibration": args.calibration,
