@@ -256,6 +256,7 @@ def run(args: argparse.Namespace) -> dict:
         num_samples=args.refine_samples or config.num_samples,
     )
     args.refine_lr_used = refine_config.lr
+    args.refine_samples_used = refine_config.num_samples
     start_from = calibrated if refine_from == "calibrated" else amortized
     warm = {k: WarmStartExplainer(start_from, refine_steps=k, config=refine_config) for k in refine}
     identity = classifier_key(amortized.classifier, str(meta["classifier"]))
@@ -411,7 +412,7 @@ def summarise(args, records, refine, split, device, meta) -> dict:
             "refine_lr": args.refine_lr_used,
             "refine_decay": args.refine_decay,
             "refine_parametrisation": args.refine_parametrisation,
-            "refine_samples": args.refine_samples or args.samples,
+            "refine_samples": args.refine_samples_used,
             "refine_from": args.refine_from,
             "calibrate_samples": args.calibrate_samples,
             "calibration": args.calibration,

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from .errors import ConfigError, InputError
 from .feature_taps import check_hookable, collect, find_taps, read_taps, recording
 from .mask_logits import logits_to_mask
-from .rde import full_precision
+from .rde import band_statistics, full_precision
 from .wavelets import (
     DEFAULT_LEVELS,
     DEFAULT_MODE,
@@ -398,27 +398,24 @@ class MaskPredictor(nn.Module):
         """The heads of ``coefficient_input``: decoder features on each band's grid + the band's coefficients."""
         with torch.no_grad(), full_precision(images.device):
             coeffs = self._dwt[0].encode(images.float())  # lowpass (N, C, H_J, W_J), level j (N, C, 3, H_j, W_j)
+            stats = band_statistics(coeffs)  # (N, 1 + J): the low-pass band first, as the obfuscation's noise uses
         num_images = images.shape[0]
 
-        def standardised(band: Tensor, centre: bool) -> Tensor:
-            flat = band.reshape(num_images, -1)
-            mean = flat.mean(1) if centre else flat.new_zeros(num_images)
-            std = flat.std(1).clamp_min(1e-6)
+        def standardised(band: Tensor, group: int, centre: bool) -> Tensor:
+            mean = stats.mean[:, group] if centre else stats.mean.new_zeros(num_images)
+            std = stats.std[:, group].clamp_min(1e-6)
             z = (band.reshape(num_images, -1, *band.shape[-2:]) - mean[:, None, None, None]) / std[:, None, None, None]
             return torch.cat([z, z.abs()], dim=1).to(decoded[0].dtype)
 
-        def head(index: int, features: Tensor, band: Tensor, centre: bool, out: nn.Module) -> Tensor:
+        def head(index: int, features: Tensor, group: int, centre: bool, out: nn.Module) -> Tensor:
+            band = coeffs.bands[group]
             x = align_to_band(features, tuple(band.shape[-2:])) + self.coefficient_branches[index](
-                standardised(band, centre)
+                standardised(band, group, centre)
             )
             return out(self.coefficient_blocks[index](x, embedding))
 
-        details = tuple(
-            head(j, decoded[j], coeffs.details[j], False, self.detail_heads[j]).unsqueeze(1) for j in range(levels)
-        )
-        lowpass = head(
-            len(self.detail_heads), self._lowpass_grid(decoded, levels), coeffs.lowpass, True, self.lowpass_head
-        )
+        details = tuple(head(j, decoded[j], 1 + j, False, self.detail_heads[j]).unsqueeze(1) for j in range(levels))
+        lowpass = head(len(self.detail_heads), self._lowpass_grid(decoded, levels), 0, True, self.lowpass_head)
         return Coefficients(lowpass=lowpass, details=details, image_size=tuple(images.shape[-2:]))
 
     def _read_taps(self, images: Tensor) -> list[Tensor]:
