@@ -253,7 +253,7 @@ def run(args: argparse.Namespace) -> dict:
         lr=args.refine_lr or config.lr,
         lr_decay=args.refine_decay,
         parametrisation=args.refine_parametrisation,
-        num_samples=args.refine_samples or config.num_samples,
+        num_samples=config.num_samples if args.refine_samples is None else args.refine_samples,
     )
     args.refine_lr_used = refine_config.lr
     args.refine_samples_used = refine_config.num_samples
