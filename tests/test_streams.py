@@ -89,6 +89,7 @@ def test_two_ranks_get_disjoint_items_whose_union_is_the_single_rank_stream(imag
     single = [keys(stream_of(data).batch(t)) for t in range(4)]  # 2 folder draws + 2 stream items per batch
     assert all(len(batch) == 4 for batch in single)
     assert [i.startswith("stream-") for i in single[0]] == [False, False, True, True]
+    assert [item["from_stream"] for item in stream_of(data).batch(0)] == [False, False, True, True]
     ranks = [[keys(stream_of(data, rank, 2).batch(t)) for t in range(2)] for rank in range(2)]
     first, second = (sum(batches, []) for batches in ranks)
     assert not set(first) & set(second)  # 4 of the 12 training images and 4 stream items: all distinct here

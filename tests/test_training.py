@@ -247,6 +247,28 @@ def test_distillation_and_agreement_read_the_stretched_mask():
     torch.testing.assert_close(metrics["top10_overlap"], torch.tensor(1.0))
 
 
+def test_stream_batches_log_the_loss_of_fresh_and_folder_images_apart():
+    module = AmortizedCartoonXModule(SPEC, image_size=SIZE, num_samples=2, **TINY_NET)
+    images = torch.rand(4, 3, SIZE, SIZE)
+    with torch.no_grad():
+        problem = module.objective.prepare(images)
+        mask = module(images, problem.target)
+        ids = ["a.png", "b.png", "stream-000000", "stream-000001"]
+        loss, plain = module.rde_loss(problem, mask, ids, "train")
+        again, metrics = module.rde_loss(problem, mask, ids, "train", torch.tensor([False, False, True, True]))
+        noise = module.objective.sample_noise(
+            problem, 2, make_generators(noise_seeds(0, "train", 0, ids), images.device)
+        )
+        per_image = module.objective.loss(problem, mask, noise).total  # (4,): the same seeded noise
+    assert "rde_loss_stream" not in plain and "rde_loss_folder" not in plain  # a batch without the stream
+    torch.testing.assert_close(again, loss)  # what is minimised does not change
+    torch.testing.assert_close(metrics["rde_loss_folder"], per_image[:2].mean())
+    torch.testing.assert_close(metrics["rde_loss_stream"], per_image[2:].mean())
+    _, only_fresh = module.rde_loss(problem, mask, ids, "train", torch.ones(4, dtype=torch.bool))
+    assert "rde_loss_folder" not in only_fresh  # a kind absent from the batch is not logged as a NaN
+    torch.testing.assert_close(only_fresh["rde_loss_stream"], per_image.mean())
+
+
 def test_the_network_config_is_completed_and_conflicts_are_refused():
     module = AmortizedCartoonXModule(SPEC, image_size=SIZE, **TINY_NET)
     config = module.mask_predictor.config

@@ -146,8 +146,10 @@ class AmortizedCartoonXModule(pl.LightningModule):
         log_images: explanations logged per validation epoch to loggers that take images (wandb); 0: none.
 
     Logged metrics (``train/...`` per step and epoch, ``val/...`` per epoch): ``rde_loss`` (full lambda; selects
-    checkpoints), ``distortion``, ``mask_mean``, ``loss`` (what is minimised), ``l1_ramp`` (while ramping) and,
-    with teacher masks, ``distill_loss``, ``spearman``, ``top10_overlap`` and ``teacher_fraction``.
+    checkpoints), ``distortion``, ``mask_mean``, ``loss`` (what is minimised), ``l1_ramp`` (while ramping), with
+    the synthetic stream ``rde_loss_stream`` and ``rde_loss_folder`` (training only: the fresh and the folder
+    images of each batch; a folder loss below the stream's is memorisation) and, with teacher masks,
+    ``distill_loss``, ``spearman``, ``top10_overlap`` and ``teacher_fraction``.
     """
 
     def __init__(
@@ -233,7 +235,7 @@ class AmortizedCartoonXModule(pl.LightningModule):
         logits = self.mask_predictor(images, problem.target, taps=taps())  # mask logits, bands (N, 1, ...)
         mask = self.mask_predictor.mask_from_logits(logits)
 
-        loss, metrics = self.rde_loss(problem, mask, list(batch["id"]), stage)
+        loss, metrics = self.rde_loss(problem, mask, list(batch["id"]), stage, batch.get("from_stream"))
         distillation = self.distillation(batch, logits, problem.target)
         if distillation is not None:
             distill, distill_metrics = distillation
@@ -256,13 +258,22 @@ class AmortizedCartoonXModule(pl.LightningModule):
         return torch.where(given >= 0, given, predicted)
 
     def rde_loss(
-        self, problem: RDEProblem, mask: Coefficients, ids: list[str], stage: str
+        self,
+        problem: RDEProblem,
+        mask: Coefficients,
+        ids: list[str],
+        stage: str,
+        from_stream: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """The batch's mean RDE loss of ``mask`` (what training minimises), and its parts as metrics.
 
         L noise samples per image (``num_samples``; ``val_samples`` outside training), drawn from generators
         seeded by (``noise_seed``, stage, step, image id). While ``l1_warmup_steps`` ramp the sparsity weight,
         the training loss uses the ramped lambda; the ``rde_loss`` metric always uses the full lambda.
+
+        ``from_stream`` ``(N,)`` bool (batches of the synthetic stream, ``data.stream``) marks the fresh images:
+        the metrics then also hold ``rde_loss_stream`` and ``rde_loss_folder``, the mean over each kind present.
+        A fresh image is seen once, so a folder loss below the stream loss measures memorisation of the folder.
         """
         hp = self.hparams
         training = stage == "train"
@@ -278,6 +289,11 @@ class AmortizedCartoonXModule(pl.LightningModule):
             metrics["l1_ramp"] = torch.tensor(ramp)
         metrics["distortion"] = rde.distortion.mean().detach()
         metrics["mask_mean"] = rde.sparsity.mean().detach()
+        if from_stream is not None:
+            fresh = torch.as_tensor(from_stream, device=rde.total.device).bool()
+            for name, chosen in (("stream", fresh), ("folder", ~fresh)):
+                if bool(chosen.any()):
+                    metrics[f"rde_loss_{name}"] = rde.total[chosen].mean().detach()
         return loss, metrics
 
     def distillation(

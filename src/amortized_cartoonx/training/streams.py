@@ -264,9 +264,10 @@ class TrainingStream(IterableDataset):
     """Endless training items: every batch ``folder_count`` draws of the training folder (augmented views, teacher
     masks included) and ``stream_count`` fresh synthetic images, sharded by rank and data-loading worker.
 
-    The items are :class:`~.data.TrainingImages` items (the same keys, so they share a batch); stream images
-    have no teacher mask. Read it with a DataLoader of ``batch_size`` (:class:`StreamLoader`): batch ``t`` of
-    this rank is :meth:`batch` ``(t)`` (see the module's docstring for which draws that is).
+    The items are :class:`~.data.TrainingImages` items (the same keys, so they share a batch) plus
+    ``from_stream`` (True for the fresh images); stream images have no teacher mask. Read it with a DataLoader of
+    ``batch_size`` (:class:`StreamLoader`): batch ``t`` of this rank is :meth:`batch` ``(t)`` (see the module's
+    docstring for which draws that is).
 
     Args:
         folder: the training images (may be empty when ``stream_count == batch_size``).
@@ -318,12 +319,12 @@ class TrainingStream(IterableDataset):
     def folder_draw(self, draw: int) -> dict:
         """Folder draw ``draw``: image ``order(epoch)[draw % N]`` in its view of epoch ``draw // N``."""
         epoch, position = divmod(draw, len(self.folder))
-        return self.folder.view(self.order(epoch)[position], epoch)
+        return self.folder.view(self.order(epoch)[position], epoch) | {"from_stream": False}
 
     def stream_item(self, index: int) -> dict:
         """Stream item ``index`` as a training item (no teacher mask; target as ``target_source`` says)."""
         item = self.scenes[index]
-        return self.folder.training_item(item["image"], item["id"], item["label"])
+        return self.folder.training_item(item["image"], item["id"], item["label"]) | {"from_stream": True}
 
     def batch(self, step: int) -> list[dict]:
         """This rank's items of batch ``step``: its folder draws, then its stream items."""
