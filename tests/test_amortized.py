@@ -304,23 +304,40 @@ def test_top_k_calibration_picks_the_binary_mask_with_the_lowest_loss(checkpoint
         )
 
 
-def test_warm_start_in_logit_space_returns_to_the_optimum_in_few_steps(small_images):
-    """A tiny convergence check: from the exact optimizer's own mask, perturbed, a logit-space refinement of
-    a few steps gets back to (about) the exact loss, which the perturbation had raised."""
+def _refined_from_a_perturbed_optimum(images, config: OptimizerConfig, perturb) -> None:
+    """A tiny convergence check: from the exact optimizer's own mask, perturbed by ``perturb(flat_mask,
+    generator)``, a refinement with ``config`` gets back to (about) the exact loss, which the perturbation had
+    raised."""
     from conftest import make_tiny_cnn
 
     classifier = make_tiny_cnn()
     seeds = [1, 2, 3]
     exact = CartoonX(classifier, levels=3, steps=150, num_samples=8, lr=0.05, lr_decay="cosine", measure_samples=32)
-    reference = exact.explain(small_images, seeds=seeds)
-    gen = torch.Generator().manual_seed(0)
-    flat = reference.mask.flatten()
-    noisy = torch.sigmoid(torch.logit(flat.clamp(0.02, 0.98)) + 1.5 * torch.randn(flat.shape, generator=gen))
+    reference = exact.explain(images, seeds=seeds)
+    noisy = perturb(reference.mask.flatten(), torch.Generator().manual_seed(0))
+    refiner = CartoonX(classifier, levels=3, config=config)
+    perturbed = refiner.explain(images, init_mask=noisy, seeds=seeds, steps=0)
+    refined = refiner.explain(images, init_mask=noisy, seeds=seeds)
+    assert bool((perturbed.loss > reference.loss * 1.2).all())
+    assert bool((refined.loss <= reference.loss * 1.1 + 0.02).all()), (refined.loss, reference.loss)
+
+
+def test_the_refine_schedule_returns_to_the_optimum_in_its_40_steps(small_images):
+    config = OptimizerConfig(schedule="refine", num_samples=8, measure_samples=32)
+    assert config.steps == 40
+    _refined_from_a_perturbed_optimum(
+        small_images, config, lambda flat, gen: (flat + 0.5 * torch.randn(flat.shape, generator=gen)).clamp(0, 1)
+    )
+
+
+def test_warm_start_in_logit_space_returns_to_the_optimum_in_few_steps(small_images):
     config = OptimizerConfig(
         steps=30, num_samples=8, lr=0.3, lr_decay="cosine", parametrisation="logit", measure_samples=32
     )
-    refiner = CartoonX(classifier, levels=3, config=config)
-    perturbed = refiner.explain(small_images, init_mask=noisy, seeds=seeds, steps=0)
-    refined = refiner.explain(small_images, init_mask=noisy, seeds=seeds)
-    assert bool((perturbed.loss > reference.loss * 1.2).all())
-    assert bool((refined.loss <= reference.loss * 1.1 + 0.02).all()), (refined.loss, reference.loss)
+    _refined_from_a_perturbed_optimum(
+        small_images,
+        config,
+        lambda flat, gen: torch.sigmoid(
+            torch.logit(flat.clamp(0.02, 0.98)) + 1.5 * torch.randn(flat.shape, generator=gen)
+        ),
+    )
