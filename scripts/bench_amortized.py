@@ -11,7 +11,8 @@ For every image (batched, ``--batch-size`` at a time) it runs
     separately from the single pass),
 (c) warm start: the amortized mask refined by K exact steps, for each K in ``--refine`` (default 50,100,200),
     with the refinement's own lr, decay and parametrisation (``--refine-lr``, ``--refine-decay``,
-    ``--refine-parametrisation``; ``logit`` starts from the network's logits),
+    ``--refine-parametrisation``; default: the ``refine`` schedule's, what the warm start ships with; ``logit``
+    starts from the network's logits) and noise samples (``--refine-samples``, default ``--samples``),
 
 and measures every mask the same way (:func:`~amortized_cartoonx.explanation.measure_mask`: same lambda,
 distortion and obfuscation as training, same per-image seeds, ``--measure-samples`` noise samples), so the RDE losses
@@ -63,7 +64,16 @@ from amortized_cartoonx.errors import CartoonXError, InputError  # noqa: E402
 from amortized_cartoonx.evaluation.agreement import mask_agreement  # noqa: E402
 from amortized_cartoonx.explanation import measure_mask  # noqa: E402
 from amortized_cartoonx.images import list_images, load_images  # noqa: E402
-from amortized_cartoonx.optimizer import SCHEDULES, CartoonX, OptimizerConfig  # noqa: E402
+from amortized_cartoonx.optimizer import (  # noqa: E402
+    LR_DECAYS,
+    PARAMETRISATIONS,
+    SCHEDULES,
+    CartoonX,
+    OptimizerConfig,
+)
+
+#: The warm start's shipped schedule: the default of the refinement options.
+REFINE = SCHEDULES["refine"]
 from amortized_cartoonx.runtime import synchronize  # noqa: E402
 from amortized_cartoonx.seeding import file_seeds  # noqa: E402
 
@@ -92,9 +102,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=CALIBRATIONS,
         help="how the calibrated explainer's candidates are made: logit shifts or binary top-k masks",
     )
-    p.add_argument("--refine-lr", type=float, default=None, help="warm start's lr (default: the exact one's)")
     p.add_argument(
-        "--refine-decay", default="constant", choices=("constant", "linear", "cosine"), help="warm start's decay"
+        "--refine-lr",
+        type=float,
+        default=None,
+        help=f"warm start's lr (default: the refine schedule's, {REFINE['lr']})",
+    )
+    p.add_argument(
+        "--refine-decay",
+        default=REFINE["lr_decay"],
+        choices=tuple(LR_DECAYS),
+        help=f"warm start's decay (default: the refine schedule's, {REFINE['lr_decay']})",
     )
     p.add_argument(
         "--refine-samples",
@@ -103,7 +121,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="noise samples per warm-start step (default: --samples, the exact optimizer's)",
     )
     p.add_argument(
-        "--refine-parametrisation", default="clamp", choices=("clamp", "logit"), help="warm start's variable"
+        "--refine-parametrisation",
+        default=REFINE["parametrisation"],
+        choices=PARAMETRISATIONS,
+        help=f"warm start's variable (default: the refine schedule's, {REFINE['parametrisation']})",
     )
     p.add_argument(
         "--refine-from",
@@ -250,7 +271,7 @@ def run(args: argparse.Namespace) -> dict:
         raise InputError("--refine-from calibrated needs --calibrate-samples")
     refine_config = dataclasses.replace(
         config,
-        lr=args.refine_lr or config.lr,
+        lr=args.refine_lr or REFINE["lr"],
         lr_decay=args.refine_decay,
         parametrisation=args.refine_parametrisation,
         num_samples=config.num_samples if args.refine_samples is None else args.refine_samples,
