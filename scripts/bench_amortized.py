@@ -71,11 +71,11 @@ from amortized_cartoonx.optimizer import (  # noqa: E402
     CartoonX,
     OptimizerConfig,
 )
+from amortized_cartoonx.runtime import synchronize  # noqa: E402
+from amortized_cartoonx.seeding import file_seeds  # noqa: E402
 
 #: The warm start's shipped schedule: the default of the refinement options.
 REFINE = SCHEDULES["refine"]
-from amortized_cartoonx.runtime import synchronize  # noqa: E402
-from amortized_cartoonx.seeding import file_seeds  # noqa: E402
 
 logger = logging.getLogger("bench_amortized")
 
@@ -105,7 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--refine-lr",
         type=float,
-        default=None,
+        default=REFINE["lr"],
         help=f"warm start's lr (default: the refine schedule's, {REFINE['lr']})",
     )
     p.add_argument(
@@ -271,12 +271,11 @@ def run(args: argparse.Namespace) -> dict:
         raise InputError("--refine-from calibrated needs --calibrate-samples")
     refine_config = dataclasses.replace(
         config,
-        lr=args.refine_lr or REFINE["lr"],
+        lr=args.refine_lr,
         lr_decay=args.refine_decay,
         parametrisation=args.refine_parametrisation,
         num_samples=config.num_samples if args.refine_samples is None else args.refine_samples,
     )
-    args.refine_lr_used = refine_config.lr
     args.refine_samples_used = refine_config.num_samples
     start_from = calibrated if refine_from == "calibrated" else amortized
     warm = {k: WarmStartExplainer(start_from, refine_steps=k, config=refine_config) for k in refine}
@@ -430,7 +429,7 @@ def summarise(args, records, refine, split, device, meta) -> dict:
             "exact_schedule": args.exact_schedule,
             "exact_steps": args.exact_steps,
             "refine": refine,
-            "refine_lr": args.refine_lr_used,
+            "refine_lr": args.refine_lr,
             "refine_decay": args.refine_decay,
             "refine_parametrisation": args.refine_parametrisation,
             "refine_samples": args.refine_samples_used,
