@@ -48,6 +48,25 @@ def test_initial_mask_is_near_keep_everything():
         assert abs(float(net.mask(torch.rand(1, 3, 64, 64), torch.tensor([0])).flatten().mean()) - 0.5) < 0.01
 
 
+@pytest.mark.parametrize("coefficient_input", [False, True])
+def test_init_bias_per_band_sets_each_bands_initial_mask(coefficient_input):
+    torch.manual_seed(0)
+    biases = [4.0, -4.0, -2.0, 0.0, 2.0, 3.0]  # low-pass, then levels 1 (finest) .. 5
+    net = MaskPredictor(num_classes=3, init_bias=biases, coefficient_input=coefficient_input, **SMALL)
+    with torch.no_grad():
+        mask = net.mask(torch.rand(2, 3, 64, 64), torch.tensor([0, 2]))
+    expected = torch.sigmoid(torch.tensor(biases))
+    assert torch.allclose(mask.per_band_means().mean(0), expected, atol=0.01)
+    # one number is every band's bias
+    assert MaskPredictorConfig(init_bias=-1.5).band_biases() == [-1.5] * 6
+
+
+@pytest.mark.parametrize("bad", [[4.0, 4.0], [4.0] * 7, [4.0, float("nan"), 4.0, 4.0, 4.0, 4.0]])
+def test_init_bias_with_the_wrong_number_of_bands_is_refused(bad):
+    with pytest.raises(ConfigError, match="init_bias must be one finite number or 6"):
+        MaskPredictorConfig(init_bias=bad).validate()
+
+
 def test_class_conditioning_changes_the_mask():
     torch.manual_seed(0)
     net = MaskPredictor(num_classes=10, init_std=0.5, **SMALL)

@@ -33,13 +33,15 @@ stretching) and replicates its border into the margins, so coefficient k of leve
 the image position it describes.
 
 The heads start with tiny weights and a bias of ``init_bias`` (default 4, sigmoid 0.982): an untrained
-network predicts nearly "keep everything", the exact optimizer's starting point.
+network predicts nearly "keep everything", the exact optimizer's starting point. ``init_bias`` may also give one
+bias per band, to start from another mask density on each scale.
 
 Shapes: N images, C = 3 colour channels, H x W pixels, J levels, level j = 1 the finest.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
@@ -86,7 +88,9 @@ class MaskPredictorConfig:
         max_multiplier: cap of the channel multiplier. Default 8.
         decoder_width: channels of the decoder levels (capped by the encoder stage's). Default 64.
         embed_dim: size of the class embedding. Default 128.
-        init_bias: initial bias of every head; ``sigmoid(init_bias)`` is the initial mask. Default 4.0.
+        init_bias: initial bias of the heads; ``sigmoid(init_bias)`` is the initial mask. One number for every
+            band (default 4.0: keep everything, the optimizer's start), or one per band, low-pass first, then
+            levels 1 (finest) to J, e.g. ``[4, -4, -4, 4, 4, 4]`` to start with the two finest levels deleted.
         stretch: the mask is ``clamp((1 + 2 * stretch) * sigmoid(z) - stretch, 0, 1)`` (see :func:`logits_to_mask`).
             0 (default): the plain sigmoid. With ``stretch > 0`` (e.g. 0.05), masks reach exactly 0 and 1, as the
             exact optimizer's projected masks do, instead of sigmoid tails that cost ``l1_lambda * floor``.
@@ -114,7 +118,7 @@ class MaskPredictorConfig:
     max_multiplier: int = 8
     decoder_width: int = 64
     embed_dim: int = 128
-    init_bias: float = 4.0
+    init_bias: float | list[float] = 4.0
     stretch: float = 0.0
     init_std: float = 1e-3
     groups: int = 8
@@ -137,6 +141,12 @@ class MaskPredictorConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0.0 <= self.stretch < 0.5:
             raise ConfigError(f"stretch must be in [0, 0.5), got {self.stretch}")
+        biases = self.band_biases()
+        if len(biases) != 1 + self.levels or not all(math.isfinite(b) for b in biases):
+            raise ConfigError(
+                f"init_bias must be one finite number or {1 + self.levels} (low-pass, then levels 1..{self.levels}),"
+                f" got {self.init_bias}"
+            )
         for name in ("width", "decoder_width"):
             if getattr(self, name) % self.groups:
                 raise ConfigError(f"{name} ({getattr(self, name)}) must be a multiple of groups ({self.groups})")
@@ -151,6 +161,12 @@ class MaskPredictorConfig:
                     f"{self.tap_channels}"
                 )
         return self
+
+    def band_biases(self) -> list[float]:
+        """The heads' initial biases, one per band: low-pass first, then levels 1 (finest) to J."""
+        if isinstance(self.init_bias, (int, float)):
+            return [float(self.init_bias)] * (1 + self.levels)
+        return [float(b) for b in self.init_bias]
 
     def with_taps(self, network: nn.Module | None, image_size: int) -> MaskPredictorConfig:
         """This config with ``taps`` found in ``network`` (the classifier, or the backbone) for ``image_size``
@@ -267,8 +283,9 @@ class MaskPredictor(nn.Module):
             for s in range(len(widths) - 1)
         )
         self.decoder = nn.ModuleList(ResBlock(d, cfg.embed_dim, groups) for d in widths)
-        self.detail_heads = nn.ModuleList(self._head(d, 3) for d in widths)
-        self.lowpass_head = self._head(widths[-1], 1)  # on the coarsest level
+        biases = cfg.band_biases()  # low-pass, then levels 1..J
+        self.detail_heads = nn.ModuleList(self._head(d, 3, b) for d, b in zip(widths, biases[1:]))
+        self.lowpass_head = self._head(widths[-1], 1, biases[0])  # on the coarsest level
         # coefficient_input: per detail level, then the low-pass band (built empty otherwise)
         coefficient_widths = (widths + widths[-1:]) if cfg.coefficient_input else []
         coefficient_inputs = [2 * 3 * 3] * len(widths) + [2 * 3]  # (c / std, |c| / std) x colours (x orientations)
@@ -299,10 +316,10 @@ class MaskPredictor(nn.Module):
         """The attached classifier or backbone of a tapped encoder (None: none attached)."""
         return self._features[0] if self._features else None
 
-    def _head(self, width: int, out: int) -> nn.Sequential:
+    def _head(self, width: int, out: int, bias: float) -> nn.Sequential:
         conv = nn.Conv2d(width, out, 1)
         nn.init.normal_(conv.weight, std=self.config.init_std)
-        nn.init.constant_(conv.bias, self.config.init_bias)
+        nn.init.constant_(conv.bias, bias)
         return nn.Sequential(nn.GroupNorm(min(self.config.groups, width), width), nn.SiLU(), conv)
 
     def settings(self) -> dict:
