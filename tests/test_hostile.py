@@ -169,6 +169,9 @@ def test_a_pickle_payload_in_a_checkpoint_never_runs(tmp_path, spec, inputs, cap
         (lambda c: c["cartoonx"].update(l1_lambda=float("nan")), "l1_lambda"),
         (lambda c: next(iter(c["state_dict"].values())).fill_(float("nan")), "NaN"),
         (lambda c: c.update(state_dict=[1, 2]), "state_dict"),
+        (lambda c: c["cartoonx"]["mask_predictor"].update(init_bias=["x", 1.0, 1.0]), "'init_bias' is not a list"),
+        (lambda c: c["cartoonx"]["mask_predictor"].update(init_bias=[1.0] * 1000), "'init_bias' is not a list"),
+        (lambda c: c["cartoonx"]["mask_predictor"].update(init_bias=[1.0, 2.0]), "init_bias must be one finite"),
     ],
 )
 def test_hand_made_checkpoint_settings_are_refused(tmp_path, spec, inputs, capsys, edit, needle):
@@ -183,9 +186,12 @@ def test_hand_made_checkpoint_settings_are_refused(tmp_path, spec, inputs, capsy
     assert_refused(code, err, needle)
 
 
-def test_a_valid_hand_made_checkpoint_explains(tmp_path, spec, inputs, capsys):
+@pytest.mark.parametrize("init_bias", [4.0, [4.0, -4.0, 4.0]])  # one bias, or one per band (low-pass, 1, 2)
+def test_a_valid_hand_made_checkpoint_explains(tmp_path, spec, inputs, capsys, init_bias):
     path = tmp_path / "ok.ckpt"
-    torch.save(checkpoint_dict(spec), path)
+    checkpoint = checkpoint_dict(spec)
+    checkpoint["cartoonx"]["mask_predictor"]["init_bias"] = init_bias
+    torch.save(checkpoint, path)
     code, err = cli(
         explain_args([inputs / "a.png"], spec, tmp_path / "out", "--method", "amortized", "--checkpoint", str(path)),
         capsys,

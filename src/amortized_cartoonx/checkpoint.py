@@ -150,8 +150,13 @@ def _check_settings(path: Path, meta: dict) -> None:
     backbone = network.get("backbone")
     if backbone is not None and (not isinstance(backbone, str) or not 0 < len(backbone) <= 1000):
         raise InputError(f"{path}: network setting 'backbone' is not a classifier spec")
+    biases = network.get("init_bias")
+    if isinstance(biases, list) and not (  # one per band; the network's own check gives the count
+        len(biases) <= 1 + MAX_LEVELS and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in biases)
+    ):
+        raise InputError(f"{path}: network setting 'init_bias' is not a list of at most {1 + MAX_LEVELS} numbers")
     for name, value in network.items():
-        if name in _TAP_FIELDS or name == "backbone":
+        if name in _TAP_FIELDS or name == "backbone" or (name == "init_bias" and isinstance(value, list)):
             continue
         default = getattr(MaskPredictorConfig, name, None)
         expected = (int, float) if isinstance(default, float) else type(default)
