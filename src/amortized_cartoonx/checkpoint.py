@@ -119,6 +119,15 @@ def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
     return LoadedCheckpoint(path=path, meta=meta, state=state)
 
 
+def _is_list_of(value: object, kind: type | tuple[type, ...], longest: int) -> bool:
+    """``value`` is a list of at most ``longest`` entries of ``kind`` (booleans never count as numbers)."""
+    return (
+        isinstance(value, list)
+        and len(value) <= longest
+        and all(isinstance(v, kind) and not isinstance(v, bool) for v in value)
+    )
+
+
 def _check_settings(path: Path, meta: dict) -> None:
     for name, kind in _REQUIRED.items():
         if name not in meta:
@@ -141,19 +150,14 @@ def _check_settings(path: Path, meta: dict) -> None:
         raise InputError(f"{path}: unknown network setting(s) {', '.join(map(repr, unknown))}")
     for name, kind in _TAP_FIELDS.items():  # the classifier encoder's layers: None or one entry per level
         value = network.get(name)
-        if value is not None and (
-            not isinstance(value, list)
-            or len(value) > MAX_LEVELS
-            or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value)
-        ):
+        if value is not None and not _is_list_of(value, kind, MAX_LEVELS):
             raise InputError(f"{path}: network setting {name!r} is not a list of {kind.__name__}")
     backbone = network.get("backbone")
     if backbone is not None and (not isinstance(backbone, str) or not 0 < len(backbone) <= 1000):
         raise InputError(f"{path}: network setting 'backbone' is not a classifier spec")
     biases = network.get("init_bias")
-    if isinstance(biases, list) and not (  # one per band; the network's own check gives the count
-        len(biases) <= 1 + MAX_LEVELS and all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in biases)
-    ):
+    # one per band; the network's own check gives the count
+    if isinstance(biases, list) and not _is_list_of(biases, (int, float), 1 + MAX_LEVELS):
         raise InputError(f"{path}: network setting 'init_bias' is not a list of at most {1 + MAX_LEVELS} numbers")
     for name, value in network.items():
         if name in _TAP_FIELDS or name == "backbone" or (name == "init_bias" and isinstance(value, list)):
