@@ -4,7 +4,7 @@
 #   bash scripts/bench_gpu.sh                       # on a machine with the package installed and ../shared beside it
 #   QUICK=1 bash scripts/bench_gpu.sh               # a tiny CPU dry run of the same commands (minutes)
 #
-# Stages, run in the order 1 2 3 7 5 4 6 (results in $OUT_DIR, a log in $OUT_DIR/log.txt, everything but the caches
+# Stages, run in the order 8 1 2 3 7 5 4 6 (results in $OUT_DIR, a log in $OUT_DIR/log.txt, everything but the caches
 # packed into $PACK (default $OUT_DIR/results.tar.gz) after every stage, so a stage that runs out of time keeps
 # what the others wrote):
 #   1 optimizer  scripts/bench_optimizer.py: MobileNetV3-Small at 256 px, B x L grid, fp32 and bf16
@@ -18,6 +18,9 @@
 #   6 compile    scripts/bench_optimizer.py with torch.compile
 #   7 teachers   cartoonx targets: MobileNetV3-Small teacher masks (fast schedule, L = 8) for the first N_TEACHERS
 #                images of PHOTOS_TRAIN, packed apart into $TEACHER_PACK.part* (they train the photo explainer on a CPU)
+#   8 photofit   cartoonx fit --config configs/shared-samples-efficientnet-lite0.yaml (encoder 'classifier', the
+#                config's 3000 steps, at most FIT_TIME), then scripts/bench_amortized.py on 16 photos of its held-out
+#                split (exact: the paper's schedule, L = 16; warm start K = 40): amortized photos on a GPU
 # Stage 3 also keeps its paper-schedule references (2000 steps, L = 16) in $OUT_DIR/photo-exact, packed apart into
 # $EXACT_PACK: scripts/bench_amortized.py --exact-cache reads them (same key) when PHOTOS_HELDOUT is a photo
 # config's test split.
@@ -25,9 +28,11 @@
 # $SHARED/data/imagenet-samples; its first 50 images), PHOTOS_HELDOUT (default: images #600-615 of that folder,
 # copied into $OUT_DIR/heldout-photos), MOBILENET (default $SHARED/models/mobilenet_v3_small_imagenet.pt),
 # PHOTOS_TRAIN (default PHOTOS_EVAL), PACK, TEACHER_PACK, EXACT_PACK, PYTHON (default python3), STAGES (default
-# "1 2 3 7 5 4 6", run in that order), QUICK=1 (tiny sizes, for a dry run on a CPU).
-# Sized from steps measured on an H200 (docs/benchmarks.md): about 9 minutes in all there; the stage limits
-# below are ceilings, not estimates.
+# "8 1 2 3 7 5 4 6", run in that order), FIT_TIME (stage 8's training time at most, default 00:00:06:00, as
+# DD:HH:MM:SS), QUICK=1 (tiny sizes, for a dry run on a CPU).
+# Sized from steps measured on an H200 (docs/benchmarks.md): stages 1-7 about 9 minutes in all there; stage 8 has
+# not run on a GPU yet (at most 7 minutes of training and its benchmark): with 15 minutes of device time, run
+# STAGES=8 alone. The stage limits below are ceilings, not estimates.
 set -u
 PY=${PYTHON:-python3}
 OUT_DIR=${OUT_DIR:-outputs/bench-gpu}
@@ -36,7 +41,8 @@ PHOTOS_EVAL=${PHOTOS_EVAL:-$SHARED/data/imagenet-samples}
 MOBILENET=${MOBILENET:-$SHARED/models/mobilenet_v3_small_imagenet.pt}
 LABELS=${LABELS:-$SHARED/models/imagenet_classes.txt}
 PHOTOS_TRAIN=${PHOTOS_TRAIN:-$PHOTOS_EVAL}
-STAGES=${STAGES:-1 2 3 7 5 4 6}
+STAGES=${STAGES:-8 1 2 3 7 5 4 6}
+FIT_TIME=${FIT_TIME:-00:00:06:00}
 QUICK=${QUICK:-0}
 PACK=${PACK:-$OUT_DIR/results.tar.gz}
 TEACHER_PACK=${TEACHER_PACK:-$OUT_DIR/teachers.tar.gz}
@@ -59,6 +65,10 @@ if [ "$QUICK" = 1 ]; then  # the same commands at toy sizes: checks that every s
     LAMBDAS="--lambdas cartoonx=10,20 pixel-rde=2,4 --lambda-limit 1"; SANITY="--sanity-limit 1 --sanity-depths 1"
     COMPILE="--batch 1 --samples 2 --steps 1 --warmup 1 --repeats 1 --size 64"
     N_TEACHERS=2; TEACHERS="--batch-size 2 --samples 2 --steps 3 --size 64"
+    FIT="--trainer.max_steps 2 --trainer.val_check_interval 2 --data.image_size 64 --data.batch_size 2"
+    FIT="$FIT --data.val_batch_size 2 --data.num_workers 0 --model.num_samples 2 --model.val_samples 2"
+    FIT="$FIT --model.log_images 0 --model.mask_predictor.width 8 --model.mask_predictor.decoder_width 8"
+    FIT_BENCH="--limit 2 --exact-steps 4 --samples 2 --measure-samples 4 --refine 2 --batch-size 2"
 else
     OPT="--batch 8 --samples 16,64 --steps 10 --warmup 3 --repeats 3 --size 256"
     SCHED="--limit 16 --samples 16 --measure-samples 64 --paper-steps 2000 --steps 25,50,100,200 --size 256 --batch-size 16"
@@ -66,13 +76,15 @@ else
     LAMBDAS="--lambdas none"; SANITY="--sanity-limit 8"
     COMPILE="--batch 8 --samples 64 --steps 10 --warmup 3 --repeats 3 --size 256"
     N_TEACHERS=160; TEACHERS="--batch-size 32 --samples 8 --size 256"
+    FIT="--trainer.accelerator gpu"
+    FIT_BENCH="--limit 16 --exact-steps 2000 --samples 16 --measure-samples 64 --refine 40 --batch-size 16"
 fi
 
 pack() {  # everything but the caches and the copied photos, after every stage
     local tmp
     tmp=$(mktemp)
     tar czf "$tmp" -C "$OUT_DIR" --exclude=./cache --exclude='*/cache' --exclude=./heldout-photos \
-        --exclude=./teachers --exclude=./photo-exact --exclude='./*.tar.gz' . && mv "$tmp" "$PACK"
+        --exclude=./teachers --exclude=./photo-exact --exclude='./*.tar.gz' --exclude='*.ckpt' . && mv "$tmp" "$PACK"
 }
 
 pack_apart() {  # pack_apart FOLDER TARGET: $OUT_DIR/FOLDER as TARGET.part00, .part01, ... of at most 15 MiB each
@@ -107,6 +119,17 @@ if ! $PY -c "import importlib, sys; [importlib.import_module(m) for m in sys.arg
     pack
     exit 1
 fi
+
+# stage 8: the photo explainer trained on the GPU (checkpoints stay on the machine: too large to bring back), then
+# benchmarked on its config's held-out split (never trained on; best.ckpt picked on the validation split)
+FITDIR="$OUT_DIR/photofit"
+stage 8 photofit 600 bash -c "
+    timeout --signal=INT 420 $PY -m amortized_cartoonx.cli fit --config configs/shared-samples-efficientnet-lite0.yaml \
+        --data.images '$PHOTOS_TRAIN' --checkpoint_dir '$FITDIR/ckpt' --log_dir '$FITDIR/logs' --run_name effnet \
+        --trainer.max_time $FIT_TIME --trainer.enable_progress_bar false $FIT;
+    ckpt='$FITDIR/ckpt/effnet/best.ckpt'; [ -f \"\$ckpt\" ] || ckpt='$FITDIR/ckpt/effnet/last.ckpt';
+    $PY scripts/bench_amortized.py --checkpoint \"\$ckpt\" --classifier efficientnet-lite0 --images '$PHOTOS_TRAIN' \
+        --split test $FIT_BENCH --json '$FITDIR/bench.json'"
 
 stage 1 optimizer 60 $PY scripts/bench_optimizer.py --classifier "$MOBILENET" $OPT --precision fp32,bf16 \
     --json "$OUT_DIR/optimizer.json"
