@@ -20,7 +20,7 @@
 #                images of PHOTOS_TRAIN, packed apart into $TEACHER_PACK.part* (they train the photo explainer on a CPU)
 #   8 photofit   cartoonx fit --config configs/shared-samples-efficientnet-lite0.yaml (encoder 'classifier', the
 #                config's 3000 steps, at most FIT_TIME), then scripts/bench_amortized.py on 16 photos of its held-out
-#                split (exact: the paper's schedule, L = 16; warm start K = 40): amortized photos on a GPU
+#                split (exact: the paper's schedule, L = 16; warm start K = 60): amortized photos on a GPU
 # Stage 3 also keeps its paper-schedule references (2000 steps, L = 16) in $OUT_DIR/photo-exact, packed apart into
 # $EXACT_PACK: scripts/bench_amortized.py --exact-cache reads them (same key) when PHOTOS_HELDOUT is a photo
 # config's test split.
@@ -77,7 +77,7 @@ else
     COMPILE="--batch 8 --samples 64 --steps 10 --warmup 3 --repeats 3 --size 256"
     N_TEACHERS=160; TEACHERS="--batch-size 32 --samples 8 --size 256"
     FIT="--trainer.accelerator gpu"
-    FIT_BENCH="--limit 16 --exact-steps 2000 --samples 16 --measure-samples 64 --refine 40 --batch-size 16"
+    FIT_BENCH="--limit 16 --exact-steps 2000 --samples 16 --measure-samples 64 --refine 60 --batch-size 16"
 fi
 
 pack() {  # everything but the caches and the copied photos, after every stage

@@ -72,7 +72,7 @@ class DemoConfig:
             :class:`~amortized_cartoonx.training.AmortizedCartoonXModule`); without the ramp, training on many
             images without teachers collapses to the empty mask on this benchmark.
         refine_steps: warm-start refinement steps in the evaluation; None (default): the ``refine`` schedule's
-            (40 steps in logit space, :data:`~amortized_cartoonx.optimizer.SCHEDULES`).
+            (60 steps, :data:`~amortized_cartoonx.optimizer.SCHEDULES`).
         eval_rates, noise_draws: the evaluation's rate grid (None, the default: the evaluation's, 21 rates dense
             below 0.1) and noise draws per rate.
         methods: the evaluated methods.

@@ -87,7 +87,7 @@ def add_rde_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         choices=SCHEDULE_NAMES,
         help="step schedule: steps, learning rate, its decay and the parametrisation (default: paper, 2000 steps "
-        "at lr 1e-3; the warm start: refine, 40 steps at lr 0.1 with cosine decay; fast: 200 steps, "
+        "at lr 1e-3; the warm start: refine, 60 steps at lr 0.1 with cosine decay; fast: 200 steps, "
         "lr 0.1 with cosine decay)",
     )
     group.add_argument("--steps", type=nonnegative_int, default=None, help="Adam steps (default: the schedule's)")

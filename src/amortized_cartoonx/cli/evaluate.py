@@ -57,7 +57,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--refine-steps",
         type=nonnegative_int,
         default=None,
-        help="optimizer steps after the warm start (default: the refine schedule's, 40)",
+        help="optimizer steps after the warm start (default: the refine schedule's, 60)",
     )
     p.add_argument("--size", type=image_size, default=256, help="images are resized and centre-cropped (default 256)")
     p.add_argument("--limit", type=positive_int, default=None, metavar="N", help="only the first N images")

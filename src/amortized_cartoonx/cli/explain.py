@@ -49,7 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--refine-steps",
         type=nonnegative_int,
         default=None,
-        help="optimizer steps after the warm start (default: the schedule's; refine: 40)",
+        help="optimizer steps after the warm start (default: the schedule's; refine: 60)",
     )
     p.add_argument(
         "--calibrate-samples",
