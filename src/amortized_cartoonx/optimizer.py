@@ -77,8 +77,8 @@ def result_settings(settings: dict) -> dict:
 #: ``paper``: the paper's Algorithm 1 (constant lr 1e-3, 2000 steps). ``fast``: a tenth of the steps, lr 0.1
 #: with cosine decay to 0 (chosen by ``scripts/bench_schedule.py``; measurements in docs/benchmarks.md).
 #: ``refine``: the warm start's default: ``fast``'s lr and decay over 60 steps from the amortized mask (lr and decay
-#: chosen by ``scripts/bench_amortized.py`` at the default L = 64, the steps as the fewest that reach the exact loss
-#: on at least 80% of held-out images; measurements in docs/amortized.md); not a cold start.
+#: chosen by ``scripts/bench_amortized.py`` at the default L = 64; the steps: the fewest of 40, 60 and 80 that reach
+#: the exact loss on at least 80% of held-out images; measurements in docs/amortized.md); not a cold start.
 SCHEDULES: dict[str, dict] = {
     "paper": {"steps": 2000, "lr": 1e-3, "lr_decay": "constant", "parametrisation": "clamp"},
     "fast": {"steps": 200, "lr": 0.1, "lr_decay": "cosine", "parametrisation": "clamp"},
