@@ -22,32 +22,32 @@ def slug(heading: str) -> str:
     return text.replace(" ", "-")
 
 
-def anchors(path: Path) -> set[str]:
-    """The anchors of a markdown file's headings (outside code blocks); repeats get ``-1``, ``-2``, ..."""
-    seen: Counter[str] = Counter()
-    found = set()
-    in_code = False
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if FENCE.match(line):
-            in_code = not in_code
-            continue
-        if in_code or not line.startswith("#"):
-            continue
-        base = slug(line.lstrip("#"))
-        found.add(base if seen[base] == 0 else f"{base}-{seen[base]}")
-        seen[base] += 1
-    return found
-
-
-def links(path: Path) -> list[str]:
-    """The link targets of a markdown file, outside code blocks."""
+def prose_lines(path: Path) -> list[str]:
+    """A markdown file's lines outside fenced code blocks (fence lines dropped)."""
     out, in_code = [], False
     for line in path.read_text(encoding="utf-8").splitlines():
         if FENCE.match(line):
             in_code = not in_code
         elif not in_code:
-            out += LINK.findall(line)
+            out.append(line)
     return out
+
+
+def anchors(path: Path) -> set[str]:
+    """The anchors of a markdown file's headings (outside code blocks); repeats get ``-1``, ``-2``, ..."""
+    seen: Counter[str] = Counter()
+    found = set()
+    for line in prose_lines(path):
+        if line.startswith("#"):
+            base = slug(line.lstrip("#"))
+            found.add(base if seen[base] == 0 else f"{base}-{seen[base]}")
+            seen[base] += 1
+    return found
+
+
+def links(path: Path) -> list[str]:
+    """The link targets of a markdown file, outside code blocks."""
+    return [target for line in prose_lines(path) for target in LINK.findall(line)]
 
 
 def test_slug_follows_github():
