@@ -31,6 +31,7 @@ from amortized_cartoonx.training import (  # noqa: E402
     AmortizedCartoonXModule,
     MaskPredictorDataModule,
     RunOutputs,
+    SparsityGate,
     check_teachers,
     fit_config,
     l1_ramp,
@@ -38,6 +39,7 @@ from amortized_cartoonx.training import (  # noqa: E402
     trainer_arguments,
     warmup_cosine,
 )
+from amortized_cartoonx.training.module import GATE_KEY  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -396,6 +398,48 @@ def test_noise_seeds_and_schedule():
     assert warmup_cosine(5, 0, float("inf"), 0.1) == 1.0
     assert [l1_ramp(step, 4) for step in (0, 2, 4, 9)] == [0.0, 0.5, 1.0, 1.0]
     assert l1_ramp(0, 0) == 1.0  # no ramp: the full lambda from the first step
+
+
+def test_a_gated_fit_follows_the_gate_logs_its_ratio_and_resumes_it(tmp_path):
+    images = write_images(tmp_path / "images", count=8)
+    data = MaskPredictorDataModule(str(images), image_size=SIZE, labels=None, batch_size=4, num_workers=0)
+    settings = dict(image_size=SIZE, num_samples=2, lr=0.01, warmup_steps=0, l1_warmup_steps=10, l1_gate=1.0)
+    torch.manual_seed(0)
+    module = AmortizedCartoonXModule(SPEC, **settings, **TINY_NET)
+    seen = []
+    original = module.sparsity_gate.update
+
+    def spy(distortion: float, empty: float) -> float:
+        seen.append((distortion, empty))
+        return original(distortion, empty)
+
+    module.sparsity_gate.update = spy
+    fit = trainer(max_steps=3)
+    fit.fit(module, datamodule=data)
+    assert len(seen) == 3 and all(empty > 0 for _, empty in seen)  # the empty mask's distortion, every step
+    gate = module.sparsity_gate
+    replay = SparsityGate(warmup=10, gate=1.0)  # the module's gate is exactly the rule fed with its reports
+    for distortion, empty in seen:
+        replay.update(distortion, empty)
+    assert gate.state() == replay.state() and gate.ratio is not None
+    metrics = {name: float(value) for name, value in fit.callback_metrics.items()}
+    assert metrics["train/distortion_ratio_step"] == pytest.approx(gate.ratio, rel=1e-5)
+    assert metrics["train/l1_ramp_step"] == pytest.approx(gate.fraction)
+    # the training loss charges the gate's share of lambda
+    expected = metrics["train/distortion_step"] + gate.fraction * 20.0 * metrics["train/mask_mean_step"]
+    assert metrics["train/loss_step"] == pytest.approx(expected, rel=1e-5)
+
+    path = tmp_path / "gated.ckpt"
+    fit.save_checkpoint(path)
+    saved = torch.load(path, weights_only=True)[GATE_KEY]
+    assert saved == {"position": gate.position, "ratio": pytest.approx(gate.ratio)}
+    resumed = AmortizedCartoonXModule(SPEC, **settings, **TINY_NET)
+    resumed.on_load_checkpoint({"state_dict": {}, GATE_KEY: saved})
+    assert resumed.sparsity_gate.state() == saved
+    with pytest.raises(ConfigError, match="l1_warmup_steps"):
+        AmortizedCartoonXModule(SPEC, image_size=SIZE, l1_gate=0.5, **TINY_NET)  # a gate needs a ramp
+    with pytest.raises(ConfigError, match="l1_gate"):
+        AmortizedCartoonXModule(SPEC, image_size=SIZE, l1_gate=-0.1, l1_warmup_steps=5, **TINY_NET)
 
 
 @pytest.mark.slow

@@ -16,7 +16,8 @@ import warnings
 
 from .cli import fit_config, run_fit
 from .data import TARGET_SOURCES, MaskPredictorDataModule, TrainingImages, check_teachers
-from .module import DISTILL_LOSSES, AmortizedCartoonXModule, l1_ramp, noise_seeds, warmup_cosine
+from .module import DISTILL_LOSSES, AmortizedCartoonXModule, noise_seeds, warmup_cosine
+from .sparsity import SparsityGate, l1_ramp
 from .trainer import MONITOR, RunOutputs, build_trainer, default_run_stamp, trainer_arguments
 
 #: Old name -> the current one (the old names still work, with a DeprecationWarning).
@@ -41,6 +42,7 @@ __all__ = [
     "AmortizedCartoonXModule",
     "MaskPredictorDataModule",
     "RunOutputs",
+    "SparsityGate",
     "TrainingImages",
     "build_trainer",
     "check_teachers",

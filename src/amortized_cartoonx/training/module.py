@@ -43,6 +43,7 @@ from ..rde import DISTORTIONS, OBFUSCATIONS, RDEObjective, RDEProblem, make_gene
 from ..seeding import Stream, step_seeds
 from ..wavelets import Coefficients, WaveletRepresentation, grey
 from .data import MaskPredictorDataModule, check_teachers
+from .sparsity import SparsityGate, l1_ramp
 
 logger = logging.getLogger(__name__)
 
@@ -94,15 +95,13 @@ _NOISE_STREAMS = {"train": Stream.TRAIN_NOISE, "val": Stream.VAL_NOISE, "test": 
 #: Fields of the network's config that the module decides: the classifier's classes and the module's DWT.
 _DERIVED_NETWORK_FIELDS = ("num_classes", "wave", "levels", "mode")
 
+#: Where a checkpoint keeps the sparsity gate's state (``l1_gate``), for resuming.
+GATE_KEY = "cartoonx_sparsity_gate"
+
 
 def noise_seeds(base: int, stage: str, step: int, ids: list[str]) -> list[int]:
     """Per-image noise seeds for one batch: a function of (base seed, stage, step, image id) only."""
     return step_seeds(base, _NOISE_STREAMS[stage], step, ids)
-
-
-def l1_ramp(step: int, warmup: int) -> float:
-    """Fraction of ``l1_lambda`` in the training loss at ``step``: linear from 0 to 1 over ``warmup`` steps."""
-    return 1.0 if warmup <= 0 else min(1.0, step / warmup)
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -142,11 +141,17 @@ class AmortizedCartoonXModule(pl.LightningModule):
             distortion has no gradient, so the uniform sparsity pull can shrink every mask together into the
             empty-mask optimum before the network learns where it matters; the ramp gives the distortion
             time. Validation (and checkpoint selection) always uses the full lambda.
+        l1_gate: 0 (default): the ramp above follows the clock. In (0, 1]: it advances only while the training
+            distortion stays below ``l1_gate`` times the empty mask's and steps back otherwise
+            (:class:`~amortized_cartoonx.training.sparsity.SparsityGate`; needs ``l1_warmup_steps``), so the
+            sparsity cannot push the masks into the empty mask before they keep the decision. Costs one
+            classifier pass per image and step (the empty mask under one noise sample).
         noise_seed: base seed of the per-image noise.
         log_images: explanations logged per validation epoch to loggers that take images (wandb); 0: none.
 
     Logged metrics (``train/...`` per step and epoch, ``val/...`` per epoch): ``rde_loss`` (full lambda; selects
-    checkpoints), ``distortion``, ``mask_mean``, ``loss`` (what is minimised), ``l1_ramp`` (while ramping), with
+    checkpoints), ``distortion``, ``mask_mean``, ``loss`` (what is minimised), ``l1_ramp`` (while ramping),
+    ``distortion_ratio`` (with ``l1_gate``: the smoothed distortion over the empty mask's that drives the gate), with
     the synthetic stream ``rde_loss_stream`` and ``rde_loss_folder`` (training only: the fresh and the folder
     images of each batch; a folder loss below the stream's is memorisation) and, with teacher masks,
     ``distill_loss``, ``spearman``, ``top10_overlap`` and ``teacher_fraction``.
@@ -173,6 +178,7 @@ class AmortizedCartoonXModule(pl.LightningModule):
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.05,
         l1_warmup_steps: int = 0,
+        l1_gate: float = 0.0,
         noise_seed: int = 0,
         log_images: int = 4,
     ) -> None:
@@ -186,6 +192,9 @@ class AmortizedCartoonXModule(pl.LightningModule):
                 raise ConfigError(f"{name} must be at least 1, got {value}")
         if distill_weight < 0 or l1_lambda < 0:
             raise ConfigError("distill_weight and l1_lambda must be at least 0")
+        if l1_gate < 0:
+            raise ConfigError(f"l1_gate must be 0 (off) or in (0, 1], got {l1_gate}")
+        self.sparsity_gate = SparsityGate(l1_warmup_steps, l1_gate) if l1_gate > 0 else None
 
         self.classifier = load_classifier(classifier, normalize=normalize)
         self.representation = WaveletRepresentation(wave, levels, mode)
@@ -284,7 +293,12 @@ class AmortizedCartoonXModule(pl.LightningModule):
         loss = rde.total.mean()
         metrics = {"rde_loss": loss.detach()}
         if training and hp.l1_warmup_steps > 0:  # sparsity ramped in: learn what matters first
-            ramp = l1_ramp(self.global_step, hp.l1_warmup_steps)
+            if self.sparsity_gate is None:
+                ramp = l1_ramp(self.global_step, hp.l1_warmup_steps)
+            else:
+                ramp = self._gated_ramp(problem, mask, noise, rde.distortion)
+                if self.sparsity_gate.ratio is not None:
+                    metrics["distortion_ratio"] = torch.tensor(self.sparsity_gate.ratio)
             loss = (rde.distortion + ramp * self.objective.l1_lambda * rde.sparsity).mean()
             metrics["l1_ramp"] = torch.tensor(ramp)
         metrics["distortion"] = rde.distortion.mean().detach()
@@ -295,6 +309,19 @@ class AmortizedCartoonXModule(pl.LightningModule):
                 if bool(chosen.any()):
                     metrics[f"rde_loss_{name}"] = rde.total[chosen].mean().detach()
         return loss, metrics
+
+    @torch.no_grad()
+    def _gated_ramp(self, problem: RDEProblem, mask: Coefficients, noise: Coefficients, distortion: Tensor) -> float:
+        """Advance the sparsity gate with this batch and return its fraction of lambda (the same on every rank).
+
+        The empty mask's distortion is measured on the batch's images under their first noise sample.
+        """
+        first = noise.map(lambda band: band[:, :1])  # (N, 1, C, ...)
+        empty = self.objective.distortions(problem, mask.map(torch.zeros_like).detach(), first)  # (N, 1)
+        means = torch.stack([distortion.detach().mean(), empty.mean()]).float()
+        if self.trainer.world_size > 1:  # one gate for all ranks: they must use the same lambda
+            means = self.trainer.strategy.reduce(means, reduce_op="mean")
+        return self.sparsity_gate.update(float(means[0]), float(means[1]))
 
     def distillation(
         self, batch: dict, logits: Coefficients, target: Tensor
@@ -442,11 +469,15 @@ class AmortizedCartoonXModule(pl.LightningModule):
             meta["data"] = datamodule.split_settings()
         meta["saved"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         checkpoint[META_KEY] = meta
+        if self.sparsity_gate is not None:  # resume the gate where it was (plain floats)
+            checkpoint[GATE_KEY] = self.sparsity_gate.state()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Resume: put the (not saved) classifier and representation state back so the strict load succeeds."""
         own = {k: v for k, v in self.state_dict().items() if not k.startswith(STATE_PREFIX)}
         checkpoint["state_dict"] = {**own, **checkpoint["state_dict"]}
+        if self.sparsity_gate is not None and GATE_KEY in checkpoint:
+            self.sparsity_gate.restore(checkpoint[GATE_KEY])
 
 
 def _network_config(given: MaskPredictorConfig | dict | None) -> MaskPredictorConfig:
