@@ -296,7 +296,7 @@ class AmortizedCartoonXModule(pl.LightningModule):
             if self.sparsity_gate is None:
                 ramp = l1_ramp(self.global_step, hp.l1_warmup_steps)
             else:
-                ramp = self._gated_ramp(problem, mask, noise, rde.distortion)
+                ramp = self._gated_ramp(problem, noise, rde.distortion)
                 if self.sparsity_gate.ratio is not None:
                     metrics["distortion_ratio"] = torch.tensor(self.sparsity_gate.ratio)
             loss = (rde.distortion + ramp * self.objective.l1_lambda * rde.sparsity).mean()
@@ -311,14 +311,14 @@ class AmortizedCartoonXModule(pl.LightningModule):
         return loss, metrics
 
     @torch.no_grad()
-    def _gated_ramp(self, problem: RDEProblem, mask: Coefficients, noise: Coefficients, distortion: Tensor) -> float:
+    def _gated_ramp(self, problem: RDEProblem, noise: Coefficients, distortion: Tensor) -> float:
         """Advance the sparsity gate with this batch and return its fraction of lambda (the same on every rank).
 
         The empty mask's distortion is measured on the batch's images under their first noise sample.
         """
         first = noise.map(lambda band: band[:, :1])  # (N, 1, C, ...)
-        empty = self.objective.distortions(problem, mask.map(torch.zeros_like).detach(), first)  # (N, 1)
-        means = torch.stack([distortion.detach().mean(), empty.mean()]).float()
+        empty = self.objective.distortions(problem, problem.coeffs.mask_like(0.0), first)  # (N, 1)
+        means = torch.stack([distortion.mean(), empty.mean()]).float()
         if self.trainer.world_size > 1:  # one gate for all ranks: they must use the same lambda
             means = self.trainer.strategy.reduce(means, reduce_op="mean")
         return self.sparsity_gate.update(float(means[0]), float(means[1]))
