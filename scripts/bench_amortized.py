@@ -59,6 +59,7 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 import torch  # noqa: E402
 from exact_cache import cached_results, classifier_key  # noqa: E402  (scripts/exact_cache.py)
 
+from amortized_cartoonx.allocator import tune_cpu_allocator  # noqa: E402
 from amortized_cartoonx.amortized import CALIBRATIONS, AmortizedExplainer, WarmStartExplainer  # noqa: E402
 from amortized_cartoonx.classifiers import frozen  # noqa: E402
 from amortized_cartoonx.errors import CartoonXError, InputError  # noqa: E402
@@ -566,6 +567,7 @@ def _steps(value: int | None, never: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="bench: %(message)s", stream=sys.stderr)
     args = parse_args(argv)
+    tune_cpu_allocator()  # as the cartoonx command runs (amortized_cartoonx/allocator.py)
     try:
         result = run(args)
     except CartoonXError as exc:

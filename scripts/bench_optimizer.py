@@ -12,7 +12,9 @@ Seconds per step are measured as (time of S + W steps - time of W steps) / S, so
 
 ``--precision fp32,bf16`` also times the optimizer's bf16 path (``OptimizerConfig.precision``; the classifier
 under bfloat16 autocast). ``--compile`` wraps the classifier in ``torch.compile`` first (its compilation is
-paid in the warm-up and not timed).
+paid in the warm-up and not timed). ``--allocator`` (default ``tuned``, as the ``cartoonx`` command runs) sets
+glibc's allocator with :func:`amortized_cartoonx.allocator.tune_cpu_allocator`; ``default`` keeps glibc's
+defaults, under which a CPU step can fault in fresh pages for its large tensors.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
+from amortized_cartoonx.allocator import tune_cpu_allocator  # noqa: E402
 from amortized_cartoonx.classifiers import load_classifier  # noqa: E402
 from amortized_cartoonx.optimizer import CartoonX, PixelRDE  # noqa: E402
 from amortized_cartoonx.runtime import synchronize  # noqa: E402
@@ -104,7 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true", help="torch.compile the classifier first")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument(
+        "--allocator",
+        default="tuned",
+        choices=("tuned", "default"),
+        help="glibc malloc settings: tuned (as the cartoonx command runs) or glibc's defaults",
+    )
     args = p.parse_args(argv)
+    allocator = "tuned" if args.allocator == "tuned" and tune_cpu_allocator() else "default"
 
     device = torch.device(
         "cuda"
@@ -121,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"# bench_optimizer: {args.method}, {args.classifier}, {args.size}px, device {device} ({hardware}), "
-        f"torch {torch.__version__}{', torch.compile' if args.compile else ''}"
+        f"torch {torch.__version__}{', torch.compile' if args.compile else ''}, allocator {allocator}"
     )
     print()
     print(
@@ -159,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                     "size": args.size,
                     "classifier": args.classifier,
                     "method": args.method,
+                    "allocator": allocator,
                 }
                 rows.append(row)
                 print(

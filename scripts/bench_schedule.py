@@ -39,6 +39,7 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
 from exact_cache import cached_results, classifier_key  # noqa: E402  (scripts/exact_cache.py)
 
+from amortized_cartoonx.allocator import tune_cpu_allocator  # noqa: E402
 from amortized_cartoonx.classifiers import load_classifier  # noqa: E402
 from amortized_cartoonx.images import list_images, load_images  # noqa: E402
 from amortized_cartoonx.optimizer import LR_DECAYS, PRECISIONS, SCHEDULES, CartoonX, OptimizerConfig  # noqa: E402
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", default=None, help="write the loss-versus-step figure here (PNG)")
     p.add_argument("--replot", default=None, metavar="JSON", help="only redraw --plot from a --json of an earlier run")
     args = p.parse_args(argv)
+    tune_cpu_allocator()  # as the cartoonx command runs (amortized_cartoonx/allocator.py)
     if args.replot:
         with open(args.replot) as fh:
             plot(json.load(fh), args.plot or "schedule.png")

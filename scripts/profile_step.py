@@ -23,6 +23,7 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
 from bench_optimizer import bare_pass  # noqa: E402  (scripts/bench_optimizer.py)
 
+from amortized_cartoonx.allocator import tune_cpu_allocator  # noqa: E402
 from amortized_cartoonx.classifiers import load_classifier  # noqa: E402
 from amortized_cartoonx.optimizer import CartoonX, PixelRDE  # noqa: E402
 from amortized_cartoonx.runtime import synchronize  # noqa: E402
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
+    tune_cpu_allocator()  # as the cartoonx command runs (amortized_cartoonx/allocator.py)
 
     if args.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True

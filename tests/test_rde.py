@@ -74,6 +74,34 @@ def test_noise_of_an_image_depends_on_its_seed_only():
         torch.testing.assert_close(a[1:2], b)
 
 
+def test_large_cpu_draws_come_in_lanes_that_do_not_depend_on_the_thread_count():
+    """A large CPU draw is split into parts with their own generators, drawn on threads: the same numbers on one
+    thread and on two, image n's from its seed alone, and standard normal in every part."""
+    from amortized_cartoonx.rde import LANE_MIN_NUMEL, NOISE_LANES, _standard_draws
+    from amortized_cartoonx.runtime import torch_threads
+
+    batch = WaveletRepresentation("db3", 2).encode(torch.rand(3, 3, 64, 64))
+    samples = LANE_MIN_NUMEL // batch.numel_per_channel() // 3 + 8  # a row of more than LANE_MIN_NUMEL numbers
+    with torch_threads(1):
+        one = _standard_draws(batch, samples, make_generators([10, 11, 12], "cpu"), "normal")
+    with torch_threads(2):
+        two = _standard_draws(batch, samples, make_generators([10, 11, 12], "cpu"), "normal")
+        alone = _standard_draws(batch.select(1), samples, make_generators([11], "cpu"), "normal")
+    for a, b, c in zip(one, two, alone):
+        assert torch.equal(a, b)
+        assert torch.equal(a[1:2], c)
+    row = torch.cat([b[0].flatten() for b in one])  # image 0's draws, in no particular order
+    assert row.numel() >= LANE_MIN_NUMEL
+    flat = torch.cat([b.flatten(1) for b in one], 1)[0]  # image 0's row, in drawing order
+    parts = torch.tensor_split(flat, NOISE_LANES)
+    for part in parts:
+        assert abs(float(part.mean())) < 0.02 and abs(float(part.std()) - 1) < 0.02
+    assert not torch.equal(parts[0][:100], parts[1][:100])  # the lanes are not one stream repeated
+    small = _standard_draws(batch, 1, make_generators([10, 11, 12], "cpu"), "normal")  # below the lane size
+    reference = torch.empty(3 * batch.numel_per_channel()).normal_(generator=torch.Generator().manual_seed(10))
+    torch.testing.assert_close(torch.cat([b[0].flatten() for b in small]), reference, rtol=0, atol=0)
+
+
 def test_a_full_mask_reproduces_the_image():
     rep = WaveletRepresentation("db3", 3)
     x = torch.rand(2, 3, 48, 48)

@@ -18,7 +18,9 @@ under the caller's autocast, and its logits, the distortions and the loss are fl
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -89,23 +91,60 @@ NoiseSampler = Callable[[Coefficients, NoiseStatistics, int, Sequence[torch.Gene
 OBFUSCATIONS: Registry[NoiseSampler] = Registry("obfuscation")
 
 
+#: A CPU draw of at least this many numbers per image is split into :data:`NOISE_LANES` parts, each from its own
+#: generator, so that the parts can be drawn on several threads (``normal_`` on a CPU runs on one core).
+LANE_MIN_NUMEL = 1 << 16
+NOISE_LANES = 2
+_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): a forked process makes its own
+
+
+def _thread_pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None or _POOL[0] != os.getpid():
+        _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=4, thread_name_prefix="cartoonx-noise"))
+    return _POOL[1]
+
+
+def _lanes(row: Tensor, gen: torch.Generator) -> list[tuple[Tensor, torch.Generator]]:
+    """``row`` (one image's draws, flat) in parts with their generators: the whole row on ``gen``, or, for a large
+    CPU row, :data:`NOISE_LANES` contiguous parts, the first on ``gen`` and the others on generators seeded from
+    ``gen``. The parts depend on the row's length only, never on the thread count, so the draws are reproducible."""
+    if row.device.type != "cpu" or row.numel() < LANE_MIN_NUMEL:
+        return [(row, gen)]
+    seeds = torch.randint(0, 2**62, (NOISE_LANES - 1,), generator=gen).tolist()
+    parts = torch.tensor_split(row, NOISE_LANES)
+    return [(parts[0], gen)] + [(p, torch.Generator().manual_seed(int(s))) for p, s in zip(parts[1:], seeds)]
+
+
 def _standard_draws(
     coeffs: Coefficients, num_samples: int, generators: Sequence[torch.Generator], draw: str
 ) -> list[Tensor]:
     """Per band, ``(N, L, C, ...)`` standard draws; image n's come from ``generators[n]`` alone.
 
-    One call per image, so image n's noise does not depend on the other images of the batch.
+    Drawn per image, so image n's noise does not depend on the other images of the batch. On a CPU, a large
+    draw is split into parts with their own generators (:func:`_lanes`) that run on up to
+    ``torch.get_num_threads()`` threads; the numbers do not depend on the thread count.
     """
     if len(generators) != coeffs.num_images:
         raise ValueError(f"need one generator per image: {coeffs.num_images} images, {len(generators)} generators")
     channels = coeffs.num_channels
     sizes = [channels * b[0, 0].numel() for b in coeffs.bands]
     flat = torch.empty(len(generators), num_samples, sum(sizes), device=coeffs.device, dtype=coeffs.dtype)
-    for row, gen in zip(flat, generators):  # drawn in place: no per-image tensors to stack
+    tasks = [lane for row, gen in zip(flat, generators) for lane in _lanes(row.view(-1), gen)]
+
+    def fill(task: tuple[Tensor, torch.Generator]) -> None:  # drawn in place: no per-image tensors to stack
+        part, gen = task
         if draw == "normal":
-            row.normal_(generator=gen)
+            part.normal_(generator=gen)
         else:
-            row.uniform_(generator=gen)
+            part.uniform_(generator=gen)
+
+    threads = min(torch.get_num_threads(), len(tasks))
+    if threads > 1:
+        list(_thread_pool().map(fill, tasks))  # normal_/uniform_ release the GIL
+    else:
+        for task in tasks:
+            fill(task)
     parts = torch.split(flat, sizes, dim=2)
     return [p.reshape(coeffs.num_images, num_samples, *band.shape[1:]) for p, band in zip(parts, coeffs.bands)]
 

@@ -51,6 +51,9 @@ class _DropTips(logging.Filter):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    from amortized_cartoonx.allocator import tune_cpu_allocator
+
+    tune_cpu_allocator()  # CPU steps reuse freed memory instead of faulting in fresh pages (see allocator.py)
     if argv[:1] == ["fit"]:  # LightningCLI parses every argument of fit itself (its --help included)
         return importlib.import_module(COMMANDS["fit"]).main(argv[1:])
     parser = build_parser()
