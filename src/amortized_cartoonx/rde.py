@@ -95,13 +95,14 @@ OBFUSCATIONS: Registry[NoiseSampler] = Registry("obfuscation")
 #: generator, so that the parts can be drawn on several threads (``normal_`` on a CPU runs on one core).
 LANE_MIN_NUMEL = 1 << 16
 NOISE_LANES = 2
+_POOL_WORKERS = 4
 _POOL: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): a forked process makes its own
 
 
 def _thread_pool() -> ThreadPoolExecutor:
     global _POOL
     if _POOL is None or _POOL[0] != os.getpid():
-        _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=4, thread_name_prefix="cartoonx-noise"))
+        _POOL = (os.getpid(), ThreadPoolExecutor(max_workers=_POOL_WORKERS, thread_name_prefix="cartoonx-noise"))
     return _POOL[1]
 
 
@@ -139,9 +140,10 @@ def _standard_draws(
         else:
             part.uniform_(generator=gen)
 
-    threads = min(torch.get_num_threads(), len(tasks))
-    if threads > 1:
-        list(_thread_pool().map(fill, tasks))  # normal_/uniform_ release the GIL
+    threads = min(torch.get_num_threads(), len(tasks), _POOL_WORKERS)
+    if threads > 1:  # one job per thread, so no more than torch's thread count draw at once
+        groups = [tasks[i::threads] for i in range(threads)]
+        list(_thread_pool().map(lambda group: [fill(task) for task in group], groups))  # normal_ releases the GIL
     else:
         for task in tasks:
             fill(task)
