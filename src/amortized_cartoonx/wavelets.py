@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError, InputError
+from .fused_ops import clamp_unit, interleave_unit_clamp
 
 logger = logging.getLogger(__name__)
 
@@ -232,8 +233,9 @@ class Representation(nn.Module):
         """``x: (N, C, H, W) -> Coefficients``."""
         raise NotImplementedError
 
-    def decode(self, coeffs: Coefficients) -> Tensor:
-        """``Coefficients -> (N, C, H, W)`` with ``(H, W) = coeffs.image_size``."""
+    def decode(self, coeffs: Coefficients, *, unit_clamp: bool = False) -> Tensor:
+        """``Coefficients -> (N, C, H, W)`` with ``(H, W) = coeffs.image_size``; clamped to [0, 1] with
+        ``unit_clamp`` (with :func:`~amortized_cartoonx.fused_ops.clamp_unit`'s gradient)."""
         raise NotImplementedError
 
     def describe(self) -> dict:
@@ -249,10 +251,10 @@ class PixelRepresentation(Representation):
     def encode(self, x: Tensor) -> Coefficients:
         return Coefficients(lowpass=x, details=(), image_size=(x.shape[-2], x.shape[-1]))
 
-    def decode(self, coeffs: Coefficients) -> Tensor:
+    def decode(self, coeffs: Coefficients, *, unit_clamp: bool = False) -> Tensor:
         if coeffs.levels:
             raise ValueError("pixel coefficients have no detail levels")
-        return coeffs.lowpass
+        return clamp_unit(coeffs.lowpass) if unit_clamp else coeffs.lowpass
 
 
 class WaveletRepresentation(Representation):
@@ -320,8 +322,8 @@ class WaveletRepresentation(Representation):
         lowpass, details = self._forward_module(levels, x)(x)
         return Coefficients(lowpass=lowpass, details=tuple(details), image_size=(height, width))
 
-    def decode(self, coeffs: Coefficients) -> Tensor:
-        """The inverse DWT, cropped to ``coeffs.image_size``.
+    def decode(self, coeffs: Coefficients, *, unit_clamp: bool = False) -> Tensor:
+        """The inverse DWT, cropped to ``coeffs.image_size`` (and clamped to [0, 1] with ``unit_clamp``).
 
         Same result as pytorch_wavelets' ``DWTInverse`` (the tests check it), but each level is one
         unpadded stride-1 ``conv2d`` of the four sub-bands (channels folded into the batch) into the four
@@ -329,8 +331,11 @@ class WaveletRepresentation(Representation):
         of the level's 2-D transposed convolution with the outer-product filters (:func:`polyphase_kernels`).
         Two kernels per level instead of ``DWTInverse``'s six grouped 1-D transposed convolutions, and none of
         them a transposed or grouped convolution, for which cuDNN picks a slow direct kernel (35% of a step's
-        GPU time on an H200 before this form). Periodization padding uses ``DWTInverse``.
+        GPU time on an H200 before this form). Periodization padding uses ``DWTInverse``. With ``unit_clamp``,
+        the finest level's interleave and the clamp are one pass
+        (:func:`~amortized_cartoonx.fused_ops.interleave_unit_clamp`) when no crop falls between them.
         """
+        height, width = coeffs.image_size
         if self.mode == "periodization":
             self.inverse.to(device=coeffs.device, dtype=coeffs.dtype)
             x = self.inverse((coeffs.lowpass, list(coeffs.details)))
@@ -343,17 +348,19 @@ class WaveletRepresentation(Representation):
                 else None
             )
             x = coeffs.lowpass
-            for h in reversed(coeffs.details):  # coarse to fine; h: (N, C, 3, H_j, W_j)
+            for level, h in reversed(list(enumerate(coeffs.details))):  # coarse to fine; h: (N, C, 3, H_j, W_j)
                 if x.shape[-2:] != h.shape[-2:]:  # drop the extra row/column of odd sizes
                     x = x[..., : h.shape[-2], : h.shape[-1]]
-                n, c, height, width = x.shape
-                bands = torch.cat([x.unsqueeze(2), h], dim=2).reshape(n * c, 4, height, width)  # (N*C, 4, H_j, W_j)
-                y = synthesis_step(bands, phases, pairs)  # (N*C, 1, 2 H_j - L + 2, 2 W_j - L + 2)
+                n, c, rows, cols = x.shape
+                bands = torch.cat([x.unsqueeze(2), h], dim=2).reshape(n * c, 4, rows, cols)  # (N*C, 4, H_j, W_j)
+                z = synthesis_phase_maps(bands, phases, pairs)  # (N*C, 4, H_j - L/2 + 1, W_j - L/2 + 1)
+                if level == 0 and unit_clamp and 2 * z.shape[-2] == height and 2 * z.shape[-1] == width:
+                    return interleave_unit_clamp(z).reshape(n, c, height, width)
+                y = interleave_phases(z)  # (N*C, 1, 2 H_j - L + 2, 2 W_j - L + 2)
                 x = y.reshape(n, c, *y.shape[-2:])
-        height, width = coeffs.image_size
         if x.shape[-2:] != (height, width):  # odd sizes come back one pixel larger
             x = x[..., :height, :width]
-        return x
+        return clamp_unit(x) if unit_clamp else x
 
     def describe(self) -> dict:
         return {"representation": self.name, "wave": self.wave, "levels": self.levels, "mode": self.mode}
@@ -394,6 +401,15 @@ def paired_kernels(phases: Tensor) -> Tensor:
 def synthesis_step(bands: Tensor, phases: Tensor, pairs: Tensor | None = None) -> Tensor:
     """One level of the inverse DWT: ``(M, 4, H, W)`` sub-bands to ``(M, 1, 2H - L + 2, 2W - L + 2)``.
 
+    ``interleave_phases(synthesis_phase_maps(bands, phases, pairs))``; see :func:`synthesis_phase_maps`.
+    """
+    return interleave_phases(synthesis_phase_maps(bands, phases, pairs))  # (M, 1, 2H - L + 2, 2W - L + 2)
+
+
+def synthesis_phase_maps(bands: Tensor, phases: Tensor, pairs: Tensor | None = None) -> Tensor:
+    """One level of the inverse DWT before the interleave: ``(M, 4, H, W)`` sub-bands to the four output phases
+    ``(M, 4, H - L/2 + 1, W - L/2 + 1)`` (channel ``2 r + s``: output pixels ``(2i + r, 2j + s)``).
+
     Equal to ``conv_transpose2d(bands, kernels, stride=2, padding=L - 2)`` for the level's ``L x L``
     outer-product filters ``kernels`` (L even; ``phases = polyphase_kernels(kernels)``). That transposed
     convolution's padding ``L - 2 = 2 (L/2 - 1)`` crops exactly the phase outputs that an unpadded ("valid")
@@ -406,7 +422,7 @@ def synthesis_step(bands: Tensor, phases: Tensor, pairs: Tensor | None = None) -
         z = z.reshape(m, 4, *z.shape[-2:])
     else:
         z = valid_conv2d(bands, phases)  # (M, 4, H - L/2 + 1, W - L/2 + 1), channel 2 r + s
-    return interleave_phases(z)  # (M, 1, 2H - L + 2, 2W - L + 2)
+    return z
 
 
 class _ValidConv2d(torch.autograd.Function):
