@@ -113,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=("tuned", "default"),
         help="glibc malloc settings: tuned (as the cartoonx command runs) or glibc's defaults",
     )
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        help="noise samples per pass (the optimizer's chunk_size); default: the optimizer's (cache-sized on a CPU)",
+    )
     args = p.parse_args(argv)
     allocator = "tuned" if args.allocator == "tuned" and tune_cpu_allocator() else "default"
 
@@ -131,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"# bench_optimizer: {args.method}, {args.classifier}, {args.size}px, device {device} ({hardware}), "
-        f"torch {torch.__version__}{', torch.compile' if args.compile else ''}, allocator {allocator}"
+        f"torch {torch.__version__}{', torch.compile' if args.compile else ''}, allocator {allocator}, "
+        f"chunk size {args.chunk_size or 'default'}"
     )
     print()
     print(
@@ -148,10 +155,18 @@ def main(argv: list[str] | None = None) -> int:
                 gen = torch.Generator().manual_seed(0)
                 images = torch.rand(b, 3, args.size, args.size, generator=gen).to(device)
                 cls = PixelRDE if args.method == "pixel-rde" else CartoonX
-                explainer = cls(classifier, num_samples=L, measure_samples=1, precision=precision)
+                explainer = cls(
+                    classifier, num_samples=L, measure_samples=1, precision=precision, chunk_size=args.chunk_size
+                )
                 step = optimizer_step(explainer, images, args.steps, args.warmup, args.repeats)
                 bare = bare_forward_backward(classifier, b * L, args.size, device, args.repeats, precision)
-                stand_in = cls(StandIn(classes).to(device), num_samples=L, measure_samples=1, precision=precision)
+                stand_in = cls(
+                    StandIn(classes).to(device),
+                    num_samples=L,
+                    measure_samples=1,
+                    precision=precision,
+                    chunk_size=args.chunk_size,
+                )
                 own = optimizer_step(stand_in, images, args.steps, args.warmup, args.repeats)
                 row = {
                     "B": b,

@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from amortized_cartoonx.errors import ConfigError, InputError, NonFiniteError
-from amortized_cartoonx.optimizer import LR_DECAYS, SCHEDULES, CartoonX, OptimizerConfig, PixelRDE
+from amortized_cartoonx.optimizer import (
+    LR_DECAYS,
+    SCHEDULES,
+    CartoonX,
+    OptimizerConfig,
+    PixelRDE,
+    default_chunk,
+)
 
 FAST = {"steps": 30, "num_samples": 4}
 
@@ -71,10 +78,21 @@ def test_batch_equals_one_by_one(tiny_cnn, images):
 
 
 def test_chunked_samples_equal_unchunked(tiny_cnn, images):
-    full = CartoonX(tiny_cnn, levels=3, steps=10, num_samples=6, lr=0.02).explain(images)
+    full = CartoonX(tiny_cnn, levels=3, steps=10, num_samples=6, lr=0.02, chunk_size=6).explain(images)
     chunked = CartoonX(tiny_cnn, levels=3, steps=10, num_samples=6, lr=0.02, chunk_size=4).explain(images)
     torch.testing.assert_close(chunked.mask.flatten(), full.mask.flatten(), atol=1e-5, rtol=0)
     torch.testing.assert_close(chunked.history.total, full.history.total, atol=1e-5, rtol=1e-5)
+
+
+def test_default_chunk_keeps_cpu_passes_cache_sized_and_gpu_passes_whole():
+    def on(device, n, size):
+        return torch.empty(n, 3, size, size, device=device)
+
+    assert default_chunk(64, on("cpu", 1, 256)) == 16  # 16 obfuscations of 256 px per pass
+    assert default_chunk(64, on("cpu", 4, 256)) == 4  # 4 images x 4 samples
+    assert default_chunk(64, on("cpu", 1, 64)) == 64  # small images: one pass
+    assert default_chunk(64, on("cpu", 2, 1024)) == 1  # never below one sample
+    assert default_chunk(64, on("meta", 1, 256)) == 64  # accelerators take every sample at once
 
 
 def test_same_seed_same_result_other_seed_other_result(tiny_cnn, images):

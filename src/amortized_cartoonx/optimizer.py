@@ -109,6 +109,21 @@ PARAMETRISATIONS = ("clamp", "logit")
 PRECISIONS = ("fp32", "bf16")
 
 
+#: On a CPU, with ``chunk_size=None``, the noise samples of a step go through the obfuscation and the classifier in
+#: chunks of at most this many pixel values (16 RGB images of 256 x 256): batches that fit the caches, so a step
+#: at L = 64 is faster than in one pass (docs/benchmarks.md); the same result up to the order of the sums. A GPU
+#: takes all samples at once.
+CPU_CHUNK_VALUES = 16 * 3 * 256 * 256
+
+
+def default_chunk(num_samples: int, images: Tensor) -> int:
+    """Noise samples per pass when ``chunk_size`` is None: all of them on a GPU; on a CPU as many as keep the
+    ``(N * chunk, C, H, W)`` obfuscations within :data:`CPU_CHUNK_VALUES` values (at least one)."""
+    if images.device.type != "cpu":
+        return num_samples
+    return max(1, min(num_samples, CPU_CHUNK_VALUES // max(1, images.numel())))
+
+
 @dataclass
 class OptimizerConfig:
     """Hyper-parameters of the exact optimizer. Defaults are the paper's (Algorithm 1, Section 5.2).
@@ -134,8 +149,9 @@ class OptimizerConfig:
             (20 for CartoonX, 4 for Pixel RDE).
         obfuscation: noise for the deleted coefficients. Default ``gaussian-adaptive``.
         distortion: distortion measure. Default ``label``.
-        chunk_size: noise samples per forward/backward pass; None processes all L at once. Chunking bounds
-            memory without changing the result (the gradients are accumulated).
+        chunk_size: noise samples per forward/backward pass. Chunking bounds memory without changing the result
+            (the gradients are accumulated). None (default): all L at once on a GPU, cache-sized chunks on a CPU
+            (:func:`default_chunk`).
         stop_patience: stop an image once its loss has not improved by more than ``stop_tolerance``
             (relative) for this many steps. None (default) always runs ``steps`` steps.
         stop_tolerance: relative improvement that counts for ``stop_patience``. Default 1e-3.
@@ -330,7 +346,7 @@ class RDEOptimizer:
         for step in bar:
             adam.param_groups[0]["lr"] = cfg.lr * decay(step, num_steps, cfg.lr_final)
             num_samples = samples_at(step, num_steps, cfg.num_samples, cfg.final_samples)
-            chunk = cfg.chunk_size or num_samples
+            chunk = cfg.chunk_size or default_chunk(num_samples, problem.images)
             noise = self.objective.sample_noise(problem, num_samples, generators)  # (N, L, C, ...)
             adam.zero_grad(set_to_none=True)
             distortion = torch.zeros(num_images, device=device)

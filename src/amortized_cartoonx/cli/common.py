@@ -125,7 +125,10 @@ def add_rde_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--mode", default="zero", help="DWT padding: zero (default), symmetric, reflect, periodization")
     group.add_argument(
-        "--chunk-size", type=positive_int, default=None, help="noise samples per forward pass (bounds memory)"
+        "--chunk-size",
+        type=positive_int,
+        default=None,
+        help="noise samples per forward pass (bounds memory); default: all on a GPU, cache-sized chunks on a CPU",
     )
     group.add_argument(
         "--seed",
