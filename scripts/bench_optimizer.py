@@ -1,8 +1,10 @@
 """Benchmark the exact optimizer against the bare classifier it is built on.
 
-For each (B images, L noise samples) it prints: seconds per optimizer step, seconds of one bare classifier
-forward+backward (gradient w.r.t. the input) on the same B*L batch, their ratio (the optimizer's overhead:
-noise, DWT/IDWT, loss, Adam; the aim is <= 1.2), and images per second at the paper's 2000 steps.
+For each (B images, L noise samples) it prints: seconds per optimizer step, seconds of the bare classifier's
+forward+backward (gradient w.r.t. the input) on the same B*L images in the optimizer's passes (``chunk`` samples
+of the B images per pass: on a CPU cache-sized chunks by default, ``--chunk-size`` to set), their ratio (the
+optimizer's overhead: noise, DWT/IDWT, loss, Adam; the aim is <= 1.2), and seconds per image at the paper's
+2000 steps.
 
     python scripts/bench_optimizer.py --classifier ../shared/models/mobilenet_v3_small_imagenet.pt \\
         --size 256 --batch 1,4 --samples 16,64 --device cpu
@@ -33,7 +35,7 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
 from amortized_cartoonx.allocator import tune_cpu_allocator  # noqa: E402
 from amortized_cartoonx.classifiers import load_classifier  # noqa: E402
-from amortized_cartoonx.optimizer import CartoonX, PixelRDE  # noqa: E402
+from amortized_cartoonx.optimizer import CartoonX, PixelRDE, default_chunk  # noqa: E402
 from amortized_cartoonx.runtime import synchronize  # noqa: E402
 
 
@@ -50,25 +52,38 @@ def time_call(fn, device: torch.device, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bare_pass(classifier, batch: int, size: int, device: torch.device, precision: str = "fp32"):
-    """A function that runs one forward+backward of the classifier on ``batch`` random images (gradient w.r.t. the
-    input; the classifier under bf16 autocast for ``precision="bf16"``, as the optimizer runs it)."""
-    x = torch.rand(batch, 3, size, size, device=device, requires_grad=True)
+def bare_pass(
+    classifier, batch: int, size: int, device: torch.device, precision: str = "fp32", per_pass: int | None = None
+):
+    """A function that runs the classifier forward+backward on ``batch`` random images (gradient w.r.t. the input;
+    the classifier under bf16 autocast for ``precision="bf16"``, as the optimizer runs it), in passes of at most
+    ``per_pass`` images (default: one pass), as the optimizer's sample chunks run it."""
+    per_pass = min(batch, per_pass or batch)
+    sizes = [per_pass] * (batch // per_pass) + ([batch % per_pass] if batch % per_pass else [])
+    inputs = {n: torch.rand(n, 3, size, size, device=device, requires_grad=True) for n in set(sizes)}
 
     def step():
-        x.grad = None
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            logits = classifier(x)
-        logits.float().softmax(-1)[:, 0].sum().backward()
+        for n in sizes:
+            x = inputs[n]
+            x.grad = None
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                logits = classifier(x)
+            logits.float().softmax(-1)[:, 0].sum().backward()
 
     return step
 
 
 def bare_forward_backward(
-    classifier, batch: int, size: int, device: torch.device, repeats: int, precision: str = "fp32"
+    classifier,
+    batch: int,
+    size: int,
+    device: torch.device,
+    repeats: int,
+    precision: str = "fp32",
+    per_pass: int | None = None,
 ) -> float:
-    """Seconds of one forward+backward of the classifier on ``batch`` images, gradient w.r.t. the input."""
-    return time_call(bare_pass(classifier, batch, size, device, precision), device, repeats)
+    """Seconds of the classifier's forward+backward on ``batch`` images (passes of ``per_pass``), input gradient."""
+    return time_call(bare_pass(classifier, batch, size, device, precision, per_pass), device, repeats)
 
 
 class StandIn(torch.nn.Module):
@@ -142,10 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     print()
     print(
-        f"| B | L | precision | s/step | bare fwd+bwd s | overhead ratio | own s/step | s/image, {args.paper_steps} "
-        f"steps | s/image, {args.fast_steps} steps |"
+        f"| B | L | chunk | precision | s/step | bare fwd+bwd s | overhead ratio | own s/step | s/image, "
+        f"{args.paper_steps} steps | s/image, {args.fast_steps} steps |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     with torch.no_grad():  # the stand-in's class count: the classifier's, once
         classes = classifier(torch.rand(1, 3, args.size, args.size, device=device)).shape[-1]
@@ -159,7 +174,10 @@ def main(argv: list[str] | None = None) -> int:
                     classifier, num_samples=L, measure_samples=1, precision=precision, chunk_size=args.chunk_size
                 )
                 step = optimizer_step(explainer, images, args.steps, args.warmup, args.repeats)
-                bare = bare_forward_backward(classifier, b * L, args.size, device, args.repeats, precision)
+                chunk = args.chunk_size or default_chunk(L, images)  # the optimizer's samples per pass
+                bare = bare_forward_backward(
+                    classifier, b * L, args.size, device, args.repeats, precision, per_pass=b * chunk
+                )
                 stand_in = cls(
                     StandIn(classes).to(device),
                     num_samples=L,
@@ -171,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                 row = {
                     "B": b,
                     "L": L,
+                    "chunk": chunk,
                     "precision": precision,
                     "compile": args.compile,
                     "seconds_per_step": step,
@@ -188,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 rows.append(row)
                 print(
-                    f"| {b} | {L} | {precision} | {step:.4f} | {bare:.4f} | {step / bare:.2f} | {own:.4f} "
+                    f"| {b} | {L} | {chunk} | {precision} | {step:.4f} | {bare:.4f} | {step / bare:.2f} | {own:.4f} "
                     f"| {row['seconds_per_image_paper']:.2f} | {row['seconds_per_image_fast']:.3f} |",
                     flush=True,
                 )

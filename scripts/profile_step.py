@@ -25,7 +25,7 @@ from bench_optimizer import bare_pass  # noqa: E402  (scripts/bench_optimizer.py
 
 from amortized_cartoonx.allocator import tune_cpu_allocator  # noqa: E402
 from amortized_cartoonx.classifiers import load_classifier  # noqa: E402
-from amortized_cartoonx.optimizer import CartoonX, PixelRDE  # noqa: E402
+from amortized_cartoonx.optimizer import CartoonX, PixelRDE, default_chunk  # noqa: E402
 from amortized_cartoonx.runtime import synchronize  # noqa: E402
 
 
@@ -67,14 +67,18 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.precision}, {device}, torch {torch.__version__}, cudnn.benchmark={torch.backends.cudnn.benchmark}",
         flush=True,
     )
-    bare = bare_pass(classifier, n, args.size, device, args.precision)
+    images = torch.rand(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0)).to(device)
+    per_pass = args.batch * default_chunk(args.samples, images)  # the optimizer's sample chunks
+    bare = bare_pass(classifier, n, args.size, device, args.precision, per_pass)
     first = seconds(bare, device)
     for _ in range(2):
         bare()
     steady = min(seconds(bare, device) for _ in range(3))
-    print(f"bare forward+backward on {n} inputs: first call {first:.3f} s, steady {steady:.4f} s", flush=True)
+    print(
+        f"bare forward+backward on {n} inputs in passes of {per_pass}: first call {first:.3f} s, steady {steady:.4f} s",
+        flush=True,
+    )
 
-    images = torch.rand(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0)).to(device)
     cls = PixelRDE if args.method == "pixel-rde" else CartoonX
     explainer = cls(classifier, num_samples=args.samples, measure_samples=1, precision=args.precision)
     first = seconds(lambda: explainer.explain(images, steps=2), device)
