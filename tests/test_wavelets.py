@@ -127,7 +127,7 @@ def test_polyphase_synthesis_equals_the_strided_transposed_convolution(wave, siz
 
     kernels = WaveletRepresentation(wave, 1).synthesis_kernels.double()  # (4, 1, L, L)
     length = kernels.shape[-1]
-    bands = torch.randn(3, 4, *size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    bands = torch.randn(5, 4, *size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     expected = torch.nn.functional.conv_transpose2d(bands, kernels, stride=2, padding=length - 2)
     phases = polyphase_kernels(kernels)
     got = synthesis_step(bands, phases)
@@ -143,18 +143,19 @@ def test_polyphase_synthesis_equals_the_strided_transposed_convolution(wave, siz
     (reference,) = torch.autograd.grad(
         torch.nn.functional.conv_transpose2d(leaf, kernels, stride=2, padding=length - 2), leaf, grad
     )
-    for batch, with_pairs in ((3, None), (2, pairs), (3, pairs)):
+    for batch, with_pairs in ((3, None), (2, pairs), (3, pairs), (4, pairs), (5, pairs)):  # 4: two pairs at once
         leaf = bands[:batch].clone().requires_grad_(True)
         (got_grad,) = torch.autograd.grad(synthesis_step(leaf, phases, with_pairs), leaf, grad[:batch])
         torch.testing.assert_close(got_grad, reference[:batch], rtol=0, atol=1e-12)
 
 
-def test_valid_conv2d_has_conv2d_s_values_and_input_gradient():
+@pytest.mark.parametrize("batch, out_channels", [(3, 5), (4, 8), (3, 8)])  # (4, 8): two maps per gradient pass
+def test_valid_conv2d_has_conv2d_s_values_and_input_gradient(batch, out_channels):
     from amortized_cartoonx.wavelets import valid_conv2d
 
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 8, 11, 9, dtype=torch.float64, generator=gen, requires_grad=True)
-    weight = torch.randn(5, 8, 3, 2, dtype=torch.float64, generator=gen)  # not square, not symmetric
+    x = torch.randn(batch, 8, 11, 9, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.randn(out_channels, 8, 3, 2, dtype=torch.float64, generator=gen)  # not square, not symmetric
     y = valid_conv2d(x, weight)
     expected = torch.nn.functional.conv2d(x, weight)
     torch.testing.assert_close(y, expected, rtol=0, atol=1e-12)
