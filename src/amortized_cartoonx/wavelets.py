@@ -16,6 +16,7 @@ At 256x256 with db3, J=5 and zero padding: low-pass 12x12, details 130, 67, 36, 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import warnings
@@ -425,16 +426,22 @@ def synthesis_phase_maps(bands: Tensor, phases: Tensor, pairs: Tensor | None = N
     return z
 
 
+@functools.cache
+def _avx512() -> bool:
+    """Whether torch's CPU kernels run with AVX-512 (and oneDNN's vector width is 16 floats)."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 class _ValidConv2d(torch.autograd.Function):
     """``conv2d(x, weight)`` (stride 1, no padding) whose input gradient is a forward ``conv2d``: the gradient is the
     full convolution of the output gradient with the flipped, transposed kernel (padding ``k - 1``).
 
     On a CPU, oneDNN's backward-data kernel for these small-channel convolutions takes twice the time of a forward
     one (9.6 against 4.5 ms at level 1 of 16 images, 256 px, 2 threads); the forward form is as fast as the forward
-    pass. An 8-channel gradient of an even batch goes through as 16 channels (two samples side by side, the kernel
-    twice on the diagonal), the vector width of AVX-512 oneDNN, which is faster again (the paired kernels'
-    reason, :func:`paired_kernels`). The same gradient up to the order of the floating-point sums. No gradient for
-    ``weight``.
+    pass. On an AVX-512 CPU an 8-channel gradient of an even batch goes through as 16 channels (two samples side
+    by side, the kernel twice on the diagonal), oneDNN's vector width there, which is faster again (the paired
+    kernels' reason, :func:`paired_kernels`; with AVX2 it would be slower). The same gradient up to the order of
+    the floating-point sums. No gradient for ``weight``.
     """
 
     @staticmethod
@@ -448,7 +455,7 @@ class _ValidConv2d(torch.autograd.Function):
         kh, kw = weight.shape[-2:]
         transposed = weight.transpose(0, 1).flip(-1, -2)
         m, channels, height, width = grad.shape
-        if channels == 8 and m % 2 == 0:  # two samples side by side as 16 channels
+        if channels == 8 and m % 2 == 0 and _avx512():  # two samples side by side as 16 channels
             quad = transposed.new_zeros(16, 16, kh, kw)
             quad[:8, :8] = transposed
             quad[8:, 8:] = transposed
