@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from amortized_cartoonx.fused_ops import clamp_unit, interleave_unit_clamp, mix
+from amortized_cartoonx.fused_ops import clamp_unit, interleave_unit_clamp, mix, mix_into_bands
 from amortized_cartoonx.rde import band_statistics, gaussian_adaptive_noise, make_generators, obfuscate
-from amortized_cartoonx.wavelets import WaveletRepresentation, interleave_phases
+from amortized_cartoonx.wavelets import PixelRepresentation, WaveletRepresentation, interleave_phases
 
 
 def _noise_view(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
@@ -94,4 +94,51 @@ def test_obfuscate_equals_the_rde_formula_with_its_mask_gradient():
     torch.testing.assert_close(y, expected, rtol=0, atol=1e-12)
     g = torch.randn(y.shape, dtype=torch.float64, generator=gen)
     for a, b in zip(torch.autograd.grad(y, mask.bands, g), torch.autograd.grad(expected, mask_ref.bands, g)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("coefficients_need_grad", [False, True])  # the fused function; the plain fallback
+def test_mix_into_bands_equals_the_low_pass_beside_the_mixed_details(coefficients_need_grad):
+    gen = torch.Generator().manual_seed(4)
+    n, samples, channels = 2, 3, 3
+    h = torch.randn(n, channels, 3, 5, 4, dtype=torch.float64, generator=gen).requires_grad_(coefficients_need_grad)
+    v = _noise_view((n, samples, channels, 3, 5, 4), gen)
+    s = torch.rand(n, 1, 3, 5, 4, dtype=torch.float64, generator=gen).requires_grad_(True)
+    wide = torch.randn(n * samples, channels, 6, 5, dtype=torch.float64, generator=gen).requires_grad_(True)
+    x = wide[..., :5, :4]  # cropped, as an odd level's low-pass is: not contiguous
+    s_ref, wide_ref = s.detach().clone().requires_grad_(True), wide.detach().clone().requires_grad_(True)
+
+    bands = mix_into_bands(x, s, h, v)
+    details = (v + s_ref.unsqueeze(1) * (h.detach().unsqueeze(1) - v)).flatten(0, 1)  # (N*L, C, 3, H, W)
+    expected = torch.cat([wide_ref[..., :5, :4].unsqueeze(2), details], dim=2).reshape(-1, 4, 5, 4)
+    torch.testing.assert_close(bands, expected, rtol=0, atol=1e-12)
+    g = torch.randn(expected.shape, dtype=torch.float64, generator=gen)
+    (bands * g).sum().backward()
+    (expected * g).sum().backward()
+    torch.testing.assert_close(s.grad, s_ref.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(wide.grad, wide_ref.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "representation",
+    [WaveletRepresentation("db3", 3), WaveletRepresentation("haar", 2, "periodization"), PixelRepresentation()],
+    ids=["zero", "periodization", "pixel"],
+)
+def test_decode_mixed_equals_decoding_the_mixed_coefficients(representation):
+    gen = torch.Generator().manual_seed(5)
+    coeffs = representation.encode(torch.rand(2, 3, 33, 32, dtype=torch.float64, generator=gen))
+    noise = gaussian_adaptive_noise(coeffs, band_statistics(coeffs), 3, make_generators([0, 1], "cpu"))
+    mask = coeffs.mask_like().map(lambda b: torch.rand(b.shape, dtype=b.dtype, generator=gen).requires_grad_(True))
+    mask_ref = mask.map(lambda b: b.detach().clone().requires_grad_(True))
+
+    got = representation.decode_mixed(coeffs, mask, noise, unit_clamp=True)
+    mixed = [
+        (v + s.unsqueeze(1) * (h.unsqueeze(1) - v)).flatten(0, 1)
+        for h, s, v in zip(coeffs.bands, mask_ref.bands, noise.bands)
+    ]
+    expected = clamp_unit(representation.decode(coeffs.with_bands(mixed)))
+    assert got.shape == (6, 3, 33, 32)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    g = torch.randn(got.shape, dtype=torch.float64, generator=gen)
+    for a, b in zip(torch.autograd.grad(got, mask.bands, g), torch.autograd.grad(expected, mask_ref.bands, g)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)

@@ -55,10 +55,7 @@ class _Mix(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None, None
         s, h, v = ctx.saved_tensors
-        per_channel = h * grad.sum(1) - (grad * v).sum(1)  # (N, C, ...)
-        if s.shape[1] != per_channel.shape[1]:  # a mask shared by the channels
-            per_channel = per_channel.sum(1, keepdim=True)
-        return per_channel, None, None
+        return _mask_gradient(grad, s, h, v), None, None
 
 
 def mix(s: Tensor, h: Tensor, v: Tensor) -> Tensor:
@@ -67,6 +64,53 @@ def mix(s: Tensor, h: Tensor, v: Tensor) -> Tensor:
     if h.requires_grad or v.requires_grad:
         return v + s.unsqueeze(1) * (h.unsqueeze(1) - v)
     return _Mix.apply(s, h, v)
+
+
+def _mask_gradient(grad: Tensor, s: Tensor, h: Tensor, v: Tensor) -> Tensor:
+    """The gradient of ``s`` from ``grad`` of ``s * h + (1 - s) * v`` (``(N, L, C, ...)``, any strides)."""
+    per_channel = h * grad.sum(1) - (grad * v).sum(1)  # (N, C, ...): sum_l g_l * (h - v_l)
+    if s.shape[1] != per_channel.shape[1]:  # a mask shared by the channels
+        per_channel = per_channel.sum(1, keepdim=True)
+    return per_channel
+
+
+class _MixIntoBands(torch.autograd.Function):
+    """One synthesis level's input: ``x`` beside the mixed detail bands ``s * h + (1 - s) * v``, written straight
+    into one ``(N * L * C, 4, H, W)`` buffer (what ``torch.cat`` of ``x`` and :func:`mix`'s output would copy
+    together). Gradients for ``x`` and ``s``.
+
+    Shapes: ``x (N * L, C, H, W)`` (rows image-major), ``s (N, 1 or C, 3, H, W)``, ``h (N, C, 3, H, W)``,
+    ``v (N, L, C, 3, H, W)`` (any strides).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, s: Tensor, h: Tensor, v: Tensor) -> Tensor:
+        n, samples, channels, _, height, width = v.shape
+        ctx.save_for_backward(s, h, v)
+        bands = x.new_empty(n, samples, channels, 4, height, width)
+        bands[:, :, :, 0] = x.unflatten(0, (n, samples))  # a view also of a cropped x
+        torch.addcmul((s * h).unsqueeze(1), (1 - s).unsqueeze(1), v, out=bands[:, :, :, 1:])
+        return bands.view(n * samples * channels, 4, height, width)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        s, h, v = ctx.saved_tensors
+        n, samples, channels, _, height, width = v.shape
+        by_band = grad.view(n, samples, channels, 4, height, width)
+        grad_x = by_band[:, :, :, 0].reshape(n * samples, channels, height, width) if ctx.needs_input_grad[0] else None
+        grad_s = _mask_gradient(by_band[:, :, :, 1:], s, h, v) if ctx.needs_input_grad[1] else None
+        return grad_x, grad_s, None, None
+
+
+def mix_into_bands(x: Tensor, s: Tensor, h: Tensor, v: Tensor) -> Tensor:
+    """``(N * L * C, 4, H, W)``: the level's low-pass ``x`` and the mixed details ``s * h + (1 - s) * v`` side by
+    side, as :class:`_MixIntoBands` (the fused form when ``h`` and ``v`` need no gradient)."""
+    n, samples, channels, _, height, width = v.shape
+    if h.requires_grad or v.requires_grad:
+        details = v + s.unsqueeze(1) * (h.unsqueeze(1) - v)  # (N, L, C, 3, H, W)
+        bands = torch.cat([x.unflatten(0, (n, samples)).unsqueeze(3), details], dim=3)
+        return bands.reshape(n * samples * channels, 4, height, width)
+    return _MixIntoBands.apply(x, s, h, v)
 
 
 class _InterleaveUnitClamp(torch.autograd.Function):

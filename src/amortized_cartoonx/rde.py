@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .errors import ClassifierError, InputError
-from .fused_ops import clamp_unit, mix
+from .fused_ops import clamp_unit
 from .registry import Registry
 from .wavelets import Coefficients, Representation
 
@@ -204,13 +204,13 @@ def obfuscate(representation: Representation, coeffs: Coefficients, mask: Coeffi
     """
     coeffs, mask, noise = _full(coeffs), _full(mask), _full(noise)
     with full_precision(coeffs.device):
-        fused = coeffs.device.type == "cpu"  # fewer passes over memory (fused_ops); measured on CPUs only
+        if coeffs.device.type == "cpu":  # fewer passes over memory (fused_ops); measured on CPUs only
+            return representation.decode_mixed(coeffs, mask, noise, unit_clamp=True)
         mixed = []
         for h, s, v in zip(coeffs.bands, mask.bands, noise.bands):
-            y = mix(s, h, v) if fused else v + s.unsqueeze(1) * (h.unsqueeze(1) - v)  # (N, L, C, ...)
+            y = v + s.unsqueeze(1) * (h.unsqueeze(1) - v)  # (N, L, C, ...) = s*h + (1-s)*v
             mixed.append(y.flatten(0, 1))  # (N*L, C, ...)
-        decoded = representation.decode(coeffs.with_bands(mixed), unit_clamp=fused)
-        return decoded if fused else clamp_unit(decoded)
+        return clamp_unit(representation.decode(coeffs.with_bands(mixed)))
 
 
 # ---------------------------------------------------------------------------------------------------------

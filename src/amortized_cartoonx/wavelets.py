@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError, InputError
-from .fused_ops import clamp_unit, interleave_unit_clamp
+from .fused_ops import clamp_unit, interleave_unit_clamp, mix, mix_into_bands
 
 logger = logging.getLogger(__name__)
 
@@ -239,6 +239,15 @@ class Representation(nn.Module):
         ``unit_clamp`` (with :func:`~amortized_cartoonx.fused_ops.clamp_unit`'s gradient)."""
         raise NotImplementedError
 
+    def decode_mixed(
+        self, coeffs: Coefficients, mask: Coefficients, noise: Coefficients, *, unit_clamp: bool = False
+    ) -> Tensor:
+        """``(N * L, C, H, W)``: :meth:`decode` of ``s * h + (1 - s) * v`` for every noise sample (rows
+        image-major), for coefficients ``h`` (bands ``(N, C, ...)``), a mask ``s`` (``(N, 1 or C, ...)``) and noise
+        ``v`` (``(N, L, C, ...)``). Here: :func:`~amortized_cartoonx.fused_ops.mix`, then :meth:`decode`."""
+        mixed = [mix(s, h, v).flatten(0, 1) for h, s, v in zip(coeffs.bands, mask.bands, noise.bands)]
+        return self.decode(coeffs.with_bands(mixed), unit_clamp=unit_clamp)
+
     def describe(self) -> dict:
         """The settings that define the representation (for manifests and checkpoints)."""
         return {"representation": self.name}
@@ -336,29 +345,63 @@ class WaveletRepresentation(Representation):
         the finest level's interleave and the clamp are one pass
         (:func:`~amortized_cartoonx.fused_ops.interleave_unit_clamp`) when no crop falls between them.
         """
-        height, width = coeffs.image_size
         if self.mode == "periodization":
             self.inverse.to(device=coeffs.device, dtype=coeffs.dtype)
             x = self.inverse((coeffs.lowpass, list(coeffs.details)))
-        else:
-            phases = self.synthesis_phases.to(device=coeffs.device, dtype=coeffs.dtype)
-            # CPU: two maps per convolution (see paired_kernels); cuDNN gets the plain 4-channel form
-            pairs = (
-                self.synthesis_pairs.to(device=coeffs.device, dtype=coeffs.dtype)
-                if coeffs.device.type == "cpu"
-                else None
-            )
-            x = coeffs.lowpass
-            for level, h in reversed(list(enumerate(coeffs.details))):  # coarse to fine; h: (N, C, 3, H_j, W_j)
-                if x.shape[-2:] != h.shape[-2:]:  # drop the extra row/column of odd sizes
-                    x = x[..., : h.shape[-2], : h.shape[-1]]
-                n, c, rows, cols = x.shape
-                bands = torch.cat([x.unsqueeze(2), h], dim=2).reshape(n * c, 4, rows, cols)  # (N*C, 4, H_j, W_j)
-                z = synthesis_phase_maps(bands, phases, pairs)  # (N*C, 4, H_j - L/2 + 1, W_j - L/2 + 1)
-                if level == 0 and unit_clamp and 2 * z.shape[-2] == height and 2 * z.shape[-1] == width:
-                    return interleave_unit_clamp(z).reshape(n, c, height, width)
-                y = interleave_phases(z)  # (N*C, 1, 2 H_j - L + 2, 2 W_j - L + 2)
-                x = y.reshape(n, c, *y.shape[-2:])
+            height, width = coeffs.image_size
+            x = x[..., :height, :width]  # odd sizes come back one pixel larger
+            return clamp_unit(x) if unit_clamp else x
+
+        def bands_at(level: int, x: Tensor) -> Tensor:  # (N*C, 4, H_j, W_j)
+            n, c, rows, cols = x.shape
+            return torch.cat([x.unsqueeze(2), coeffs.details[level]], dim=2).reshape(n * c, 4, rows, cols)
+
+        return self._synthesize(coeffs.lowpass, coeffs.details, bands_at, coeffs.image_size, unit_clamp)
+
+    def decode_mixed(
+        self, coeffs: Coefficients, mask: Coefficients, noise: Coefficients, *, unit_clamp: bool = False
+    ) -> Tensor:
+        """:meth:`Representation.decode_mixed`; each level's mixed details are written straight beside its
+        low-pass (:func:`~amortized_cartoonx.fused_ops.mix_into_bands`) instead of mixed, then concatenated."""
+        if self.mode == "periodization":
+            return super().decode_mixed(coeffs, mask, noise, unit_clamp=unit_clamp)
+        lowpass = mix(mask.lowpass, coeffs.lowpass, noise.lowpass).flatten(0, 1)  # (N*L, C, H_J, W_J)
+
+        def bands_at(level: int, x: Tensor) -> Tensor:  # (N*L*C, 4, H_j, W_j)
+            return mix_into_bands(x, mask.details[level], coeffs.details[level], noise.details[level])
+
+        return self._synthesize(lowpass, coeffs.details, bands_at, coeffs.image_size, unit_clamp)
+
+    def _synthesize(
+        self,
+        lowpass: Tensor,
+        details: Sequence[Tensor],
+        bands_at: Callable[[int, Tensor], Tensor],
+        image_size: tuple[int, int],
+        unit_clamp: bool,
+    ) -> Tensor:
+        """The synthesis levels, coarse to fine, from ``lowpass (M, C, H_J, W_J)``; ``bands_at(j, x)`` gives level
+        j's four sub-bands ``(M * C, 4, H_j, W_j)`` with ``x`` (the low-pass so far, cropped to the level) first;
+        ``details`` give the levels' sizes."""
+        height, width = image_size
+        phases = self.synthesis_phases.to(device=lowpass.device, dtype=lowpass.dtype)
+        # CPU: two maps per convolution (see paired_kernels); cuDNN gets the plain 4-channel form
+        pairs = (
+            self.synthesis_pairs.to(device=lowpass.device, dtype=lowpass.dtype)
+            if lowpass.device.type == "cpu"
+            else None
+        )
+        x = lowpass
+        for level in reversed(range(len(details))):  # coarse to fine
+            rows, cols = details[level].shape[-2:]
+            if x.shape[-2:] != (rows, cols):  # drop the extra row/column of odd sizes
+                x = x[..., :rows, :cols]
+            n, c = x.shape[:2]
+            z = synthesis_phase_maps(bands_at(level, x), phases, pairs)  # (M*C, 4, H_j - L/2 + 1, W_j - L/2 + 1)
+            if level == 0 and unit_clamp and 2 * z.shape[-2] == height and 2 * z.shape[-1] == width:
+                return interleave_unit_clamp(z).reshape(n, c, height, width)
+            y = interleave_phases(z)  # (M*C, 1, 2 H_j - L + 2, 2 W_j - L + 2)
+            x = y.reshape(n, c, *y.shape[-2:])
         if x.shape[-2:] != (height, width):  # odd sizes come back one pixel larger
             x = x[..., :height, :width]
         return clamp_unit(x) if unit_clamp else x
