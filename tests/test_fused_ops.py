@@ -142,3 +142,16 @@ def test_decode_mixed_equals_decoding_the_mixed_coefficients(representation):
     g = torch.randn(got.shape, dtype=torch.float64, generator=gen)
     for a, b in zip(torch.autograd.grad(got, mask.bands, g), torch.autograd.grad(expected, mask_ref.bands, g)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def test_a_representation_with_the_older_decode_signature_still_obfuscates():
+    class OldStyle(PixelRepresentation):  # decode(coeffs) without unit_clamp, as a user's subclass may have it
+        def decode(self, coeffs):
+            return coeffs.lowpass * 2.0
+
+    rep = OldStyle()
+    coeffs = rep.encode(torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(6)))
+    noise = gaussian_adaptive_noise(coeffs, band_statistics(coeffs), 2, make_generators([0], "cpu"))
+    mask = coeffs.mask_like(0.5)
+    expected = ((0.5 * coeffs.lowpass.unsqueeze(1) + 0.5 * noise.lowpass).flatten(0, 1) * 2.0).clamp(0.0, 1.0)
+    torch.testing.assert_close(obfuscate(rep, coeffs, mask, noise), expected)

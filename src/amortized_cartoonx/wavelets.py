@@ -244,9 +244,11 @@ class Representation(nn.Module):
     ) -> Tensor:
         """``(N * L, C, H, W)``: :meth:`decode` of ``s * h + (1 - s) * v`` for every noise sample (rows
         image-major), for coefficients ``h`` (bands ``(N, C, ...)``), a mask ``s`` (``(N, 1 or C, ...)``) and noise
-        ``v`` (``(N, L, C, ...)``). Here: :func:`~amortized_cartoonx.fused_ops.mix`, then :meth:`decode`."""
+        ``v`` (``(N, L, C, ...)``). Here: :func:`~amortized_cartoonx.fused_ops.mix`, then :meth:`decode` (called
+        without ``unit_clamp``, so a subclass that only implements ``decode(coeffs)`` works)."""
         mixed = [mix(s, h, v).flatten(0, 1) for h, s, v in zip(coeffs.bands, mask.bands, noise.bands)]
-        return self.decode(coeffs.with_bands(mixed), unit_clamp=unit_clamp)
+        decoded = self.decode(coeffs.with_bands(mixed))
+        return clamp_unit(decoded) if unit_clamp else decoded
 
     def describe(self) -> dict:
         """The settings that define the representation (for manifests and checkpoints)."""
