@@ -155,3 +155,14 @@ def test_a_representation_with_the_older_decode_signature_still_obfuscates():
     mask = coeffs.mask_like(0.5)
     expected = ((0.5 * coeffs.lowpass.unsqueeze(1) + 0.5 * noise.lowpass).flatten(0, 1) * 2.0).clamp(0.0, 1.0)
     torch.testing.assert_close(obfuscate(rep, coeffs, mask, noise), expected)
+
+
+def test_off_the_cpu_the_mixing_takes_the_plain_expression():
+    h = torch.randn(1, 3, 4, device="meta")
+    v = torch.randn(1, 2, 3, 4, device="meta")
+    s = torch.rand(1, 1, 4, device="meta", requires_grad=True)
+    y = mix(s, h, v)
+    assert y.shape == (1, 2, 3, 4)
+    assert "_Mix" not in type(y.grad_fn).__name__  # autograd's ops (as measured on GPUs), not the CPU's fused form
+    s_cpu = torch.rand(1, 1, 4, requires_grad=True)
+    assert "_Mix" in type(mix(s_cpu, torch.randn(1, 3, 4), torch.randn(1, 2, 3, 4)).grad_fn).__name__

@@ -4,6 +4,9 @@ The optimizer step's own cost on a CPU is mostly memory traffic over the ``(N * 
 obfuscations (about 13 MB each at B x L = 16, 256 px). Each function here computes exactly what its docstring's
 plain torch expression computes (values up to the order of floating-point operations, the same gradient) with
 fewer passes; the tests compare them with those expressions. ``scripts/profile_step.py`` shows the costs.
+
+The mixing functions take the fused form on a CPU (where it was measured) when only the mask needs a gradient, and
+the plain expression otherwise (:func:`_fused`), so their callers have one code path for every device.
 """
 
 from __future__ import annotations
@@ -58,12 +61,20 @@ class _Mix(torch.autograd.Function):
         return _mask_gradient(grad, s, h, v), None, None
 
 
+def _fused(h: Tensor, v: Tensor) -> bool:
+    """Whether the mixing takes its fused form: on a CPU, with gradients for the mask only."""
+    return v.device.type == "cpu" and not (h.requires_grad or v.requires_grad)
+
+
+def _plain_mix(s: Tensor, h: Tensor, v: Tensor) -> Tensor:
+    """``s * h + (1 - s) * v`` with autograd's ops: ``(N, L, C, ...)``."""
+    return v + s.unsqueeze(1) * (h.unsqueeze(1) - v)
+
+
 def mix(s: Tensor, h: Tensor, v: Tensor) -> Tensor:
     """``s * h + (1 - s) * v`` broadcast to ``(N, L, C, ...)`` (see :class:`_Mix`): ``s (N, 1 or C, ...)``,
-    ``h (N, C, ...)``, ``v (N, L, C, ...)``. The fused form when only ``s`` needs a gradient."""
-    if h.requires_grad or v.requires_grad:
-        return v + s.unsqueeze(1) * (h.unsqueeze(1) - v)
-    return _Mix.apply(s, h, v)
+    ``h (N, C, ...)``, ``v (N, L, C, ...)``. The fused form where :func:`_fused`, else the plain expression."""
+    return _Mix.apply(s, h, v) if _fused(h, v) else _plain_mix(s, h, v)
 
 
 def _mask_gradient(grad: Tensor, s: Tensor, h: Tensor, v: Tensor) -> Tensor:
@@ -104,13 +115,12 @@ class _MixIntoBands(torch.autograd.Function):
 
 def mix_into_bands(x: Tensor, s: Tensor, h: Tensor, v: Tensor) -> Tensor:
     """``(N * L * C, 4, H, W)``: the level's low-pass ``x`` and the mixed details ``s * h + (1 - s) * v`` side by
-    side, as :class:`_MixIntoBands` (the fused form when ``h`` and ``v`` need no gradient)."""
+    side, as :class:`_MixIntoBands` where :func:`_fused`, else with ``torch.cat``."""
+    if _fused(h, v):
+        return _MixIntoBands.apply(x, s, h, v)
     n, samples, channels, _, height, width = v.shape
-    if h.requires_grad or v.requires_grad:
-        details = v + s.unsqueeze(1) * (h.unsqueeze(1) - v)  # (N, L, C, 3, H, W)
-        bands = torch.cat([x.unflatten(0, (n, samples)).unsqueeze(3), details], dim=3)
-        return bands.reshape(n * samples * channels, 4, height, width)
-    return _MixIntoBands.apply(x, s, h, v)
+    bands = torch.cat([x.unflatten(0, (n, samples)).unsqueeze(3), _plain_mix(s, h, v)], dim=3)  # (N, L, C, 4, H, W)
+    return bands.reshape(n * samples * channels, 4, height, width)
 
 
 class _InterleaveUnitClamp(torch.autograd.Function):

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .errors import ClassifierError, InputError
-from .fused_ops import clamp_unit
+from .fused_ops import clamp_unit  # noqa: F401  (kept importable as rde.clamp_unit)
 from .registry import Registry
 from .wavelets import Coefficients, Representation
 
@@ -203,14 +203,8 @@ def obfuscate(representation: Representation, coeffs: Coefficients, mask: Coeffi
     with autocast off, whatever the precision of the inputs and the caller's autocast.
     """
     coeffs, mask, noise = _full(coeffs), _full(mask), _full(noise)
-    with full_precision(coeffs.device):
-        if coeffs.device.type == "cpu":  # fewer passes over memory (fused_ops); measured on CPUs only
-            return representation.decode_mixed(coeffs, mask, noise, unit_clamp=True)
-        mixed = []
-        for h, s, v in zip(coeffs.bands, mask.bands, noise.bands):
-            y = v + s.unsqueeze(1) * (h.unsqueeze(1) - v)  # (N, L, C, ...) = s*h + (1-s)*v
-            mixed.append(y.flatten(0, 1))  # (N*L, C, ...)
-        return clamp_unit(representation.decode(coeffs.with_bands(mixed)))
+    with full_precision(coeffs.device):  # on a CPU in fewer passes over memory (fused_ops)
+        return representation.decode_mixed(coeffs, mask, noise, unit_clamp=True)
 
 
 # ---------------------------------------------------------------------------------------------------------

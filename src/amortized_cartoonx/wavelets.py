@@ -344,7 +344,7 @@ class WaveletRepresentation(Representation):
         Two kernels per level instead of ``DWTInverse``'s six grouped 1-D transposed convolutions, and none of
         them a transposed or grouped convolution, for which cuDNN picks a slow direct kernel (35% of a step's
         GPU time on an H200 before this form). Periodization padding uses ``DWTInverse``. With ``unit_clamp``,
-        the finest level's interleave and the clamp are one pass
+        the finest level's interleave and the clamp are one pass on a CPU
         (:func:`~amortized_cartoonx.fused_ops.interleave_unit_clamp`) when no crop falls between them.
         """
         if self.mode == "periodization":
@@ -400,7 +400,8 @@ class WaveletRepresentation(Representation):
                 x = x[..., :rows, :cols]
             n, c = x.shape[:2]
             z = synthesis_phase_maps(bands_at(level, x), phases, pairs)  # (M*C, 4, H_j - L/2 + 1, W_j - L/2 + 1)
-            if level == 0 and unit_clamp and 2 * z.shape[-2] == height and 2 * z.shape[-1] == width:
+            fuse_clamp = unit_clamp and z.device.type == "cpu"  # the fused form was measured on CPUs only
+            if level == 0 and fuse_clamp and 2 * z.shape[-2] == height and 2 * z.shape[-1] == width:
                 return interleave_unit_clamp(z).reshape(n, c, height, width)
             y = interleave_phases(z)  # (M*C, 1, 2 H_j - L + 2, 2 W_j - L + 2)
             x = y.reshape(n, c, *y.shape[-2:])
