@@ -35,6 +35,7 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
 from amortized_cartoonx.allocator import tune_cpu_allocator  # noqa: E402
 from amortized_cartoonx.classifiers import load_classifier  # noqa: E402
+from amortized_cartoonx.cli.common import positive_int  # noqa: E402
 from amortized_cartoonx.optimizer import CartoonX, PixelRDE, default_chunk  # noqa: E402
 from amortized_cartoonx.runtime import synchronize  # noqa: E402
 
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--chunk-size",
-        type=int,
+        type=positive_int,
         default=None,
         help="noise samples per pass (the optimizer's chunk_size); default: the optimizer's (cache-sized on a CPU)",
     )
@@ -170,21 +171,13 @@ def main(argv: list[str] | None = None) -> int:
                 gen = torch.Generator().manual_seed(0)
                 images = torch.rand(b, 3, args.size, args.size, generator=gen).to(device)
                 cls = PixelRDE if args.method == "pixel-rde" else CartoonX
-                explainer = cls(
-                    classifier, num_samples=L, measure_samples=1, precision=precision, chunk_size=args.chunk_size
-                )
-                step = optimizer_step(explainer, images, args.steps, args.warmup, args.repeats)
+                settings = dict(num_samples=L, measure_samples=1, precision=precision, chunk_size=args.chunk_size)
+                step = optimizer_step(cls(classifier, **settings), images, args.steps, args.warmup, args.repeats)
                 chunk = args.chunk_size or default_chunk(L, images)  # the optimizer's samples per pass
                 bare = bare_forward_backward(
                     classifier, b * L, args.size, device, args.repeats, precision, per_pass=b * chunk
                 )
-                stand_in = cls(
-                    StandIn(classes).to(device),
-                    num_samples=L,
-                    measure_samples=1,
-                    precision=precision,
-                    chunk_size=args.chunk_size,
-                )
+                stand_in = cls(StandIn(classes).to(device), **settings)  # the same optimizer, a free classifier
                 own = optimizer_step(stand_in, images, args.steps, args.warmup, args.repeats)
                 row = {
                     "B": b,
