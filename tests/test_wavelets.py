@@ -149,9 +149,14 @@ def test_polyphase_synthesis_equals_the_strided_transposed_convolution(wave, siz
         torch.testing.assert_close(got_grad, reference[:batch], rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("batch, out_channels", [(3, 5), (4, 8), (3, 8)])  # (4, 8): two maps per gradient pass
-def test_valid_conv2d_has_conv2d_s_values_and_input_gradient(batch, out_channels):
+@pytest.mark.parametrize("large", [False, True])  # True: every forward input counts as large (16 channels)
+@pytest.mark.parametrize("batch, out_channels", [(3, 5), (4, 8), (3, 8)])  # (4, 8): two maps per pass
+def test_valid_conv2d_has_conv2d_s_values_and_input_gradient(batch, out_channels, large, monkeypatch):
+    from amortized_cartoonx import wavelets
     from amortized_cartoonx.wavelets import valid_conv2d
+
+    if large:
+        monkeypatch.setattr(wavelets, "QUAD_FORWARD_MIN_NUMEL", 0)
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 8, 11, 9, dtype=torch.float64, generator=gen, requires_grad=True)

@@ -478,6 +478,13 @@ def _avx512() -> bool:
     return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
+#: On an AVX-512 CPU, :class:`_ValidConv2d`'s forward pass takes an 8-channel input of at least this many values as
+#: 16 channels too: beyond the cores' L2 caches the paired form streams the data once where the 8-channel kernel is
+#: memory-bound (level 1 of 16 noise samples of an RGB 256 px image: 7.6-11 ms in a step, against 4.4 ms when the
+#: same data is hot); below it the 8-channel form is faster (docs/results.md).
+QUAD_FORWARD_MIN_NUMEL = 1 << 21
+
+
 class _ValidConv2d(torch.autograd.Function):
     """``conv2d(x, weight)`` (stride 1, no padding) whose input gradient is a forward ``conv2d``: the gradient is the
     full convolution of the output gradient with the flipped, transposed kernel (padding ``k - 1``).
@@ -486,13 +493,18 @@ class _ValidConv2d(torch.autograd.Function):
     one (9.6 against 4.5 ms at level 1 of 16 images, 256 px, 2 threads); the forward form is as fast as the forward
     pass. On an AVX-512 CPU an 8-channel gradient of an even batch goes through as 16 channels (two samples side
     by side, the kernel twice on the diagonal), oneDNN's vector width there, which is faster again (the paired
-    kernels' reason, :func:`paired_kernels`; with AVX2 it would be slower). The same gradient up to the order of
-    the floating-point sums. No gradient for ``weight``.
+    kernels' reason, :func:`paired_kernels`; with AVX2 it would be slower), and so does a large forward input
+    (:data:`QUAD_FORWARD_MIN_NUMEL`). The same results up to the order of the floating-point sums. No gradient
+    for ``weight``.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:
         ctx.save_for_backward(weight)
+        m, channels, height, width = x.shape
+        if _as_sixteen(weight, m) and x.numel() >= QUAD_FORWARD_MIN_NUMEL:  # two samples side by side
+            out = torch.nn.functional.conv2d(x.reshape(m // 2, 16, height, width), _diagonal_twice(weight))
+            return out.reshape(m, channels, *out.shape[-2:])
         return torch.nn.functional.conv2d(x, weight)
 
     @staticmethod
@@ -501,13 +513,24 @@ class _ValidConv2d(torch.autograd.Function):
         kh, kw = weight.shape[-2:]
         transposed = weight.transpose(0, 1).flip(-1, -2)
         m, channels, height, width = grad.shape
-        if channels == 8 and m % 2 == 0 and _avx512():  # two samples side by side as 16 channels
-            quad = transposed.new_zeros(16, 16, kh, kw)
-            quad[:8, :8] = transposed
-            quad[8:, 8:] = transposed
+        if _as_sixteen(weight, m):  # two samples side by side as 16 channels
+            quad = _diagonal_twice(transposed)
             out = torch.nn.functional.conv2d(grad.reshape(m // 2, 16, height, width), quad, padding=(kh - 1, kw - 1))
             return out.reshape(m, channels, *out.shape[-2:]), None
         return torch.nn.functional.conv2d(grad, transposed, padding=(kh - 1, kw - 1)), None
+
+
+def _as_sixteen(weight: Tensor, batch: int) -> bool:
+    """Whether an 8-to-8-channel convolution of ``batch`` maps runs as 16 channels (even batch, AVX-512)."""
+    return tuple(weight.shape[:2]) == (8, 8) and batch % 2 == 0 and _avx512()
+
+
+def _diagonal_twice(weight: Tensor) -> Tensor:
+    """``(8, 8, k, k) -> (16, 16, k, k)``: ``weight`` twice on the block diagonal."""
+    out = weight.new_zeros(16, 16, *weight.shape[2:])
+    out[:8, :8] = weight
+    out[8:, 8:] = weight
+    return out
 
 
 def valid_conv2d(x: Tensor, weight: Tensor) -> Tensor:
