@@ -10,7 +10,9 @@ optimizer's overhead: noise, DWT/IDWT, loss, Adam; the aim is <= 1.2), and secon
         --size 256 --batch 1,4 --samples 16,64 --device cpu
 
 Seconds per step are measured as (time of S + W steps - time of W steps) / S, so the fixed costs of a call
-(classifier on the clean image, DWT, final measurement) cancel out.
+(classifier on the clean image, DWT, final measurement) cancel out. The steps and the bare pass are timed in
+``--repeats`` rounds that run each once in turn; the ratio is the median of the rounds' ratios (range in
+brackets), so a drift of the host's speed between measurements cancels.
 
 ``--precision fp32,bf16`` also times the optimizer's bf16 path (``OptimizerConfig.precision``; the classifier
 under bfloat16 autocast). ``--compile`` wraps the classifier in ``torch.compile`` first (its compilation is
@@ -40,17 +42,20 @@ from amortized_cartoonx.optimizer import CartoonX, PixelRDE, default_chunk  # no
 from amortized_cartoonx.runtime import synchronize  # noqa: E402
 
 
-def time_call(fn, device: torch.device, repeats: int) -> float:
-    """Median wall-clock seconds of ``fn()`` over ``repeats`` runs (after one warm-up)."""
-    fn()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def paired_rounds(fns: dict, device: torch.device, repeats: int) -> dict[str, list[float]]:
+    """Wall-clock seconds of every function in ``fns``, in ``repeats`` rounds that run each once in turn (after one
+    warm-up each): a round's figures share the host's state, so ratios taken within a round cancel its drift."""
+    for fn in fns.values():
         fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    synchronize(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def bare_pass(
@@ -74,19 +79,6 @@ def bare_pass(
     return step
 
 
-def bare_forward_backward(
-    classifier,
-    batch: int,
-    size: int,
-    device: torch.device,
-    repeats: int,
-    precision: str = "fp32",
-    per_pass: int | None = None,
-) -> float:
-    """Seconds of the classifier's forward+backward on ``batch`` images (passes of ``per_pass``), input gradient."""
-    return time_call(bare_pass(classifier, batch, size, device, precision, per_pass), device, repeats)
-
-
 class StandIn(torch.nn.Module):
     """A classifier that costs next to nothing (channel means, then a linear layer to ``classes`` logits): the
     optimizer's step with it measures the optimizer's own cost (noise, mixing, inverse DWT, loss, Adam)."""
@@ -99,12 +91,19 @@ class StandIn(torch.nn.Module):
         return self.linear(x.mean((2, 3)))
 
 
-def optimizer_step(explainer, images: torch.Tensor, steps: int, warmup: int, repeats: int) -> float:
-    """Seconds per optimizer step, fixed per-call costs cancelled."""
-    device = images.device
-    long = time_call(lambda: explainer.explain(images, steps=warmup + steps), device, repeats)
-    short = time_call(lambda: explainer.explain(images, steps=warmup), device, repeats)
-    return max(long - short, 1e-9) / steps
+def step_rounds(
+    explainer, images: torch.Tensor, steps: int, warmup: int, repeats: int, others: dict | None = None
+) -> tuple[list[float], dict[str, list[float]]]:
+    """Seconds per optimizer step in each of ``repeats`` rounds, ``(W + S steps - W steps) / S`` within the round
+    (the fixed costs of a call cancel), and the seconds of the ``others`` (name -> function) in the same rounds."""
+    fns = {
+        "long": lambda: explainer.explain(images, steps=warmup + steps),
+        "short": lambda: explainer.explain(images, steps=warmup),
+        **(others or {}),
+    }
+    times = paired_rounds(fns, images.device, repeats)
+    per_step = [max(a - b, 1e-9) / steps for a, b in zip(times.pop("long"), times.pop("short"))]
+    return per_step, times
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", default="16,64", help="comma-separated L values")
     p.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5, help="measurement rounds (default 5)")
     p.add_argument("--paper-steps", type=int, default=2000)
     p.add_argument("--fast-steps", type=int, default=200)
     p.add_argument("--precision", default="fp32", help="comma-separated: fp32, bf16")
@@ -158,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print()
     print(
-        f"| B | L | chunk | precision | s/step | bare fwd+bwd s | overhead ratio | own s/step | s/image, "
+        f"| B | L | chunk | precision | s/step | bare fwd+bwd s | overhead ratio (range) | own s/step | s/image, "
         f"{args.paper_steps} steps | s/image, {args.fast_steps} steps |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -172,13 +171,15 @@ def main(argv: list[str] | None = None) -> int:
                 images = torch.rand(b, 3, args.size, args.size, generator=gen).to(device)
                 cls = PixelRDE if args.method == "pixel-rde" else CartoonX
                 settings = dict(num_samples=L, measure_samples=1, precision=precision, chunk_size=args.chunk_size)
-                step = optimizer_step(cls(classifier, **settings), images, args.steps, args.warmup, args.repeats)
                 chunk = args.chunk_size or default_chunk(L, images)  # the optimizer's samples per pass
-                bare = bare_forward_backward(
-                    classifier, b * L, args.size, device, args.repeats, precision, per_pass=b * chunk
+                bare_fn = bare_pass(classifier, b * L, args.size, device, precision, per_pass=b * chunk)
+                steps, others = step_rounds(
+                    cls(classifier, **settings), images, args.steps, args.warmup, args.repeats, {"bare": bare_fn}
                 )
+                ratios = [s / t for s, t in zip(steps, others["bare"])]  # within each round
+                step, bare, ratio = (statistics.median(v) for v in (steps, others["bare"], ratios))
                 stand_in = cls(StandIn(classes).to(device), **settings)  # the same optimizer, a free classifier
-                own = optimizer_step(stand_in, images, args.steps, args.warmup, args.repeats)
+                own = statistics.median(step_rounds(stand_in, images, args.steps, args.warmup, args.repeats)[0])
                 row = {
                     "B": b,
                     "L": L,
@@ -187,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                     "compile": args.compile,
                     "seconds_per_step": step,
                     "bare_seconds": bare,
-                    "ratio": step / bare,
+                    "ratio": ratio,
+                    "ratio_range": [min(ratios), max(ratios)],
                     "own_seconds_per_step": own,
                     "seconds_per_image_paper": step * args.paper_steps / b,
                     "seconds_per_image_fast": step * args.fast_steps / b,
@@ -200,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 rows.append(row)
                 print(
-                    f"| {b} | {L} | {chunk} | {precision} | {step:.4f} | {bare:.4f} | {step / bare:.2f} | {own:.4f} "
+                    f"| {b} | {L} | {chunk} | {precision} | {step:.4f} | {bare:.4f} | {ratio:.2f} "
+                    f"({min(ratios):.2f}-{max(ratios):.2f}) | {own:.4f} "
                     f"| {row['seconds_per_image_paper']:.2f} | {row['seconds_per_image_fast']:.3f} |",
                     flush=True,
                 )

@@ -1,4 +1,5 @@
-"""scripts/bench_optimizer.py's bare pass runs the classifier in the passes the optimizer makes."""
+"""scripts/bench_optimizer.py: the bare pass runs the classifier in the passes the optimizer makes, and the timings
+are taken in paired rounds."""
 
 from __future__ import annotations
 
@@ -32,3 +33,12 @@ def test_the_bare_pass_splits_the_batch_into_the_optimizers_passes():
     bench.bare_pass(classifier, 10, 8, torch.device("cpu"))()  # one pass by default
     assert classifier.batches == [10]
     assert classifier.linear.weight.grad is not None  # forward and backward both ran
+
+
+def test_paired_rounds_time_every_function_once_per_round_in_turn():
+    calls: list[str] = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("long", "short", "bare")}
+    times = bench.paired_rounds(fns, torch.device("cpu"), repeats=3)
+    assert calls == ["long", "short", "bare"] * 4  # one warm-up round, then three timed ones
+    assert {name: len(t) for name, t in times.items()} == {"long": 3, "short": 3, "bare": 3}
+    assert all(t >= 0 for ts in times.values() for t in ts)
