@@ -478,10 +478,9 @@ def _avx512() -> bool:
     return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
-#: On an AVX-512 CPU, :class:`_ValidConv2d`'s forward pass takes an 8-channel input of at least this many values as
-#: 16 channels too: beyond the cores' L2 caches the paired form streams the data once where the 8-channel kernel is
-#: memory-bound (level 1 of 16 noise samples of an RGB 256 px image: 7.6-11 ms in a step, against 4.4 ms when the
-#: same data is hot); below it the 8-channel form is faster (docs/results.md).
+#: On an AVX-512 CPU, :class:`_ValidConv2d`'s forward pass runs an 8-channel input of at least this many values as
+#: 16 channels too: faster for large inputs (the finest level from 6 noise samples of an RGB 256 px image up),
+#: slower for small ones (measured in docs/results.md).
 QUAD_FORWARD_MIN_NUMEL = 1 << 21
 
 
