@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--batch", default="1,4", help="comma-separated B values")
     p.add_argument("--samples", default="16,64", help="comma-separated L values")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per measurement (default 20)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5, help="measurement rounds (default 5)")
     p.add_argument("--paper-steps", type=int, default=2000)
