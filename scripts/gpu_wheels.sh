@@ -11,7 +11,7 @@
 #   QUICK=1 bash scripts/bench_gpu.sh          # or the real run; it first checks that every module imports
 #
 # Only what such a machine lacks (torch, torchvision, pytorch-lightning, numpy, matplotlib, pillow, pyyaml, tqdm,
-# safetensors and typing-extensions are there): captum, pytorch-wavelets and PyWavelets, setuptools < 81
+# safetensors, six and typing-extensions are there): captum, pytorch-wavelets and PyWavelets, setuptools < 81
 # (pytorch-wavelets imports pkg_resources), jsonargparse with what LightningCLI's signatures need, and the
 # EfficientNet-Lite0 code and weights (17 MB). wandb is left out: bench_gpu.sh runs with WANDB_MODE=disabled.
 # The versions are those this project's CI installs (2026-12-01); one version of each, no dependencies pulled in.
@@ -23,7 +23,6 @@ PACKAGES=(
     captum==0.9.0
     pytorch-wavelets==1.3.0
     PyWavelets==1.9.0
-    six==1.17.0
     "setuptools==80.10.2"
     jsonargparse==4.53.0
     docstring-parser==0.18.0
