@@ -37,7 +37,7 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
 from amortized_cartoonx.allocator import tune_cpu_allocator  # noqa: E402
 from amortized_cartoonx.classifiers import load_classifier  # noqa: E402
-from amortized_cartoonx.cli.common import positive_int  # noqa: E402
+from amortized_cartoonx.cli.common import nonnegative_int, positive_int  # noqa: E402
 from amortized_cartoonx.optimizer import CartoonX, PixelRDE, default_chunk  # noqa: E402
 from amortized_cartoonx.runtime import synchronize  # noqa: E402
 
@@ -113,9 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--batch", default="1,4", help="comma-separated B values")
     p.add_argument("--samples", default="16,64", help="comma-separated L values")
-    p.add_argument("--steps", type=int, default=20, help="timed steps per measurement (default 20)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=5, help="measurement rounds (default 5)")
+    p.add_argument("--steps", type=positive_int, default=20, help="timed steps per measurement (default 20)")
+    p.add_argument("--warmup", type=nonnegative_int, default=2)
+    p.add_argument("--repeats", type=positive_int, default=5, help="measurement rounds (default 5)")
     p.add_argument("--paper-steps", type=int, default=2000)
     p.add_argument("--fast-steps", type=int, default=200)
     p.add_argument("--precision", default="fp32", help="comma-separated: fp32, bf16")

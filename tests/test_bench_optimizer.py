@@ -42,3 +42,14 @@ def test_paired_rounds_time_every_function_once_per_round_in_turn():
     assert calls == ["long", "short", "bare"] * 4  # one warm-up round, then three timed ones
     assert {name: len(t) for name, t in times.items()} == {"long": 3, "short": 3, "bare": 3}
     assert all(t >= 0 for ts in times.values() for t in ts)
+
+
+def test_counts_that_would_divide_by_zero_are_usage_errors(capsys):
+    for option, value in (("--steps", "0"), ("--repeats", "0"), ("--warmup", "-1"), ("--chunk-size", "0")):
+        try:
+            bench.main(["--classifier", "unused", option, value])
+        except SystemExit as exc:
+            assert exc.code == 2, option
+        else:
+            raise AssertionError(f"{option} {value} was accepted")
+        assert option in capsys.readouterr().err
