@@ -131,6 +131,26 @@ def test_torchscript_classifier_gets_a_clear_error():
         tiny_config(encoder="classifier").with_taps(wrap_classifier(scripted), SIZE)
 
 
+def test_exported_program_is_refused_flat_and_read_unflattened(tmp_path):
+    """A '.pt2' file loads as the program's module(): every layer inlined, so no hook can read it and the error
+    says so; torch.export.unflatten (the workaround the error names) keeps the layers, and the taps work."""
+    from amortized_cartoonx.classifiers import load_classifier
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, SIZE, SIZE)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    torch.export.save(torch.export.export(Strided().eval(), (x,), dynamic_shapes=({0: batch},)), tmp_path / "s.pt2")
+    flat = load_classifier(str(tmp_path / "s.pt2"))
+    with pytest.raises(ConfigError, match=r"flattened torch\.fx graph.*unflatten.*'scratch'.*'backbone'"):
+        tiny_config(encoder="classifier").with_taps(flat, SIZE)
+    unflat = wrap_classifier(torch.export.unflatten(torch.export.load(tmp_path / "s.pt2")))
+    taps = find_taps(unflat, SIZE, 3)
+    assert [t.name for t in taps] == ["model.s2", "model.s4", "model.s8"] and [t.stride for t in taps] == [2, 4, 8]
+    assert torch.allclose(unflat(x), flat(x), atol=1e-6)
+    traced = wrap_classifier(torch.fx.symbolic_trace(Strided()))  # an fx graph that calls its layers: readable
+    assert [t.name for t in find_taps(traced, SIZE, 3)] == ["model.s2.1", "model.s4.1", "model.s8.1"]
+
+
 def test_checkpoint_with_the_classifier_encoder_round_trips(tmp_path):
     from amortized_cartoonx.training import AmortizedCartoonXModule
 

@@ -10,8 +10,9 @@ a checkpoint can check that a classifier offers the same layers (:func:`check_ta
 Hooks are registered for one forward pass and removed at once (:func:`read_taps`, :func:`recording`): the
 caller's model keeps no hook, no flag and no gradient setting from us. When the classifier runs anyway (its
 logits on the clean image), the taps are recorded during that pass instead of a second one
-(:meth:`~amortized_cartoonx.mask_predictor.MaskPredictor.tapping`). TorchScript modules have no Python hooks and
-are refused.
+(:meth:`~amortized_cartoonx.mask_predictor.MaskPredictor.tapping`). TorchScript modules have no Python hooks, and
+an exported program's ``module()`` (how ``.pt2`` files load) has no layers left as submodules: both are refused
+with a message that says what to use instead (:func:`check_hookable`).
 
 Shapes: N images, H x W pixels, C_j channels of the map read for level j.
 """
@@ -52,7 +53,29 @@ def check_hookable(module: object, role: str = "the classifier") -> nn.Module:
             "read. Use the mask predictor's encoder 'scratch', or 'backbone' with an nn.Module backbone spec "
             "(e.g. torchvision:resnet18)"
         )
+    flat = _flat_graph(module)
+    if flat is not None:
+        where = "it" if flat == "" else f"its part {flat!r}"
+        raise ConfigError(
+            f"{role} is a flattened torch.fx graph ({where}), as a '.pt2' file (torch.export) loads: its layers are "
+            "graph nodes, not submodules, so forward hooks cannot read them. Load the program with "
+            "torch.export.unflatten(torch.export.load(path)) in a 'package.module:callable' spec (layers kept as "
+            "submodules, slower), or use the mask predictor's encoder 'scratch' or 'backbone'"
+        )
     return module
+
+
+def _flat_graph(module: nn.Module) -> str | None:
+    """The name of a submodule of ``module`` that is a torch.fx graph with weights but calling no submodule that
+    holds any (an exported program's ``module()``: every layer inlined, only helpers such as its guards left as
+    calls), or None."""
+    for name, sub in module.named_modules():
+        if not isinstance(sub, torch.fx.GraphModule) or next(sub.parameters(), None) is None:
+            continue
+        called = [sub.get_submodule(node.target) for node in sub.graph.nodes if node.op == "call_module"]
+        if not any(next(m.parameters(), None) is not None for m in called):
+            return name
+    return None
 
 
 @contextmanager
