@@ -240,6 +240,19 @@ def test_hook_methods_skip_a_torchscript_classifier(tmp_path, caplog):
     assert cam.settings()["layer"] == "model.features.3"  # the last Conv2d
 
 
+def test_hook_methods_skip_an_exported_program_with_its_reason(tmp_path):
+    model = make_tiny_cnn().eval()
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(model, (torch.rand(2, 3, SIZE, SIZE),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, tmp_path / "m.pt2")
+    flat = load_classifier(str(tmp_path / "m.pt2"))
+    for name in ("grad-cam", "guided-backprop"):
+        with pytest.raises(MethodUnavailable, match=r"exported program.*inlined.*nn\.Module spec"):
+            METHODS.get(name)(MethodContext(flat))
+    methods, skipped = build_methods(["grad-cam", "random-pixel"], MethodContext(flat))
+    assert list(methods) == ["random-pixel"] and "exported program" in skipped["grad-cam"]
+
+
 def test_every_baseline_gives_a_relevance_per_position():
     classifier = wrap_classifier(make_tiny_cnn())
     images = smooth_images(2)

@@ -53,7 +53,7 @@ def check_hookable(module: object, role: str = "the classifier") -> nn.Module:
             "read. Use the mask predictor's encoder 'scratch', or 'backbone' with an nn.Module backbone spec "
             "(e.g. torchvision:resnet18)"
         )
-    flat = _flat_graph(module)
+    flat = flattened_graph(module)
     if flat is not None:
         where = "it" if flat == "" else f"its part {flat!r}"
         raise ConfigError(
@@ -65,7 +65,7 @@ def check_hookable(module: object, role: str = "the classifier") -> nn.Module:
     return module
 
 
-def _flat_graph(module: nn.Module) -> str | None:
+def flattened_graph(module: nn.Module) -> str | None:
     """The name of a submodule of ``module`` that is a torch.fx graph with weights but calling no submodule that
     holds any (an exported program's ``module()``: every layer inlined, only helpers such as its guards left as
     calls), or None."""
@@ -157,4 +157,4 @@ def check_taps(module: nn.Module, names: list[str], channels: list[int], image_s
         )
 
 
-__all__ = ["Tap", "check_hookable", "check_taps", "find_taps", "read_taps"]
+__all__ = ["Tap", "check_hookable", "check_taps", "find_taps", "flattened_graph", "read_taps"]

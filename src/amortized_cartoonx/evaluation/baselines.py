@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ..classifiers import frozen
+from ..feature_taps import flattened_graph
 from ..rde import make_generators
 from ..runtime import synchronize
 from ..seeding import Stream, stream_seeds
@@ -58,6 +59,11 @@ def hook_problem(classifier, layer_type: type[nn.Module] | tuple[type[nn.Module]
         return f"{method} needs an nn.Module classifier to hook its layers; got {type(classifier).__name__}"
     if _scripted(classifier):
         return f"{method} cannot hook the layers of a TorchScript classifier; skipped (use an nn.Module spec)"
+    if flattened_graph(classifier) is not None:
+        return (
+            f"{method} cannot hook the layers of an exported program (a '.pt2' file: every layer inlined into one "
+            "graph); skipped (use an nn.Module spec: torchvision:NAME or package.module:callable)"
+        )
     if not any(isinstance(m, layer_type) for m in classifier.modules()):
         names = " or ".join(t.__name__ for t in (layer_type if isinstance(layer_type, tuple) else (layer_type,)))
         return f"{method} found no {names} module to hook in the classifier; skipped"
