@@ -45,9 +45,9 @@ def check_hookable(module: object, role: str = "the classifier") -> nn.Module:
     """``module`` if its layers take Python forward hooks; a :class:`ConfigError` that says what to use instead."""
     if not isinstance(module, nn.Module):
         raise ConfigError(f"{role} is a plain callable, not an nn.Module: its feature maps cannot be read")
-    scripted = [name for name, m in module.named_modules() if isinstance(m, torch.jit.ScriptModule)]
-    if scripted:
-        where = "it" if scripted[0] == "" else f"its layer {scripted[0]!r}"
+    scripted = scripted_part(module)
+    if scripted is not None:
+        where = "it" if scripted == "" else f"its layer {scripted!r}"
         raise ConfigError(
             f"{role} is TorchScript ({where}): its layers take no forward hooks, so its feature maps cannot be "
             "read. Use the mask predictor's encoder 'scratch', or 'backbone' with an nn.Module backbone spec "
@@ -63,6 +63,11 @@ def check_hookable(module: object, role: str = "the classifier") -> nn.Module:
             "submodules, slower), or use the mask predictor's encoder 'scratch' or 'backbone'"
         )
     return module
+
+
+def scripted_part(module: nn.Module) -> str | None:
+    """The name of the first submodule of ``module`` (``""``: itself) that is TorchScript, or None."""
+    return next((name for name, sub in module.named_modules() if isinstance(sub, torch.jit.ScriptModule)), None)
 
 
 def flattened_graph(module: nn.Module) -> str | None:
@@ -157,4 +162,4 @@ def check_taps(module: nn.Module, names: list[str], channels: list[int], image_s
         )
 
 
-__all__ = ["Tap", "check_hookable", "check_taps", "find_taps", "flattened_graph", "read_taps"]
+__all__ = ["Tap", "check_hookable", "check_taps", "find_taps", "flattened_graph", "read_taps", "scripted_part"]

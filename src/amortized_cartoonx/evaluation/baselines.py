@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ..classifiers import frozen
-from ..feature_taps import flattened_graph
+from ..feature_taps import flattened_graph, scripted_part
 from ..rde import make_generators
 from ..runtime import synchronize
 from ..seeding import Stream, stream_seeds
@@ -49,15 +49,11 @@ from .attribution import (
 )
 
 
-def _scripted(model: nn.Module) -> bool:
-    return any(isinstance(m, torch.jit.ScriptModule) for m in model.modules())
-
-
 def hook_problem(classifier, layer_type: type[nn.Module] | tuple[type[nn.Module], ...], method: str) -> str | None:
     """Why ``method`` cannot hook ``layer_type`` modules of ``classifier``, or None when it can."""
     if not isinstance(classifier, nn.Module):
         return f"{method} needs an nn.Module classifier to hook its layers; got {type(classifier).__name__}"
-    if _scripted(classifier):
+    if scripted_part(classifier) is not None:
         return f"{method} cannot hook the layers of a TorchScript classifier; skipped (use an nn.Module spec)"
     if flattened_graph(classifier) is not None:
         return (
