@@ -106,6 +106,16 @@ def test_warm_start_with_zero_steps_returns_the_predicted_mask(checkpoint, small
     assert refined.settings["refine_steps"] == 3 and refined.settings["method"] == "warm"
 
 
+def test_float64_images_are_explained_like_float32_ones(checkpoint, small_images):
+    """numpy's float64 reaches the network and the classifier in their own dtype; the masks agree."""
+    amortized = AmortizedExplainer.from_checkpoint(checkpoint, SPEC, measure_samples=4)
+    single = amortized.predict_mask(small_images).flatten()
+    torch.testing.assert_close(amortized.predict_mask(small_images.double()).flatten().float(), single)
+    warm = WarmStartExplainer(amortized, refine_steps=2, config=OptimizerConfig(num_samples=4))
+    refined = warm.explain(small_images.double(), seeds=[1, 2, 3])
+    assert bool(torch.isfinite(refined.loss).all()) and refined.steps.tolist() == [2, 2, 2]
+
+
 def test_mismatched_settings_are_refused(checkpoint, small_images):
     explainer = AmortizedExplainer.from_checkpoint(checkpoint, SPEC)
     explainer.check_compatible(SPEC, SIZE, "db3", 3, "zero")  # the training settings pass

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -204,6 +207,44 @@ def test_objective_refuses_a_classifier_without_2d_logits(images):
     objective = RDEObjective(Spatial(), PixelRepresentation())
     with pytest.raises(ClassifierError, match=r"expected logits of shape \(N, classes\)"):
         objective.prepare(images)
+
+
+def test_careless_tensors_get_a_clear_error_or_a_warning(tiny_cnn, images):
+    """8-bit pixels, float targets, a classifier that fails on the images, normalised images, probabilities."""
+    from amortized_cartoonx.errors import ClassifierError
+
+    objective = RDEObjective(tiny_cnn, WaveletRepresentation("db3", 3))
+    with pytest.raises(InputError, match=r"floating point in \[0, 1\], got torch.uint8 \(images.float\(\) / 255"):
+        objective.prepare((images * 255).to(torch.uint8))
+    with pytest.raises(InputError, match="class indices"):
+        objective.prepare(images, target=torch.tensor([0.0, 1.5, 2.0]))
+    with pytest.raises(InputError, match="class indices"):
+        objective.prepare(images, target=True)
+    assert objective.prepare(images, target=torch.tensor([0.0, 1.0, 2.0])).target.tolist() == [0, 1, 2]
+    with pytest.raises(ClassifierError, match=r"TinyCNN failed on images of shape \(3, 1, 48, 48\).*channels"):
+        objective.prepare(images[:, :1])
+    with pytest.warns(UserWarning, match=r"images range over \[-2.*not \[0, 1\].*normalise them"):
+        objective.prepare((images - 0.5) / 0.2)
+    probabilities = RDEObjective(nn.Sequential(tiny_cnn, nn.Softmax(-1)), WaveletRepresentation("db3", 3))
+    with pytest.warns(UserWarning, match="seems to return probabilities"):
+        probabilities.prepare(images)
+    log_probabilities = RDEObjective(nn.Sequential(tiny_cnn, nn.LogSoftmax(-1)), WaveletRepresentation("db3", 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # log-probabilities are logits up to a constant: no warning
+        log_probabilities.prepare(images)
+        objective.prepare(images.clamp(0.0005, 0.9995))
+
+
+@pytest.mark.parametrize("image_dtype, model_dtype", [(torch.float64, torch.float32), (torch.float32, torch.float16)])
+def test_images_reach_the_classifier_in_its_own_dtype(tiny_cnn, images, image_dtype, model_dtype):
+    """float64 images (numpy's default) and a float16 model: the input is cast to the model's dtype."""
+    model = copy.deepcopy(tiny_cnn).to(model_dtype)
+    objective = RDEObjective(model, WaveletRepresentation("db3", 3))
+    problem = objective.prepare(images.to(image_dtype))
+    assert problem.logits.dtype == torch.float32 and problem.coeffs.lowpass.dtype == image_dtype
+    expected = tiny_cnn(images).argmax(1)
+    assert torch.equal(problem.target, expected) or model_dtype == torch.float16  # fp16 may flip a near tie
+    assert next(model.parameters()).dtype == model_dtype  # the caller's model is left as it was
 
 
 def test_representation_noise_mixing_and_decoding_run_in_float32_under_autocast(tiny_cnn, images):

@@ -35,7 +35,16 @@ from .errors import ClassifierError, ConfigError
 from .explanation import Explanation, measure_mask
 from .mask_predictor import MaskPredictor
 from .optimizer import OptimizerConfig, RDEOptimizer
-from .rde import RDEObjective, RDEProblem, check_images, make_generators, resolve_target
+from .rde import (
+    RDEObjective,
+    RDEProblem,
+    check_images,
+    input_dtype,
+    make_generators,
+    original_logits,
+    resolve_target,
+    warn_outside_unit_range,
+)
 from .runtime import synchronize
 from .seeding import Stream, image_seeds, stream_seeds
 from .wavelets import Coefficients, WaveletRepresentation
@@ -290,6 +299,10 @@ class AmortizedExplainer:
         if self.strict_size:
             self.check_compatible(image_size=tuple(images.shape[-2:]))
 
+    def _network_input(self, images: Tensor) -> Tensor:
+        """``images`` in the mask predictor's dtype (float64 images for a float32 network)."""
+        return images.to(input_dtype(self.mask_predictor) or images.dtype)
+
     def _check_logits(self, logits: Tensor) -> None:
         expected = self.mask_predictor.config.num_classes
         if logits.shape[-1] != expected:
@@ -305,16 +318,17 @@ class AmortizedExplainer:
         ``target``: None explains the classifier's predicted class; else one class for all or one per image.
         """
         self._check_inputs(images)
+        warn_outside_unit_range(images)
         with frozen(self.classifier):
             if target is None:
-                logits = self.classifier(images)
+                logits = original_logits(self.classifier, images)
                 self._check_logits(logits)
                 target = logits.argmax(1)
             else:
                 target = resolve_target(
                     target, images.new_zeros(images.shape[0], self.mask_predictor.config.num_classes)
                 )
-            return self.mask_predictor.mask(images, target.to(images.device))
+            return self.mask_predictor.mask(self._network_input(images), target.to(images.device))
 
     @torch.no_grad()
     def predict_logits(
@@ -327,7 +341,7 @@ class AmortizedExplainer:
             with self.mask_predictor.tapping(self.classifier) as taps:  # the classifier encoder: one pass, not two
                 problem = self.objective.prepare(images, target)
             self._check_logits(problem.logits)
-            logits = self.mask_predictor(images, problem.target, taps=taps())
+            logits = self.mask_predictor(self._network_input(images), problem.target, taps=taps())
         return problem, logits
 
     @torch.no_grad()

@@ -18,7 +18,9 @@ under the caller's autocast, and its logits, the distortions and the loss are fl
 
 from __future__ import annotations
 
+import itertools
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .errors import ClassifierError, InputError
+from .errors import CartoonXError, ClassifierError, InputError, one_line
 from .fused_ops import clamp_unit  # noqa: F401  (kept importable as rde.clamp_unit)
 from .registry import Registry
 from .wavelets import Coefficients, Representation
@@ -343,9 +345,8 @@ class RDEObjective:
         runs under the caller's autocast (if any); its logits, the coefficients and the statistics are float32.
         """
         check_images(images)
-        logits = self.classifier(images)
-        check_logits(logits, images.shape[0], self.classifier)
-        logits = at_least_float32(logits)
+        warn_outside_unit_range(images)
+        logits = at_least_float32(original_logits(self.classifier, images))
         target = resolve_target(target, logits)
         with full_precision(images.device):
             coeffs = self.representation.encode(at_least_float32(images))
@@ -367,7 +368,7 @@ class RDEObjective:
         """
         num_images, num_samples = noise.lowpass.shape[:2]
         obfuscated = obfuscate(self.representation, problem.coeffs, mask, noise)  # (N*L, C, H, W)
-        return at_least_float32(self.classifier(obfuscated)).reshape(num_images, num_samples, -1)
+        return at_least_float32(classify(self.classifier, obfuscated)).reshape(num_images, num_samples, -1)
 
     def distortions(self, problem: RDEProblem, mask: Coefficients, noise: Coefficients) -> Tensor:
         """``(N, L)``: the distortion of every obfuscation (with gradient w.r.t. ``mask``)."""
@@ -382,7 +383,7 @@ class RDEObjective:
         """``(N,)``: the probability of the target on ``clamp(f(s * h))`` (no noise; decoded in float32)."""
         with full_precision(problem.coeffs.device):
             masked = self.representation.decode(_full(problem.coeffs) * _full(mask)).clamp(0.0, 1.0)
-        return target_prob(at_least_float32(self.classifier(masked)), problem.target)
+        return target_prob(at_least_float32(classify(self.classifier, masked)), problem.target)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -391,15 +392,88 @@ class RDEObjective:
 
 
 def check_images(images: Tensor) -> None:
-    """Reject what no explainer can use: wrong rank, empty, non-finite."""
+    """Reject what no explainer can use: wrong rank, empty, not floating point, non-finite."""
     if not isinstance(images, Tensor):
         raise InputError(f"images must be a tensor (N, C, H, W), got {type(images).__name__}")
     if images.ndim != 4:
         raise InputError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
     if images.numel() == 0:
         raise InputError("images is empty")
+    if not images.is_floating_point():
+        hint = " (images.float() / 255 for 8-bit pixels)" if images.dtype == torch.uint8 else ""
+        raise InputError(f"images must be floating point in [0, 1], got {images.dtype}{hint}")
     if not torch.isfinite(images).all():
         raise InputError("images contain NaN or infinite values")
+
+
+#: How far outside [0, 1] pixel values may lie before :func:`warn_outside_unit_range` speaks (resampling slack).
+UNIT_RANGE_SLACK = 1e-3
+
+
+def warn_outside_unit_range(images: Tensor) -> None:
+    """Warn when ``images`` are not in [0, 1], e.g. already normalised for the classifier.
+
+    Every obfuscation is clamped to [0, 1] (the module's formula), so with such images the distortion compares
+    the original with clamped images and is not zero even when the whole image is kept.
+    """
+    low, high = (float(v) for v in torch.aminmax(images.detach()))
+    if low < -UNIT_RANGE_SLACK or high > 1.0 + UNIT_RANGE_SLACK:
+        warnings.warn(
+            f"images range over [{low:.3g}, {high:.3g}], not [0, 1]: every obfuscation is clamped to [0, 1], so "
+            "this explanation compares the original with clamped images. Pass images in [0, 1] and let the "
+            "classifier normalise them (load_classifier(..., normalize=...) or wrap_classifier(model, "
+            "normalize='imagenet'))",
+            stacklevel=2,
+        )
+
+
+def input_dtype(classifier: object) -> torch.dtype | None:
+    """The floating dtype of a module's first floating parameter or buffer (the input it computes in), else None."""
+    if not isinstance(classifier, torch.nn.Module):
+        return None
+    tensors = itertools.chain(classifier.parameters(), classifier.buffers())
+    return next((t.dtype for t in tensors if t.is_floating_point()), None)
+
+
+def classify(classifier: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """``classifier(x)``, with ``x`` cast to the classifier's own floating dtype first (float64 images for a
+    float32 model, a float16 model) unless autocast runs on ``x``'s device (it chooses the dtypes then)."""
+    dtype = input_dtype(classifier)
+    if dtype is not None and x.dtype != dtype and not _autocast_on(x.device.type):
+        x = x.to(dtype)
+    return classifier(x)
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no device type: CUDA's flag, and CPU's own function
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+
+
+def original_logits(classifier: Callable[[Tensor], Tensor], images: Tensor) -> Tensor:
+    """The classifier's logits ``(N, K)`` on the original ``images``, checked (:func:`check_logits`).
+
+    Raises:
+        ClassifierError: the classifier fails on the images (wrong channel count, device or size: the message
+            names the images' shape, dtype and device) or returns something other than finite logits.
+    """
+    try:
+        logits = classify(classifier, images)
+    except (CartoonXError, torch.cuda.OutOfMemoryError):  # torch.OutOfMemoryError from torch 2.5
+        raise
+    except Exception as exc:  # the classifier's own error, given the context it lacks
+        raise ClassifierError(
+            f"{_classifier_name(classifier)} failed on images of shape {tuple(images.shape)} ({images.dtype}, "
+            f"{images.device}): {type(exc).__name__}: {one_line(exc)}"
+        ) from exc
+    check_logits(logits, images.shape[0], classifier)
+    return logits
+
+
+def _classifier_name(classifier: object) -> str:
+    name = getattr(classifier, "spec", None) or (type(classifier).__name__ if classifier is not None else None)
+    return f"the classifier {name}" if name else "the classifier"
 
 
 def check_logits(logits: Tensor, num_images: int, classifier: object = None) -> None:
@@ -407,8 +481,7 @@ def check_logits(logits: Tensor, num_images: int, classifier: object = None) -> 
 
     ``classifier`` (optional) names the culprit in the message (its ``spec`` when it has one).
     """
-    name = getattr(classifier, "spec", None) or (type(classifier).__name__ if classifier is not None else None)
-    who = f"the classifier {name}" if name else "the classifier"
+    who = _classifier_name(classifier)
     if not isinstance(logits, Tensor) or logits.ndim != 2 or logits.shape[0] != num_images:
         shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
         raise ClassifierError(f"{who} returned {shape}; expected logits of shape (N, classes) = ({num_images}, K)")
@@ -416,6 +489,19 @@ def check_logits(logits: Tensor, num_images: int, classifier: object = None) -> 
         raise ClassifierError(f"{who} returned {logits.dtype} outputs; expected floating-point logits")
     if not bool(torch.isfinite(logits).all()):
         raise ClassifierError(f"{who} returned NaN or infinite logits for the original images")
+    if logits.shape[1] > 1 and _look_like_probabilities(logits):
+        warnings.warn(
+            f"{who} seems to return probabilities (every row in [0, 1], summing to 1); the RDE loss takes the "
+            "softmax of what it returns, and the softmax of probabilities is nearly flat, so the explanation "
+            "barely depends on the image: return logits (drop the final softmax)",
+            stacklevel=2,
+        )
+
+
+def _look_like_probabilities(logits: Tensor) -> bool:
+    values = logits.detach().float()
+    in_unit = bool(((values >= 0) & (values <= 1)).all())
+    return in_unit and bool(((values.sum(1) - 1).abs() < 1e-3).all())
 
 
 def resolve_target(target: Tensor | Sequence[int] | int | None, logits: Tensor) -> Tensor:
@@ -423,7 +509,10 @@ def resolve_target(target: Tensor | Sequence[int] | int | None, logits: Tensor) 
     num_images, num_classes = logits.shape
     if target is None:
         return logits.argmax(1)
-    target = torch.as_tensor(target, dtype=torch.long, device=logits.device).reshape(-1)
+    given = torch.as_tensor(target)
+    if given.dtype == torch.bool or given.is_complex() or (given.is_floating_point() and not _integral(given)):
+        raise InputError(f"target must be class indices (integers), got {given.dtype} values")
+    target = given.to(dtype=torch.long, device=logits.device).reshape(-1)
     if target.numel() == 1:
         target = target.expand(num_images).clone()
     if target.numel() != num_images:
@@ -434,3 +523,7 @@ def resolve_target(target: Tensor | Sequence[int] | int | None, logits: Tensor) 
             f"target class {int(target[bad][0])} is out of range: the classifier has {num_classes} classes"
         )
     return target
+
+
+def _integral(values: Tensor) -> bool:
+    return bool(torch.isfinite(values).all()) and bool((values == values.round()).all())

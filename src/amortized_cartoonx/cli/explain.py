@@ -149,12 +149,11 @@ def preflight(classifier, explainer, images, targets, device) -> None:
     """Fail on what would fail later (classifier output, target range, image size) before any output."""
     import torch
 
-    from amortized_cartoonx.rde import check_logits, resolve_target
+    from amortized_cartoonx.rde import original_logits, resolve_target
 
     with torch.no_grad():
         first = images[:1].to(device)
-        logits = classifier(first)
-        check_logits(logits, 1, classifier)
+        logits = original_logits(classifier, first)
         if targets is not None:
             resolve_target(targets, logits.expand(len(targets), -1))
         representation = getattr(explainer, "representation", None)
