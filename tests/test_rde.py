@@ -235,6 +235,21 @@ def test_careless_tensors_get_a_clear_error_or_a_warning(tiny_cnn, images):
         objective.prepare(images.clamp(0.0005, 0.9995))
 
 
+def test_a_classifier_that_edits_its_input_in_place_leaves_the_images_alone(tiny_cnn, images):
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = tiny_cnn
+
+        def forward(self, x):
+            return self.net(x.sub_(0.5))
+
+    before = images.clone()
+    problem = RDEObjective(InPlace(), WaveletRepresentation("db3", 3)).prepare(images)
+    assert torch.equal(images, before) and torch.equal(problem.images, before)
+    torch.testing.assert_close(problem.logits, tiny_cnn(before - 0.5))
+
+
 @pytest.mark.parametrize("image_dtype, model_dtype", [(torch.float64, torch.float32), (torch.float32, torch.float16)])
 def test_images_reach_the_classifier_in_its_own_dtype(tiny_cnn, images, image_dtype, model_dtype):
     """float64 images (numpy's default) and a float16 model: the input is cast to the model's dtype."""

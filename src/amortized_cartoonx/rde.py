@@ -454,12 +454,15 @@ def _autocast_on(device_type: str) -> bool:
 def original_logits(classifier: Callable[[Tensor], Tensor], images: Tensor) -> Tensor:
     """The classifier's logits ``(N, K)`` on the original ``images``, checked (:func:`check_logits`).
 
+    The classifier gets a copy, so one that edits its input in place (``x.sub_(mean)``) leaves the caller's
+    images, and the coefficients computed from them, as they were.
+
     Raises:
         ClassifierError: the classifier fails on the images (wrong channel count, device or size: the message
             names the images' shape, dtype and device) or returns something other than finite logits.
     """
     try:
-        logits = classify(classifier, images)
+        logits = classify(classifier, images.clone())  # a copy: a classifier that edits its input in place
     except (CartoonXError, torch.cuda.OutOfMemoryError):  # torch.OutOfMemoryError from torch 2.5
         raise
     except Exception as exc:  # the classifier's own error, given the context it lacks
