@@ -250,6 +250,25 @@ def test_a_classifier_that_edits_its_input_in_place_leaves_the_images_alone(tiny
     torch.testing.assert_close(problem.logits, tiny_cnn(before - 0.5))
 
 
+def test_a_classifier_without_an_input_gradient_is_named(tiny_cnn, images):
+    """A forward under torch.no_grad would leave the optimizer without a gradient (and training with the
+    sparsity term alone): refused on the first obfuscation."""
+    from amortized_cartoonx.errors import ClassifierError
+
+    class Detached(nn.Module):
+        def forward(self, x):
+            return tiny_cnn(x).detach()
+
+    objective = RDEObjective(Detached(), WaveletRepresentation("db3", 3))
+    problem = objective.prepare(images)  # no gradient needed here
+    mask = problem.coeffs.mask_like(0.5, requires_grad=True)
+    noise = objective.sample_noise(problem, 2, make_generators([0, 1, 2], "cpu"))
+    with pytest.raises(ClassifierError, match="without a gradient to its input"):
+        objective.loss(problem, mask, noise)
+    with torch.no_grad():  # measuring a mask needs no gradient
+        objective.loss(problem, mask.map(lambda b: b.detach()), noise)
+
+
 @pytest.mark.parametrize("image_dtype, model_dtype", [(torch.float64, torch.float32), (torch.float32, torch.float16)])
 def test_images_reach_the_classifier_in_its_own_dtype(tiny_cnn, images, image_dtype, model_dtype):
     """float64 images (numpy's default) and a float16 model: the input is cast to the model's dtype."""

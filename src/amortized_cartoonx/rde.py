@@ -368,7 +368,13 @@ class RDEObjective:
         """
         num_images, num_samples = noise.lowpass.shape[:2]
         obfuscated = obfuscate(self.representation, problem.coeffs, mask, noise)  # (N*L, C, H, W)
-        return at_least_float32(classify(self.classifier, obfuscated)).reshape(num_images, num_samples, -1)
+        logits = classify(self.classifier, obfuscated)
+        if obfuscated.requires_grad and not logits.requires_grad and torch.is_grad_enabled():
+            raise ClassifierError(
+                f"{_classifier_name(self.classifier)} returns logits without a gradient to its input (torch.no_grad, "
+                ".detach() or a step outside torch in its forward?): the mask is optimised through that gradient"
+            )
+        return at_least_float32(logits).reshape(num_images, num_samples, -1)
 
     def distortions(self, problem: RDEProblem, mask: Coefficients, noise: Coefficients) -> Tensor:
         """``(N, L)``: the distortion of every obfuscation (with gradient w.r.t. ``mask``)."""
