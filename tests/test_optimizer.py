@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -173,6 +175,35 @@ def test_bad_configuration_is_refused(tiny_cnn):
         CartoonX(tiny_cnn, distortion="l3")
     with pytest.raises(ConfigError, match="steps"):
         OptimizerConfig(steps=-1).validate()
+
+
+@pytest.mark.parametrize(
+    "field, value, needle",
+    [
+        ("steps", "100", "steps must be an integer, got '100'"),
+        ("steps", True, "steps must be an integer, got True"),
+        ("num_samples", 2.5, "num_samples must be an integer"),
+        ("seed", "a", "seed must be an integer"),
+        ("l1_lambda", "20", "l1_lambda must be a number"),
+        ("lr", None, None),  # None: the schedule's
+    ],
+)
+def test_counts_must_be_integers_and_rates_numbers(field, value, needle):
+    config = OptimizerConfig(**{field: value})
+    if needle is None:
+        assert config.validate() is config
+        return
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        config.validate()
+
+
+def test_numpy_numbers_and_an_int_lr_are_accepted(tiny_cnn, images):
+    config = OptimizerConfig(steps=np.int64(2), num_samples=np.int32(2), lr=1, l1_lambda=np.float32(20))
+    assert CartoonX(tiny_cnn, levels=3, config=config).explain(images[:1]).steps.tolist() == [2]
+    with pytest.raises(ConfigError, match="steps must be an integer"):
+        CartoonX(tiny_cnn, levels=3, steps=2, num_samples=2).explain(images[:1], steps=2.5)
+    with pytest.raises(ConfigError, match="wavelet levels must be an integer"):
+        CartoonX(tiny_cnn, levels="3")
 
 
 def test_schedules_fill_steps_and_lr_unless_given():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -186,6 +187,7 @@ class OptimizerConfig:
                 setattr(self, name, value)
 
     def validate(self) -> OptimizerConfig:
+        self._check_types()
         OBFUSCATIONS.get(self.obfuscation)
         DISTORTIONS.get(self.distortion)
         if self.lr_decay not in LR_DECAYS:
@@ -216,6 +218,17 @@ class OptimizerConfig:
         if self.l1_lambda is not None and self.l1_lambda < 0:
             raise ConfigError(f"l1_lambda must be at least 0, got {self.l1_lambda}")
         return self
+
+    def _check_types(self) -> None:
+        """Counts are integers and rates real numbers (a bool is neither; None where the field allows it)."""
+        for name in ("steps", "num_samples", "final_samples", "chunk_size", "stop_patience", "measure_samples", "seed"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise ConfigError(f"{name} must be an integer, got {value!r}")
+        for name in ("lr", "lr_final", "logit_stretch", "stop_tolerance", "l1_lambda"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+                raise ConfigError(f"{name} must be a number, got {value!r}")
 
 
 def samples_at(step: int, num_steps: int, first: int, final: int | None) -> int:
@@ -285,6 +298,8 @@ class RDEOptimizer:
         """
         cfg = self.config
         num_steps = cfg.steps if steps is None else steps
+        if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral):
+            raise ConfigError(f"steps must be an integer, got {num_steps!r}")
         if num_steps < 0:
             raise ConfigError(f"steps must be at least 0, got {num_steps}")
         start = time.perf_counter()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -285,8 +286,8 @@ class WaveletRepresentation(Representation):
         super().__init__()
         if mode not in PAD_MODES:
             raise ConfigError(f"unknown wavelet padding mode {mode!r}; choose from: {', '.join(PAD_MODES)}")
-        if levels < 1:
-            raise ConfigError(f"the number of wavelet levels must be at least 1, got {levels}")
+        if isinstance(levels, bool) or not isinstance(levels, numbers.Integral) or levels < 1:
+            raise ConfigError(f"the number of wavelet levels must be an integer of at least 1, got {levels!r}")
         self.wave = check_wavelet(wave)
         self.levels = levels
         self.mode = mode
