@@ -227,6 +227,15 @@ def test_one_verb_attribute_validates_its_inputs():
         method.attribute(images, None, [1, 2])  # seeds are keyword-only
 
 
+@pytest.mark.parametrize("name", ["integrated-gradients", "grad-cam"])
+def test_attribute_takes_float64_images_like_float32_ones(name):
+    """numpy's float64 images reach a captum baseline in the classifier's dtype."""
+    method = METHODS.get(name)(MethodContext(wrap_classifier(make_tiny_cnn()), image_size=SIZE))
+    images = smooth_images(2)
+    single = method.attribute(images, seeds=[1, 2]).relevance
+    torch.testing.assert_close(method.attribute(images.double(), seeds=[1, 2]).relevance, single)
+
+
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.script is deprecated; TorchScript files still load
 def test_hook_methods_skip_a_torchscript_classifier(tmp_path, caplog):
     scripted = torch.jit.script(make_tiny_cnn())
