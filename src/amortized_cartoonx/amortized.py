@@ -38,8 +38,8 @@ from .optimizer import OptimizerConfig, RDEOptimizer
 from .rde import (
     RDEObjective,
     RDEProblem,
+    as_input_of,
     check_images,
-    input_dtype,
     make_generators,
     original_logits,
     resolve_target,
@@ -299,10 +299,6 @@ class AmortizedExplainer:
         if self.strict_size:
             self.check_compatible(image_size=tuple(images.shape[-2:]))
 
-    def _network_input(self, images: Tensor) -> Tensor:
-        """``images`` in the mask predictor's dtype (float64 images for a float32 network)."""
-        return images.to(input_dtype(self.mask_predictor) or images.dtype)
-
     def _check_logits(self, logits: Tensor) -> None:
         expected = self.mask_predictor.config.num_classes
         if logits.shape[-1] != expected:
@@ -328,7 +324,7 @@ class AmortizedExplainer:
                 target = resolve_target(
                     target, images.new_zeros(images.shape[0], self.mask_predictor.config.num_classes)
                 )
-            return self.mask_predictor.mask(self._network_input(images), target.to(images.device))
+            return self.mask_predictor.mask(as_input_of(self.mask_predictor, images), target.to(images.device))
 
     @torch.no_grad()
     def predict_logits(
@@ -341,7 +337,7 @@ class AmortizedExplainer:
             with self.mask_predictor.tapping(self.classifier) as taps:  # the classifier encoder: one pass, not two
                 problem = self.objective.prepare(images, target)
             self._check_logits(problem.logits)
-            logits = self.mask_predictor(self._network_input(images), problem.target, taps=taps())
+            logits = self.mask_predictor(as_input_of(self.mask_predictor, images), problem.target, taps=taps())
         return problem, logits
 
     @torch.no_grad()

@@ -6,6 +6,8 @@ anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import numbers
+
 
 class CartoonXError(Exception):
     """Base class of the errors a user can cause (bad input, bad configuration)."""
@@ -31,3 +33,8 @@ def one_line(exc: BaseException) -> str:
     """An exception's message on one line (at most 200 characters), for the one-line errors above."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+def is_integer(value: object) -> bool:
+    """Whether ``value`` is an integer setting: a Python or numpy integer, not a bool (for the checks above)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

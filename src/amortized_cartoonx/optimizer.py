@@ -28,7 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .classifiers import frozen
-from .errors import ConfigError, NonFiniteError
+from .errors import ConfigError, NonFiniteError, is_integer
 from .explanation import Explanation, LossHistory, as_mask, measure_mask
 from .mask_logits import logits_to_mask, mask_to_logits
 from .rde import DEFAULT_LAMBDA, DISTORTIONS, OBFUSCATIONS, RDEObjective, RDEProblem, make_generators
@@ -223,7 +223,7 @@ class OptimizerConfig:
         """Counts are integers and rates real numbers (a bool is neither; None where the field allows it)."""
         for name in ("steps", "num_samples", "final_samples", "chunk_size", "stop_patience", "measure_samples", "seed"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            if value is not None and not is_integer(value):
                 raise ConfigError(f"{name} must be an integer, got {value!r}")
         for name in ("lr", "lr_final", "logit_stretch", "stop_tolerance", "l1_lambda"):
             value = getattr(self, name)
@@ -298,7 +298,7 @@ class RDEOptimizer:
         """
         cfg = self.config
         num_steps = cfg.steps if steps is None else steps
-        if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral):
+        if not is_integer(num_steps):
             raise ConfigError(f"steps must be an integer, got {num_steps!r}")
         if num_steps < 0:
             raise ConfigError(f"steps must be at least 0, got {num_steps}")

@@ -441,13 +441,16 @@ def input_dtype(classifier: object) -> torch.dtype | None:
     return next((t.dtype for t in tensors if t.is_floating_point()), None)
 
 
+def as_input_of(module: object, x: Tensor, default: torch.dtype | None = None) -> Tensor:
+    """``x`` in ``module``'s own floating dtype (:func:`input_dtype`; float64 images for a float32 model), or in
+    ``default`` when the module has none (None: unchanged)."""
+    return x.to(input_dtype(module) or default or x.dtype)
+
+
 def classify(classifier: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-    """``classifier(x)``, with ``x`` cast to the classifier's own floating dtype first (float64 images for a
-    float32 model, a float16 model) unless autocast runs on ``x``'s device (it chooses the dtypes then)."""
-    dtype = input_dtype(classifier)
-    if dtype is not None and x.dtype != dtype and not _autocast_on(x.device.type):
-        x = x.to(dtype)
-    return classifier(x)
+    """``classifier(x)``, with ``x`` cast to the classifier's own floating dtype first (:func:`as_input_of`)
+    unless autocast runs on ``x``'s device (it chooses the dtypes then)."""
+    return classifier(x if _autocast_on(x.device.type) else as_input_of(classifier, x))
 
 
 def _autocast_on(device_type: str) -> bool:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import numbers
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -27,7 +26,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, is_integer
 from .fused_ops import clamp_unit, interleave_unit_clamp, mix, mix_into_bands
 
 logger = logging.getLogger(__name__)
@@ -286,7 +285,7 @@ class WaveletRepresentation(Representation):
         super().__init__()
         if mode not in PAD_MODES:
             raise ConfigError(f"unknown wavelet padding mode {mode!r}; choose from: {', '.join(PAD_MODES)}")
-        if isinstance(levels, bool) or not isinstance(levels, numbers.Integral) or levels < 1:
+        if not is_integer(levels) or levels < 1:
             raise ConfigError(f"the number of wavelet levels must be an integer of at least 1, got {levels!r}")
         self.wave = check_wavelet(wave)
         self.levels = levels

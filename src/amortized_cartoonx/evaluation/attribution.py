@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..errors import ConfigError, InputError
 from ..optimizer import SCHEDULES, OptimizerConfig
-from ..rde import check_images, input_dtype
+from ..rde import as_input_of, check_images
 from ..registry import Registry
 from ..wavelets import Representation, WaveletRepresentation
 
@@ -159,7 +159,7 @@ class EvaluationMethod:
             InputError: images that are not ``(N, C, H, W)`` finite values, or not one seed per image.
         """
         check_images(images)
-        images = images.to(input_dtype(getattr(self, "classifier", None)) or torch.float32)  # e.g. numpy's float64
+        images = as_input_of(getattr(self, "classifier", None), images, torch.float32)  # e.g. numpy's float64
         seeds = [int(s) for s in seeds]
         if len(seeds) != images.shape[0]:
             raise InputError(f"got {len(seeds)} seeds for {images.shape[0]} images")
