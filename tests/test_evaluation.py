@@ -227,6 +227,33 @@ def test_one_verb_attribute_validates_its_inputs():
         method.attribute(images, None, [1, 2])  # seeds are keyword-only
 
 
+@pytest.mark.parametrize("name", ["integrated-gradients", "smoothgrad", "guided-backprop", "grad-cam", "random-pixel"])
+def test_attribute_checks_targets_and_seeds_like_the_explainers(name):
+    """A target out of range or of the wrong length failed inside captum (or was ignored by the random orderings),
+    a fractional one was truncated; string or negative seeds failed in int() or numpy."""
+    ctx = MethodContext(wrap_classifier(make_tiny_cnn()), image_size=SIZE, baselines=FAST_BASE)
+    method = METHODS.get(name)(ctx)
+    images = smooth_images(2)
+    for target, needle in [
+        (torch.tensor([9, 0]), "target class 9 is out of range: the classifier has 5 classes"),
+        (torch.tensor([-1, 0]), "target class -1 is out of range"),
+        (torch.tensor([0, 1, 2]), "got 3 targets for 2 images"),
+        (torch.tensor([0.5, 1.0]), "class indices"),
+    ]:
+        with pytest.raises(InputError, match=needle):
+            method.attribute(images, target, seeds=[1, 2])
+    for seeds in (["a", "b"], [-1, 2]):
+        with pytest.raises(InputError, match="seeds must be non-negative integers"):
+            method.attribute(images, seeds=seeds)
+    with pytest.raises(InputError, match="meta device"):
+        method.attribute(images.to("meta"), seeds=[1, 2])
+    one_class = method.attribute(images, 1, seeds=[1, 2])  # one class for every image
+    assert one_class.target.tolist() == [1, 1]
+    torch.testing.assert_close(
+        one_class.relevance, method.attribute(images, torch.tensor([1, 1]), seeds=[1, 2]).relevance
+    )
+
+
 @pytest.mark.parametrize("name", ["integrated-gradients", "grad-cam"])
 def test_attribute_takes_float64_images_like_float32_ones(name):
     """numpy's float64 images reach a captum baseline in the classifier's dtype."""

@@ -235,6 +235,17 @@ def test_careless_tensors_get_a_clear_error_or_a_warning(tiny_cnn, images):
         objective.prepare(images.clamp(0.0005, 0.9995))
 
 
+def test_meta_images_and_targets_that_are_no_numbers_get_an_input_error(tiny_cnn, images):
+    """Meta tensors failed in torch's isfinite ("Tensor.item() cannot be called on meta tensors"), a string or
+    ragged target in torch.as_tensor."""
+    objective = RDEObjective(tiny_cnn, WaveletRepresentation("db3", 3))
+    with pytest.raises(InputError, match="images are on the meta device"):
+        objective.prepare(images.to("meta"))
+    for target in ("1", [0, [1, 2], 3], [0, None, 1]):
+        with pytest.raises(InputError, match="target must be class indices"):
+            objective.prepare(images, target=target)
+
+
 def test_a_classifier_that_edits_its_input_in_place_leaves_the_images_alone(tiny_cnn, images):
     class InPlace(nn.Module):
         def __init__(self):

@@ -1,5 +1,10 @@
 """The random streams and the item hash are pinned: changing them changes every result, so it is deliberate."""
 
+import numpy as np
+import pytest
+import torch
+
+from amortized_cartoonx.errors import InputError
 from amortized_cartoonx.seeding import Stream, file_seeds, image_seeds, item_seed, item_unit, step_seeds, stream_seeds
 
 
@@ -46,3 +51,26 @@ def test_step_seeds_depend_on_step_stream_and_image_not_on_the_batch():
 def test_image_seeds_of_the_python_api():
     assert image_seeds(3, 5) == [5, 6, 7]
     assert image_seeds(2, 5, seeds=[9, 4]) == [9, 4]
+
+
+@pytest.mark.parametrize(
+    "seeds, needle",
+    [
+        (["a", "b"], "seeds must be non-negative integers, got 'a'"),
+        ([-1, 2], "seeds must be non-negative integers, got -1"),  # numpy's SeedSequence refuses it deep inside
+        ([1.5, 2], "seeds must be non-negative integers, got 1.5"),  # was truncated to 1 silently
+        ([True, 2], "got True"),
+        (7, "seeds must be one integer per image, got int"),
+    ],
+)
+def test_seeds_must_be_non_negative_integers(seeds, needle):
+    with pytest.raises(InputError, match=needle):
+        image_seeds(2, 0, seeds)
+
+
+def test_integer_seeds_of_every_kind_are_accepted_and_a_negative_base_seed_is_named():
+    assert image_seeds(3, 0, [np.int64(4), torch.tensor(5), 6.0]) == [4, 5, 6]
+    assert image_seeds(2, 0, torch.tensor([8, 9])) == [8, 9]
+    with pytest.raises(InputError, match=r"seed must be at least 0 \(image n is seeded seed \+ n\), got -1"):
+        image_seeds(2, -1)
+    assert image_seeds(2, -1, [0, 1]) == [0, 1]  # explicit seeds need no base seed

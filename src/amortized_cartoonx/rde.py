@@ -398,7 +398,7 @@ class RDEObjective:
 
 
 def check_images(images: Tensor) -> None:
-    """Reject what no explainer can use: wrong rank, empty, not floating point, non-finite."""
+    """Reject what no explainer can use: wrong rank, empty, not floating point, on the meta device, non-finite."""
     if not isinstance(images, Tensor):
         raise InputError(f"images must be a tensor (N, C, H, W), got {type(images).__name__}")
     if images.ndim != 4:
@@ -408,6 +408,8 @@ def check_images(images: Tensor) -> None:
     if not images.is_floating_point():
         hint = " (images.float() / 255 for 8-bit pixels)" if images.dtype == torch.uint8 else ""
         raise InputError(f"images must be floating point in [0, 1], got {images.dtype}{hint}")
+    if images.is_meta:
+        raise InputError("images are on the meta device (a shape without pixel values); load real images first")
     if not torch.isfinite(images).all():
         raise InputError("images contain NaN or infinite values")
 
@@ -521,7 +523,10 @@ def resolve_target(target: Tensor | Sequence[int] | int | None, logits: Tensor) 
     num_images, num_classes = logits.shape
     if target is None:
         return logits.argmax(1)
-    given = torch.as_tensor(target)
+    try:
+        given = torch.as_tensor(target)
+    except (TypeError, ValueError, RuntimeError):  # a string, a ragged list, None inside a list
+        raise InputError(f"target must be class indices (integers), got {target!r:.60}") from None
     if given.dtype == torch.bool or given.is_complex() or (given.is_floating_point() and not _integral(given)):
         raise InputError(f"target must be class indices (integers), got {given.dtype} values")
     target = given.to(dtype=torch.long, device=logits.device).reshape(-1)

@@ -91,13 +91,37 @@ def step_seeds(base: int, stream: Stream, step: int, ids: Sequence[str]) -> list
 
 
 def image_seeds(num_images: int, seed: int, seeds: Sequence[int] | None = None) -> list[int]:
-    """Per-image seeds of an ``explain`` call: ``seeds`` if given, else ``seed, seed + 1, ...``."""
+    """Per-image seeds of an ``explain`` call: ``seeds`` if given (checked: :func:`check_seeds`), else ``seed,
+    seed + 1, ...``."""
     if seeds is None:
+        if seed < 0:  # the noise generators take non-negative seeds only
+            raise InputError(f"seed must be at least 0 (image n is seeded seed + n), got {seed}; or pass seeds=")
         return [seed + i for i in range(num_images)]
-    seeds = [int(s) for s in seeds]
-    if len(seeds) != num_images:
-        raise InputError(f"got {len(seeds)} seeds for {num_images} images")
-    return seeds
+    return check_seeds(seeds, num_images)
+
+
+def check_seeds(seeds: Sequence[int], num_images: int) -> list[int]:
+    """``seeds`` as a list of ``num_images`` non-negative ints (Python, numpy or 0-d tensor integers, or floats
+    of integral value); anything else is an :class:`~amortized_cartoonx.errors.InputError`."""
+    try:
+        given = list(seeds)
+    except TypeError:
+        raise InputError(f"seeds must be one integer per image, got {type(seeds).__name__}") from None
+    checked = [_seed(s) for s in given]
+    if len(checked) != num_images:
+        raise InputError(f"got {len(checked)} seeds for {num_images} images")
+    return checked
+
+
+def _seed(value: object) -> int:
+    try:
+        seed = int(value)  # type: ignore[call-overload]
+        integral = bool(seed == value) and not isinstance(value, bool)
+    except (TypeError, ValueError, OverflowError, RuntimeError):
+        integral = False
+    if not integral or seed < 0:
+        raise InputError(f"seeds must be non-negative integers, got {value!r:.60}")
+    return seed
 
 
 def file_seeds(ids: Sequence[str], seed: int) -> list[int]:

@@ -28,10 +28,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError
 from ..optimizer import SCHEDULES, OptimizerConfig
-from ..rde import as_input_of, check_images
+from ..rde import as_input_of, check_images, original_logits, resolve_target
 from ..registry import Registry
+from ..seeding import check_seeds
 from ..wavelets import Representation, WaveletRepresentation
 
 #: ``mask``: the relevance is a mask in [0, 1] over the representation; ``attribution``: a pixel heat map.
@@ -160,21 +161,18 @@ class EvaluationMethod:
         """
         check_images(images)
         images = as_input_of(getattr(self, "classifier", None), images, torch.float32)  # e.g. numpy's float64
-        seeds = [int(s) for s in seeds]
-        if len(seeds) != images.shape[0]:
-            raise InputError(f"got {len(seeds)} seeds for {images.shape[0]} images")
-        return self._compute(images, target, seeds)
+        return self._compute(images, target, check_seeds(seeds, images.shape[0]))
 
     def _compute(self, images: Tensor, target: Tensor | None, seeds: list[int]) -> Attribution:
         raise NotImplementedError
 
 
 def explained_target(classifier: Callable[[Tensor], Tensor], images: Tensor, target: Tensor | None) -> Tensor:
-    """``(N,)``: ``target`` or, by default, the class the classifier predicts."""
-    if target is not None:
-        return torch.as_tensor(target, device=images.device).long().reshape(-1)
+    """``(N,)``: ``target`` (one class for all or one per image, checked against the classifier's classes, as
+    the explainers check it: :func:`~amortized_cartoonx.rde.resolve_target`) or, by default, the class the
+    classifier predicts."""
     with torch.no_grad():
-        return classifier(images).argmax(1)
+        return resolve_target(target, original_logits(classifier, images))
 
 
 #: name -> ``factory(context) -> EvaluationMethod``; filled by :mod:`.mask_methods` and :mod:`.baselines`.
