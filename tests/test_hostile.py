@@ -375,6 +375,27 @@ def test_a_fuzzed_image_either_loads_or_is_one_input_error(tmp_path):
     assert outcomes["refused"] > 0 and outcomes["loaded"] > 0
 
 
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        (b"file,class_index\na.png,-1\n", r"row 2: class_index must be a non-negative integer, got '-1'"),
+        (b"file,class_index\na.png,1\nb.png\n", r"row 3: class_index must be a non-negative integer, got None"),
+        (b"file,class_index\na.png,\xff\n", "is not UTF-8 CSV text"),
+    ],
+)
+def test_a_bad_labels_csv_is_one_input_error_naming_the_row(tmp_path, content, needle):
+    """A negative index read as "no label" (target_source=label then explained the prediction); a short row or
+    bytes that are not UTF-8 gave a TypeError or UnicodeDecodeError."""
+    from amortized_cartoonx.data import read_labels_csv
+
+    path = tmp_path / "labels.csv"
+    path.write_bytes(content)
+    with pytest.raises(InputError, match=needle):
+        read_labels_csv(path)
+    path.write_bytes(b"file,class_index\na.png, 3\n")
+    assert read_labels_csv(path) == {"a.png": 3}
+
+
 # ---- cartoonx fit --------------------------------------------------------------------------------------------------
 def test_fit_refuses_typos_and_empty_runs_in_one_line(tmp_path, inputs, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # checkpoints/ and logs/ of a run that must not start

@@ -67,3 +67,13 @@ def test_list_images(tmp_path):
     for name in ("b.png", "a.JPG", "notes.txt"):
         (tmp_path / name).write_bytes(b"x")
     assert [p.name for p in list_images(tmp_path)] == ["a.JPG", "b.png"]
+
+
+@pytest.mark.parametrize("size", ["32", 32.0, 2.5, True])
+def test_a_size_that_is_no_integer_is_refused(tmp_path, size):
+    """A string or float size reached PIL or torch.interpolate and failed there with a TypeError."""
+    path = tmp_path / "a.png"
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(path)
+    with pytest.raises(InputError, match=r"image size must be an integer in 1\.\.8192, got"):
+        load_image(path, size)
+    assert load_image(path, np.int64(8)).shape == (3, 8, 8)

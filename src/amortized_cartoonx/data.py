@@ -8,7 +8,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from .errors import InputError
+from .errors import InputError, one_line
 from .images import list_images, load_image
 from .seeding import item_unit
 
@@ -21,12 +21,21 @@ def read_labels_csv(path: str | Path) -> dict[str, int]:
             rows = list(csv.DictReader(fh))
     except OSError as exc:
         raise InputError(f"cannot read labels file {path}: {exc}") from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f"labels file {path} is not UTF-8 CSV text ({one_line(exc)})") from None
     if rows and not {"file", "class_index"} <= set(rows[0]):
         raise InputError(f"{path} needs the columns file and class_index, has {', '.join(rows[0])}")
-    try:
-        return {row["file"]: int(row["class_index"]) for row in rows}
-    except ValueError as exc:
-        raise InputError(f"{path}: class_index must be an integer ({exc})") from None
+    labels = {}
+    for line, row in enumerate(rows, start=2):
+        value = row["class_index"]  # None on a short row
+        try:
+            index = int(value)
+        except (TypeError, ValueError):
+            index = -1
+        if index < 0:  # -1 would read as "no label" and silently explain the prediction instead
+            raise InputError(f"{path}, row {line}: class_index must be a non-negative integer, got {value!r}")
+        labels[row["file"]] = index
+    return labels
 
 
 class ImageFolder(Dataset):

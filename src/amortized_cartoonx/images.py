@@ -16,7 +16,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from .errors import InputError, one_line
+from .errors import InputError, is_integer, one_line
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 #: Largest image read, in pixels (width x height), checked on the header before decoding: a small file can
@@ -32,9 +32,9 @@ _HIGH_DEPTH = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
 def check_size(size: int | None) -> None:
-    """Refuse an output size no image should be resized to (non-positive, or above :data:`MAX_SIZE`)."""
-    if size is not None and not 1 <= size <= MAX_SIZE:
-        raise InputError(f"image size must be in 1..{MAX_SIZE}, got {size}")
+    """Refuse an output size no image should be resized to (not an integer, non-positive, or above :data:`MAX_SIZE`)."""
+    if size is not None and not (is_integer(size) and 1 <= size <= MAX_SIZE):
+        raise InputError(f"image size must be an integer in 1..{MAX_SIZE}, got {size!r}")
 
 
 def _to_rgb_array(img: Image.Image) -> np.ndarray:
