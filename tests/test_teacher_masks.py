@@ -480,6 +480,18 @@ def test_a_shard_of_the_wrong_structure_is_refused(tmp_path, ids, tensors, words
     one_line_naming(exc, bad)
 
 
+def test_masks_that_are_not_a_matrix_are_named_with_their_shape(tmp_path):
+    """The message said "expected [-1, K]" (the row count it could not read) for 3-D masks."""
+    folder = small_store(tmp_path / "s").folder
+    bad = folder / "shard-y.safetensors"
+    tensors = {"masks": torch.rand(2, K, 1).half(), "targets": torch.zeros(2, dtype=torch.int64)}
+    tensors |= {name: torch.zeros(2) for name in ("loss", "distortion", "mask_mean")}
+    save_file(tensors, str(bad), metadata={"ids": json.dumps(["d.png", "e.png"])})
+    with pytest.raises(InputError, match=r"masks has shape \[2, 20, 1\], expected \[n, K\]") as exc:
+        TeacherMaskStore(folder).ids()
+    one_line_naming(exc, bad)
+
+
 def test_the_same_id_in_two_shards_names_both(tmp_path):
     """A shard of NaN masks that sorts first used to replace the good masks silently."""
     folder = small_store(tmp_path / "s").folder

@@ -197,7 +197,8 @@ def _check_layout(path: Path, layout: dict[str, tuple[str, list[int]]], mask_len
         if dtype not in dtypes:
             raise shard_error(path, f"{name} has dtype {dtype}, expected {' or '.join(sorted(dtypes))}")
         if len(shape) != ndim or shape[0] != n:
-            expected = f"[{n}, K]" if ndim == 2 else f"[{n}]"
+            rows = n if n >= 0 else "n"  # n is -1 when the masks themselves are not (n, K)
+            expected = f"[{rows}, K]" if ndim == 2 else f"[{rows}]"
             raise shard_error(path, f"{name} has shape {list(shape)}, expected {expected}")
     k = layout["masks"][1][1]
     if mask_length is not None and k != mask_length:
