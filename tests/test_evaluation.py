@@ -263,6 +263,14 @@ def test_attribute_takes_float64_images_like_float32_ones(name):
     torch.testing.assert_close(method.attribute(images.double(), seeds=[1, 2]).relevance, single)
 
 
+@pytest.mark.parametrize("name", ["smoothgrad", "guided-backprop", "grad-cam", "random-pixel"])
+def test_relevance_is_float32_for_a_half_precision_classifier(name):
+    """The gradient baselines answered in bfloat16 for a bfloat16 classifier, the other methods in float32."""
+    classifier = wrap_classifier(make_tiny_cnn().to(torch.bfloat16))
+    relevance = METHODS.get(name)(MethodContext(classifier, image_size=SIZE)).attribute(smooth_images(2), seeds=[1, 2])
+    assert relevance.relevance.dtype == torch.float32 and torch.isfinite(relevance.relevance).all()
+
+
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.script is deprecated; TorchScript files still load
 def test_hook_methods_skip_a_torchscript_classifier(tmp_path, caplog):
     scripted = torch.jit.script(make_tiny_cnn())

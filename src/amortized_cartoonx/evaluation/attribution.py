@@ -113,8 +113,8 @@ class Attribution:
 
     Attributes:
         method: the method's name.
-        relevance: ``(N, K)`` a score per channel-shared position of the method's representation (higher =
-            more relevant); for mask methods the mask itself, in [0, 1].
+        relevance: ``(N, K)`` float32, a score per channel-shared position of the method's representation
+            (higher = more relevant); for mask methods the mask itself, in [0, 1].
         target: ``(N,)`` the explained class.
         seconds: wall-clock seconds for the whole batch.
         scalars: per-image extras ``(N,)`` (mask methods: ``mask_mean``, ``distortion``, ``loss``, ...).
@@ -156,12 +156,17 @@ class EvaluationMethod:
             target: ``(N,)`` the classes to explain; None: the class the classifier predicts.
             seeds: one seed per image; an image's randomness (if any) depends on its seed alone.
 
+        Returns:
+            The :class:`Attribution`, its relevance in float32 whatever the classifier's dtype.
+
         Raises:
             InputError: images that are not ``(N, C, H, W)`` finite values, or not one seed per image.
         """
         check_images(images)
         images = as_input_of(getattr(self, "classifier", None), images, torch.float32)  # e.g. numpy's float64
-        return self._compute(images, target, check_seeds(seeds, images.shape[0]))
+        result = self._compute(images, target, check_seeds(seeds, images.shape[0]))
+        result.relevance = result.relevance.float()  # the gradient baselines answer in a half classifier's dtype
+        return result
 
     def _compute(self, images: Tensor, target: Tensor | None, seeds: list[int]) -> Attribution:
         raise NotImplementedError
