@@ -88,6 +88,32 @@ def test_callable_spec(tmp_path, monkeypatch):
         load_classifier("cx_spec_models:missing")
 
 
+def test_a_module_in_the_current_folder_or_a_python_file_is_a_spec(tmp_path, monkeypatch):
+    """``cartoonx`` (a console script) does not put the current folder on the import path: a newcomer's
+    ``my_cnn:build`` in that folder was 'No module named'. ``PATH.py:callable`` names a file anywhere."""
+    folder = tmp_path / "my_models"
+    folder.mkdir()
+    (folder / "cx_here_cnn.py").write_text(
+        "from torch import nn\ndef build():\n    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 3))\n"
+    )
+    (folder / "cx_fails_on_import.py").write_text("raise RuntimeError('no GPU here')\n")
+    monkeypatch.chdir(folder)
+    path_before = list(sys.path)
+    assert load_classifier("cx_here_cnn:build")(torch.rand(2, 3, 8, 8)).shape == (2, 3)
+    assert sys.path == path_before  # the current folder was on it for the import only
+    monkeypatch.chdir(tmp_path)
+    assert load_classifier("my_models/cx_here_cnn.py:build")(torch.rand(2, 3, 8, 8)).shape == (2, 3)
+    assert load_classifier(f"{folder}/cx_here_cnn.py:build").spec == f"{folder}/cx_here_cnn.py:build"
+    with pytest.raises(ClassifierError, match="or add it to PYTHONPATH"):
+        load_classifier("cx_not_anywhere:build")
+    with pytest.raises(ClassifierError, match="classifier file not found"):
+        load_classifier("my_models/missing.py:build")
+    with pytest.raises(ClassifierError, match="has no attribute 'nothing'"):
+        load_classifier("my_models/cx_here_cnn.py:nothing")
+    with pytest.raises(ClassifierError, match="importing my_models/cx_fails_on_import.py:build failed: RuntimeError"):
+        load_classifier("my_models/cx_fails_on_import.py:build")
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [

