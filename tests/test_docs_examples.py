@@ -8,6 +8,7 @@ that no longer matches fails the test: an edited example must be run again here.
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -209,3 +210,15 @@ def test_targets_example(tmp_path, monkeypatch):
     assert len(store) == 1 and record.mask.shape == (store.manifest["mask_length"],)
     assert record.mask.dtype == torch.float32
     assert {"target", "loss", "distortion", "mask_mean", "seed"} <= set(vars(record))
+
+
+def test_every_public_name_resolves_without_lightning():
+    """``from amortized_cartoonx import X`` works for every name of ``__all__`` (the lazy table points at real
+    objects), and none of them pulls in Lightning."""
+    code = (
+        "import sys, amortized_cartoonx as a\n"
+        "missing = [n for n in a.__all__ if getattr(a, n, None) is None]\n"
+        "assert not missing, missing\n"
+        "assert 'pytorch_lightning' not in sys.modules and 'lightning' not in sys.modules, 'Lightning imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)

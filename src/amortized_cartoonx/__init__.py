@@ -23,6 +23,7 @@ _EXPORTS = {
     "WarmStartExplainer": "amortized",
     "Explanation": "explanation",
     "LossHistory": "explanation",
+    "load_saved_explanation": "explanation",
     "Coefficients": "wavelets",
     "WaveletRepresentation": "wavelets",
     "PixelRepresentation": "wavelets",
