@@ -140,6 +140,15 @@ def test_mismatched_settings_are_refused(checkpoint, small_images):
         AmortizedExplainer.from_checkpoint(checkpoint, None)
 
 
+def test_an_unknown_or_missing_device_is_refused_before_loading(checkpoint):
+    with pytest.raises(ConfigError, match="unknown device 'gpu'"):
+        AmortizedExplainer.from_checkpoint(checkpoint, SPEC, device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA GPU is available"):
+            AmortizedExplainer.from_checkpoint(checkpoint, SPEC, device="cuda")
+    assert AmortizedExplainer.from_checkpoint(checkpoint, SPEC, device="auto").meta["image_size"] == SIZE
+
+
 def test_unreadable_checkpoints_are_refused(tmp_path):
     with pytest.raises(InputError, match="not found"):
         AmortizedExplainer.from_checkpoint(tmp_path / "missing.ckpt", SPEC)

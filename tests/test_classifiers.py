@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -236,3 +237,14 @@ def test_torchscript_runs_without_the_profiling_executors_reoptimisation(tmp_pat
     assert torch._C._get_graph_executor_optimize()  # restored afterwards
     Classifier(model)(x)  # an nn.Module is called as it is
     assert flags == [False]
+
+
+def test_a_device_this_machine_lacks_is_named_before_any_loading(monkeypatch):
+    """``device="cuda"`` on a machine without one was torch's 'Found no NVIDIA driver' from deep inside."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent))  # the spec conftest:make_tiny_cnn
+    assert load_classifier("conftest:make_tiny_cnn", device="auto").normalization is None
+    with pytest.raises(ConfigError, match="unknown device 'gpu'"):
+        load_classifier("conftest:make_tiny_cnn", device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA GPU is available"):
+            load_classifier("conftest:make_tiny_cnn", device="cuda")

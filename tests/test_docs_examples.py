@@ -116,7 +116,7 @@ def test_amortized_example(tiny_checkpoint):
         {
             '"checkpoints/RUN/best.ckpt"': repr(str(tiny_checkpoint)),
             '"torchvision:mobilenet_v3_small"  #': '"conftest:make_tiny_cnn"  #',
-            'device="cuda"': 'device="cpu"',
+            'device="auto"': 'device="cpu"',
             "target=207": "target=3",  # the tiny CNN has 5 classes
             "calibration_samples=8": "calibration_samples=2",
             '"torchvision:mobilenet_v3_small", image_size=256)': "CLASSIFIER, image_size=32)",

@@ -45,7 +45,7 @@ from .rde import (
     resolve_target,
     warn_outside_unit_range,
 )
-from .runtime import synchronize
+from .runtime import resolve_device, synchronize
 from .seeding import Stream, image_seeds, stream_seeds
 from .wavelets import Coefficients, WaveletRepresentation
 
@@ -178,15 +178,15 @@ class AmortizedExplainer:
             classifier: the classifier, as a spec (``torchvision:NAME``, a model file, ``package.module:callable``;
                 loaded here), a loaded :class:`Classifier` (its spec must match the checkpoint's), or any other
                 ``nn.Module`` (wrapped as is; the caller vouches for it).
-            device: where to run.
+            device: where to run: ``cpu``, ``cuda[:N]``, ``mps`` or ``auto`` (CUDA when available).
             normalize: the input normalisation for a spec (default: the checkpoint's).
             backbone: with the ``backbone`` encoder, its network (a module or a spec); None loads the recorded
                 spec when it is built in (``torchvision:NAME``, ``efficientnet-lite0``), else it must be named.
             options: ``measure_samples``, ``seed``, ``strict_size`` (see the class).
         """
+        device = resolve_device(device)
         loaded = read_checkpoint(path)
         meta, path = loaded.meta, loaded.path
-        device = torch.device(device)
         if classifier is None:
             raise ConfigError(
                 f"name the classifier that {path.name} explains (it was trained for {meta['classifier']!r}): "

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from .errors import ClassifierError, ConfigError, one_line
 from .io import file_sha256
+from .runtime import resolve_device
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -303,8 +304,9 @@ def load_classifier(spec: str, normalize: str = "auto", device: str | torch.devi
         spec: the spec string.
         normalize: ``auto`` (the model's own: ImageNet's for torchvision models, ``(255 x - 127) / 128`` for
             EfficientNet-Lite0, none otherwise), ``imagenet``, ``efficientnet-lite`` or ``none``.
-        device: where to put it.
+        device: where to put it: ``cpu``, ``cuda[:N]``, ``mps`` or ``auto`` (CUDA when available).
     """
+    device = resolve_device(device)
     default_norm = "none"
     if spec == EFFICIENTNET_LITE0_SPEC:
         model = _efficientnet_lite0()

@@ -18,6 +18,30 @@ def module_device(module: object) -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A torch device from ``auto`` (CUDA when available, else the CPU), ``cpu``, ``cuda[:N]``, ``mps`` or a
+    :class:`torch.device`, checked to exist here.
+
+    Raises:
+        ConfigError: an unknown name, or a device this machine does not have (before any model is moved there).
+    """
+    from .errors import ConfigError
+
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {str(device)!r} was asked for, but no CUDA GPU is available (use 'cpu' or 'auto')")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {str(device)!r} was asked for, but there are {torch.cuda.device_count()} GPUs")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {str(device)!r} was asked for, but MPS is not available (use 'cpu' or 'auto')")
+    return device
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the device's queued work (so wall-clock timings are honest on a GPU); nothing on a CPU."""
     if device.type == "cuda":
