@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import textwrap
@@ -248,3 +249,66 @@ def test_explain_with_a_real_classifier_and_photo(tmp_path, shared, capsys):
     line = json.loads((out / "summary.jsonl").read_text())
     assert line["target_name"] and 0 < line["prob_original"] <= 1
     assert (out / f"{photo.stem}.png").is_file()
+
+
+def test_a_synthetic_classifier_is_explained_at_its_training_size(tmp_path, pictures, capsys):
+    from amortized_cartoonx.synthetic.classifier import CartoonCNN, CNNConfig, save_synthetic_classifier
+    from amortized_cartoonx.synthetic.dataset import CartoonConfig
+
+    torch.manual_seed(0)
+    model = CartoonCNN(CNNConfig(num_classes=8, widths=(4, 8)))
+    save_synthetic_classifier(model, tmp_path / "clf", {"dataset": CartoonConfig(size=32).to_dict()})
+    out = tmp_path / "out"
+    spec = f"synthetic:{tmp_path / 'clf' / 'classifier.json'}"
+    code, _, err = run(
+        [pictures[0], "--classifier", spec, "--out", str(out), "--steps", "1", "--samples", "2", "--device", "cpu"],
+        capsys,
+    )
+    assert code == 0, err
+    assert load_saved_explanation(out / "rgb.safetensors")["explanation"].shape == (1, 32, 32)
+    code, _, err = run(  # an explicit --size still wins
+        [pictures[0], "--classifier", spec, "--out", str(tmp_path / "o2"), "--size", "40", "--steps", "1"]
+        + ["--samples", "2", "--device", "cpu"],
+        capsys,
+    )
+    assert code == 0, err
+    assert load_saved_explanation(tmp_path / "o2" / "rgb.safetensors")["explanation"].shape == (1, 40, 40)
+
+
+def test_a_labels_file_for_another_number_of_classes_is_warned_about(tmp_path, spec, pictures, capsys, caplog):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"class {i}\n" for i in range(1000)))
+    args = [pictures[0], "--classifier", spec, "--out", str(tmp_path / "out"), "--size", "32", "--steps", "1"]
+    with caplog.at_level(logging.WARNING):
+        code, _, err = run([*args, "--samples", "2", "--device", "cpu", "--labels", str(labels)], capsys)
+    assert code == 0, err
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "--labels" in r.getMessage()]
+    assert len(warned) == 1 and "1000" in warned[0] and "5 classes" in warned[0], warned
+
+
+def test_no_progress_hides_the_progress_bars(tmp_path, spec, pictures, capsys):
+    args = [pictures[0], "--classifier", spec, "--size", "32", "--steps", "2", "--samples", "2", "--device", "cpu"]
+    code, _, err = run([*args, "--out", str(tmp_path / "quiet"), "--no-progress"], capsys)
+    assert code == 0, err
+    assert "explain (cartoonx)" not in err and "steps" not in err, err
+
+
+@pytest.mark.parametrize("command", ["explain", "targets", "evaluate", "train-classifier", "demo"])
+def test_help_descriptions_are_plain_text(command):
+    from amortized_cartoonx.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    description = sub.choices[command].format_help()
+    assert "``" not in description and ":func:" not in description and ":class:" not in description, description
+    assert f"cartoonx {command}" in description
+
+
+def test_fit_help_describes_what_it_trains(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["cartoonx"])  # LightningCLI compares its args with the command line
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--help"])
+    assert exc.value.code == 0
+    head = " ".join(capsys.readouterr().out.split()).split(" options:")[0]  # usage and description
+    assert "Runs the full optimization routine" not in head  # Trainer.fit's docstring (still a group's title)
+    assert "cartoonx fit: train the amortized CartoonX explainer (the mask predictor network)" in head

@@ -702,3 +702,27 @@ def test_guided_backprop_matches_captum_on_relu_and_covers_relu6():
     x = images.clone().requires_grad_(True)
     (plain,) = torch.autograd.grad(model(x).gather(1, torch.tensor([[0], [1]])).sum(), x)
     assert guided.shape == images.shape and not torch.allclose(guided, plain)
+
+
+def test_evaluate_takes_size_and_levels_from_the_checkpoint(tmp_path, scripted_classifier):
+    checkpoint = write_checkpoint(tmp_path / "explainer.ckpt", str(scripted_classifier))
+    images_dir = write_folder(tmp_path / "images", 1)
+    out = tmp_path / "out"
+    args = ["evaluate", "--classifier", str(scripted_classifier), "--images", str(images_dir), "--out", str(out)]
+    args += ["--checkpoint", str(checkpoint), "--methods", "amortized", "--samples", "2", "--rates", "3"]
+    args += ["--noise-draws", "1", "--lambdas", "--examples", "1", "--device", "cpu", "--no-progress"]
+    assert main(args) == 0  # no --size and --levels: the checkpoint's 32 px and J = 2
+    settings = json.loads((out / "summary.json").read_text())["settings"]
+    assert settings["image_size"] == SIZE and settings["dwt"]["levels"] == 2
+    assert "--size" not in settings["command"]
+
+
+def test_sanity_depths_are_checked_before_any_work(tmp_path, count_explains, capsys):
+    images = write_folder(tmp_path / "images", 2)
+    out = tmp_path / "out"
+    args = ["evaluate", "--classifier", "tests.conftest:make_tiny_cnn", "--images", str(images), "--out", str(out)]
+    args += ["--size", str(SIZE), "--methods", "random-pixel", "--rates", "3", "--noise-draws", "1", "--lambdas"]
+    assert main([*args, "--device", "cpu", "--sanity", "--sanity-depths", "1,99"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "sanity depth 99 exceeds the classifier's 4 layers" in err and len(err.splitlines()) == 1, err
+    assert count_explains == {} and not out.exists()

@@ -24,6 +24,7 @@ from PIL import Image
 from amortized_cartoonx.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KIND, STATE_PREFIX
 from amortized_cartoonx.cli import main
 from amortized_cartoonx.errors import InputError
+from amortized_cartoonx.explanation import load_saved_explanation
 from amortized_cartoonx.images import load_image
 from amortized_cartoonx.mask_predictor import MaskPredictor, MaskPredictorConfig
 
@@ -93,6 +94,7 @@ def assert_refused(code: int, err: str, *needles: str) -> None:
 
 
 def explain_args(images: list[Path | str], spec: str, out: Path, *extra: str) -> list[str]:
+    steps = [] if "amortized" in extra else ["--steps", "1"]  # the amortized method runs no steps (refused)
     return [
         "explain",
         *map(str, images),
@@ -102,8 +104,7 @@ def explain_args(images: list[Path | str], spec: str, out: Path, *extra: str) ->
         str(out),
         "--size",
         str(SIZE),
-        "--steps",
-        "1",
+        *steps,
         "--samples",
         "2",
         "--levels",
@@ -236,6 +237,54 @@ def test_a_classifier_is_recognised_by_its_weights_not_its_spec_text(tmp_path, s
     assert_refused(code, err, "was trained for classifier")
 
 
+def test_the_checkpoint_settings_are_the_defaults_of_size_levels_and_padding(tmp_path, spec, inputs, capsys):
+    """Without --size, --levels or --mode, explain uses the checkpoint's (it refused them at 256 px and J=5);
+    explicit values that differ are still refused, naming the J actually used at that size."""
+    path = tmp_path / "ok.ckpt"
+    checkpoint = checkpoint_dict(spec, mode="periodization")
+    checkpoint["cartoonx"]["mode"] = "periodization"
+    torch.save(checkpoint, path)
+    base = ["explain", str(inputs / "a.png"), "--classifier", spec, "--method", "amortized", "--checkpoint", str(path)]
+    code, err = cli([*base, "--out", str(tmp_path / "out"), "--samples", "2"], capsys)
+    assert code == 0, err
+    saved = load_saved_explanation(tmp_path / "out" / "a.safetensors")
+    assert saved["explanation"].shape == (1, SIZE, SIZE)
+    code, err = cli([*base, "--out", str(tmp_path / "bad"), "--size", "64"], capsys)
+    assert_refused(code, err, "image size 64x64", "use --size 32")
+    code, err = cli([*base, "--out", str(tmp_path / "bad"), "--levels", "5", "--mode", "zero"], capsys)
+    assert_refused(code, err, "J=4 levels", "padding zero")  # J=5 is capped to 4 at 32 px
+    assert "J=5" not in err
+
+
+def test_a_file_that_is_no_checkpoint_is_named_so(tmp_path, spec, inputs, capsys):
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(photo)
+    code, err = cli(
+        explain_args([inputs / "a.png"], spec, tmp_path / "out", "--method", "warm", "--checkpoint", str(photo)),
+        capsys,
+    )
+    assert_refused(code, err, "photo.jpg", "not a checkpoint file")
+    assert "could run code" not in err
+
+
+@pytest.mark.parametrize(
+    ("method", "extra", "needle"),
+    [
+        ("cartoonx", ["--refine-steps", "3"], "--refine-steps is for --method warm, not cartoonx"),
+        ("amortized", ["--refine-steps", "3"], "--refine-steps is for --method warm, not amortized"),
+        ("amortized", ["--steps", "3"], "--steps is for --method cartoonx, pixel-rde or warm, not amortized"),
+    ],
+)
+def test_options_the_method_ignores_are_refused(tmp_path, spec, inputs, capsys, method, extra, needle):
+    path = tmp_path / "ok.ckpt"
+    torch.save(checkpoint_dict(spec), path)
+    checkpoint = ["--checkpoint", str(path)] if method != "cartoonx" else []
+    args = ["explain", str(inputs / "a.png"), "--classifier", spec, "--out", str(tmp_path / "out"), "--samples", "2"]
+    code, err = cli([*args, "--method", method, *checkpoint, *extra], capsys)
+    assert_refused(code, err, needle)
+    assert not (tmp_path / "out").exists()
+
+
 # ---- outputs never overwrite inputs or each other --------------------------------------------------------------------
 def test_out_in_the_input_folder_never_overwrites_an_input(tmp_path, spec, capsys):
     folder = tmp_path / "pics"
@@ -260,6 +309,26 @@ def test_colliding_names_get_distinct_outputs(tmp_path, spec, capsys):
     lines = (out / "summary.jsonl").read_text().splitlines()
     assert [json.loads(line)["image"] for line in lines] == [str(p) for p in paths]
     assert len(list(out.glob("*.safetensors"))) == 3 and len(list(out.glob("*.png"))) == 3
+
+
+def test_summary_lines_name_their_output_files(tmp_path, spec, capsys):
+    rng = np.random.default_rng(2)
+    paths = []
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        Image.fromarray((rng.random((40, 40, 3)) * 255).astype(np.uint8)).save(tmp_path / sub / "x.png")
+        paths.append(tmp_path / sub / "x.png")
+    out = tmp_path / "out"
+    code, err = cli(explain_args(paths, spec, out), capsys)
+    assert code == 0, err
+    lines = [json.loads(line) for line in (out / "summary.jsonl").read_text().splitlines()]
+    assert [(line["png"], line["safetensors"]) for line in lines] == [
+        ("x.png", "x.safetensors"),
+        ("x_1.png", "x_1.safetensors"),
+    ]
+    for line in lines:
+        assert load_saved_explanation(out / line["safetensors"])["metadata"]["image"] == line["image"]
+        assert (out / line["png"]).is_file()
 
 
 @pytest.mark.parametrize("kind", ["file", "unwritable"])

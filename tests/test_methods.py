@@ -9,6 +9,7 @@ from amortized_cartoonx.cli import build_parser
 from amortized_cartoonx.cli.common import (
     CALIBRATION_NAMES,
     DISTORTION_NAMES,
+    DWT_DEFAULTS,
     MAX_IMAGE_SIZE,
     OBFUSCATION_NAMES,
     PARAMETRISATION_NAMES,
@@ -19,6 +20,7 @@ from amortized_cartoonx.evaluation.methods import METHODS, method_names
 from amortized_cartoonx.images import MAX_SIZE
 from amortized_cartoonx.optimizer import PARAMETRISATIONS, PRECISIONS, SCHEDULES
 from amortized_cartoonx.rde import DISTORTIONS, OBFUSCATIONS
+from amortized_cartoonx.wavelets import DEFAULT_LEVELS, DEFAULT_MODE, DEFAULT_WAVE
 
 
 def _choices(command: str, option: str) -> list[str]:
@@ -50,6 +52,7 @@ def test_cli_choices_follow_the_registries():
     assert list(PRECISION_NAMES) == list(PRECISIONS)
     assert MAX_IMAGE_SIZE == MAX_SIZE
     assert list(CALIBRATION_NAMES) == list(CALIBRATIONS)
+    assert DWT_DEFAULTS == {"wavelet": DEFAULT_WAVE, "levels": DEFAULT_LEVELS, "mode": DEFAULT_MODE}
     assert _choices("explain", "--calibration") == list(CALIBRATION_NAMES)
     for command in ("explain", "targets", "evaluate"):
         assert _choices(command, "--schedule") == list(SCHEDULE_NAMES)

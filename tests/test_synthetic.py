@@ -232,8 +232,9 @@ def test_train_reuse_and_force(tmp_path, caplog):
     assert record["training"]["config"]["train_size"] == 32
     again = train_synthetic_classifier(tmp_path, config, progress=False)
     assert again.reused and again.accuracy == first.accuracy
-    with pytest.raises(ConfigError, match="--force"):
+    with pytest.raises(ConfigError, match=r"pass force=True to retrain") as refused:
         train_synthetic_classifier(tmp_path, dataclasses.replace(config, seed=1), progress=False)
+    assert "--force" not in str(refused.value)
     forced = train_synthetic_classifier(tmp_path, dataclasses.replace(config, seed=1), force=True, progress=False)
     assert not forced.reused
 
@@ -294,3 +295,16 @@ def test_cli_help_and_tiny_run(tmp_path, capsys):
     assert main(argv) == 0
     assert "reusing" in capsys.readouterr().out
     assert main([*argv, "--epochs", "0"]) == 2  # one-line error, exit code 2
+
+
+def test_the_command_line_names_its_own_force_option(tmp_path, capsys):
+    from amortized_cartoonx.cli import main
+    from amortized_cartoonx.synthetic.classifier import CartoonCNN, save_synthetic_classifier
+    from amortized_cartoonx.synthetic.classifier_training import TrainConfig
+
+    config = TrainConfig(seed=5).to_dict()  # another seed than the command's: refused before any training
+    save_synthetic_classifier(CartoonCNN(), tmp_path / "clf", {"training": {"config": config}})
+    assert main(["train-classifier", "--out", str(tmp_path / "clf"), "--no-progress", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "(seed" in err and "pass --force to retrain" in err and "force=True" not in err, err
+    assert len(err.splitlines()) == 1

@@ -277,7 +277,7 @@ def test_cli_end_to_end_and_errors(reference, tmp_path, capsys):
     args = ["targets", "--classifier", SPEC, "--images", str(images), "--out", str(out), "--size", str(SIZE)]
     args += ["--steps", "3", "--samples", "2", "--batch-size", "3", "--accelerator", "cpu", "--no-progress"]
     assert main(args) == 0
-    assert f"{NUM_IMAGES} done, 0 skipped" in capsys.readouterr().out
+    assert f"{NUM_IMAGES} done, 0 already stored" in capsys.readouterr().out
     assert len(TeacherMaskStore(out)) == NUM_IMAGES
 
     def error(argv: list[str]) -> str:
@@ -591,3 +591,11 @@ def test_a_manifest_from_before_later_settings_counts_at_their_earlier_values():
     assert manifest_differences(old, clamp) == []
     assert manifest_differences(old, {**clamp, "parametrisation": "logit"}) == ["logit_stretch", "parametrisation"]
     assert manifest_differences({**clamp, "parametrisation": "logit"}, {**clamp, "parametrisation": "logit"}) == []
+
+
+def test_the_summary_line_says_which_folder_each_count_is_of(tmp_path):
+    from amortized_cartoonx.teacher_masks.generate import TeacherMaskSummary
+
+    line = TeacherMaskSummary(tmp_path / "teachers", 7, 2, 5, 1.0, 0.5).line()
+    assert "of 7 images from the image folder" in line and "5 already stored" in line
+    assert f"masks in {tmp_path / 'teachers'}/" in line and "in the folder" not in line

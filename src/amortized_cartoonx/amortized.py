@@ -47,7 +47,7 @@ from .rde import (
 )
 from .runtime import resolve_device, synchronize
 from .seeding import Stream, image_seeds, stream_seeds
-from .wavelets import Coefficients, WaveletRepresentation
+from .wavelets import Coefficients, WaveletRepresentation, max_levels
 
 logger = logging.getLogger(__name__)
 
@@ -271,7 +271,9 @@ class AmortizedExplainer:
         if wave is not None and wave != meta["wave"]:
             problems.append(f"wavelet {wave} (trained with {meta['wave']}: use --wavelet {meta['wave']})")
         if levels is not None and levels not in (meta["levels"], meta.get("levels_used")):
-            problems.append(f"J={levels} levels (trained with J={meta['levels']}: use --levels {meta['levels']})")
+            used = self._levels_used(levels, image_size, wave, mode)
+            capped = f"--levels {levels} capped for this image size; " if used != levels else ""
+            problems.append(f"J={used} levels ({capped}trained with J={meta['levels']}: use --levels {meta['levels']})")
         if mode is not None and mode != meta["mode"]:
             problems.append(f"padding {mode} (trained with {meta['mode']}: use --mode {meta['mode']})")
         if l1_lambda is not None and float(l1_lambda) != float(meta["l1_lambda"]):
@@ -283,6 +285,18 @@ class AmortizedExplainer:
         if problems:
             name = Path(self.path).name if self.path else "the checkpoint"
             raise ConfigError(f"{name} does not fit: " + "; ".join(problems))
+
+    def _levels_used(
+        self, levels: int, image_size: int | Sequence[int] | None, wave: str | None, mode: str | None
+    ) -> int:
+        """The J that ``levels`` gives at ``image_size`` (default: the training size), for messages."""
+        size = self.meta["image_size"] if image_size is None else image_size
+        h, w = (int(size), int(size)) if isinstance(size, int) else map(int, size)
+        try:
+            cap = max_levels(h, w, wave or self.meta["wave"], mode or self.meta["mode"])
+        except ValueError:  # an unknown wavelet (reported on its own)
+            return levels
+        return min(levels, cap) if cap >= 1 else levels
 
     def split(self, ids: Sequence[str]) -> dict[str, list[str]]:
         """The training run's train / val / test split of ``ids`` (``test``: never trained on nor selected by).

@@ -82,6 +82,8 @@ def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"checkpoint not found: {path}")
+    if not _is_torch_file(path):
+        raise InputError(f"cannot read checkpoint {path}: not a checkpoint file (cartoonx fit writes torch.save files)")
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols on its way to refusing a file
             warnings.simplefilter("ignore")
@@ -117,6 +119,17 @@ def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise InputError(f"{path}: weight {name!r} holds NaN or infinite values (a diverged training run?)")
     return LoadedCheckpoint(path=path, meta=meta, state=state)
+
+
+def _is_torch_file(path: Path) -> bool:
+    """Whether ``path`` looks like a ``torch.save`` file: a zip archive (the default format) or a pickle of
+    protocol 2 or later (the legacy format)."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return True  # torch.load reports it
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
 
 
 def _is_list_of(value: object, kind: type | tuple[type, ...], longest: int) -> bool:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import math
-import sys
+import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,12 @@ PRECISION_NAMES = ("fp32", "bf16")
 DISTORTION_NAMES = ("label", "maximize-target", "l2", "kl")
 OBFUSCATION_NAMES = ("gaussian-adaptive", "zero", "uniform")
 CALIBRATION_NAMES = ("shift", "top-k")
+#: Defaults of ``--size`` and of the DWT options (mirrors of ``wavelets.DEFAULT_WAVE``, ``DEFAULT_LEVELS`` and
+#: ``DEFAULT_MODE``), used when neither the user nor a checkpoint or a synthetic classifier gives a value.
+DEFAULT_SIZE = 256
+DWT_DEFAULTS = {"wavelet": "db3", "levels": 5, "mode": "zero"}
+
+logger = logging.getLogger(__name__)
 
 
 def _number(kind: type, low: float | None, low_open: bool, label: str):
@@ -119,11 +126,19 @@ def add_rde_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--obfuscation", default="gaussian-adaptive", choices=OBFUSCATION_NAMES, help="default: gaussian-adaptive"
     )
-    group.add_argument("--wavelet", default="db3", help="discrete wavelet (default db3)")
+    # None: not given (fill_defaults uses a checkpoint's settings, or the defaults)
+    group.add_argument("--wavelet", default=None, help="discrete wavelet (default db3, or a checkpoint's)")
     group.add_argument(
-        "--levels", type=positive_int, default=5, help="DWT scales J, capped for small images (default 5)"
+        "--levels",
+        type=positive_int,
+        default=None,
+        help="DWT scales J, capped for small images (default 5, or a checkpoint's)",
     )
-    group.add_argument("--mode", default="zero", help="DWT padding: zero (default), symmetric, reflect, periodization")
+    group.add_argument(
+        "--mode",
+        default=None,
+        help="DWT padding: zero (default, or a checkpoint's), symmetric, reflect, periodization",
+    )
     group.add_argument(
         "--chunk-size",
         type=positive_int,
@@ -138,27 +153,89 @@ def add_rde_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_size_arg(
+    parser: argparse.ArgumentParser,
+    what: str = "images are resized and centre-cropped to SIZE",
+    recorded: str = "the checkpoint's or a synthetic classifier's training size",
+) -> None:
+    """``--size``, default None: :func:`fill_defaults` sets the ``recorded`` size, else :data:`DEFAULT_SIZE`."""
+    parser.add_argument(
+        "--size", type=image_size, default=None, help=f"{what} (default: {recorded}, else {DEFAULT_SIZE})"
+    )
+
+
+def add_progress_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def recorded_settings(checkpoint: str | None, classifier: str | None) -> tuple[dict, str]:
+    """``(settings, source)``: the image size and DWT a checkpoint was trained with (read without Lightning), or
+    the image size a synthetic classifier (``synthetic[:PATH]``) was trained at; ``({}, "")`` for neither."""
+    if checkpoint:
+        from amortized_cartoonx.checkpoint import read_checkpoint
+
+        meta = read_checkpoint(Path(checkpoint).expanduser()).meta
+        keys = {"size": "image_size", "wavelet": "wave", "levels": "levels", "mode": "mode"}
+        return {option: meta[key] for option, key in keys.items()}, f"the checkpoint {Path(checkpoint).name}"
+    if classifier and (classifier == "synthetic" or classifier.startswith("synthetic:")):
+        from amortized_cartoonx.synthetic.classifier import read_metadata
+
+        dataset = read_metadata(classifier.partition(":")[2] or None).get("dataset")
+        size = dataset.get("size") if isinstance(dataset, dict) else None
+        if isinstance(size, int) and not isinstance(size, bool):
+            return {"size": size}, "the synthetic classifier's training size"
+    return {}, ""
+
+
+def fill_defaults(args: argparse.Namespace, recorded: dict | None = None, source: str = "") -> None:
+    """Set ``--size`` and the DWT options the user did not give (None) to ``recorded`` settings (those of
+    :func:`recorded_settings`), else to the defaults; logs the recorded ones used. Given values stay as given."""
+    recorded = recorded or {}
+    defaults = {"size": DEFAULT_SIZE, **DWT_DEFAULTS}
+    taken = []
+    for option, default in defaults.items():
+        if not hasattr(args, option) or getattr(args, option) is not None:
+            continue
+        value = recorded.get(option, default)
+        setattr(args, option, value)
+        if option in recorded:
+            taken.append(f"--{option} {value}")
+    if taken:
+        logger.info("%s (from %s)", ", ".join(taken), source or "recorded settings")
+
+
+def check_class_names(labels: list[str] | None, num_classes: int, path: str | None) -> None:
+    """Warn (one line) when a ``--labels`` file names another number of classes than the classifier has."""
+    if labels is not None and len(labels) != num_classes:
+        logger.warning(
+            "--labels %s names %d classes, the classifier has %d classes: the names may not fit the classes",
+            path,
+            len(labels),
+            num_classes,
+        )
+
+
+def plain_text(doc: str | None) -> str:
+    """A module docstring as plain text for ``--help``: ``code`` and :role:`~a.b.name` markup removed."""
+
+    def role(match: re.Match) -> str:
+        text = match.group(2)
+        return text.rsplit(".", 1)[-1] if match.group(1) else text
+
+    text = re.sub(r":[a-z]+:`(~?)([^`]+)`", role, doc or "")
+    return text.replace("``", "")
+
+
 def add_device_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N, mps")
 
 
 def resolve_device(name: str):
-    """A torch.device from ``auto``/``cpu``/``cuda[:N]``/``mps``, checked to exist."""
-    import torch
+    """``--device``: a torch.device from ``auto``/``cpu``/``cuda[:N]``/``mps``, checked to exist
+    (:func:`amortized_cartoonx.runtime.resolve_device`)."""
+    from amortized_cartoonx.runtime import resolve_device as resolve
 
-    from amortized_cartoonx.errors import ConfigError
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for, but no CUDA GPU is available")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("--device mps was asked for, but MPS is not available")
-    return device
+    return resolve(name)
 
 
 def optimizer_config(args: argparse.Namespace, default_schedule: str = "paper"):
@@ -216,7 +293,3 @@ def check_output_folder(out: str | Path, inputs: Sequence[Path] = (), outputs: S
     except OSError as exc:
         raise ConfigError(f"cannot write to --out {out}: {exc.strerror or exc}") from None
     return out
-
-
-def warn(message: str) -> None:
-    print(f"cartoonx: {message}", file=sys.stderr)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 
+from .common import plain_text
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
         help="run the whole pipeline offline on the synthetic benchmark (about 9 min on 2 idle CPU cores)",
-        description=__doc__,
+        description=plain_text(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", default="outputs/demo", help="outputs: data, evaluation, report (default outputs/demo)")

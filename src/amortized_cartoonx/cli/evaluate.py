@@ -23,10 +23,12 @@ from pathlib import Path
 from .common import (
     add_classifier_args,
     add_device_arg,
+    add_progress_arg,
     add_rde_args,
-    image_size,
+    add_size_arg,
     nonnegative_float,
     nonnegative_int,
+    plain_text,
     positive_float,
     positive_int,
 )
@@ -38,7 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate",
         help="rate-distortion curves of CartoonX against baselines, with figures and a report",
-        description=__doc__,
+        description=plain_text(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--images", required=True, metavar="DIR", help="folder of images (sorted by name)")
@@ -59,7 +61,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="optimizer steps after the warm start (default: the refine schedule's, 60)",
     )
-    p.add_argument("--size", type=image_size, default=256, help="images are resized and centre-cropped (default 256)")
+    add_size_arg(p, "images are resized and centre-cropped")
     p.add_argument("--limit", type=positive_int, default=None, metavar="N", help="only the first N images")
     p.add_argument(
         "--batch-size", type=positive_int, default=4, help="images explained and measured together (default 4)"
@@ -128,6 +130,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     base.add_argument(
         "--smoothgrad-std", type=nonnegative_float, default=0.1, help="SmoothGrad noise std in [0, 1] (default 0.1)"
     )
+    add_progress_arg(p)
     add_device_arg(p)
     add_rde_args(p)
     p.set_defaults(run=run, command_line=lambda args: command_line(p, args))
@@ -242,8 +245,16 @@ def run(args: argparse.Namespace) -> int:
     from amortized_cartoonx.images import list_images, read_class_names
     from amortized_cartoonx.methods import CHECKPOINT_METHODS
 
-    from .common import check_output_folder, optimizer_config, resolve_device
+    from .common import (
+        check_class_names,
+        check_output_folder,
+        fill_defaults,
+        optimizer_config,
+        recorded_settings,
+        resolve_device,
+    )
 
+    command = args.command_line(args)  # as typed, before the defaults below are filled in
     methods = parse_methods(args.methods, args.checkpoint)
     rates = parse_rates(args.rates)
     sanity = SanityConfig(enabled=args.sanity, depths=parse_depths(args.sanity_depths), limit=args.sanity_limit)
@@ -257,6 +268,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"checkpoint not found: {args.checkpoint}")
     images = list_images(args.images)
     check_output_folder(args.out, inputs=images, outputs=[Path(args.out) / p.name for p in images])
+    # --size and the DWT default to the checkpoint's settings (or a synthetic classifier's size)
+    checkpoint = args.checkpoint if any(m in CHECKPOINT_METHODS for m in methods) else None
+    fill_defaults(args, *recorded_settings(checkpoint, args.classifier))
     if args.size < 8:
         raise ConfigError(f"--size must be at least 8, got {args.size}")
     config = EvaluationConfig(
@@ -275,6 +289,7 @@ def run(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         cache=not args.no_cache,
         sanity=sanity,
+        progress=not args.no_progress,
     ).validate()
     list_images(args.images)  # a missing or empty folder fails before the classifier loads
     labels = read_class_names(args.labels)
@@ -284,6 +299,8 @@ def run(args: argparse.Namespace) -> int:
     ).validate()
     device = resolve_device(args.device)
     classifier = load_classifier(args.classifier, normalize=args.normalize, device=device)
+    if labels is not None:
+        check_class_names(labels, _num_classes(classifier, args.size, device), args.labels)
     context = MethodContext(
         classifier=classifier,
         classifier_spec=args.classifier,
@@ -296,7 +313,6 @@ def run(args: argparse.Namespace) -> int:
         refine_steps=args.refine_steps,
         baselines=baselines,
     )
-    command = args.command_line(args)
     evaluation = Evaluation(
         classifier, args.images, args.out, config, context, device=device, class_names=labels, command=command
     )
@@ -306,6 +322,16 @@ def run(args: argparse.Namespace) -> int:
     figures = "rate_distortion.png, examples.png" + (", sanity.png" if args.sanity else "")
     print(f"wrote {args.out}/report.md, curves.csv, summary.json, {figures}")
     return 0
+
+
+def _num_classes(classifier, size: int, device) -> int:
+    """The classifier's number of classes (its logits for one grey image)."""
+    import torch
+
+    from amortized_cartoonx.rde import original_logits
+
+    with torch.no_grad():
+        return original_logits(classifier, torch.full((1, 3, size, size), 0.5, device=device)).shape[-1]
 
 
 def _table(summary: dict) -> str:

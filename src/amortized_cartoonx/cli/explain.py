@@ -11,14 +11,16 @@ import argparse
 import json
 from pathlib import Path
 
-from ..methods import EXACT_METHODS, EXPLAIN_METHODS
+from ..methods import CHECKPOINT_METHODS, EXACT_METHODS, EXPLAIN_METHODS
 from .common import (
     CALIBRATION_NAMES,
     add_classifier_args,
     add_device_arg,
+    add_progress_arg,
     add_rde_args,
-    image_size,
+    add_size_arg,
     nonnegative_int,
+    plain_text,
     positive_int,
 )
 
@@ -27,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "explain",
         help="explain images with CartoonX, Pixel RDE or the amortized explainer",
-        description=__doc__,
+        description=plain_text(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format PIL reads)")
@@ -39,9 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="class to explain: one index for all, or one per image separated by commas (default: the predicted class)",
     )
-    p.add_argument(
-        "--size", type=image_size, default=256, help="images are resized and centre-cropped to SIZE (default 256)"
-    )
+    add_size_arg(p)
     p.add_argument("--batch-size", type=positive_int, default=4, help="images optimised together (default 4)")
     p.add_argument("--labels", default=None, metavar="FILE", help="class names, one per line")
     p.add_argument("--checkpoint", default=None, metavar="CKPT", help="amortized explainer (amortized, warm)")
@@ -49,7 +49,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--refine-steps",
         type=nonnegative_int,
         default=None,
-        help="optimizer steps after the warm start (default: the schedule's; refine: 60)",
+        help="warm: optimizer steps after the warm start (default: the schedule's; refine: 60)",
     )
     p.add_argument(
         "--calibrate-samples",
@@ -65,6 +65,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="with --calibrate-samples: the candidates are the logits plus a few shifts (shift, default) or binary "
         "masks of the k largest predicted entries for a few k (top-k)",
     )
+    add_progress_arg(p)
     add_device_arg(p)
     add_rde_args(p)
     p.set_defaults(run=run)
@@ -108,6 +109,10 @@ def build_explainer(args: argparse.Namespace, classifier, device):
 
     from .common import build_optimizer
 
+    if args.refine_steps is not None and args.method != "warm":
+        raise ConfigError(f"--refine-steps is for --method warm, not {args.method}")
+    if args.steps is not None and args.method == "amortized":
+        raise ConfigError("--steps is for --method cartoonx, pixel-rde or warm, not amortized (it runs no steps)")
     if args.method in EXACT_METHODS:
         if args.calibrate_samples:
             raise ConfigError(f"--calibrate-samples is for --method amortized or warm, not {args.method}")
@@ -145,8 +150,9 @@ def build_explainer(args: argparse.Namespace, classifier, device):
     return WarmStartExplainer(amortized, refine_steps=args.refine_steps, config=config)
 
 
-def preflight(classifier, explainer, images, targets, device) -> None:
-    """Fail on what would fail later (classifier output, target range, image size) before any output."""
+def preflight(classifier, explainer, images, targets, device) -> int:
+    """Fail on what would fail later (classifier output, target range, image size) before any output; returns
+    the classifier's number of classes."""
     import torch
 
     from amortized_cartoonx.rde import original_logits, resolve_target
@@ -159,6 +165,7 @@ def preflight(classifier, explainer, images, targets, device) -> None:
         representation = getattr(explainer, "representation", None)
         if representation is not None:
             representation.encode(first)
+    return logits.shape[-1]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -171,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
     from amortized_cartoonx.plotting import explanation_figure, save_figure
     from amortized_cartoonx.seeding import file_seeds
 
-    from .common import check_output_folder, resolve_device
+    from .common import check_class_names, check_output_folder, fill_defaults, recorded_settings, resolve_device
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -179,27 +186,32 @@ def run(args: argparse.Namespace) -> int:
     stems = output_stems(paths)
     outputs = [Path(args.out) / f"{s}{suffix}" for s in stems for suffix in (".png", ".safetensors")]
     out = check_output_folder(args.out, inputs=paths, outputs=[*outputs, Path(args.out) / "summary.jsonl"])
+    # --size and the DWT default to the checkpoint's settings (or a synthetic classifier's size)
+    checkpoint = args.checkpoint if args.method in CHECKPOINT_METHODS else None
+    fill_defaults(args, *recorded_settings(checkpoint, args.classifier))
     images = load_images(paths, args.size)  # fails on a bad file before any work
     targets = parse_targets(args.target, len(paths))
     labels = read_class_names(args.labels)
     device = resolve_device(args.device)
     classifier = load_classifier(args.classifier, normalize=args.normalize, device=device)
     explainer = build_explainer(args, classifier, device)
-    preflight(classifier, explainer, images, targets, device)
+    check_class_names(labels, preflight(classifier, explainer, images, targets, device), args.labels)
 
     out.mkdir(parents=True, exist_ok=True)
     lines: list[str] = []
-    bar = tqdm(total=len(paths), desc=f"explain ({args.method})", unit="img")
+    progress = not args.no_progress
+    bar = tqdm(total=len(paths), desc=f"explain ({args.method})", unit="img", disable=not progress)
     for lo in range(0, len(paths), args.batch_size):
         hi = min(lo + args.batch_size, len(paths))
         batch = images[lo:hi].to(device)
         target = None if targets is None else targets[lo:hi]
         seeds = file_seeds([p.name for p in paths[lo:hi]], args.seed)  # the same noise as targets/evaluate
-        explanation = explainer.explain(batch, target, seeds=seeds, progress=True).cpu()
+        explanation = explainer.explain(batch, target, seeds=seeds, progress=progress).cpu()
         for i, k in enumerate(range(lo, hi)):
             target_k = int(explanation.target[i])
             name = labels[target_k] if labels and target_k < len(labels) else None
-            record = {"image": str(paths[k]), "target_name": name, **explanation.summary(i)}
+            files = {"png": f"{stems[k]}.png", "safetensors": f"{stems[k]}.safetensors"}
+            record = {"image": str(paths[k]), **files, "target_name": name, **explanation.summary(i)}
             explanation.save(
                 out / f"{stems[k]}.safetensors", i, metadata={"image": str(paths[k]), "classifier": args.classifier}
             )

@@ -17,13 +17,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .common import plain_text
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``fit`` for ``cartoonx --help``; the command itself is dispatched by :func:`main`."""
     p = sub.add_parser(
         "fit",
         help="train the amortized explainer (LightningCLI: --config configs/X.yaml, any --trainer.* option)",
-        description=__doc__,
+        description=plain_text(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         add_help=False,
     )

@@ -19,7 +19,15 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_classifier_args, add_rde_args, image_size, nonnegative_int, positive_int
+from .common import (
+    add_classifier_args,
+    add_progress_arg,
+    add_rde_args,
+    add_size_arg,
+    nonnegative_int,
+    plain_text,
+    positive_int,
+)
 
 
 def parse_devices(text: str) -> int | str:
@@ -34,15 +42,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "targets",
         help="teacher masks: the exact CartoonX optimizer over an image folder (Lightning predict; CPU/GPU/DDP)",
-        description=__doc__,
+        description=plain_text(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--images", required=True, metavar="DIR", help="folder of images (ids are the file names)")
     p.add_argument("--out", required=True, metavar="DIR", help="teacher-mask folder (created, or resumed)")
     add_classifier_args(p)
-    p.add_argument(
-        "--size", type=image_size, default=256, help="images are resized and centre-cropped to SIZE (default 256)"
-    )
+    add_size_arg(p, recorded="a synthetic classifier's training size")
     p.add_argument(
         "--limit", type=positive_int, default=None, metavar="N", help="only the first N images, by name (default: all)"
     )
@@ -50,7 +56,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--batch-size", type=positive_int, default=4, help="images optimised together per device (default 4)"
     )
     p.add_argument("--workers", type=nonnegative_int, default=0, help="DataLoader workers per device (default 0)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_progress_arg(p)
     trainer = p.add_argument_group("Lightning Trainer")
     trainer.add_argument("--accelerator", default="auto", help="auto (default), cpu, gpu, cuda, mps, ...")
     trainer.add_argument(
@@ -65,9 +71,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from amortized_cartoonx.teacher_masks.generate import generate_teacher_masks
 
-    from .common import check_output_folder, optimizer_config
+    from .common import check_output_folder, fill_defaults, optimizer_config, recorded_settings
 
     check_output_folder(args.out)
+    fill_defaults(args, *recorded_settings(None, args.classifier))  # a synthetic classifier's size
     summary = generate_teacher_masks(
         args.images,
         args.out,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_device_arg
+from .common import add_device_arg, plain_text
 
 _DEFAULTS = {  # mirror of TrainConfig's defaults; kept here so --help needs no torch (a test checks they agree)
     "size": 64,
@@ -27,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train-classifier",
         help="train the synthetic cartoon benchmark's classifier",
-        description=__doc__,
+        description=plain_text(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     d = _DEFAULTS
@@ -65,7 +65,11 @@ _ACCELERATORS = {"cpu": "cpu", "cuda": "gpu", "mps": "mps"}
 
 def run(args: argparse.Namespace) -> int:
     from amortized_cartoonx.errors import ConfigError
-    from amortized_cartoonx.synthetic.classifier_training import TrainConfig, train_synthetic_classifier
+    from amortized_cartoonx.synthetic.classifier_training import (
+        ClassifierExistsError,
+        TrainConfig,
+        train_synthetic_classifier,
+    )
 
     from .common import resolve_device
 
@@ -83,14 +87,17 @@ def run(args: argparse.Namespace) -> int:
         held_out=args.held_out,
         seed=args.seed,
     ).validate()
-    result = train_synthetic_classifier(
-        args.out,
-        config,
-        force=args.force,
-        accelerator=_ACCELERATORS[device.type],
-        progress=args.progress,
-        threads=args.threads or None,
-    )
+    try:
+        result = train_synthetic_classifier(
+            args.out,
+            config,
+            force=args.force,
+            accelerator=_ACCELERATORS[device.type],
+            progress=args.progress,
+            threads=args.threads or None,
+        )
+    except ClassifierExistsError as exc:  # the command's way out, not the function's force=True
+        raise ConfigError(exc.message("pass --force to retrain, or choose another --out")) from None
     if result.reused:
         print(f"reusing the classifier at {result.weights} (held-out accuracy {result.accuracy:.2%}); --force retrains")
     else:

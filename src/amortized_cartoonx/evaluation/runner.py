@@ -42,7 +42,7 @@ from .localisation import localise
 from .maps import example_pictures
 from .methods import build_methods
 from .results import EvaluationResults, MethodResults
-from .sanity import sanity_checks, sanity_problem
+from .sanity import cascade_depths, sanity_checks, sanity_problem, weight_layers
 
 logger = logging.getLogger(__name__)
 
@@ -83,10 +83,11 @@ class Evaluation:
         self.class_names = class_names
         self.command = command
         self.cache = ResultCache(self.out_dir / "cache" if config.cache else None)
-        if self.config.sanity.enabled:
+        if self.config.sanity.enabled:  # checked before any work: the classifier, then the depths
             problem = sanity_problem(classifier)
             if problem:
                 raise ConfigError(problem)
+            cascade_depths(len(weight_layers(classifier)), self.config.sanity.depths)
         #: phase -> method -> images computed by the last :meth:`run` (the rest came from the cache)
         self.computed: dict[str, dict[str, int]] = {"explanations": {}, "curves": {}, "lambda": {}}
 

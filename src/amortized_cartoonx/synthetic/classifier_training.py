@@ -249,6 +249,20 @@ def _comparable(config: TrainConfig) -> dict:
     return config.to_dict()
 
 
+class ClassifierExistsError(ConfigError):
+    """A classifier trained with other settings (``changed``: their names) exists at ``weights``; the message
+    names the Python way out (``force=True``), ``cartoonx train-classifier`` names ``--force``."""
+
+    def __init__(self, weights: Path, changed: list[str]) -> None:
+        self.weights = weights
+        self.changed = changed
+        super().__init__(self.message("pass force=True to retrain, or choose another output folder"))
+
+    def message(self, way_out: str) -> str:
+        changed = ", ".join(self.changed)
+        return f"a classifier trained with other settings ({changed}) exists at {self.weights}; {way_out}"
+
+
 def train_synthetic_classifier(
     out: str | Path | None = None,
     config: TrainConfig | None = None,
@@ -270,7 +284,7 @@ def train_synthetic_classifier(
             default, 1, suits the tiny network, whose small kernels gain nothing from more CPU threads.
 
     Raises:
-        ConfigError: a classifier exists at ``out`` but was trained with other settings (and not ``force``).
+        ClassifierExistsError: a classifier exists at ``out`` but was trained with other settings (and not ``force``).
     """
     config = (config or TrainConfig()).validate()
     weights, meta_path = resolve_paths(out)
@@ -279,10 +293,7 @@ def train_synthetic_classifier(
         old = record.get("training", {}).get("config", {})
         if old != _comparable(config):
             diff = sorted(k for k in set(old) | set(_comparable(config)) if old.get(k) != _comparable(config).get(k))
-            raise ConfigError(
-                f"a classifier trained with other settings ({', '.join(diff)}) exists at {weights}; "
-                "pass --force (force=True) to retrain, or choose another --out"
-            )
+            raise ClassifierExistsError(weights, diff)
         acc = float(record.get("held_out", {}).get("accuracy", float("nan")))
         log.debug("reusing the synthetic classifier at %s (held-out accuracy %.4f)", weights, acc)
         return TrainResult(weights, meta_path, acc, 0.0, reused=True)

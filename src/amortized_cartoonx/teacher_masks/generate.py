@@ -53,7 +53,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TeacherMaskSummary:
-    """What a run did: ``done`` images computed now, ``skipped`` already stored, of ``total`` in the folder.
+    """What a run did: ``done`` images computed now, ``skipped`` already stored, of ``total`` images of the image
+    folder (the first ``limit`` ones with a limit); ``folder`` is the teacher-mask folder.
 
     ``mean_loss`` is the mean final RDE loss of the images computed now (None if none). ``rank`` is the
     process's global rank (only rank 0's summary covers every rank's work).
@@ -74,8 +75,9 @@ class TeacherMaskSummary:
     def line(self) -> str:
         loss = "n/a" if self.mean_loss is None else f"{self.mean_loss:.4f}"
         return (
-            f"teacher masks: {self.done} done, {self.skipped} skipped, {self.total} in the folder; "
-            f"{self.seconds:.1f} s, {self.images_per_second:.3f} images/s; mean loss {loss}; in {self.folder}/"
+            f"teacher masks: {self.done} done, {self.skipped} already stored, of {self.total} images from the image "
+            f"folder; {self.seconds:.1f} s, {self.images_per_second:.3f} images/s; mean loss {loss}; "
+            f"masks in {self.folder}/"
         )
 
 

@@ -21,6 +21,13 @@ from .trainer import RunOutputs, default_run_name, default_run_stamp, trainer_ar
 
 logger = logging.getLogger(__name__)
 
+#: What ``cartoonx fit --help`` says first (instead of ``Trainer.fit``'s generic first docstring line).
+FIT_DESCRIPTION = (
+    "cartoonx fit: train the amortized CartoonX explainer (the mask predictor network) on an image folder with "
+    "the RDE loss, plus distillation when teacher masks are given; checkpoints for --checkpoint of cartoonx "
+    "explain and evaluate."
+)
+
 
 def _make_cli_class():
     """The LightningCLI subclass (built lazily: importing :mod:`pytorch_lightning.cli` pulls in jsonargparse)."""
@@ -89,7 +96,10 @@ def run_fit(args: list[str] | None) -> None:
         seed_everything_default=0,
         auto_configure_optimizers=False,
         # parse errors raise (cartoonx fit prints one line) instead of printing the whole usage first
-        parser_kwargs={"exit_on_error": False, "fit": {"default_env": False, "exit_on_error": False}},
+        parser_kwargs={
+            "exit_on_error": False,
+            "fit": {"default_env": False, "exit_on_error": False, "description": FIT_DESCRIPTION},
+        },
         save_config_kwargs={"overwrite": True},
     )
 
