@@ -308,3 +308,15 @@ def test_the_command_line_names_its_own_force_option(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "(seed" in err and "pass --force to retrain" in err and "force=True" not in err, err
     assert len(err.splitlines()) == 1
+
+
+def test_the_demo_names_its_own_way_out_of_another_classifier(tmp_path):
+    """The demo has no --force: its message names --classifier-dir, not Python's force=True."""
+    from amortized_cartoonx.demo import DemoConfig, stage_classifier
+    from amortized_cartoonx.synthetic.classifier import CartoonCNN, save_synthetic_classifier
+    from amortized_cartoonx.synthetic.classifier_training import ClassifierExistsError, TrainConfig
+
+    save_synthetic_classifier(CartoonCNN(), tmp_path / "clf", {"training": {"config": TrainConfig(seed=5).to_dict()}})
+    with pytest.raises(ClassifierExistsError, match="use another --classifier-dir") as refused:
+        stage_classifier(DemoConfig(classifier_dir=tmp_path / "clf", progress=False))
+    assert "force=True" not in str(refused.value)

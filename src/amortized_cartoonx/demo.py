@@ -222,9 +222,14 @@ def classifier_config(cfg: DemoConfig):
 
 
 def stage_classifier(cfg: DemoConfig) -> dict:
-    from .synthetic.classifier_training import ensure_synthetic_classifier
+    from .synthetic.classifier_training import ClassifierExistsError, ensure_synthetic_classifier
 
-    result = ensure_synthetic_classifier(cfg.classifier_dir, classifier_config(cfg), progress=cfg.progress)
+    try:
+        result = ensure_synthetic_classifier(cfg.classifier_dir, classifier_config(cfg), progress=cfg.progress)
+    except ClassifierExistsError as exc:  # the demo has no force: another folder, or retrain there on purpose
+        raise ClassifierExistsError(
+            exc.weights, exc.changed, "use another --classifier-dir, or delete this one"
+        ) from None
     return {"accuracy": result.accuracy, "reused": result.reused, "weights": str(result.weights)}
 
 

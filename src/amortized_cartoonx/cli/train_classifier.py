@@ -97,7 +97,9 @@ def run(args: argparse.Namespace) -> int:
             threads=args.threads or None,
         )
     except ClassifierExistsError as exc:  # the command's way out, not the function's force=True
-        raise ConfigError(exc.message("pass --force to retrain, or choose another --out")) from None
+        raise ClassifierExistsError(
+            exc.weights, exc.changed, "pass --force to retrain, or choose another --out"
+        ) from None
     if result.reused:
         print(f"reusing the classifier at {result.weights} (held-out accuracy {result.accuracy:.2%}); --force retrains")
     else:

@@ -251,16 +251,17 @@ def _comparable(config: TrainConfig) -> dict:
 
 class ClassifierExistsError(ConfigError):
     """A classifier trained with other settings (``changed``: their names) exists at ``weights``; the message
-    names the Python way out (``force=True``), ``cartoonx train-classifier`` names ``--force``."""
+    ends with ``way_out``: Python's ``force=True`` by default, a command's own option where a command re-raises
+    it (``cartoonx train-classifier --force``, ``cartoonx demo --classifier-dir``)."""
 
-    def __init__(self, weights: Path, changed: list[str]) -> None:
+    def __init__(
+        self, weights: Path, changed: list[str], way_out: str = "pass force=True to retrain, or choose another folder"
+    ) -> None:
         self.weights = weights
         self.changed = changed
-        super().__init__(self.message("pass force=True to retrain, or choose another output folder"))
-
-    def message(self, way_out: str) -> str:
-        changed = ", ".join(self.changed)
-        return f"a classifier trained with other settings ({changed}) exists at {self.weights}; {way_out}"
+        super().__init__(
+            f"a classifier trained with other settings ({', '.join(changed)}) exists at {weights}; {way_out}"
+        )
 
 
 def train_synthetic_classifier(
