@@ -8,6 +8,10 @@ from contextlib import AbstractContextManager, contextmanager
 
 import torch
 
+#: A deprecation inside pytorch_lightning (torch's ``LeafSpec``) that Lightning prints on every run and no user
+#: can act on; the commands that run Lightning ignore it.
+LIGHTNING_LEAFSPEC_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+
 
 def module_device(module: object) -> torch.device:
     """Where ``module`` lives: the device of its first parameter or buffer; the CPU for a module without any

@@ -15,6 +15,7 @@ import os
 import warnings
 
 from ..errors import ConfigError
+from ..runtime import LIGHTNING_LEAFSPEC_WARNING
 from .data import MaskPredictorDataModule
 from .module import AmortizedCartoonXModule
 from .trainer import RunOutputs, default_run_name, default_run_stamp, trainer_arguments
@@ -88,6 +89,7 @@ def run_fit(args: list[str] | None) -> None:
     default_run_stamp()
     # the frozen classifier is in eval mode on purpose
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=LIGHTNING_LEAFSPEC_WARNING, category=FutureWarning)
     cli_class = _make_cli_class()
     cli_class(
         AmortizedCartoonXModule,
