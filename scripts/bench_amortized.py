@@ -62,6 +62,7 @@ from exact_cache import cached_results, classifier_key  # noqa: E402  (scripts/e
 from amortized_cartoonx.allocator import tune_cpu_allocator  # noqa: E402
 from amortized_cartoonx.amortized import CALIBRATIONS, AmortizedExplainer, WarmStartExplainer  # noqa: E402
 from amortized_cartoonx.classifiers import frozen  # noqa: E402
+from amortized_cartoonx.cli.common import plain_text  # noqa: E402
 from amortized_cartoonx.errors import CartoonXError, InputError  # noqa: E402
 from amortized_cartoonx.evaluation.agreement import mask_agreement  # noqa: E402
 from amortized_cartoonx.explanation import measure_mask  # noqa: E402
@@ -83,7 +84,7 @@ logger = logging.getLogger("bench_amortized")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=plain_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a cartoonx fit checkpoint")
     p.add_argument("--images", required=True, help="image folder")
     p.add_argument(

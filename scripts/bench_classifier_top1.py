@@ -23,11 +23,14 @@ import torch
 warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
 from amortized_cartoonx.classifiers import NORMALIZATIONS, load_classifier  # noqa: E402
+from amortized_cartoonx.cli.common import plain_text  # noqa: E402
 from amortized_cartoonx.images import load_images  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=plain_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--classifier", required=True, metavar="SPEC")
     parser.add_argument("--normalize", default="auto", choices=NORMALIZATIONS)
     parser.add_argument("--images", required=True, type=Path, help="a folder with labels.csv (file,class_index)")

@@ -37,7 +37,7 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
 from amortized_cartoonx.allocator import tune_cpu_allocator  # noqa: E402
 from amortized_cartoonx.classifiers import load_classifier  # noqa: E402
-from amortized_cartoonx.cli.common import nonnegative_int, positive_int  # noqa: E402
+from amortized_cartoonx.cli.common import nonnegative_int, plain_text, positive_int  # noqa: E402
 from amortized_cartoonx.optimizer import CartoonX, PixelRDE, default_chunk  # noqa: E402
 from amortized_cartoonx.runtime import synchronize  # noqa: E402
 
@@ -107,7 +107,7 @@ def step_rounds(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=plain_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--classifier", required=True)
     p.add_argument("--method", default="cartoonx", choices=("cartoonx", "pixel-rde"))
     p.add_argument("--size", type=int, default=256)

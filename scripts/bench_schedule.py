@@ -41,6 +41,7 @@ from exact_cache import cached_results, classifier_key  # noqa: E402  (scripts/e
 
 from amortized_cartoonx.allocator import tune_cpu_allocator  # noqa: E402
 from amortized_cartoonx.classifiers import load_classifier  # noqa: E402
+from amortized_cartoonx.cli.common import plain_text  # noqa: E402
 from amortized_cartoonx.images import list_images, load_images  # noqa: E402
 from amortized_cartoonx.optimizer import LR_DECAYS, PRECISIONS, SCHEDULES, CartoonX, OptimizerConfig  # noqa: E402
 from amortized_cartoonx.seeding import file_seeds  # noqa: E402
@@ -90,7 +91,7 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=plain_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--classifier", required=True)
     p.add_argument("--normalize", default="auto")
     p.add_argument("--images", required=True, help="folder of held-out images")

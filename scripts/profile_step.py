@@ -25,6 +25,7 @@ from bench_optimizer import bare_pass  # noqa: E402  (scripts/bench_optimizer.py
 
 from amortized_cartoonx.allocator import tune_cpu_allocator  # noqa: E402
 from amortized_cartoonx.classifiers import load_classifier  # noqa: E402
+from amortized_cartoonx.cli.common import plain_text  # noqa: E402
 from amortized_cartoonx.optimizer import CartoonX, PixelRDE, default_chunk  # noqa: E402
 from amortized_cartoonx.runtime import synchronize  # noqa: E402
 
@@ -38,7 +39,7 @@ def seconds(fn, device: torch.device) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=plain_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--classifier", required=True)
     p.add_argument("--method", default="cartoonx", choices=("cartoonx", "pixel-rde"))
     p.add_argument("--size", type=int, default=256)
