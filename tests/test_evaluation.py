@@ -717,7 +717,7 @@ def test_evaluate_takes_size_and_levels_from_the_checkpoint(tmp_path, scripted_c
     assert "--size" not in settings["command"]
 
 
-def test_sanity_depths_are_checked_before_any_work(tmp_path, count_explains, capsys):
+def test_sanity_depths_and_a_refine_steps_without_warm_are_refused_before_any_work(tmp_path, count_explains, capsys):
     images = write_folder(tmp_path / "images", 2)
     out = tmp_path / "out"
     args = ["evaluate", "--classifier", "tests.conftest:make_tiny_cnn", "--images", str(images), "--out", str(out)]
@@ -725,4 +725,7 @@ def test_sanity_depths_are_checked_before_any_work(tmp_path, count_explains, cap
     assert main([*args, "--device", "cpu", "--sanity", "--sanity-depths", "1,99"]) == 2
     err = capsys.readouterr().err.strip()
     assert "sanity depth 99 exceeds the classifier's 4 layers" in err and len(err.splitlines()) == 1, err
+    assert count_explains == {} and not out.exists()
+    assert main([*args, "--device", "cpu", "--refine-steps", "5"]) == 2  # no warm among the methods: refused
+    assert "--refine-steps is for the method warm" in capsys.readouterr().err
     assert count_explains == {} and not out.exists()

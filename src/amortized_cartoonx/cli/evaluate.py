@@ -266,6 +266,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("the methods amortized and warm need --checkpoint (an amortized explainer checkpoint)")
     if args.checkpoint and not Path(args.checkpoint).expanduser().is_file():
         raise InputError(f"checkpoint not found: {args.checkpoint}")
+    if args.refine_steps is not None and "warm" not in methods:
+        raise ConfigError("--refine-steps is for the method warm, which is not among the methods evaluated")
     images = list_images(args.images)
     check_output_folder(args.out, inputs=images, outputs=[Path(args.out) / p.name for p in images])
     # --size and the DWT default to the checkpoint's settings (or a synthetic classifier's size)
