@@ -40,6 +40,7 @@ from amortized_cartoonx.training import (  # noqa: E402
     warmup_cosine,
 )
 from amortized_cartoonx.training.module import GATE_KEY  # noqa: E402
+from amortized_cartoonx.training.trainer import LastCheckpoint  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -326,10 +327,11 @@ def test_the_run_trainer_adds_checkpoints_loggers_and_callbacks(tmp_path, monkey
     settings = {"max_steps": 3, "callbacks": [mine]}
     arguments = trainer_arguments(outputs, settings)
     assert settings == {"max_steps": 3, "callbacks": [mine]}  # the caller's settings are not changed
-    mine_, best, monitor = arguments["callbacks"]
+    mine_, best, last, monitor = arguments["callbacks"]
     assert mine_ is mine and isinstance(monitor, LearningRateMonitor)
     assert isinstance(best, ModelCheckpoint) and best.dirpath == str(tmp_path / "ckpt" / "run")
-    assert (best.monitor, best.filename, best.save_last) == ("val/rde_loss", "best", True)
+    assert (best.monitor, best.filename, best.save_last) == ("val/rde_loss", "best", None)
+    assert isinstance(last, LastCheckpoint) and (last.dirpath, last.monitor) == (best.dirpath, None)
     assert [type(lg) for lg in arguments["logger"]] == [CSVLogger]  # WANDB_MODE=disabled in the tests
     assert arguments["default_root_dir"] == str(tmp_path / "logs" / "run") and arguments["max_steps"] == 3
 
@@ -343,6 +345,40 @@ def test_the_run_trainer_adds_checkpoints_loggers_and_callbacks(tmp_path, monkey
         assert trainer_arguments(outputs, {})["logger"][1] == "wandb"
         assert made[-1]["offline"] is offline and made[-1]["project"] == "amortized-cartoonx"
     assert len(made) == 3
+
+
+class _WorseEveryValidation(pl.LightningModule):
+    """A linear model whose validation loss is the step count: the first validation is the best."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).square().mean()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/rde_loss", float(self.global_step))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("max_steps", [6, 7])  # the run ends on a validation, or 1 step after one
+def test_last_ckpt_is_the_last_state_not_the_best(tmp_path, max_steps):
+    """Lightning 2.6's save_last wrote last.ckpt only when best.ckpt improved: after the best validation it
+    stopped, and a resume from last.ckpt went back to the best step."""
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.rand(8, 2)), batch_size=2)
+    outputs = RunOutputs("run", checkpoint_dir=str(tmp_path / "ckpt"), log_dir=str(tmp_path / "logs"))
+    settings = dict(max_steps=max_steps, val_check_interval=2, check_val_every_n_epoch=None, logger=False)
+    settings |= dict(enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    pl.Trainer(**trainer_arguments(outputs, settings)).fit(_WorseEveryValidation(), data, data)
+    step = {
+        name: torch.load(outputs.checkpoint_folder / f"{name}.ckpt", weights_only=True)["global_step"]
+        for name in ("best", "last")
+    }
+    assert step == {"best": 2, "last": max_steps}
+    assert sorted(p.name for p in outputs.checkpoint_folder.iterdir()) == ["best.ckpt", "last.ckpt"]
 
 
 def test_fit_config_refuses_modules_and_data_of_different_sizes(image_dir):

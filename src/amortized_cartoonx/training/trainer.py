@@ -64,17 +64,29 @@ def default_run_name(config_files: Sequence[str | os.PathLike] | None) -> str:
     return f"{stem}-{default_run_stamp()}"
 
 
-def best_checkpoint(outputs: RunOutputs) -> ModelCheckpoint:
-    """Keeps ``best.ckpt`` (lowest :data:`MONITOR`) and ``last.ckpt`` in the run's checkpoint folder."""
-    return ModelCheckpoint(
-        dirpath=str(outputs.checkpoint_folder),
-        filename="best",
-        monitor=MONITOR,
-        mode="min",
-        save_top_k=1,
-        save_last=True,
-        auto_insert_metric_name=False,
+class LastCheckpoint(ModelCheckpoint):
+    """``last.ckpt``: the run's state after every validation and at the end of training.
+
+    Lightning's own ``save_last`` (2.6) writes ``last.ckpt`` only when the monitored checkpoint improves, so after
+    the best validation it stops following the run, and a resume from it would go back to the best step.
+    """
+
+    def __init__(self, dirpath: str) -> None:
+        super().__init__(dirpath=dirpath, filename="last", save_top_k=1, enable_version_counter=False)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        trainer.save_checkpoint(self.format_checkpoint_name({}))  # also when the run did not end on a validation
+
+
+def run_checkpoints(outputs: RunOutputs) -> list[ModelCheckpoint]:
+    """``best.ckpt`` (lowest :data:`MONITOR`) and ``last.ckpt`` (:class:`LastCheckpoint`) in the run's checkpoint
+    folder."""
+    folder = str(outputs.checkpoint_folder)
+    best = ModelCheckpoint(
+        dirpath=folder, filename="best", monitor=MONITOR, mode="min", save_top_k=1, auto_insert_metric_name=False
     )
+    return [best, LastCheckpoint(folder)]
 
 
 def default_loggers(outputs: RunOutputs) -> list[Logger]:
@@ -98,7 +110,7 @@ def default_loggers(outputs: RunOutputs) -> list[Logger]:
 def trainer_arguments(outputs: RunOutputs, settings: dict) -> dict:
     """The Trainer's keyword arguments: ``settings`` with the run's checkpoints, loggers and callbacks added.
 
-    ``settings`` are any ``pl.Trainer`` arguments; they are not changed. The result adds :func:`best_checkpoint`
+    ``settings`` are any ``pl.Trainer`` arguments; they are not changed. The result adds :func:`run_checkpoints`
     (unless ``enable_checkpointing`` is False) to the given ``callbacks``, :func:`default_loggers` when
     ``logger`` is unset (None or True), a :class:`LearningRateMonitor` when anything logs, and
     ``default_root_dir=<log_dir>/<run_name>`` when unset.
@@ -107,7 +119,7 @@ def trainer_arguments(outputs: RunOutputs, settings: dict) -> dict:
     callbacks = arguments.get("callbacks") or []
     callbacks = list(callbacks) if isinstance(callbacks, list | tuple) else [callbacks]
     if arguments.get("enable_checkpointing", True) is not False:
-        callbacks.append(best_checkpoint(outputs))
+        callbacks.extend(run_checkpoints(outputs))
     if arguments.get("logger") in (None, True):
         arguments["logger"] = default_loggers(outputs)
     if arguments["logger"] is not False:
