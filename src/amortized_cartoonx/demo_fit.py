@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 
 from .errors import ConfigError
 from .io import atomic_write_text
-from .runtime import LIGHTNING_LEAFSPEC_WARNING
 
 if TYPE_CHECKING:
     from .demo import DemoConfig
@@ -116,9 +115,10 @@ def stage_fit(cfg: DemoConfig) -> bool:
         )
     trainer = build_trainer(explainer_outputs(cfg), **trainer_settings)
     atomic_write_text(Path(trainer.log_dir) / "config.yaml", _yaml(config))  # as cartoonx fit saves it
+    from .runtime import ignore_lightning_noise  # torch: not at import (cartoonx --help imports this module)
+
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")  # the frozen classifier
-        warnings.filterwarnings("ignore", message=LIGHTNING_LEAFSPEC_WARNING, category=FutureWarning)
+        ignore_lightning_noise()
         trainer.fit(module, datamodule=data)
     if trainer.interrupted or trainer.global_step < cfg.fit_steps:  # Ctrl+C, SIGTERM, a callback's stop
         # never record a half-trained explainer as done: the next run would reuse it

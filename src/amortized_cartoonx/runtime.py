@@ -3,14 +3,23 @@ counts."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 
 import torch
 
 #: A deprecation inside pytorch_lightning (torch's ``LeafSpec``) that Lightning prints on every run and no user
-#: can act on; the commands that run Lightning ignore it.
+#: can act on; the commands that run Lightning ignore it (:func:`ignore_lightning_noise`).
 LIGHTNING_LEAFSPEC_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+
+
+def ignore_lightning_noise() -> None:
+    """Ignore, in the current warnings context, what Lightning prints on every run that asks nothing of the user:
+    the notice that modules are in eval mode (the frozen classifier is, on purpose) and
+    :data:`LIGHTNING_LEAFSPEC_WARNING`."""
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=LIGHTNING_LEAFSPEC_WARNING, category=FutureWarning)
 
 
 def module_device(module: object) -> torch.device:

@@ -43,7 +43,7 @@ from pytorch_lightning.callbacks import Callback
 from ..classifiers import load_classifier
 from ..errors import ConfigError
 from ..optimizer import OptimizerConfig
-from ..runtime import LIGHTNING_LEAFSPEC_WARNING
+from ..runtime import ignore_lightning_noise
 from ..wavelets import DEFAULT_LEVELS, DEFAULT_MODE, DEFAULT_WAVE
 from .lightning import TeacherMaskDataModule, TeacherMaskModule, TeacherWriter
 from .plan import TeacherMaskSettings, build_manifest, plan_teacher_masks
@@ -181,7 +181,7 @@ def generate_teacher_masks(
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=LIGHTNING_LEAFSPEC_WARNING, category=FutureWarning)
+        ignore_lightning_noise()
         try:
             trainer.predict(module, datamodule=data, return_predictions=False)
         except SystemExit:  # Lightning turns Ctrl+C into exit(1) after a graceful stop: report an interrupt

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 
 from ..errors import ConfigError
-from ..runtime import LIGHTNING_LEAFSPEC_WARNING
+from ..runtime import ignore_lightning_noise
 from .data import MaskPredictorDataModule
 from .module import AmortizedCartoonXModule
 from .trainer import RunOutputs, default_run_name, default_run_stamp, trainer_arguments
@@ -87,9 +86,7 @@ def run_fit(args: list[str] | None) -> None:
     """
     os.environ.setdefault("WANDB_MODE", "offline")  # never a network call unless the user asks for one
     default_run_stamp()
-    # the frozen classifier is in eval mode on purpose
-    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-    warnings.filterwarnings("ignore", message=LIGHTNING_LEAFSPEC_WARNING, category=FutureWarning)
+    ignore_lightning_noise()
     cli_class = _make_cli_class()
     cli_class(
         AmortizedCartoonXModule,
