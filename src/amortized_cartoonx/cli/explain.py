@@ -111,8 +111,13 @@ def build_explainer(args: argparse.Namespace, classifier, device):
 
     if args.refine_steps is not None and args.method != "warm":
         raise ConfigError(f"--refine-steps is for --method warm, not {args.method}")
-    if args.steps is not None and args.method == "amortized":
-        raise ConfigError("--steps is for --method cartoonx, pixel-rde or warm, not amortized (it runs no steps)")
+    step_options = ("steps", "schedule", "lr", "parametrisation")  # None unless given
+    given = [f"--{name}" for name in step_options if getattr(args, name, None) is not None]
+    if given and args.method == "amortized":
+        verb = "is" if len(given) == 1 else "are"
+        raise ConfigError(
+            f"{', '.join(given)} {verb} for --method cartoonx, pixel-rde or warm, not amortized (it runs no steps)"
+        )
     if args.method in EXACT_METHODS:
         if args.calibrate_samples:
             raise ConfigError(f"--calibrate-samples is for --method amortized or warm, not {args.method}")
