@@ -74,7 +74,7 @@ from amortized_cartoonx.optimizer import (  # noqa: E402
     CartoonX,
     OptimizerConfig,
 )
-from amortized_cartoonx.runtime import synchronize  # noqa: E402
+from amortized_cartoonx.runtime import resolve_device, synchronize  # noqa: E402
 from amortized_cartoonx.seeding import file_seeds  # noqa: E402
 
 #: The warm start's shipped schedule: the default of the refinement options.
@@ -158,12 +158,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", default=None, help="write every number to this JSON file")
     return p.parse_args(argv)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def smoothed(history: torch.Tensor, window: int) -> torch.Tensor:

@@ -39,7 +39,7 @@ from amortized_cartoonx.allocator import tune_cpu_allocator  # noqa: E402
 from amortized_cartoonx.classifiers import load_classifier  # noqa: E402
 from amortized_cartoonx.cli.common import nonnegative_int, plain_text, positive_int  # noqa: E402
 from amortized_cartoonx.optimizer import CartoonX, PixelRDE, default_chunk  # noqa: E402
-from amortized_cartoonx.runtime import synchronize  # noqa: E402
+from amortized_cartoonx.runtime import resolve_device, synchronize  # noqa: E402
 
 
 def paired_rounds(fns: dict, device: torch.device, repeats: int) -> dict[str, list[float]]:
@@ -137,11 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     allocator = "tuned" if args.allocator == "tuned" and tune_cpu_allocator() else "default"
 
-    device = torch.device(
-        "cuda"
-        if args.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if args.device == "auto" else args.device)
-    )
+    device = resolve_device(args.device)
     classifier = load_classifier(args.classifier, device=device)
     if args.compile:
         classifier = torch.compile(classifier)

@@ -44,6 +44,7 @@ from amortized_cartoonx.classifiers import load_classifier  # noqa: E402
 from amortized_cartoonx.cli.common import plain_text  # noqa: E402
 from amortized_cartoonx.images import list_images, load_images  # noqa: E402
 from amortized_cartoonx.optimizer import LR_DECAYS, PRECISIONS, SCHEDULES, CartoonX, OptimizerConfig  # noqa: E402
+from amortized_cartoonx.runtime import resolve_device  # noqa: E402
 from amortized_cartoonx.seeding import file_seeds  # noqa: E402
 
 
@@ -121,11 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(
-        "cuda"
-        if args.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if args.device == "auto" else args.device)
-    )
+    device = resolve_device(args.device)
     classifier = load_classifier(args.classifier, normalize=args.normalize, device=device)
     files = list_images(args.images)[args.offset : args.offset + args.limit]
     images = load_images(files, args.size).to(device)

@@ -27,7 +27,7 @@ from amortized_cartoonx.allocator import tune_cpu_allocator  # noqa: E402
 from amortized_cartoonx.classifiers import load_classifier  # noqa: E402
 from amortized_cartoonx.cli.common import plain_text  # noqa: E402
 from amortized_cartoonx.optimizer import CartoonX, PixelRDE, default_chunk  # noqa: E402
-from amortized_cartoonx.runtime import synchronize  # noqa: E402
+from amortized_cartoonx.runtime import resolve_device, synchronize  # noqa: E402
 
 
 def seconds(fn, device: torch.device) -> float:
@@ -56,11 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
-    device = torch.device(
-        "cuda"
-        if args.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if args.device == "auto" else args.device)
-    )
+    device = resolve_device(args.device)
     classifier = load_classifier(args.classifier, device=device)
     n = args.batch * args.samples
     print(
