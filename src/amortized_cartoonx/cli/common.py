@@ -230,14 +230,6 @@ def add_device_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N, mps")
 
 
-def resolve_device(name: str):
-    """``--device``: a torch.device from ``auto``/``cpu``/``cuda[:N]``/``mps``, checked to exist
-    (:func:`amortized_cartoonx.runtime.resolve_device`)."""
-    from amortized_cartoonx.runtime import resolve_device as resolve
-
-    return resolve(name)
-
-
 def optimizer_config(args: argparse.Namespace, default_schedule: str = "paper"):
     """An :class:`OptimizerConfig` from the parsed RDE options (``--schedule`` or ``default_schedule``)."""
     from amortized_cartoonx.optimizer import OptimizerConfig

@@ -244,6 +244,7 @@ def run(args: argparse.Namespace) -> int:
     from amortized_cartoonx.evaluation.runner import Evaluation, EvaluationConfig
     from amortized_cartoonx.images import list_images, read_class_names
     from amortized_cartoonx.methods import CHECKPOINT_METHODS
+    from amortized_cartoonx.runtime import resolve_device
 
     from .common import (
         check_class_names,
@@ -251,7 +252,6 @@ def run(args: argparse.Namespace) -> int:
         fill_defaults,
         optimizer_config,
         recorded_settings,
-        resolve_device,
     )
 
     command = args.command_line(args)  # as typed, before the defaults below are filled in
@@ -293,7 +293,6 @@ def run(args: argparse.Namespace) -> int:
         sanity=sanity,
         progress=not args.no_progress,
     ).validate()
-    list_images(args.images)  # a missing or empty folder fails before the classifier loads
     labels = read_class_names(args.labels)
     optimizer = optimizer_config(args)
     baselines = BaselineConfig(

@@ -181,9 +181,10 @@ def run(args: argparse.Namespace) -> int:
     from amortized_cartoonx.images import load_images, read_class_names
     from amortized_cartoonx.io import atomic_write_text
     from amortized_cartoonx.plotting import explanation_figure, save_figure
+    from amortized_cartoonx.runtime import resolve_device
     from amortized_cartoonx.seeding import file_seeds
 
-    from .common import check_class_names, check_output_folder, fill_defaults, recorded_settings, resolve_device
+    from .common import check_class_names, check_output_folder, fill_defaults, recorded_settings
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")

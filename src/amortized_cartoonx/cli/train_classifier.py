@@ -65,13 +65,12 @@ _ACCELERATORS = {"cpu": "cpu", "cuda": "gpu", "mps": "mps"}
 
 def run(args: argparse.Namespace) -> int:
     from amortized_cartoonx.errors import ConfigError
+    from amortized_cartoonx.runtime import resolve_device
     from amortized_cartoonx.synthetic.classifier_training import (
         ClassifierExistsError,
         TrainConfig,
         train_synthetic_classifier,
     )
-
-    from .common import resolve_device
 
     device = resolve_device(args.device)
     if args.threads < 0:
