@@ -117,7 +117,7 @@ def add_rde_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--precision",
-        default="fp32",
+        default=None,
         choices=PRECISION_NAMES,
         help="the classifier's precision during the steps: fp32 (default) or bf16 (autocast; for GPUs with bf16 "
         "tensor cores); the DWT, the noise, the loss and the final measurement stay float32",
@@ -240,7 +240,7 @@ def optimizer_config(args: argparse.Namespace, default_schedule: str = "paper"):
         num_samples=args.samples,
         lr=args.lr,
         parametrisation=args.parametrisation,
-        precision=args.precision,
+        precision=args.precision or "fp32",
         l1_lambda=args.l1_lambda,
         obfuscation=args.obfuscation,
         distortion=args.distortion,

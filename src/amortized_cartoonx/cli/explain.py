@@ -111,7 +111,7 @@ def build_explainer(args: argparse.Namespace, classifier, device):
 
     if args.refine_steps is not None and args.method != "warm":
         raise ConfigError(f"--refine-steps is for --method warm, not {args.method}")
-    step_options = ("steps", "schedule", "lr", "parametrisation")  # None unless given
+    step_options = ("steps", "schedule", "lr", "parametrisation", "precision")  # None unless given
     given = [f"--{name}" for name in step_options if getattr(args, name, None) is not None]
     if given and args.method == "amortized":
         verb = "is" if len(given) == 1 else "are"
