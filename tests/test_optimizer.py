@@ -222,6 +222,18 @@ def test_schedules_fill_steps_and_lr_unless_given():
         OptimizerConfig(lr=float("nan")).validate()
 
 
+def test_a_schedule_given_as_an_override_brings_its_own_steps_and_lr(tiny_cnn):
+    # dataclasses.replace on the default config would keep the paper's 2000 steps at lr 1e-3 under the name "fast"
+    fast = CartoonX(tiny_cnn, levels=3, schedule="fast").config
+    assert all(getattr(fast, k) == v for k, v in SCHEDULES["fast"].items())
+    assert CartoonX(tiny_cnn, levels=3, schedule="fast", lr=0.3).config.lr == 0.3
+    mine = OptimizerConfig(lr=0.05)
+    assert mine.replace(steps=9).lr == 0.05  # no new schedule: nothing else changes
+    assert mine.replace(schedule="paper").lr == 0.05
+    refine = OptimizerConfig(schedule="fast", num_samples=8).replace(schedule="refine")
+    assert (refine.steps, refine.num_samples) == (SCHEDULES["refine"]["steps"], 8)
+
+
 @pytest.mark.parametrize("decay", ["linear", "cosine"])
 def test_decayed_schedules_are_deterministic_batched_and_stay_in_the_unit_interval(tiny_cnn, images, decay):
     opt = CartoonX(tiny_cnn, levels=3, steps=12, num_samples=4, lr=0.1, lr_decay=decay)

@@ -34,7 +34,7 @@ from .data import split_train_val_test
 from .errors import ClassifierError, ConfigError
 from .explanation import Explanation, measure_mask
 from .mask_predictor import MaskPredictor
-from .optimizer import OptimizerConfig, RDEOptimizer
+from .optimizer import SCHEDULE_FIELDS, OptimizerConfig, RDEOptimizer
 from .rde import (
     RDEObjective,
     RDEProblem,
@@ -428,9 +428,7 @@ class AmortizedExplainer:
 def refine_config(config: OptimizerConfig) -> OptimizerConfig:
     """``config`` (an exact optimizer's) with the ``refine`` schedule's steps, lr, decay and parametrisation:
     the warm start's settings, keeping the noise samples, loss, seed and measurement."""
-    return dataclasses.replace(
-        config, schedule="refine", steps=None, lr=None, lr_decay=None, lr_final=0.0, parametrisation=None
-    )
+    return dataclasses.replace(config, schedule="refine", lr_final=0.0, **dict.fromkeys(SCHEDULE_FIELDS))
 
 
 class WarmStartExplainer:

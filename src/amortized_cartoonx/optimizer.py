@@ -85,6 +85,9 @@ SCHEDULES: dict[str, dict] = {
     "fast": {"steps": 200, "lr": 0.1, "lr_decay": "cosine", "parametrisation": "clamp"},
     "refine": {"steps": 60, "lr": 0.1, "lr_decay": "cosine", "parametrisation": "clamp"},
 }
+#: The fields a schedule fills when they are not given (every schedule names all of them).
+SCHEDULE_FIELDS = ("steps", "lr", "lr_decay", "parametrisation")
+assert all(set(values) == set(SCHEDULE_FIELDS) for values in SCHEDULES.values())
 #: How the learning rate moves over a run of S steps (step s = 0 .. S-1), as a factor of ``lr``.
 LR_DECAYS: dict[str, Callable[[int, int, float], float]] = {
     "constant": lambda s, total, final: 1.0,
@@ -186,6 +189,17 @@ class OptimizerConfig:
             if getattr(self, name) is None:
                 setattr(self, name, value)
 
+    def replace(self, **changes) -> OptimizerConfig:
+        """A copy with ``changes`` (field names as keywords).
+
+        A new ``schedule`` brings its own ``steps``, ``lr``, ``lr_decay`` and ``parametrisation``, except those also
+        named in ``changes``: ``dataclasses.replace`` alone would keep the values the old schedule filled in, so
+        ``replace(schedule="fast")`` would still run the paper's 2000 steps at lr 1e-3.
+        """
+        if changes.get("schedule", self.schedule) != self.schedule:
+            changes = {**dict.fromkeys(SCHEDULE_FIELDS), **changes}
+        return dataclasses.replace(self, **changes)
+
     def validate(self) -> OptimizerConfig:
         self._check_types()
         OBFUSCATIONS.get(self.obfuscation)
@@ -245,7 +259,8 @@ class RDEOptimizer:
         classifier: maps ``(N, C, H, W)`` in [0, 1] to logits ``(N, K)``. An ``nn.Module`` is run in eval
             mode without parameter gradients during :meth:`explain` and its flags are restored afterwards.
         representation: where the mask lives.
-        config: the hyper-parameters (:class:`OptimizerConfig`); keyword overrides are applied on top.
+        config: the hyper-parameters (:class:`OptimizerConfig`); keyword overrides are applied on top
+            (:meth:`OptimizerConfig.replace`: a ``schedule`` override brings that schedule's steps and lr).
         method: the name recorded in results (``cartoonx`` or ``pixel-rde``); picks the default lambda.
     """
 
@@ -258,7 +273,7 @@ class RDEOptimizer:
         method: str = "cartoonx",
         **overrides,
     ) -> None:
-        config = dataclasses.replace(config or OptimizerConfig(), **overrides)
+        config = (config or OptimizerConfig()).replace(**overrides)
         if config.l1_lambda is None:
             config.l1_lambda = DEFAULT_LAMBDA[method]
         self.config = config.validate()

@@ -34,7 +34,7 @@ import math
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -139,7 +139,7 @@ def generate_teacher_masks(
         _check_positive(limit=limit)
     if num_workers < 0:
         raise ConfigError(f"num_workers must be at least 0, got {num_workers}")
-    config = replace(config or OptimizerConfig(), **overrides).validate()
+    config = (config or OptimizerConfig()).replace(**overrides).validate()
     settings = TeacherMaskSettings(classifier, normalize, size, wave, levels, mode, config)
     loaded = load_classifier(classifier, normalize=normalize)  # fails early and in one line on a bad spec
     optimizer = settings.build_optimizer(loaded)
