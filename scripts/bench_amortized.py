@@ -153,7 +153,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--chunk-size", type=int, default=None, help="noise samples per forward pass (memory)")
     p.add_argument("--smooth", type=int, default=25, help="moving-average window for the step counts (default 25)")
-    p.add_argument("--seed", type=int, default=0, help="image k is seeded seed + k")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="base seed: each image is seeded by its file name and this, as the commands do",
+    )
     p.add_argument("--classifier", required=True, help="the classifier the checkpoint explains (spec or file)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", default=None, help="write every number to this JSON file")

@@ -84,7 +84,7 @@ class MaskPredictorConfig:
         wave, levels, mode: the DWT whose coefficients are masked (db3, J=5, zero padding: the paper's).
             ``levels`` is the largest J; smaller images use fewer levels, as the wavelet representation does.
         width: channels of the first encoder stage; stage s has ``width * min(2^(s-1), max_multiplier)``.
-            Default 32 (about 3 million parameters with the defaults).
+            Default 32 (about 5 million parameters with the defaults and 1000 classes).
         max_multiplier: cap of the channel multiplier. Default 8.
         decoder_width: channels of the decoder levels (capped by the encoder stage's). Default 64.
         embed_dim: size of the class embedding. Default 128.
