@@ -271,6 +271,23 @@ def test_relevance_is_float32_for_a_half_precision_classifier(name):
     assert relevance.relevance.dtype == torch.float32 and torch.isfinite(relevance.relevance).all()
 
 
+@pytest.mark.parametrize("name", ["random-pixel", "random-wavelet", "integrated-gradients"])
+def test_attribute_predicts_in_eval_mode_and_leaves_the_batch_statistics_alone(name):
+    """The random orderings chose the target with the caller's model in train mode: BatchNorm used the batch's
+    statistics (another class) and updated its running ones."""
+    model = make_tiny_cnn()
+    images = smooth_images(4)
+    with torch.no_grad():
+        predicted = model.eval()(images).argmax(1)
+    model.train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    attribution = METHODS.get(name)(MethodContext(wrap_classifier(model), image_size=SIZE)).attribute(
+        images, seeds=[1, 2, 3, 4]
+    )
+    assert attribution.target.tolist() == predicted.tolist()
+    assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.script is deprecated; TorchScript files still load
 def test_hook_methods_skip_a_torchscript_classifier(tmp_path, caplog):
     scripted = torch.jit.script(make_tiny_cnn())

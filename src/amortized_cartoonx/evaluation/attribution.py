@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
+from ..classifiers import frozen
 from ..optimizer import SCHEDULES, OptimizerConfig
 from ..rde import as_input_of, check_images, original_logits, resolve_target
 from ..registry import Registry
@@ -175,8 +176,9 @@ class EvaluationMethod:
 def explained_target(classifier: Callable[[Tensor], Tensor], images: Tensor, target: Tensor | None) -> Tensor:
     """``(N,)``: ``target`` (one class for all or one per image, checked against the classifier's classes, as
     the explainers check it: :func:`~amortized_cartoonx.rde.resolve_target`) or, by default, the class the
-    classifier predicts."""
-    with torch.no_grad():
+    classifier predicts, in eval mode (:func:`~amortized_cartoonx.classifiers.frozen`: a model left in train mode
+    would predict with batch statistics and update them)."""
+    with torch.no_grad(), frozen(classifier):
         return resolve_target(target, original_logits(classifier, images))
 
 
