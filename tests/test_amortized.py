@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from amortized_cartoonx.amortized import AmortizedExplainer, WarmStartExplainer
-from amortized_cartoonx.classifiers import load_classifier
+from amortized_cartoonx.classifiers import load_classifier, normalization_name, wrap_classifier
 from amortized_cartoonx.data import split_train_val_test
 from amortized_cartoonx.errors import ConfigError, InputError
 from amortized_cartoonx.evaluation.agreement import average_ranks, mask_agreement
@@ -138,6 +138,27 @@ def test_mismatched_settings_are_refused(checkpoint, small_images):
         AmortizedExplainer.from_checkpoint(checkpoint, "torchvision:squeezenet1_0:none")
     with pytest.raises(ConfigError, match="name the classifier"):
         AmortizedExplainer.from_checkpoint(checkpoint, None)
+
+
+def test_the_input_normalisation_is_the_checkpoints(checkpoint, tmp_path):
+    """normalize= with a spec ran the network behind another normalisation than in training, a bare module was
+    wrapped without the checkpoint's, and settings() recorded the checkpoint's either way."""
+    from conftest import make_tiny_cnn
+
+    for classifier, normalize in [
+        (SPEC, "imagenet"),
+        (make_tiny_cnn(), "imagenet"),
+        (wrap_classifier(make_tiny_cnn(), normalize="imagenet"), None),
+    ]:
+        with pytest.raises(ConfigError, match="trained with input normalisation none, the classifier uses imagenet"):
+            AmortizedExplainer.from_checkpoint(checkpoint, classifier, normalize=normalize)
+    with pytest.raises(ConfigError, match="a loaded Classifier keeps its own"):
+        AmortizedExplainer.from_checkpoint(checkpoint, load_classifier(SPEC), normalize="none")
+    state = torch.load(checkpoint, weights_only=True)
+    state["cartoonx"]["normalize"] = "imagenet"
+    torch.save(state, tmp_path / "imagenet.ckpt")
+    bare = AmortizedExplainer.from_checkpoint(tmp_path / "imagenet.ckpt", make_tiny_cnn())
+    assert normalization_name(bare.classifier) == "imagenet"  # a bare module gets the checkpoint's
 
 
 def test_an_unknown_or_missing_device_is_refused_before_loading(checkpoint):

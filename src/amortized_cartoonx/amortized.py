@@ -177,9 +177,10 @@ class AmortizedExplainer:
             path: the checkpoint.
             classifier: the classifier, as a spec (``torchvision:NAME``, a model file, ``package.module:callable``;
                 loaded here), a loaded :class:`Classifier` (its spec must match the checkpoint's), or any other
-                ``nn.Module`` (wrapped as is; the caller vouches for it).
+                ``nn.Module`` (wrapped with the checkpoint's input normalisation; the caller vouches for it).
             device: where to run: ``cpu``, ``cuda[:N]``, ``mps`` or ``auto`` (CUDA when available).
-            normalize: the input normalisation for a spec (default: the checkpoint's).
+            normalize: the input normalisation for a spec or a bare module (default: the checkpoint's; another one
+                is refused, as is a loaded :class:`Classifier` whose normalisation differs from the checkpoint's).
             backbone: with the ``backbone`` encoder, its network (a module or a spec); None loads the recorded
                 spec when it is built in (``torchvision:NAME``, ``efficientnet-lite0``), else it must be named.
             options: ``measure_samples``, ``seed``, ``strict_size`` (see the class).
@@ -192,31 +193,41 @@ class AmortizedExplainer:
                 f"name the classifier that {path.name} explains (it was trained for {meta['classifier']!r}): "
                 "a checkpoint never decides what code is loaded"
             )
+        trained = meta["normalize"]  # the input normalisation the network was trained behind
         if isinstance(classifier, str):
             spec = classifier
             if not same_classifier(spec, meta) and not meta.get("classifier_weights_sha256"):
                 raise ConfigError(
                     f"checkpoint {path.name} was trained for classifier {meta['classifier']!r}, not {spec!r}"
                 )
-            classifier = load_classifier(spec, normalize=normalize or meta["normalize"], device=device)
+            classifier = load_classifier(spec, normalize=normalize or trained, device=device)
             if not same_classifier(spec, meta, classifier):  # another spec text: the same weights?
                 raise ConfigError(
                     f"checkpoint {path.name} was trained for classifier {meta['classifier']!r}, and {spec!r} "
                     "loads other weights"
                 )
         elif isinstance(classifier, Classifier):
+            if normalize is not None:
+                raise ConfigError(
+                    "normalize= is for a classifier spec or a bare nn.Module; a loaded Classifier keeps its own"
+                )
             if classifier.spec != "<module>" and not same_classifier(classifier.spec, meta, classifier):
                 raise ConfigError(
                     f"checkpoint {path.name} was trained for classifier {meta['classifier']!r}, not {classifier.spec!r}"
                 )
-            normalize = normalization_name(classifier)
-            if classifier.spec != "<module>" and normalize != meta["normalize"]:
-                raise ConfigError(
-                    f"checkpoint {path.name} was trained with input normalisation {meta['normalize']}, "
-                    f"the classifier uses {normalize}: use --normalize {meta['normalize']}"
-                )
         else:
-            classifier = wrap_classifier(classifier)
+            if trained == "custom" and normalize is None:
+                raise ConfigError(
+                    f"checkpoint {path.name} was trained behind a custom input normalisation: pass the model wrapped "
+                    "with it, Classifier(model, mean=..., std=...)"
+                )
+            classifier = wrap_classifier(classifier, normalize or trained)  # the checkpoint's by default
+        used = normalization_name(classifier)
+        if used != trained:  # the network's inputs were normalised otherwise in training
+            raise ConfigError(
+                f"checkpoint {path.name} was trained with input normalisation {trained}, the classifier uses "
+                f"{used}: use normalize={trained!r} (--normalize {trained})"
+            )
         network = build_mask_predictor(loaded, classifier, backbone)
         return cls(network.to(device), classifier, meta, path=path, **options)
 

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError
 from ..classifiers import frozen
+from ..errors import ConfigError
 from ..optimizer import SCHEDULES, OptimizerConfig
 from ..rde import as_input_of, check_images, original_logits, resolve_target
 from ..registry import Registry
