@@ -106,6 +106,20 @@ def test_warm_start_with_zero_steps_returns_the_predicted_mask(checkpoint, small
     assert refined.settings["refine_steps"] == 3 and refined.settings["method"] == "warm"
 
 
+def test_the_warm_start_is_seeded_measured_and_recorded_as_its_start(checkpoint, small_images):
+    """Without seeds the calibration used the amortized explainer's seed and the steps the config's (0), the
+    default measurement had 64 draws whatever the amortized explainer's, and the settings left the calibration
+    out: a calibrated and a plain warm start were recorded alike."""
+    amortized = AmortizedExplainer.from_checkpoint(checkpoint, SPEC, seed=7, measure_samples=4)
+    warm = WarmStartExplainer(amortized, refine_steps=0)
+    assert (warm.optimizer.config.seed, warm.optimizer.config.measure_samples) == (7, 4)
+    assert torch.equal(warm.explain(small_images).loss, amortized.explain(small_images).loss)
+    calibrated = AmortizedExplainer.from_checkpoint(checkpoint, SPEC, calibration_samples=2, calibration_shifts=(0, 1))
+    settings = WarmStartExplainer(calibrated, refine_steps=0).settings()
+    assert settings["calibration_samples"] == 2 and settings["calibration_shifts"] == [0.0, 1.0]
+    assert warm.settings()["calibration_samples"] == 0
+
+
 def test_float64_images_are_explained_like_float32_ones(checkpoint, small_images):
     """numpy's float64 reaches the network and the classifier in their own dtype; the masks agree."""
     amortized = AmortizedExplainer.from_checkpoint(checkpoint, SPEC, measure_samples=4)

@@ -453,9 +453,12 @@ class WarmStartExplainer:
         refine_steps: K, the optimizer steps after the prediction; None: the config's ``steps``. 0 returns the
             predicted mask unchanged.
         config: the optimizer's settings. Its ``l1_lambda`` (when set), ``distortion`` and ``obfuscation`` must be
-            the checkpoint's. Default: the ``refine`` schedule (:data:`~amortized_cartoonx.optimizer.SCHEDULES`),
-            chosen by ``scripts/bench_amortized.py``; :func:`refine_config` turns an exact optimizer's config
-            into it.
+            the checkpoint's; its ``seed`` seeds the calibration too when ``explain`` gets no seeds. Default: the
+            ``refine`` schedule (:data:`~amortized_cartoonx.optimizer.SCHEDULES`, chosen by
+            ``scripts/bench_amortized.py``) with the amortized explainer's ``seed`` and ``measure_samples``, so that
+            0 steps measure as the single pass does. A config that is given is used as it is (``OptimizerConfig()``
+            is the paper's 2000 steps at lr 1e-3): :func:`refine_config` turns an exact optimizer's config into
+            the ``refine`` schedule.
     """
 
     method = "warm"
@@ -464,8 +467,14 @@ class WarmStartExplainer:
         self, amortized: AmortizedExplainer, refine_steps: int | None = None, config: OptimizerConfig | None = None
     ) -> None:
         meta = amortized.meta
-        if config is None:
-            config = OptimizerConfig(schedule="refine", distortion=meta["distortion"], obfuscation=meta["obfuscation"])
+        if config is None:  # measured as the single pass is (its seed and noise samples)
+            config = OptimizerConfig(
+                schedule="refine",
+                distortion=meta["distortion"],
+                obfuscation=meta["obfuscation"],
+                seed=amortized.seed,
+                measure_samples=amortized.measure_samples,
+            )
         refine_steps = config.steps if refine_steps is None else refine_steps
         if refine_steps < 0:
             raise ConfigError(f"refine_steps must be at least 0, got {refine_steps}")
@@ -480,6 +489,7 @@ class WarmStartExplainer:
         self.classifier = amortized.classifier
 
     def settings(self) -> dict:
+        """The refinement's optimizer settings, the checkpoint and how the start was made (calibration)."""
         return {
             **self.optimizer.settings(),
             "method": self.method,
@@ -487,6 +497,9 @@ class WarmStartExplainer:
             "refine_steps": self.refine_steps,
             "image_size": self.amortized.meta["image_size"],
             "classifier": self.amortized.meta["classifier"],
+            "normalize": self.amortized.meta["normalize"],
+            "calibration_samples": self.amortized.calibration_samples,
+            **self.amortized._calibration_settings(),
         }
 
     def explain(
@@ -499,6 +512,7 @@ class WarmStartExplainer:
     ) -> Explanation:
         """The predicted mask refined by ``refine_steps`` exact steps (same seeds, same measurement)."""
         start = time.perf_counter()
+        seeds = image_seeds(images.shape[0], self.optimizer.config.seed, seeds)  # one set for calibration and steps
         problem, init = self.amortized.predict(images, target, seeds=seeds)
         target = problem.target  # the class the prediction explains
         explanation = self.optimizer.explain(
