@@ -120,6 +120,21 @@ def test_the_warm_start_is_seeded_measured_and_recorded_as_its_start(checkpoint,
     assert warm.settings()["calibration_samples"] == 0
 
 
+def test_strict_size_off_keeps_the_levels_the_network_has(tmp_path):
+    """Trained at 32 px with levels=5 (J capped to 4), a larger image got a 5-level DWT for a 4-level network: a
+    raw shape error."""
+    from amortized_cartoonx.training import AmortizedCartoonXModule
+
+    module = AmortizedCartoonXModule(SPEC, image_size=SIZE, levels=5, num_samples=2)
+    state = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(state)
+    torch.save(state, tmp_path / "capped.ckpt")
+    assert (state["cartoonx"]["levels"], state["cartoonx"]["levels_used"]) == (5, 4)
+    loose = AmortizedExplainer.from_checkpoint(tmp_path / "capped.ckpt", SPEC, strict_size=False, measure_samples=2)
+    explanation = loose.explain(torch.rand(1, 3, 2 * SIZE, 2 * SIZE))
+    assert len(explanation.mask.details) == 4
+
+
 def test_float64_images_are_explained_like_float32_ones(checkpoint, small_images):
     """numpy's float64 reaches the network and the classifier in their own dtype; the masks agree."""
     amortized = AmortizedExplainer.from_checkpoint(checkpoint, SPEC, measure_samples=4)

@@ -151,7 +151,9 @@ class AmortizedExplainer:
         self.measure_samples = int(measure_samples)
         self.seed = int(seed)
         self.strict_size = bool(strict_size)
-        self.representation = WaveletRepresentation(meta["wave"], meta["levels"], meta["mode"])
+        # the J the network has heads for (the training size may have capped the requested levels)
+        levels = int(meta.get("levels_used") or meta["levels"])
+        self.representation = WaveletRepresentation(meta["wave"], levels, meta["mode"])
         self.objective = RDEObjective(
             classifier, self.representation, meta["l1_lambda"], meta["obfuscation"], meta["distortion"]
         )
