@@ -153,6 +153,23 @@ def test_early_stopping_stops_each_image(tiny_cnn, images):
         torch.testing.assert_close(exp.history.total[int(exp.steps[n]) - 1, n], last[n])
 
 
+def test_a_saved_explanation_records_the_steps_run_and_the_levels_used(tiny_cnn, images, tmp_path):
+    """The settings' steps (the config's) and distortion (the measure's name) overwrote the results in the file:
+    an early stop or explain(steps=4) was saved as the config's steps; levels=7 on a small image as 7 levels."""
+    from amortized_cartoonx.explanation import load_saved_explanation
+
+    optimizer = CartoonX(tiny_cnn, levels=7, steps=9, num_samples=2, stop_patience=1, stop_tolerance=10.0)
+    explanation = optimizer.explain(images, steps=4)
+    explanation.save(tmp_path / "last.safetensors", -1)
+    saved = load_saved_explanation(tmp_path / "last.safetensors")["metadata"]
+    assert saved["steps"] == int(explanation.steps[-1]) < 4 and saved["settings"]["steps"] == 9
+    assert saved["distortion"] == float(explanation.distortion[-1]) and saved["settings"]["distortion"] == "label"
+    assert saved["levels_used"] == len(explanation.mask.details) < 7 and saved["wave"] == "db3"
+    assert explanation.mask.select(-1).lowpass.shape[0] == 1 and explanation.history.select(-1).total.shape[1] == 1
+    with pytest.raises(IndexError, match="outside a batch of 3"):
+        explanation.save(tmp_path / "x.safetensors", 3)
+
+
 def test_pixel_rde_uses_a_pixel_mask_and_its_own_lambda(tiny_cnn, images):
     exp = PixelRDE(tiny_cnn, steps=5, num_samples=2).explain(images)
     assert exp.method == "pixel-rde"

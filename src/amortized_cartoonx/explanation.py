@@ -19,7 +19,7 @@ from .errors import InputError
 from .io import atomic_write
 from .rde import RDEObjective, RDEProblem, make_generators, rde_loss, target_prob
 from .seeding import Stream, stream_seeds
-from .wavelets import Coefficients, grey
+from .wavelets import Coefficients, grey, image_slice
 
 
 @dataclass
@@ -34,7 +34,9 @@ class LossHistory:
     total: Tensor
 
     def select(self, index: int) -> LossHistory:
-        return LossHistory(*(t[:, index : index + 1] for t in (self.distortion, self.sparsity, self.total)))
+        """Image ``index``'s history (negative: from the end), the image axis kept: ``(S, 1)`` each."""
+        one = image_slice(index, self.total.shape[1])
+        return LossHistory(*(t[:, one] for t in (self.distortion, self.sparsity, self.total)))
 
 
 @dataclass
@@ -113,6 +115,7 @@ class Explanation:
             "loss_final": float(self.loss[index]),
             "steps": int(self.steps[index]),
             "seconds": self.seconds / len(self),
+            **({"levels_used": len(self.mask.details)} if self.mask.details else {}),  # J after the size's cap
         }
 
     def save(self, path: str | Path, index: int, metadata: dict | None = None) -> None:
@@ -121,7 +124,10 @@ class Explanation:
         Tensors: ``mask`` (flat, ``(K,)`` in :meth:`Coefficients.flatten` order), ``mask_band_<i>`` (band ``i``
         without the image axis: low-pass ``(1, H_J, W_J)``, then details ``(1, 3, H_j, W_j)`` from coarse to fine,
         as in :attr:`Coefficients.bands`), ``explanation`` ``(1, H, W)``. The summary, settings and ``metadata``
-        (plain JSON values) are in the file's metadata. Read it back with :func:`load_saved_explanation`.
+        (plain JSON values) are in the file's metadata: the summary's results, the settings' other keys and
+        ``metadata`` at the top level (where a setting and a result share a name, ``steps`` or ``distortion``, the
+        result: the steps run and the measured distortion), and every setting under ``settings``. Read it back
+        with :func:`load_saved_explanation`.
         """
         from safetensors.torch import save_file
 
@@ -129,7 +135,7 @@ class Explanation:
         tensors = {"mask": one.flatten()[0], "explanation": self.image[index]}
         tensors |= {f"mask_band_{i}": band[0] for i, band in enumerate(one.bands)}
         tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-        info = {**self.summary(index), **self.settings, **(metadata or {})}
+        info = {**self.settings, **self.summary(index), "settings": self.settings, **(metadata or {})}
         header = {"format": SAVED_FORMAT, "metadata": json.dumps(info, default=str)}
         atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=header))
 

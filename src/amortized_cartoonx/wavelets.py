@@ -43,6 +43,14 @@ DEFAULT_MODE = "zero"
 PAD_MODES = ("zero", "symmetric", "reflect", "periodization")
 
 
+def image_slice(index: int, count: int) -> slice:
+    """``slice`` of image ``index`` (negative: from the end) of a batch of ``count``; IndexError outside it."""
+    if not -count <= index < count:
+        raise IndexError(f"image {index} is outside a batch of {count}")
+    index %= count
+    return slice(index, index + 1)
+
+
 @dataclass(frozen=True)
 class Coefficients:
     """A batch of coefficients: a low-pass band and the detail levels, finest first.
@@ -135,9 +143,9 @@ class Coefficients:
         return self.map(lambda b: b.clamp(low, high))
 
     def select(self, index: int | slice | Tensor) -> Coefficients:
-        """The images ``index`` of the batch (an int keeps the batch axis)."""
+        """The images ``index`` of the batch (an int, negative ones included, keeps the batch axis)."""
         if isinstance(index, int):
-            index = slice(index, index + 1)
+            index = image_slice(index, self.lowpass.shape[0])
         return self.map(lambda b: b[index])
 
     @staticmethod
