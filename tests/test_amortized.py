@@ -190,6 +190,24 @@ def test_the_input_normalisation_is_the_checkpoints(checkpoint, tmp_path):
     assert normalization_name(bare.classifier) == "imagenet"  # a bare module gets the checkpoint's
 
 
+@pytest.mark.parametrize(
+    ("option", "needle"),
+    [
+        ({"calibration_samples": 2.9}, "calibration_samples must be an integer of at least 0, got 2.9"),
+        ({"calibration_samples": True}, "calibration_samples must be an integer"),
+        ({"measure_samples": 2.7}, "measure_samples must be an integer of at least 1"),
+        ({"seed": -3}, "seed must be an integer of at least 0, got -3"),
+        ({"strict_size": "no"}, "strict_size must be True or False"),
+        ({"calibration_samples": 2, "calibration_fractions": "abc"}, "calibration_fractions must be a sequence"),
+        ({"calibration_samples": 2, "calibration_shifts": [0, "1"]}, "calibration_shifts must be a sequence"),
+    ],
+)
+def test_options_are_checked_not_truncated(checkpoint, option, needle):
+    """2.9 calibration samples ran as 2, seed 1.9 as 1, strict_size="no" as True; a string failed in float()."""
+    with pytest.raises(ConfigError, match=needle):
+        AmortizedExplainer.from_checkpoint(checkpoint, SPEC, **option)
+
+
 def test_an_unknown_or_missing_device_is_refused_before_loading(checkpoint):
     with pytest.raises(ConfigError, match="unknown device 'gpu'"):
         AmortizedExplainer.from_checkpoint(checkpoint, SPEC, device="gpu")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import numbers
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,7 +32,7 @@ from torch import Tensor
 from .checkpoint import build_mask_predictor, read_checkpoint
 from .classifiers import Classifier, frozen, load_classifier, normalization_name, same_classifier, wrap_classifier
 from .data import split_train_val_test
-from .errors import ClassifierError, ConfigError
+from .errors import ClassifierError, ConfigError, is_integer
 from .explanation import Explanation, measure_mask
 from .mask_predictor import MaskPredictor
 from .optimizer import SCHEDULE_FIELDS, OptimizerConfig, RDEOptimizer
@@ -127,16 +128,21 @@ class AmortizedExplainer:
         calibration_shifts: Sequence[float] = DEFAULT_CALIBRATION_SHIFTS,
         calibration_fractions: Sequence[float] = DEFAULT_CALIBRATION_FRACTIONS,
     ) -> None:
-        if measure_samples < 1:
-            raise ConfigError(f"measure_samples must be at least 1, got {measure_samples}")
-        if calibration_samples < 0:
-            raise ConfigError(f"calibration_samples must be at least 0, got {calibration_samples}")
+        for name, value, least in (
+            ("measure_samples", measure_samples, 1),
+            ("calibration_samples", calibration_samples, 0),
+            ("seed", seed, 0),
+        ):
+            if not is_integer(value) or value < least:
+                raise ConfigError(f"{name} must be an integer of at least {least}, got {value!r}")
+        if not isinstance(strict_size, bool):
+            raise ConfigError(f"strict_size must be True or False, got {strict_size!r}")
         if calibration not in CALIBRATIONS:
             raise ConfigError(f"calibration must be one of {', '.join(CALIBRATIONS)}, got {calibration!r}")
-        shifts = tuple(float(b) for b in calibration_shifts)
+        shifts = _numbers("calibration_shifts", calibration_shifts)
         if calibration_samples and (not shifts or not all(math.isfinite(b) for b in shifts)):
             raise ConfigError(f"calibration_shifts must be finite numbers, got {calibration_shifts}")
-        fractions = tuple(float(r) for r in calibration_fractions)
+        fractions = _numbers("calibration_fractions", calibration_fractions)
         if calibration_samples and (not fractions or not all(math.isfinite(r) and r > 0 for r in fractions)):
             raise ConfigError(f"calibration_fractions must be positive numbers, got {calibration_fractions}")
         self.calibration_samples = int(calibration_samples)
@@ -436,6 +442,16 @@ class AmortizedExplainer:
             settings=self.settings(),
             **measured,
         )
+
+
+def _numbers(name: str, values: object) -> tuple[float, ...]:
+    """``values`` (a sequence of real numbers) as floats; a :class:`ConfigError` naming ``name`` otherwise."""
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise ConfigError(f"{name} must be a sequence of numbers, got {values!r}")
+    values = list(values)
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values):
+        raise ConfigError(f"{name} must be a sequence of numbers, got {values!r}")
+    return tuple(float(v) for v in values)
 
 
 def refine_config(config: OptimizerConfig) -> OptimizerConfig:
