@@ -208,6 +208,15 @@ def test_options_are_checked_not_truncated(checkpoint, option, needle):
         AmortizedExplainer.from_checkpoint(checkpoint, SPEC, **option)
 
 
+def test_a_bad_refine_steps_or_images_list_is_an_error_of_the_library(checkpoint):
+    amortized = AmortizedExplainer.from_checkpoint(checkpoint, SPEC)
+    with pytest.raises(ConfigError, match="refine_steps must be an integer of at least 0, got '3'"):
+        WarmStartExplainer(amortized, refine_steps="3")
+    for explainer in (amortized, WarmStartExplainer(amortized, refine_steps=1)):
+        with pytest.raises(InputError, match="images must be a tensor"):
+            explainer.explain([[1.0]])
+
+
 def test_an_unknown_or_missing_device_is_refused_before_loading(checkpoint):
     with pytest.raises(ConfigError, match="unknown device 'gpu'"):
         AmortizedExplainer.from_checkpoint(checkpoint, SPEC, device="gpu")

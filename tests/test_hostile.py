@@ -10,6 +10,7 @@ import io
 import json
 import os
 import pickle
+import re
 import struct
 import sys
 import textwrap
@@ -367,6 +368,45 @@ def test_a_classifier_returning_nan_is_refused_with_its_name(tmp_path, spec, inp
     code, err = cli(explain_args([inputs / "a.png"], "cx_hostile_models:nan", tmp_path / "out"), capsys)
     assert_refused(code, err, "cx_hostile_models:nan", "NaN")
     assert not (tmp_path / "out").exists()
+
+
+# ---- the Python API: the library's own errors, naming the parameter -------------------------------------------------
+@pytest.mark.parametrize(
+    ("call", "error", "needle"),
+    [
+        ("baseline_ig_steps", "ConfigError", "ig_steps must be an integer of at least 1, got 0"),
+        ("baseline_std", "ConfigError", "smoothgrad_std must be a finite number of at least 0, got -1"),
+        ("stop_tolerance", "ConfigError", "stop_tolerance must be in [0, 1)"),
+        ("objective_lambda", "ConfigError", "l1_lambda must be a finite number of at least 0, got nan"),
+        ("load_number", "ClassifierError", "a classifier spec is a string, got int"),
+        ("init_mask_list", "InputError", "a mask must be Coefficients or a flat (N, K) tensor, got list"),
+    ],
+)
+def test_python_api_mistakes_are_the_librarys_errors(call, error, needle):
+    """Each failed deep inside (captum's AssertionError, an IndexError, an AttributeError) or was accepted."""
+    from amortized_cartoonx import CartoonX, errors, load_classifier, wrap_classifier
+    from amortized_cartoonx.evaluation import MethodContext, baselines  # noqa: F401  (registers the baselines)
+    from amortized_cartoonx.evaluation.attribution import METHODS, BaselineConfig
+    from amortized_cartoonx.optimizer import OptimizerConfig
+    from amortized_cartoonx.rde import RDEObjective
+    from amortized_cartoonx.wavelets import WaveletRepresentation
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    image = torch.rand(1, 3, 32, 32)
+    calls = {
+        "baseline_ig_steps": lambda: METHODS.get("integrated-gradients")(
+            MethodContext(wrap_classifier(model), baselines=BaselineConfig(ig_steps=0))
+        ),
+        "baseline_std": lambda: METHODS.get("smoothgrad")(
+            MethodContext(wrap_classifier(model), baselines=BaselineConfig(smoothgrad_std=-1))
+        ),
+        "stop_tolerance": lambda: OptimizerConfig(stop_tolerance=-1).validate(),
+        "objective_lambda": lambda: RDEObjective(model, WaveletRepresentation(levels=2), l1_lambda=float("nan")),
+        "load_number": lambda: load_classifier(3),
+        "init_mask_list": lambda: CartoonX(model, levels=2, steps=1, num_samples=2).explain(image, init_mask=[[1.0]]),
+    }
+    with pytest.raises(getattr(errors, error), match=re.escape(needle)):
+        calls[call]()
 
 
 # ---- files: classifier specs, labels, images -------------------------------------------------------------------------

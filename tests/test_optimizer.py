@@ -158,7 +158,7 @@ def test_a_saved_explanation_records_the_steps_run_and_the_levels_used(tiny_cnn,
     an early stop or explain(steps=4) was saved as the config's steps; levels=7 on a small image as 7 levels."""
     from amortized_cartoonx.explanation import load_saved_explanation
 
-    optimizer = CartoonX(tiny_cnn, levels=7, steps=9, num_samples=2, stop_patience=1, stop_tolerance=10.0)
+    optimizer = CartoonX(tiny_cnn, levels=7, steps=9, num_samples=2, stop_patience=1, stop_tolerance=0.99)
     explanation = optimizer.explain(images, steps=4)
     explanation.save(tmp_path / "last.safetensors", -1)
     saved = load_saved_explanation(tmp_path / "last.safetensors")["metadata"]

@@ -426,6 +426,7 @@ class AmortizedExplainer:
         signature (there are no steps to show).
         """
         start = time.perf_counter()
+        check_images(images)
         seeds = image_seeds(images.shape[0], self.seed, seeds)
         problem, mask = self.predict(images, target, seeds=seeds)
         with frozen(self.classifier), torch.no_grad():
@@ -494,8 +495,8 @@ class WarmStartExplainer:
                 measure_samples=amortized.measure_samples,
             )
         refine_steps = config.steps if refine_steps is None else refine_steps
-        if refine_steps < 0:
-            raise ConfigError(f"refine_steps must be at least 0, got {refine_steps}")
+        if not is_integer(refine_steps) or refine_steps < 0:
+            raise ConfigError(f"refine_steps must be an integer of at least 0, got {refine_steps!r}")
         amortized.check_compatible(
             l1_lambda=config.l1_lambda, distortion=config.distortion, obfuscation=config.obfuscation
         )
@@ -530,6 +531,7 @@ class WarmStartExplainer:
     ) -> Explanation:
         """The predicted mask refined by ``refine_steps`` exact steps (same seeds, same measurement)."""
         start = time.perf_counter()
+        check_images(images)
         seeds = image_seeds(images.shape[0], self.optimizer.config.seed, seeds)  # one set for calibration and steps
         problem, init = self.amortized.predict(images, target, seeds=seeds)
         target = problem.target  # the class the prediction explains

@@ -306,6 +306,9 @@ def load_classifier(spec: str, normalize: str = "auto", device: str | torch.devi
             EfficientNet-Lite0, none otherwise), ``imagenet``, ``efficientnet-lite`` or ``none``.
         device: where to put it: ``cpu``, ``cuda[:N]``, ``mps`` or ``auto`` (CUDA when available).
     """
+    if not isinstance(spec, str):
+        hint = " (wrap_classifier() takes a model)" if isinstance(spec, nn.Module) else ""
+        raise ClassifierError(f"a classifier spec is a string, got {type(spec).__name__}{hint}")
     device = resolve_device(device)
     default_norm = "none"
     if spec == EFFICIENTNET_LITE0_SPEC:

@@ -174,6 +174,8 @@ def as_mask(mask: Coefficients | Tensor, like: Coefficients) -> Coefficients:
     """Accept a mask as :class:`Coefficients` ``(N, 1, ...)``, a flat ``(N, K)`` tensor or, for pixel
     masks, an ``(N, 1, H, W)`` tensor; check it against ``like`` (the image coefficients)."""
     expected = like.mask_like().band_shapes()
+    if not isinstance(mask, (Tensor, Coefficients)):
+        raise InputError(f"a mask must be Coefficients or a flat (N, K) tensor, got {type(mask).__name__}")
     if isinstance(mask, Tensor):
         if mask.ndim == 2:
             mask = like.unflatten(mask)

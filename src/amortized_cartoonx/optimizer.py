@@ -231,6 +231,8 @@ class OptimizerConfig:
             raise ConfigError(f"steps must be at least 0, got {self.steps}")
         if self.l1_lambda is not None and self.l1_lambda < 0:
             raise ConfigError(f"l1_lambda must be at least 0, got {self.l1_lambda}")
+        if not 0.0 <= self.stop_tolerance < 1.0:
+            raise ConfigError(f"stop_tolerance must be in [0, 1), got {self.stop_tolerance}")
         return self
 
     def _check_types(self) -> None:

@@ -22,6 +22,8 @@ message. Bad user input (``amortized`` without a checkpoint, a checkpoint for an
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -29,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..classifiers import frozen
-from ..errors import ConfigError
+from ..errors import ConfigError, is_integer
 from ..optimizer import SCHEDULES, OptimizerConfig
 from ..rde import as_input_of, check_images, original_logits, resolve_target
 from ..registry import Registry
@@ -64,10 +66,12 @@ class BaselineConfig:
 
     def validate(self) -> BaselineConfig:
         for name in ("ig_steps", "ig_internal_batch", "smoothgrad_samples"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.smoothgrad_std < 0:
-            raise ConfigError(f"smoothgrad_std must be at least 0, got {self.smoothgrad_std}")
+            value = getattr(self, name)
+            if not is_integer(value) or value < 1:
+                raise ConfigError(f"{name} must be an integer of at least 1, got {value!r}")
+        std = self.smoothgrad_std
+        if not isinstance(std, numbers.Real) or isinstance(std, bool) or not 0 <= std < math.inf:
+            raise ConfigError(f"smoothgrad_std must be a finite number of at least 0, got {std!r}")
         return self
 
 

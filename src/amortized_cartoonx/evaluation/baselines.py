@@ -181,12 +181,14 @@ def last_conv(classifier: nn.Module) -> tuple[str, nn.Module]:
 
 @METHODS.register("integrated-gradients")
 def _integrated_gradients(ctx: MethodContext) -> EvaluationMethod:
-    return IntegratedGradientsMethod(ctx.classifier, ctx.baselines.ig_steps, ctx.baselines.ig_internal_batch)
+    settings = ctx.baselines.validate()
+    return IntegratedGradientsMethod(ctx.classifier, settings.ig_steps, settings.ig_internal_batch)
 
 
 @METHODS.register("smoothgrad")
 def _smoothgrad(ctx: MethodContext) -> EvaluationMethod:
-    return SmoothGradMethod(ctx.classifier, ctx.baselines.smoothgrad_samples, ctx.baselines.smoothgrad_std)
+    settings = ctx.baselines.validate()
+    return SmoothGradMethod(ctx.classifier, settings.smoothgrad_samples, settings.smoothgrad_std)
 
 
 @METHODS.register("guided-backprop")
