@@ -195,6 +195,9 @@ def test_normalisation_names_round_trip(tiny_cnn):
     x = torch.rand(2, 3, 16, 16)
     torch.testing.assert_close(lite(x), tiny_cnn((255 * x - 127) / 128))
     assert normalization_name(Classifier(tiny_cnn, mean=(0.5,) * 3, std=(0.5,) * 3)) == "custom"
+    assert wrap_classifier(lite) is lite and wrap_classifier(lite, "efficientnet-lite") is lite
+    with pytest.raises(ConfigError, match="already wrapped with input normalisation efficientnet-lite, not none"):
+        wrap_classifier(lite, normalize="none")  # was ignored
 
 
 def test_efficientnet_lite0_without_its_packages_says_what_to_install(monkeypatch):

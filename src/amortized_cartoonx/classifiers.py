@@ -336,11 +336,20 @@ def load_classifier(spec: str, normalize: str = "auto", device: str | torch.devi
     return Classifier(freeze_(model), mean=mean, std=std, spec=spec).to(device)
 
 
-def wrap_classifier(model: nn.Module, normalize: str = "none") -> Classifier:
-    """Wrap a caller's model without changing it (no freezing, no device move)."""
+def wrap_classifier(model: nn.Module, normalize: str | None = None) -> Classifier:
+    """Wrap a caller's model without changing it (no freezing, no device move).
+
+    ``normalize``: the input normalisation (:data:`NORMALIZATIONS`; default ``none``). A :class:`Classifier` is
+    returned as it is; a ``normalize`` other than its own is refused.
+    """
     if isinstance(model, Classifier):
+        if normalize is not None and normalize != "auto" and normalize != normalization_name(model):
+            raise ConfigError(
+                f"the classifier is already wrapped with input normalisation {normalization_name(model)}, "
+                f"not {normalize}: wrap the bare model (classifier.model)"
+            )
         return model
-    mean, std = _normalization(normalize, "none")
+    mean, std = _normalization(normalize or "none", "none")
     return Classifier(model, mean=mean, std=std)
 
 
