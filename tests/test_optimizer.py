@@ -249,6 +249,9 @@ def test_a_schedule_given_as_an_override_brings_its_own_steps_and_lr(tiny_cnn):
     assert mine.replace(schedule="paper").lr == 0.05
     refine = OptimizerConfig(schedule="fast", num_samples=8).replace(schedule="refine")
     assert (refine.steps, refine.num_samples) == (SCHEDULES["refine"]["steps"], 8)
+    with pytest.raises(ConfigError, match=r"use config.replace\(schedule='paper'\)"):
+        refine.schedule = "paper"  # would have kept refine's steps and lr under the name 'paper'
+    refine.schedule = "refine"  # the same name is harmless
 
 
 @pytest.mark.parametrize("decay", ["linear", "cosine"])

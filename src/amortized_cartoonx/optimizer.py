@@ -189,6 +189,15 @@ class OptimizerConfig:
             if getattr(self, name) is None:
                 setattr(self, name, value)
 
+    def __setattr__(self, name: str, value: object) -> None:
+        # The schedule's values are filled in when the config is made; a new name alone would not refill them.
+        if name == "schedule" and "schedule" in self.__dict__ and value != self.__dict__["schedule"]:
+            raise ConfigError(
+                f"the schedule of a config is set when it is made (its steps and lr come from it): use "
+                f"config.replace(schedule={value!r}) instead of assigning it"
+            )
+        super().__setattr__(name, value)
+
     def replace(self, **changes) -> OptimizerConfig:
         """A copy with ``changes`` (field names as keywords).
 
