@@ -403,6 +403,32 @@ def test_run_writes_every_file_resumes_and_adds_methods(tmp_path, count_explains
     assert more.computed["curves"] == {"cartoonx": 0, "random-pixel": 0, "smoothgrad": 3}
 
 
+def test_the_cache_never_serves_another_classifiers_or_another_images_results(tmp_path, count_explains):
+    """The key held the spec's text and the file name only: a retrained classifier under the same spec, or another
+    folder's image of the same name, was served the old results."""
+    images_dir = write_folder(tmp_path / "images", 2)
+    out = tmp_path / "out"
+    make_run(images_dir, out, ["random-pixel"]).run()
+    assert count_explains == {"random-pixel": 2}
+    count_explains.clear()
+    make_run(images_dir, out, ["random-pixel"]).run()
+    assert count_explains == {}  # the same weights and images: all cached
+    torch.manual_seed(1)
+    retrained = wrap_classifier(make_tiny_cnn())  # other weights, the same spec "tiny"
+    with torch.no_grad():
+        for p in retrained.parameters():
+            p.add_(torch.randn_like(p))
+    run = make_run(images_dir, out, ["random-pixel"])
+    run.classifier = run.context.classifier = retrained
+    run.run()
+    assert count_explains == {"random-pixel": 2}
+    count_explains.clear()
+    image = Image.open(images_dir / "im1.png")
+    Image.fromarray(255 - np.asarray(image)).save(images_dir / "im1.png")  # the same name, other pixels
+    make_run(images_dir, out, ["random-pixel"]).run()
+    assert count_explains == {"random-pixel": 1}
+
+
 def test_cache_records_with_the_wrong_structure_are_recomputed(tmp_path, count_explains):
     """Cache files that parse but hold something else (hand-edited, foreign) are ignored and recomputed."""
     from safetensors.torch import save_file

@@ -62,13 +62,21 @@ def safe_name(image_id: str) -> str:
 class ResultCache:
     """Per-image results of one evaluation folder. ``ResultCache(None)`` caches nothing (for ``--no-cache``)."""
 
-    def __init__(self, root: str | Path | None) -> None:
+    def __init__(self, root: str | Path | None, contents: dict[str, str] | None = None) -> None:
         self.root = Path(root) if root is not None else None
+        #: image id -> its content digest (:meth:`ImageSet.contents`), part of each image's file name
+        self.contents = dict(contents or {})
+
+    def with_contents(self, contents: dict[str, str]) -> ResultCache:
+        """The same folder, keyed also by the images' contents."""
+        return ResultCache(self.root, contents)
 
     def _path(self, kind: str, method: str, key: str, image_id: str, suffix: str) -> Path | None:
         if self.root is None:
             return None
-        return self.root / kind / method / key / f"{safe_name(image_id)}{suffix}"
+        digest = self.contents.get(image_id)
+        name = safe_name(image_id) + (f".{digest[:16]}" if digest else "")
+        return self.root / kind / method / key / f"{name}{suffix}"
 
     # ---- tensors + metadata (explanations) ----------------------------------------------------------------
     def load_tensors(self, kind: str, method: str, key: str, image_id: str) -> tuple[dict[str, Tensor], dict] | None:

@@ -7,6 +7,7 @@ and the cache is per image.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,19 +53,27 @@ class ImageSet:
         """The image ids: file names (the cache and the seeds key on them)."""
         return [p.name for p in self.files]
 
+    def contents(self) -> dict[str, str]:
+        """Image id -> the SHA-256 of its file: the cache keeps a result with the content it was computed on, so
+        another file of the same name (another folder, an edited image) is not served an old result."""
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in self.files}
+
     def load(self, indices: Sequence[int]) -> Tensor:
         """``(len(indices), 3, size, size)`` in [0, 1] on the run's device."""
         return load_images([self.files[i] for i in indices], self.size).to(self.device)
 
 
 def cache_identity(spec: str, classifier) -> dict:
-    """What identifies the classifier in every cache key: its spec, a model file's SHA-256 (from
-    :func:`~amortized_cartoonx.classifiers.classifier_identity`; its absolute path is left out, the content
-    identifies the file) and the input normalisation."""
-    identity = classifier_identity(spec)
+    """What identifies the classifier in every cache key: its spec, a model file's SHA-256 and the digest of its
+    weights (from :func:`~amortized_cartoonx.classifiers.classifier_identity`; a file's absolute path is left
+    out, the content identifies it; ``synthetic`` or ``package.module:callable`` may load other weights after a
+    retraining) and the input normalisation."""
+    identity = classifier_identity(spec, classifier)
     out: dict = {"classifier": identity["classifier"]}
     if identity["classifier_sha256"]:
         out["classifier_sha256"] = identity["classifier_sha256"]
+    if identity["classifier_weights_sha256"]:  # the weights themselves: a spec's text may load other ones later
+        out["classifier_weights_sha256"] = identity["classifier_weights_sha256"]
     normalization = getattr(classifier, "normalization", None)
     out["normalization"] = list(normalization) if normalization else None
     return out

@@ -103,7 +103,8 @@ class Evaluation:
             method.progress = self.config.progress
         self.out_dir.mkdir(parents=True, exist_ok=True)
         identity = cache_identity(self.context.classifier_spec, self.classifier)
-        run = RunContext(self.classifier, images, self.config, self.cache, identity)
+        cache = self.cache.with_contents(images.contents()) if self.cache.root is not None else self.cache
+        run = RunContext(self.classifier, images, self.config, cache, identity)
 
         with frozen(self.classifier):
             explained: dict[str, dict[str, ExplainedImage]] = {}
