@@ -73,6 +73,10 @@ def test_pointing_tolerance_and_smoothing():
     spike[0, 28, 28] = 1.0
     assert pointing_game(spike, obj, smoothing=3).tolist() == [True]
     assert pointing_game(spike, obj, smoothing=1).tolist() == [False]
+    # ... and a lone pixel at the border no more than inside (the box average counted only the pixels inside)
+    corner = 0.5 * obj.float()[None]
+    corner[0, 0, 0] = 2.0  # 2/4 per window at the corner before; now 2/9, under the object's 0.5
+    assert pointing_game(corner, obj, smoothing=3).tolist() == [True]
 
 
 def test_bad_maps_are_refused():

@@ -222,7 +222,8 @@ def pointing_game(
         relevance: ``(N, H, W)`` non-negative.
         object_mask: ``(N, H, W)`` or ``(H, W)``.
         tolerance: the object is dilated by a disc of this radius in pixels (default 2).
-        smoothing: side of the box filter applied to R first (odd; 1 = none; default 3).
+        smoothing: side of the box filter applied to R first (odd; 1 = none; default 3; zeros outside the image,
+            so a lone peak weighs the same at the border as inside).
 
     Returns:
         ``(N,)`` bool: True when the argmax of the smoothed map lies on the dilated object.
@@ -231,7 +232,7 @@ def pointing_game(
         raise InputError(f"tolerance must be >= 0 and smoothing a positive odd number, got {tolerance}, {smoothing}")
     r, obj = _check(relevance, object_mask)
     if smoothing > 1:
-        r = F.avg_pool2d(r[:, None], smoothing, stride=1, padding=smoothing // 2, count_include_pad=False)[:, 0]
+        r = F.avg_pool2d(r[:, None], smoothing, stride=1, padding=smoothing // 2, count_include_pad=True)[:, 0]
     n, _, w = r.shape
     flat = r.reshape(n, -1).argmax(dim=1)  # (N,) first maximum in row-major order
     target = _disc_dilate(obj, tolerance).reshape(n, -1)
