@@ -429,6 +429,14 @@ def test_the_cache_never_serves_another_classifiers_or_another_images_results(tm
     assert count_explains == {"random-pixel": 1}
 
 
+def test_the_panel_c_heading_says_what_ran(tmp_path):
+    """It printed the optimizer's steps for lambda_steps=0 and a lambda_limit above the number of images."""
+    images_dir = write_folder(tmp_path / "images", 2)
+    results = make_run(images_dir, tmp_path / "out", ["cartoonx"], lambda_steps=0, lambda_limit=10).run()
+    write_report(results, tmp_path / "out")
+    assert "Steps: 0; images: 2 (the first ones)" in (tmp_path / "out" / "report.md").read_text()
+
+
 def test_cache_records_with_the_wrong_structure_are_recomputed(tmp_path, count_explains):
     """Cache files that parse but hold something else (hand-edited, foreign) are ignored and recomputed."""
     from safetensors.torch import save_file

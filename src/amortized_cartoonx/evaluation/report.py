@@ -519,8 +519,9 @@ def report_markdown(results: EvaluationResults, summary_data: dict, figures: lis
             "",
             "## Panel (c): the exact optimizer over lambda",
             "",
-            f"Steps: {ev['lambda_steps'] or opt['steps']}; images: "
-            f"{ev['lambda_limit'] or len(results.ids)} (the first ones). Distortion as in (a) and (b), of the "
+            f"Steps: {opt['steps'] if ev['lambda_steps'] is None else ev['lambda_steps']}; images: "
+            f"{min(ev['lambda_limit'] or len(results.ids), len(results.ids))} (the first ones). Distortion as in "
+            "(a) and (b), of the "
             "continuous mask.",
             "",
             "| method | lambda | mean mask ↓ | distortion ↓ | seconds / explanation |",
