@@ -61,6 +61,19 @@ def test_randomisation_really_changes_the_top_layers_only_and_is_seeded():
     assert torch.equal(randomised_copy(model, 2, seed=0).state_dict()["head.weight"], after_top["head.weight"])
 
 
+def test_statistics_without_parameters_count_as_a_layer():
+    """A BatchNorm(affine=False) holds running statistics but no parameters: "all layers" left them trained."""
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, affine=False), torch.nn.Flatten(), torch.nn.LazyLinear(2)
+    )
+    model(torch.rand(2, 3, 8, 8))
+    with torch.no_grad():
+        model[1].running_mean.add_(5.0)
+    assert [name for name, _ in weight_layers(model)] == ["0", "1", "3"]
+    full = randomised_copy(model, 3, seed=0)
+    assert not torch.equal(full[1].running_mean, model[1].running_mean)
+
+
 def test_the_caller_s_model_and_the_global_random_state_are_untouched():
     model = wrap_classifier(trained_cnn())
     reference = copy.deepcopy(model.state_dict())

@@ -91,8 +91,16 @@ def sanity_problem(classifier) -> str | None:
 
 
 def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of every module holding parameters itself, bottom (input) to top (output)."""
-    return [(name, m) for name, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None]
+    """``(name, module)`` of every module holding trained state itself (parameters, or floating-point buffers
+    such as the running statistics of a ``BatchNorm(affine=False)``), bottom (input) to top (output) in the order
+    of ``named_modules``: parameters of the model itself, if any, count as its bottom layer."""
+
+    def trained(m: nn.Module) -> bool:
+        if next(m.parameters(recurse=False), None) is not None:
+            return True
+        return any(b.is_floating_point() for b in m.buffers(recurse=False))
+
+    return [(name, m) for name, m in model.named_modules() if trained(m)]
 
 
 def cascade_depths(num_layers: int, depths: Sequence[int] | None = None) -> list[int]:
