@@ -15,9 +15,11 @@ from amortized_cartoonx.classifiers import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Classifier,
+    classifier_identity,
     frozen,
     load_classifier,
     normalization_name,
+    same_classifier,
     wrap_classifier,
 )
 from amortized_cartoonx.errors import ClassifierError, ConfigError
@@ -251,3 +253,20 @@ def test_a_device_this_machine_lacks_is_named_before_any_loading(monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA GPU is available"):
             load_classifier("conftest:make_tiny_cnn", device="cuda")
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.script is deprecated; TorchScript files still load
+def test_a_spec_that_loads_other_weights_or_a_replaced_file_is_another_classifier(tmp_path):
+    """The spec's text (or a file's path) decided before the weights or the content were looked at."""
+    model = make_tiny_cnn()
+    identity = classifier_identity("pkg:build", model)
+    other = make_tiny_cnn()
+    with torch.no_grad():
+        other.head.bias.add_(1.0)
+    assert same_classifier("pkg:build", identity, model) and not same_classifier("pkg:build", identity, other)
+    assert same_classifier("pkg:build", identity)  # without the model only the text is known
+    path = tmp_path / "m.pt"
+    torch.jit.script(model).save(str(path))
+    recorded = classifier_identity(str(path))
+    torch.jit.script(other).save(str(path))  # replaced: the same path, other content
+    assert not same_classifier(str(path), recorded)

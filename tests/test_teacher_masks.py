@@ -218,6 +218,29 @@ def test_limit_takes_the_first_images_and_the_rest_follows_later(reference, tmp_
         generate_teacher_masks(images, out, SPEC, **SETTINGS, **RUN, limit=0)
 
 
+def test_a_spec_that_now_loads_other_weights_is_another_classifier(tmp_path):
+    """A resume compared the spec's text only: a retrained classifier behind the same spec added its masks to the
+    old one's."""
+    images = make_folder(tmp_path / "images", 2)
+    model_file, shift = tmp_path / "my_model.py", tmp_path / "shift.txt"
+    model_file.write_text(
+        "import torch, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
+        "from conftest import make_tiny_cnn\n"
+        "def build():\n"
+        "    model = make_tiny_cnn()\n"
+        "    with torch.no_grad():\n"
+        f"        model.head.bias.add_(float(open({str(shift)!r}).read()))\n"
+        "    return model\n"
+    )
+    spec = f"{model_file}:build"
+    shift.write_text("0")
+    generate_teacher_masks(images, tmp_path / "store", spec, **SETTINGS, **RUN, limit=1)
+    shift.write_text("1")  # retrained: the same spec, other weights
+    with pytest.raises(ConfigError, match="classifier_weights_sha256"):
+        generate_teacher_masks(images, tmp_path / "store", spec, **SETTINGS, **RUN)
+
+
 def test_other_settings_are_refused(reference):
     images, folder = reference
     before = shard_ids(folder)

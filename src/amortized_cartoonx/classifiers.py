@@ -389,16 +389,15 @@ def classifier_identity(spec: str, model: nn.Module | None = None) -> dict:
 
 def same_classifier(spec: str, identity: dict, model: nn.Module | None = None) -> bool:
     """Whether ``spec`` (and, when given, its loaded ``model``) is the classifier ``identity`` describes
-    (see :func:`classifier_identity`): the same spec text, the same file content, or the same weights."""
-    if spec == identity.get("classifier"):
-        return True
-    if is_file_spec(spec) and identity.get("classifier_sha256"):
-        path = Path(spec).expanduser()
-        if identity.get("classifier_path") == str(path.resolve()):
-            return True
-        if path.is_file() and file_sha256(path) == identity["classifier_sha256"]:
-            return True
+    (see :func:`classifier_identity`). What is known decides, most specific first: the weights' digest (with
+    ``model``, when both have one), a model file's content, else the spec's text. So a spec that now loads other
+    weights (a retrained ``synthetic``, a replaced file) is another classifier."""
     recorded = identity.get("classifier_weights_sha256")
     if model is not None and recorded:
-        return weights_digest(model) == recorded
-    return False
+        digest = weights_digest(model)
+        if digest is not None:
+            return digest == recorded
+    if is_file_spec(spec) and identity.get("classifier_sha256"):
+        path = Path(spec).expanduser()
+        return path.is_file() and file_sha256(path) == identity["classifier_sha256"]
+    return spec == identity.get("classifier")

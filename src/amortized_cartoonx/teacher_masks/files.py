@@ -35,6 +35,10 @@ FORMAT_VERSION = 2
 OLDEST_FORMAT = 1
 
 _INT, _NUMBER, _STR = (int,), (int, float), (str,)
+#: How a manifest recognises its classifier beyond the spec's text (``classifiers.classifier_identity``): a model
+#: file's content and the weights' digest; compared when both manifests record them (earlier ones did not).
+IDENTITY_KEYS = ("classifier_sha256", "classifier_weights_sha256")
+
 #: The manifest's known keys and their JSON types (``None`` allowed where listed); other keys are kept as is.
 MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
     "format_version": _INT,
@@ -43,6 +47,8 @@ MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
     "method": _STR,
     "target": _STR,
     "classifier": _STR,
+    "classifier_sha256": (*_STR, type(None)),
+    "classifier_weights_sha256": (*_STR, type(None)),
     "normalize": _STR,
     "representation": _STR,
     "wave": _STR,
@@ -158,6 +164,7 @@ def manifest_differences(old: dict, new: dict) -> list[str]:
     from a manifest counts as its earlier value, see :func:`_comparable`)."""
     old, new = _comparable(old), _comparable(new)
     keys = (set(old) | set(new)) - {"created", "format_version"}
+    keys -= {k for k in IDENTITY_KEYS if old.get(k) is None or new.get(k) is None}  # not recorded before
     return sorted(k for k in keys if old.get(k) != new.get(k))
 
 

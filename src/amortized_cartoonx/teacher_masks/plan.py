@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from ..classifiers import Classifier, normalization_name
+from ..classifiers import Classifier, classifier_identity, normalization_name
 from ..images import list_images
 from ..optimizer import CartoonX, OptimizerConfig
 from ..seeding import file_seeds
 from ..wavelets import DEFAULT_LEVELS, DEFAULT_MODE, DEFAULT_WAVE
-from .files import MANIFEST_KIND
+from .files import IDENTITY_KEYS, MANIFEST_KIND
 from .store import TeacherMaskStore
 
 #: The :class:`OptimizerConfig` fields that determine the masks (recorded in the manifest). ``chunk_size`` is
@@ -81,7 +81,8 @@ class TeacherMaskSettings:
 def build_manifest(settings: TeacherMaskSettings, optimizer: CartoonX, classifier: Classifier) -> dict:
     """The manifest of a teacher store: every setting that determines the masks, and the mask layout.
 
-    Keys: ``kind``, ``method``, ``target`` (``predicted``: the classifier's predicted class), ``classifier``,
+    Keys: ``kind``, ``method``, ``target`` (``predicted``: the classifier's predicted class), ``classifier`` (and
+    its :data:`~.files.IDENTITY_KEYS`: a model file's SHA-256, the weights' digest),
     ``normalize`` (resolved: ``imagenet`` or ``none``), ``size``, ``representation``, ``wave``, ``levels`` (the J
     used at this size), ``levels_requested``, ``mode``, ``mask_length`` (K), ``band_shapes`` (per band, low-pass
     first, its shape without N and C), ``seeding`` (:data:`SEEDING`) and the optimizer's :data:`RESULT_FIELDS`
@@ -97,6 +98,7 @@ def build_manifest(settings: TeacherMaskSettings, optimizer: CartoonX, classifie
         "method": optimizer.method,
         "target": "predicted",
         "classifier": settings.classifier,
+        **{k: v for k, v in classifier_identity(settings.classifier, classifier).items() if k in IDENTITY_KEYS},
         "normalize": normalization_name(classifier),
         "size": settings.size,
         **representation.describe(),

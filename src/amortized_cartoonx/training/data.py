@@ -59,6 +59,9 @@ def check_teachers(manifest: dict, settings: dict, mask_length: int) -> None:
     problems = []
     if "classifier" in manifest and not same_classifier(manifest["classifier"], settings):
         problems.append(f"classifier {manifest['classifier']!r} (training: {settings['classifier']!r})")
+    elif None not in (manifest.get("classifier_weights_sha256"), settings.get("classifier_weights_sha256")):
+        if manifest["classifier_weights_sha256"] != settings["classifier_weights_sha256"]:
+            problems.append(f"classifier {manifest['classifier']!r} with other weights than the training run's")
     for key, ours in (
         ("size", settings["image_size"]),
         ("wave", settings["wave"]),
