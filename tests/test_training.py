@@ -137,6 +137,14 @@ def test_fit_lowers_the_loss_saves_and_resumes(image_dir, tmp_path):
     again.fit(resumed, datamodule=data, ckpt_path=str(path))
     assert again.global_step == 8
 
+    # ... but not on another split: images held out before would be trained on
+    moved = MaskPredictorDataModule(
+        str(image_dir), image_size=SIZE, labels=None, batch_size=4, num_workers=0, test_fraction=0.25
+    )
+    fresh = AmortizedCartoonXModule(SPEC, image_size=SIZE, num_samples=2, lr=0.05, warmup_steps=0, **TINY_NET)
+    with pytest.raises(ConfigError, match=r"another data split \(test_fraction 0.0 -> 0.25\)"):
+        trainer(max_steps=9).fit(fresh, datamodule=moved, ckpt_path=str(path))
+
 
 def test_fit_with_teacher_masks_logs_distillation_and_agreement(image_dir, tmp_path):
     from conftest import make_tiny_cnn

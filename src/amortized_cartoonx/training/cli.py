@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 from ..errors import ConfigError
 from ..runtime import ignore_lightning_noise
@@ -85,6 +86,14 @@ def run_fit(args: list[str] | None) -> None:
     ``args`` are the command-line arguments after ``cartoonx`` (starting with ``fit``); None reads ``sys.argv``.
     """
     os.environ.setdefault("WANDB_MODE", "offline")  # never a network call unless the user asks for one
+    given = sys.argv[1:] if args is None else args
+    if any(a == "--ckpt_path" or a.startswith("--ckpt_path=") for a in given) and any(
+        a.startswith("--model.") for a in given
+    ):
+        logger.warning(
+            "resuming from --ckpt_path: the model's settings are the checkpoint's (LightningCLI reads them from "
+            "it); the --model.* options given here are not applied"
+        )
     default_run_stamp()
     ignore_lightning_noise()
     cli_class = _make_cli_class()

@@ -472,12 +472,40 @@ class AmortizedCartoonXModule(pl.LightningModule):
         if self.sparsity_gate is not None:  # resume the gate where it was (plain floats)
             checkpoint[GATE_KEY] = self.sparsity_gate.state()
 
+    def _check_resumed_split(self, recorded: dict | None) -> None:
+        """A resumed run must split its images as the checkpoint's run did: with other fractions, seed, folder,
+        teachers or targets, images held out before would now be trained on (and the reverse)."""
+        datamodule = self._datamodule()
+        if not recorded or not isinstance(datamodule, MaskPredictorDataModule):
+            return
+        differences = _split_differences(recorded, datamodule.split_settings())
+        if differences:
+            raise ConfigError(
+                "the checkpoint was trained on another data split (" + "; ".join(differences) + "): resuming "
+                "would train on images it held out; give the --data options of the first run, or start a new run"
+            )
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Resume: put the (not saved) classifier and representation state back so the strict load succeeds."""
+        """Resume: refuse another data split (see :meth:`_check_resumed_split`), warn about changed settings, and
+        put the (not saved) classifier and representation state back so the strict load succeeds."""
+        meta = checkpoint.get(META_KEY) or {}
+        self._check_resumed_split(meta.get("data"))
+        changed = [
+            f"{key} {meta[key]!r} -> {value!r}"
+            for key, value in self.settings().items()
+            if key in meta and key not in ("saved", "data") and meta[key] != value
+        ]
+        if changed:
+            logger.warning("resuming with other settings than the checkpoint's: %s", "; ".join(changed))
         own = {k: v for k, v in self.state_dict().items() if not k.startswith(STATE_PREFIX)}
         checkpoint["state_dict"] = {**own, **checkpoint["state_dict"]}
         if self.sparsity_gate is not None and GATE_KEY in checkpoint:
             self.sparsity_gate.restore(checkpoint[GATE_KEY])
+
+
+def _split_differences(recorded: dict, current: dict) -> list[str]:
+    """The split settings (``MaskPredictorDataModule.split_settings``) that differ, as ``key old -> new``."""
+    return [f"{k} {recorded[k]!r} -> {v!r}" for k, v in current.items() if k in recorded and recorded[k] != v]
 
 
 def _network_config(given: MaskPredictorConfig | dict | None) -> MaskPredictorConfig:
