@@ -596,6 +596,8 @@ def test_cli_runs_and_skips_grad_cam_on_torchscript(tmp_path, scripted_classifie
         (["--rates", "1"], "rates must be at least 2"),
         (["--rates", "0,0.5"], "--rates: a rate grid must rise strictly from 0 to 1"),
         (["--rates", "fine"], "--rates: expected 'dense'"),
+        (["--methods", "cartoonx", "--checkpoint", "x.ckpt"], "--checkpoint is for the methods amortized and warm"),
+        (["--methods", "integrated-gradients", "--lr", "0.5"], "--lr: for the exact methods"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, scripted_classifier, capsys, extra, message):

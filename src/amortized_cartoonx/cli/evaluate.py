@@ -17,6 +17,7 @@ guided-backprop, grad-cam (nn.Module classifiers only), random-pixel, random-wav
 from __future__ import annotations
 
 import argparse
+import logging
 import shlex
 from pathlib import Path
 
@@ -32,6 +33,8 @@ from .common import (
     positive_float,
     positive_int,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -243,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
     from amortized_cartoonx.evaluation.report import write_report
     from amortized_cartoonx.evaluation.runner import Evaluation, EvaluationConfig
     from amortized_cartoonx.images import list_images, read_class_names
-    from amortized_cartoonx.methods import CHECKPOINT_METHODS
+    from amortized_cartoonx.methods import CHECKPOINT_METHODS, EXACT_METHODS
     from amortized_cartoonx.runtime import resolve_device
 
     from .common import (
@@ -264,10 +267,24 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"unknown method {unknown[0]!r}; choose from: {', '.join(known)}")
     if any(m in CHECKPOINT_METHODS for m in methods) and not args.checkpoint:
         raise ConfigError("the methods amortized and warm need --checkpoint (an amortized explainer checkpoint)")
+    if args.checkpoint and not any(m in CHECKPOINT_METHODS for m in methods):
+        raise ConfigError("--checkpoint is for the methods amortized and warm, neither of which is evaluated")
     if args.checkpoint and not Path(args.checkpoint).expanduser().is_file():
         raise InputError(f"checkpoint not found: {args.checkpoint}")
     if args.refine_steps is not None and "warm" not in methods:
         raise ConfigError("--refine-steps is for the method warm, which is not among the methods evaluated")
+    step_options = [f"--{name}" for name in ("schedule", "lr", "parametrisation") if getattr(args, name) is not None]
+    if step_options and not any(m in EXACT_METHODS for m in methods):
+        raise ConfigError(
+            f"{', '.join(step_options)}: for the exact methods ({', '.join(EXACT_METHODS)}), none of which is evaluated"
+            " (warm refines with the 'refine' schedule)"
+        )
+    if step_options and "warm" in methods:
+        logger.warning(
+            "%s apply to %s; warm refines with the 'refine' schedule (--refine-steps sets its steps)",
+            ", ".join(step_options),
+            " and ".join(m for m in EXACT_METHODS if m in methods),
+        )
     images = list_images(args.images)
     check_output_folder(args.out, inputs=images, outputs=[Path(args.out) / p.name for p in images])
     # --size and the DWT default to the checkpoint's settings (or a synthetic classifier's size)
