@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import inspect
+import re
 import sys
 from pathlib import Path
 
@@ -279,6 +280,32 @@ def test_stream_batches_log_the_loss_of_fresh_and_folder_images_apart():
     _, only_fresh = module.rde_loss(problem, mask, ids, "train", torch.ones(4, dtype=torch.bool))
     assert "rde_loss_folder" not in only_fresh  # a kind absent from the batch is not logged as a NaN
     torch.testing.assert_close(only_fresh["rde_loss_stream"], per_image.mean())
+
+
+@pytest.mark.parametrize(
+    ("option", "needle"),
+    [
+        ({"lr": 0}, "lr must be above 0.0, got 0"),
+        ({"lr": float("nan")}, "lr must be above 0.0, got nan"),
+        ({"min_lr_ratio": 3}, "min_lr_ratio must be at least 0.0 and at most 1.0, got 3"),
+        ({"warmup_steps": -5}, "warmup_steps must be at least 0, got -5"),
+        ({"weight_decay": -1}, "weight_decay must be at least 0.0"),
+        ({"l1_warmup_steps": -2}, "l1_warmup_steps must be at least 0"),
+        ({"log_images": -1}, "log_images must be at least 0"),
+        ({"val_samples": 0}, "val_samples must be at least 1"),
+    ],
+)
+def test_training_settings_out_of_range_are_refused(option, needle):
+    """Each ran: lr 0 trained nothing, val_samples 0 fell back to num_samples, the others trained oddly."""
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        AmortizedCartoonXModule(SPEC, image_size=SIZE, **TINY_NET, **option)
+
+
+def test_data_settings_out_of_range_are_refused(image_dir):
+    with pytest.raises(ConfigError, match="val_batch_size must be at least 1"):
+        MaskPredictorDataModule(str(image_dir), image_size=SIZE, val_batch_size=0)
+    with pytest.raises(ConfigError, match="num_workers must be at least 0"):
+        MaskPredictorDataModule(str(image_dir), image_size=SIZE, num_workers=-1)
 
 
 def test_the_network_config_is_completed_and_conflicts_are_refused():

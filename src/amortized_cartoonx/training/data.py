@@ -220,6 +220,10 @@ class MaskPredictorDataModule(pl.LightningDataModule):
             raise ConfigError(f"unknown target_source {target_source!r}; choose from: {', '.join(TARGET_SOURCES)}")
         if batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+        if val_batch_size is not None and val_batch_size < 1:
+            raise ConfigError(f"val_batch_size must be at least 1 (or null: batch_size), got {val_batch_size}")
+        if num_workers < 0:
+            raise ConfigError(f"num_workers must be at least 0, got {num_workers}")
         self.augment = augment_config(augment)
         self.stream = stream_config(stream)
         if self.stream is not None:

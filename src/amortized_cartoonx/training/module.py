@@ -194,6 +194,16 @@ class AmortizedCartoonXModule(pl.LightningModule):
             raise ConfigError("distill_weight and l1_lambda must be at least 0")
         if l1_gate < 0:
             raise ConfigError(f"l1_gate must be 0 (off) or in (0, 1], got {l1_gate}")
+        _check_ranges(
+            lr=(lr, 0.0, False),
+            weight_decay=(weight_decay, 0.0, True),
+            min_lr_ratio=(min_lr_ratio, 0.0, True, 1.0),
+            warmup_steps=(warmup_steps, 0, True),
+            l1_warmup_steps=(l1_warmup_steps, 0, True),
+            log_images=(log_images, 0, True),
+        )
+        if val_samples is not None and val_samples < 1:
+            raise ConfigError(f"val_samples must be at least 1 (or null: num_samples), got {val_samples}")
         self.sparsity_gate = SparsityGate(l1_warmup_steps, l1_gate) if l1_gate > 0 else None
 
         self.classifier = load_classifier(classifier, normalize=normalize)
@@ -433,9 +443,15 @@ class AmortizedCartoonXModule(pl.LightningModule):
             return None
 
     def setup(self, stage: str) -> None:
-        store = getattr(self._datamodule(), "teacher_store", None)
+        datamodule = self._datamodule()
+        store = getattr(datamodule, "teacher_store", None)
         if store is not None:
             check_teachers(store.manifest, self.settings(), self.mask_length)
+        elif isinstance(datamodule, MaskPredictorDataModule) and self.hparams.distill_weight > 0:
+            logger.warning(
+                "model.distill_weight is %s but data.teachers names no teacher masks: training uses the RDE loss alone",
+                self.hparams.distill_weight,
+            )
 
     def settings(self) -> dict:
         """Every setting the trained explainer depends on (plain values): ``checkpoint["cartoonx"]``."""
@@ -501,6 +517,19 @@ class AmortizedCartoonXModule(pl.LightningModule):
         checkpoint["state_dict"] = {**own, **checkpoint["state_dict"]}
         if self.sparsity_gate is not None and GATE_KEY in checkpoint:
             self.sparsity_gate.restore(checkpoint[GATE_KEY])
+
+
+def _check_ranges(**checks: tuple) -> None:
+    """``name=(value, low, low_allowed[, high])``: a :class:`ConfigError` naming the first value outside its range
+    (``value > low``, or ``>=`` when ``low_allowed``; ``<= high`` when given) or not a finite number."""
+    for name, (value, low, low_allowed, *high) in checks.items():
+        finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        inside = finite and (value >= low if low_allowed else value > low) and (not high or value <= high[0])
+        if not inside:
+            bound = f"at least {low}" if low_allowed else f"above {low}"
+            raise ConfigError(
+                f"{name} must be {bound}" + (f" and at most {high[0]}" if high else "") + f", got {value!r}"
+            )
 
 
 def _split_differences(recorded: dict, current: dict) -> list[str]:
