@@ -561,6 +561,21 @@ def test_resuming_into_a_damaged_folder_is_one_line_and_exit_2(reference, tmp_pa
     assert sorted(p.name for p in out.iterdir()) == before  # nothing computed or written
 
 
+@pytest.mark.parametrize(
+    ("option", "needle"),
+    [(["--accelerator", "bogus"], "invalid accelerator name"), (["--strategy", "bogus"], "invalid strategy name")],
+)
+def test_trainer_settings_lightning_refuses_are_one_line(tmp_path, capsys, option, needle):
+    """They were Lightning's tracebacks, exit code 1."""
+    from amortized_cartoonx.cli import main
+
+    images = make_folder(tmp_path / "images", 1)
+    args = ["targets", "--classifier", SPEC, "--images", str(images), "--out", str(tmp_path / "out")]
+    assert main([*args, "--size", str(SIZE), "--steps", "2", "--samples", "2", "--no-progress", *option]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and "the Lightning Trainer refuses" in err[0] and needle in err[0], err
+
+
 def test_fuzzed_stores_load_valid_data_or_raise_input_error(tmp_path):
     """~200 seeded mutations (truncations, byte flips, overwritten runs) of a valid shard and manifest: each store
     either loads masks that are valid or raises InputError (one line) -- never another exception."""

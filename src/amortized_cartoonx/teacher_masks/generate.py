@@ -39,9 +39,10 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from ..classifiers import load_classifier
-from ..errors import ConfigError
+from ..errors import ConfigError, one_line
 from ..optimizer import OptimizerConfig
 from ..runtime import ignore_lightning_noise
 from ..wavelets import DEFAULT_LEVELS, DEFAULT_MODE, DEFAULT_WAVE
@@ -162,20 +163,26 @@ def generate_teacher_masks(
     if plan.skipped:
         logger.info("resuming: %d of %d images are already stored, %d to go", plan.skipped, plan.total, len(plan.ids))
 
-    trainer = pl.Trainer(
-        accelerator=accelerator,
-        devices=devices,
-        strategy=strategy,
-        num_nodes=num_nodes,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,  # the writer's bar counts images
-        enable_model_summary=False,
-        inference_mode=False,  # the optimizer needs autograd; predict_step enables it
-        use_distributed_sampler=False,  # TeacherMaskDataModule splits the plan itself, without padding
-        default_root_dir=str(out),
-        callbacks=[TeacherWriter(out, plan.run_id, progress=progress), *callbacks],
-    )
+    try:
+        trainer = pl.Trainer(
+            accelerator=accelerator,
+            devices=devices,
+            strategy=strategy,
+            num_nodes=num_nodes,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,  # the writer's bar counts images
+            enable_model_summary=False,
+            inference_mode=False,  # the optimizer needs autograd; predict_step enables it
+            use_distributed_sampler=False,  # TeacherMaskDataModule splits the plan itself, without padding
+            default_root_dir=str(out),
+            callbacks=[TeacherWriter(out, plan.run_id, progress=progress), *callbacks],
+        )
+    except (ValueError, TypeError, MisconfigurationException) as exc:  # Lightning's words for a bad setting
+        raise ConfigError(
+            f"the Lightning Trainer refuses accelerator={accelerator!r}, devices={devices!r}, "
+            f"strategy={strategy!r}: {one_line(exc)}"
+        ) from None
     module = TeacherMaskModule(settings, step_progress=progress)
     data = TeacherMaskDataModule(images, size, plan, batch_size, num_workers)
     start = time.perf_counter()
