@@ -608,6 +608,17 @@ def test_bad_input_exits_2_with_one_line(tmp_path, scripted_classifier, capsys, 
     assert message in err and len(err.splitlines()) == 1
 
 
+def test_the_levels_recorded_are_the_levels_used(tmp_path, scripted_classifier):
+    """--levels 8 at 32 px ran J = 4 and was recorded as 8 in report.md and summary.json."""
+    images_dir = write_folder(tmp_path / "images", 1)
+    out = tmp_path / "out"
+    args = evaluate_args(scripted_classifier, images_dir, out, "--methods", "random-wavelet")
+    args[args.index("--levels") + 1] = "8"
+    assert main(args) == 0
+    assert json.loads((out / "summary.json").read_text())["settings"]["dwt"]["levels"] == 4
+    assert "db3, J=4" in (out / "report.md").read_text()
+
+
 def test_empty_or_missing_folder_exits_2(tmp_path, scripted_classifier, capsys):
     (tmp_path / "empty").mkdir()
     for folder in (tmp_path / "empty", tmp_path / "missing"):

@@ -248,6 +248,7 @@ def run(args: argparse.Namespace) -> int:
     from amortized_cartoonx.images import list_images, read_class_names
     from amortized_cartoonx.methods import CHECKPOINT_METHODS, EXACT_METHODS
     from amortized_cartoonx.runtime import resolve_device
+    from amortized_cartoonx.wavelets import WaveletRepresentation
 
     from .common import (
         check_class_names,
@@ -292,6 +293,8 @@ def run(args: argparse.Namespace) -> int:
     fill_defaults(args, *recorded_settings(checkpoint, args.classifier))
     if args.size < 8:
         raise ConfigError(f"--size must be at least 8, got {args.size}")
+    # the J used at this size (said once when capped), so the report, summary.json and the cache keys record it
+    args.levels = WaveletRepresentation(args.wavelet, args.levels, args.mode).levels_for(args.size, args.size)
     config = EvaluationConfig(
         methods=methods,
         limit=args.limit,
