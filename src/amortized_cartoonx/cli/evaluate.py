@@ -131,7 +131,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     base.add_argument("--ig-steps", type=positive_int, default=100, help="Integrated Gradients steps (default 100)")
     base.add_argument("--smoothgrad-samples", type=positive_int, default=10, help="SmoothGrad samples (default 10)")
     base.add_argument(
-        "--smoothgrad-std", type=nonnegative_float, default=0.1, help="SmoothGrad noise std in [0, 1] (default 0.1)"
+        "--smoothgrad-std",
+        type=nonnegative_float,
+        default=0.1,
+        help="SmoothGrad noise std in pixel units (images in [0, 1]; default 0.1)",
     )
     add_progress_arg(p)
     add_device_arg(p)
@@ -340,8 +343,9 @@ def run(args: argparse.Namespace) -> int:
     results = evaluation.run()
     summary = write_report(results, args.out, labels)
     print(_table(summary))
-    figures = "rate_distortion.png, examples.png" + (", sanity.png" if args.sanity else "")
-    print(f"wrote {args.out}/report.md, curves.csv, summary.json, {figures}")
+    figures = ["rate_distortion.png"] + ["examples.png"] * (args.examples > 0)
+    figures += ["ground_truth.png"] * results.has_ground_truth + ["sanity.png"] * args.sanity
+    print(f"wrote {args.out}/report.md, curves.csv, summary.json, {', '.join(figures)}")
     return 0
 
 
