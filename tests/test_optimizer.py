@@ -12,6 +12,7 @@ import torch
 from amortized_cartoonx.errors import ConfigError, InputError, NonFiniteError
 from amortized_cartoonx.optimizer import (
     LR_DECAYS,
+    SCHEDULE_FIELDS,
     SCHEDULES,
     CartoonX,
     OptimizerConfig,
@@ -229,6 +230,7 @@ def test_schedules_fill_steps_and_lr_unless_given():
     mine = OptimizerConfig(steps=7, lr=0.5)
     assert (mine.steps, mine.lr, mine.lr_decay) == (7, 0.5, "constant")
     for name, preset in SCHEDULES.items():
+        assert set(preset) == set(SCHEDULE_FIELDS)  # every schedule fills every field a new schedule refills
         config = OptimizerConfig(schedule=name)
         assert all(getattr(config, k) == v for k, v in preset.items())
     with pytest.raises(ConfigError, match="unknown schedule"):

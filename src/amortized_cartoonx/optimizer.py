@@ -87,7 +87,6 @@ SCHEDULES: dict[str, dict] = {
 }
 #: The fields a schedule fills when they are not given (every schedule names all of them).
 SCHEDULE_FIELDS = ("steps", "lr", "lr_decay", "parametrisation")
-assert all(set(values) == set(SCHEDULE_FIELDS) for values in SCHEDULES.values())
 #: How the learning rate moves over a run of S steps (step s = 0 .. S-1), as a factor of ``lr``.
 LR_DECAYS: dict[str, Callable[[int, int, float], float]] = {
     "constant": lambda s, total, final: 1.0,
