@@ -282,6 +282,17 @@ def test_stream_batches_log_the_loss_of_fresh_and_folder_images_apart():
     torch.testing.assert_close(only_fresh["rde_loss_stream"], per_image.mean())
 
 
+def test_the_gate_moves_once_per_optimizer_step_with_gradient_accumulation(image_dir):
+    """It moved on every batch, so with accumulate_grad_batches=2 it climbed twice as fast as the plain ramp."""
+    module = AmortizedCartoonXModule(
+        SPEC, image_size=SIZE, num_samples=2, warmup_steps=0, l1_warmup_steps=100, l1_gate=1.0, **TINY_NET
+    )
+    data = MaskPredictorDataModule(str(image_dir), image_size=SIZE, labels=None, batch_size=2, num_workers=0)
+    fit = trainer(max_steps=3, accumulate_grad_batches=2, limit_val_batches=0)
+    fit.fit(module, datamodule=data)
+    assert fit.global_step == 3 and module.sparsity_gate.position <= 3
+
+
 @pytest.mark.parametrize(
     ("option", "needle"),
     [

@@ -205,6 +205,7 @@ class AmortizedCartoonXModule(pl.LightningModule):
         if val_samples is not None and val_samples < 1:
             raise ConfigError(f"val_samples must be at least 1 (or null: num_samples), got {val_samples}")
         self.sparsity_gate = SparsityGate(l1_warmup_steps, l1_gate) if l1_gate > 0 else None
+        self._gate_moved_at = -1  # the optimizer step at which the gate last moved
 
         self.classifier = load_classifier(classifier, normalize=normalize)
         self.representation = WaveletRepresentation(wave, levels, mode)
@@ -324,8 +325,12 @@ class AmortizedCartoonXModule(pl.LightningModule):
     def _gated_ramp(self, problem: RDEProblem, noise: Coefficients, distortion: Tensor) -> float:
         """Advance the sparsity gate with this batch and return its fraction of lambda (the same on every rank).
 
-        The empty mask's distortion is measured on the batch's images under their first noise sample.
+        The empty mask's distortion is measured on the batch's images under their first noise sample. The gate moves
+        once per optimizer step, as the plain ramp does: with gradient accumulation, on the step's first batch.
         """
+        if self.global_step == self._gate_moved_at:
+            return self.sparsity_gate.fraction
+        self._gate_moved_at = self.global_step
         first = noise.map(lambda band: band[:, :1])  # (N, 1, C, ...)
         empty = self.objective.distortions(problem, problem.coeffs.mask_like(0.0), first)  # (N, 1)
         means = torch.stack([distortion.mean(), empty.mean()]).float()
