@@ -124,6 +124,26 @@ def test_tiny_demo_runs_end_to_end_and_reuses_its_outputs(tmp_path, monkeypatch)
     for other in (replace(cfg, fit_steps=3), replace(cfg, teacher_images=cfg.teacher_images - 1)):
         with pytest.raises(ConfigError, match="trained with other settings"):
             run_demo(other)
+    threads = torch.get_num_threads()
+    try:  # another thread count trains another explainer
+        torch.set_num_threads(threads + 1)
+        with pytest.raises(ConfigError, match="trained with other settings"):
+            run_demo(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    shards = sorted(cfg.teachers_dir.glob("shard-*.safetensors"))
+    shards[0].write_bytes(shards[0].read_bytes())  # the same bytes: still the same teachers
+    assert run_demo(cfg)["run"]["stages"]["reused"]["fit"]
+    (cfg.teachers_dir / "extra.json").write_text("{}")  # the store changed: new teachers, another explainer
+    with pytest.raises(ConfigError, match="trained with other settings"):
+        run_demo(cfg)
+    (cfg.teachers_dir / "extra.json").unlink()
+
+    # a folder written for another stream (size or seed), or with images left over, is written again
+    for stale in (cfg.test_dir / "left-over.png",):
+        stale.write_bytes((cfg.test_dir / sorted(p.name for p in cfg.test_dir.glob("*.png"))[0]).read_bytes())
+    assert not run_demo(cfg)["run"]["stages"]["reused"]["data"]
+    assert not (cfg.test_dir / "left-over.png").exists()
 
 
 def _results_text(out) -> str:

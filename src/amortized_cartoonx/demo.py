@@ -201,9 +201,34 @@ class StageTimes:
         self.reused[stage] = reused
 
 
-def _folder_complete(folder: Path, count: int) -> bool:
-    labels = folder / "labels.csv"
-    return labels.is_file() and len(labels.read_text().splitlines()) == count + 1
+def _folder_complete(folder: Path, count: int, size: int, seed: int, split: str) -> bool:
+    """Whether ``folder`` holds exactly the ``count`` images of this (split, seed, size) stream and nothing else
+    that the training or the evaluation would read (they read every image of a folder)."""
+    from safetensors import safe_open
+
+    from .synthetic.export import GROUND_TRUTH_FILE, LABELS_FILE
+
+    labels, truth = folder / LABELS_FILE, folder / GROUND_TRUTH_FILE
+    if not (labels.is_file() and truth.is_file()):
+        return False
+    names = [line.split(",", 1)[0] for line in labels.read_text().splitlines()[1:]]
+    if len(names) != count or sorted(names) != sorted(p.name for p in folder.glob("*.png")):
+        return False
+    try:
+        with safe_open(str(truth), framework="pt") as handle:
+            meta = handle.metadata() or {}
+    except Exception:  # unreadable: write the folder again
+        return False
+    return (meta.get("split"), meta.get("seed"), meta.get("size")) == (split, str(seed), str(size))
+
+
+def _write_folder(folder: Path, count: int, size: int, seed: int, split: str, progress: bool) -> None:
+    """Write the stream's images; images of an earlier, other stream in the folder are removed first."""
+    from .synthetic.export import write_synthetic_folder
+
+    for stale in folder.glob("*.png") if folder.is_dir() else ():
+        stale.unlink()
+    write_synthetic_folder(folder, count, size, seed=seed, split=split, progress=progress)
 
 
 def classifier_config(cfg: DemoConfig):
@@ -236,20 +261,16 @@ def stage_classifier(cfg: DemoConfig) -> dict:
 def stage_data(cfg: DemoConfig) -> bool:
     """Write the train and test folders; returns True when both already existed."""
     from .synthetic.dataset import HELD_OUT_SEED
-    from .synthetic.export import write_synthetic_folder
 
     reused = True
-    if not _folder_complete(cfg.train_dir, cfg.train_images):
-        # a stream of its own: not the classifier's training images, not the held-out ones
-        write_synthetic_folder(
-            cfg.train_dir, cfg.train_images, cfg.size, seed=cfg.seed + 1, split="train", progress=cfg.progress
-        )
-        reused = False
-    if not _folder_complete(cfg.test_dir, cfg.test_images):
-        write_synthetic_folder(
-            cfg.test_dir, cfg.test_images, cfg.size, seed=HELD_OUT_SEED, split="test", progress=cfg.progress
-        )
-        reused = False
+    # the training images: a stream of their own, neither the classifier's training images nor the held-out ones
+    for folder, count, seed, split in (
+        (cfg.train_dir, cfg.train_images, cfg.seed + 1, "train"),
+        (cfg.test_dir, cfg.test_images, HELD_OUT_SEED, "test"),
+    ):
+        if not _folder_complete(folder, count, cfg.size, seed, split):
+            _write_folder(folder, count, cfg.size, seed, split, cfg.progress)
+            reused = False
     return reused
 
 

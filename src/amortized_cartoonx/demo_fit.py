@@ -9,6 +9,7 @@ Lightning is imported inside the functions only (``cartoonx --help`` imports the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -93,6 +94,7 @@ def stage_fit(cfg: DemoConfig) -> bool:
             before ``fit_steps`` (interrupted): nothing is recorded, so the next run trains it again.
     """
     import pytorch_lightning as pl
+    import torch
 
     from .training import build_trainer, fit_config
 
@@ -101,10 +103,13 @@ def stage_fit(cfg: DemoConfig) -> bool:
     trainer_settings = explainer_trainer_settings(cfg)
     config = fit_config(module, data, trainer_settings, explainer_outputs(cfg), seed=cfg.seed)
     record = cfg.explainer_checkpoint.with_name("demo-fit.json")  # the settings the checkpoint was trained with
-    settings = {  # the fit config, and what it reads without naming it: how many images, how many teachers
+    settings = {  # the fit config, and what it reads without naming it: images, teachers, classifier, threads
         "fit": {**config, "trainer": {k: v for k, v in trainer_settings.items() if k != "enable_progress_bar"}},
         "train_images": cfg.train_images,
         "teacher_images": cfg.teacher_images,
+        "teachers": _folder_digest(cfg.teachers_dir) if cfg.teacher_images else None,
+        "classifier_weights_sha256": module.classifier_identity.get("classifier_weights_sha256"),
+        "torch_threads": torch.get_num_threads(),  # another thread count trains another explainer
     }
     if cfg.explainer_checkpoint.is_file():
         if record.is_file() and json.loads(record.read_text()) == settings:
@@ -133,6 +138,16 @@ def stage_fit(cfg: DemoConfig) -> bool:
         cfg.explainer_checkpoint.write_bytes(last.read_bytes())  # no validation ran: keep the last state
     atomic_write_text(record, json.dumps(settings, indent=1) + "\n")
     return False
+
+
+def _folder_digest(folder: Path) -> str | None:
+    """SHA-256 of a teacher store's files (names and bytes): new teacher masks make another digest."""
+    if not folder.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def _yaml(config: dict) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import plain_text
+from .common import plain_text, positive_int
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -35,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         ("--fit-steps", "fit_steps", "explainer training steps"),
     ):
         p.add_argument(flag, type=int, default=None, dest=field, help=f"{what} (default {defaults[field]})")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
 

@@ -76,6 +76,10 @@ def _load_shard(path: str, mtime_ns: int, mask_length: int | None) -> tuple[tupl
 
 
 # ---- the store -------------------------------------------------------------------------------------------
+#: The way out of a store made otherwise, for each command that writes one.
+ANOTHER_FOLDER = "use another folder (cartoonx targets: --out; cartoonx demo: --checkpoints), or delete it"
+
+
 class TeacherMaskStore:
     """A folder of teacher-mask shards.
 
@@ -108,13 +112,13 @@ class TeacherMaskStore:
             if old["format_version"] != FORMAT_VERSION:
                 raise ConfigError(
                     f"{path} is of format {old['format_version']} (seeds: {old.get('seeding', 'unknown')}); this "
-                    f"version writes format {FORMAT_VERSION} and never mixes the two: use another --out"
+                    f"version writes format {FORMAT_VERSION} and never mixes the two: {ANOTHER_FOLDER}"
                 )
             diff = manifest_differences(old, manifest)
             if diff:
                 details = "; ".join(f"{k}: {old.get(k)!r} there, {manifest.get(k)!r} now" for k in diff)
                 raise ConfigError(
-                    f"{folder} holds teacher masks made with other settings ({details}); use another --out"
+                    f"{folder} holds teacher masks made with other settings ({details}); {ANOTHER_FOLDER}"
                 )
         else:
             problem = manifest_problem(manifest)
