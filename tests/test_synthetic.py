@@ -232,6 +232,8 @@ def test_train_reuse_and_force(tmp_path, caplog):
     assert record["training"]["config"]["train_size"] == 32
     again = train_synthetic_classifier(tmp_path, config, progress=False)
     assert again.reused and again.accuracy == first.accuracy
+    with pytest.raises(ConfigError, match=r"other settings \(threads\)"):  # other threads: other weights
+        train_synthetic_classifier(tmp_path, config, progress=False, threads=2)
     with pytest.raises(ConfigError, match=r"pass force=True to retrain") as refused:
         train_synthetic_classifier(tmp_path, dataclasses.replace(config, seed=1), progress=False)
     assert "--force" not in str(refused.value)

@@ -291,9 +291,13 @@ def train_synthetic_classifier(
     weights, meta_path = resolve_paths(out)
     if not force and weights.is_file() and meta_path.is_file():
         record = read_metadata(out)
-        old = record.get("training", {}).get("config", {})
-        if old != _comparable(config):
-            diff = sorted(k for k in set(old) | set(_comparable(config)) if old.get(k) != _comparable(config).get(k))
+        training = record.get("training", {})
+        old = training.get("config", {})
+        diff = sorted(k for k in set(old) | set(_comparable(config)) if old.get(k) != _comparable(config).get(k))
+        # the float sums' order, hence the weights, depend on the thread count and the device too
+        run = {"threads": torch.get_num_threads() if threads is None else threads, "accelerator": accelerator}
+        diff += [k for k, v in run.items() if k in training and training[k] != v]
+        if diff:
             raise ClassifierExistsError(weights, diff)
         acc = float(record.get("held_out", {}).get("accuracy", float("nan")))
         log.debug("reusing the synthetic classifier at %s (held-out accuracy %.4f)", weights, acc)
@@ -310,7 +314,12 @@ def train_synthetic_classifier(
     metadata = {
         "classes": list(data.classes),
         "dataset": data.to_dict(),
-        "training": {"config": _comparable(config), "seconds": round(train_seconds, 1), "threads": used_threads},
+        "training": {
+            "config": _comparable(config),
+            "seconds": round(train_seconds, 1),
+            "threads": used_threads,
+            "accelerator": accelerator,
+        },
         "held_out": {"split": "test", "seed": HELD_OUT_SEED, "num_images": config.held_out, "accuracy": acc},
     }
     weights, meta_path = save_synthetic_classifier(model, out, metadata)
