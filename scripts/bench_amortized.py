@@ -364,6 +364,7 @@ def run(args: argparse.Namespace) -> dict:
                     "mask_mean": e_exact[i]["mask_mean"],
                     "prob_obfuscated": e_exact[i]["prob_obfuscated"],
                     "seconds": e_exact[i]["seconds"],
+                    "seconds_cached": e_exact[i]["cached"],  # measured by the run that computed it
                     "steps": args.exact_steps,
                 },
                 "warm": {},
@@ -477,6 +478,7 @@ def summarise(args, records, refine, split, device, meta) -> dict:
         "medians": {
             "exact_loss": exact_loss,
             "measure_seconds": med(["measure_seconds"]),
+            "exact_seconds_cached": sum(bool(r["exact"].get("seconds_cached")) for r in records),
             "warm_steps_to_exact": med(["warm_steps_to_exact"]),
             "warm_reached_exact": sum(r.get("warm_steps_to_exact") is not None for r in records),
             "warm_within_40": sum(
@@ -540,7 +542,13 @@ def markdown(result: dict) -> str:
         f"{fmt(m['spearman_amortized_exact'], 3)}, top-10% overlap {fmt(m['top10_overlap_amortized_exact'], 3)} "
         f"(medians). {warm_sentence}"
         f"Final measurement: {fmt(m['measure_seconds'], 3)} s / image (not in the times above). Step counts: "
-        f"centred {s['smooth']}-step moving average of the per-step loss, then running minimum.",
+        f"centred {s['smooth']}-step moving average of the per-step loss, then running minimum."
+        + (
+            f" The exact seconds of {m['exact_seconds_cached']} image(s) come from the exact cache: they were measured "
+            "by the run that computed them, perhaps on another machine, as are the time ratios built on them."
+            if m.get("exact_seconds_cached")
+            else ""
+        ),
         "",
         "Per image (RDE loss; cold steps to reach in brackets):",
         "",

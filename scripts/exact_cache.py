@@ -1,9 +1,10 @@
 """Per-image exact CartoonX results kept between benchmark runs (used by bench_amortized.py and bench_schedule.py).
 
 A result (the mask, the per-step loss history and the measured numbers) is a safetensors file named by the image
-file's stem and a digest of everything that changes it: the image's bytes, the classifier's weights, the
-optimizer's settings, the image size and the seed. Two scripts that run the same optimizer on the same image
-share the file, so the slow reference (2000 steps) is computed once. Loading reads tensors and JSON only.
+file's stem and a digest of everything that changes it: the image's bytes, the classifier's weights and input
+normalisation, the optimizer's settings, the image size, the seed and the device type. Two scripts that run the
+same optimizer on the same image share the file, so the slow reference (2000 steps) is computed once. Loading
+reads tensors and JSON only. A cached result's seconds are those of the run that computed it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from amortized_cartoonx.classifiers import classifier_identity
+from amortized_cartoonx.classifiers import classifier_identity, normalization_name
 from amortized_cartoonx.optimizer import result_settings as comparable_settings
 
 #: The numbers stored beside the mask and the history.
@@ -40,21 +41,29 @@ def result_settings(optimizer) -> dict:
     return comparable_settings(optimizer.settings())
 
 
-def cache_path(folder: str | None, file: Path, optimizer, identity: str, size: int, seed: int) -> Path | None:
-    """The cache file of one image's result, or None without a cache folder."""
+def cache_path(
+    folder: str | None, file: Path, optimizer, identity: str, size: int, seed: int, device: str = "cpu"
+) -> Path | None:
+    """The cache file of one image's result, or None without a cache folder.
+
+    The classifier's input normalisation and the device type (CPU and CUDA draw different noise) enter the key
+    when they are not ``none`` and ``cpu``, so the files of earlier runs (which had neither) keep their names.
+    """
     if not folder:
         return None
-    key = json.dumps(
-        {
-            "image": hashlib.sha256(file.read_bytes()).hexdigest(),
-            "classifier": identity,
-            "settings": result_settings(optimizer),
-            "size": size,
-            "seed": seed,
-        },
-        sort_keys=True,
-        default=str,
-    )
+    fields = {
+        "image": hashlib.sha256(file.read_bytes()).hexdigest(),
+        "classifier": identity,
+        "settings": result_settings(optimizer),
+        "size": size,
+        "seed": seed,
+    }
+    normalization = normalization_name(optimizer.classifier)
+    if normalization != "none":
+        fields["normalization"] = normalization
+    if device != "cpu":
+        fields["device"] = device
+    key = json.dumps(fields, sort_keys=True, default=str)
     return Path(folder) / f"{file.stem}.{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
 
 
@@ -63,7 +72,8 @@ def load_result(path: Path | None) -> dict | None:
         return None
     with safe_open(str(path), framework="pt") as f:
         numbers = json.loads(f.metadata()["numbers"])
-        return {"mask": f.get_tensor("mask"), "history": f.get_tensor("history"), **numbers}
+        # cached: its seconds are those of the run (and machine) that computed it
+        return {"mask": f.get_tensor("mask"), "history": f.get_tensor("history"), **numbers, "cached": True}
 
 
 def save_result(path: Path, record: dict) -> None:
@@ -90,7 +100,7 @@ def cached_results(
 ) -> list[dict]:
     """Each image's result: from the cache where it has one, else computed (batched, with a progress bar) and
     cached. ``seconds`` per image excludes ``measure_seconds`` (the final measurement every method pays)."""
-    paths = [cache_path(folder, f, optimizer, identity, size, seed) for f in files]
+    paths = [cache_path(folder, f, optimizer, identity, size, seed, batch.device.type) for f in files]
     results = [load_result(p) for p in paths]
     todo = [i for i, r in enumerate(results) if r is None]
     if todo:
@@ -107,5 +117,5 @@ def cached_results(
             }
             if paths[i] is not None:
                 save_result(paths[i], record)
-            results[i] = record
+            results[i] = {**record, "cached": False}
     return results

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import torch
 
-from amortized_cartoonx.classifiers import load_classifier, weights_digest
+from amortized_cartoonx.classifiers import load_classifier, weights_digest, wrap_classifier
+from amortized_cartoonx.optimizer import CartoonX
 
 from .conftest import make_tiny_cnn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from exact_cache import classifier_key  # noqa: E402
+from exact_cache import cache_path, classifier_key  # noqa: E402
 
 
 def frozen_torchscript(path: Path) -> Path:
@@ -48,3 +49,20 @@ def test_different_torchscript_files_get_different_keys(tmp_path):
     a = load_classifier(str(first), normalize="none")
     b = load_classifier(str(tmp_path / "n.pt"), normalize="none")
     assert classifier_key(a, str(first)) != classifier_key(b, str(tmp_path / "n.pt"))
+
+
+def test_the_normalisation_and_the_device_are_part_of_the_key(tmp_path):
+    """--normalize none and imagenet shared one file; so did a CUDA result read on a CPU (other noise draws). A
+    plain CPU run without normalisation keeps the file name of the earlier key."""
+    image = tmp_path / "im.png"
+    image.write_bytes(b"an image's bytes")
+    model = make_tiny_cnn()
+    plain = CartoonX(wrap_classifier(model), levels=2)
+    imagenet = CartoonX(wrap_classifier(model, normalize="imagenet"), levels=2)
+    key = classifier_key(model, "tiny")
+    paths = {
+        cache_path(str(tmp_path), image, plain, key, 32, 0),
+        cache_path(str(tmp_path), image, imagenet, key, 32, 0),
+        cache_path(str(tmp_path), image, plain, key, 32, 0, device="cuda"),
+    }
+    assert len(paths) == 3
