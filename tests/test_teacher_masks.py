@@ -24,6 +24,7 @@ if str(TESTS) not in sys.path:  # the classifier spec below imports conftest.mak
 from amortized_cartoonx.classifiers import load_classifier  # noqa: E402
 from amortized_cartoonx.errors import ConfigError, InputError  # noqa: E402
 from amortized_cartoonx.images import load_images  # noqa: E402
+from amortized_cartoonx.io import file_sha256  # noqa: E402
 from amortized_cartoonx.optimizer import CartoonX  # noqa: E402
 from amortized_cartoonx.seeding import file_seeds, item_seed  # noqa: E402
 from amortized_cartoonx.teacher_masks.files import FORMAT_VERSION  # noqa: E402
@@ -241,6 +242,19 @@ def test_a_spec_that_now_loads_other_weights_is_another_classifier(tmp_path):
         generate_teacher_masks(images, tmp_path / "store", spec, **SETTINGS, **RUN)
 
 
+def test_an_image_changed_since_its_mask_was_stored_is_refused(tmp_path):
+    """A resume skipped stored ids by file name: an image edited in place kept its old mask."""
+    images = make_folder(tmp_path / "images", 2)
+    out = tmp_path / "store"
+    generate_teacher_masks(images, out, SPEC, **SETTINGS, **RUN, limit=1)
+    first = sorted(p.name for p in images.glob("*.png"))[0]
+    assert TeacherMaskStore(out).contents()[first] == file_sha256(images / first)
+    picture = np.asarray(Image.open(images / first))
+    Image.fromarray(255 - picture).save(images / first)  # edited in place: the same name, other pixels
+    with pytest.raises(ConfigError, match=f"1 image\\(s\\) of .* changed since .*{first}"):
+        generate_teacher_masks(images, out, SPEC, **SETTINGS, **RUN)
+
+
 def test_other_settings_are_refused(reference):
     images, folder = reference
     before = shard_ids(folder)
@@ -273,7 +287,10 @@ def test_writer_drops_ids_already_written(reference, tmp_path):
     def batch(names):
         n = len(names)
         masks = torch.stack([src.get(i).mask for i in names])
-        return TeacherBatch(list(names), list(range(n)), masks, torch.zeros(n, dtype=torch.long), *torch.ones(3, n))
+        contents = ["0" * 64] * n
+        return TeacherBatch(
+            list(names), list(range(n)), contents, masks, torch.zeros(n, dtype=torch.long), *torch.ones(3, n)
+        )
 
     writer.write_on_batch_end(FakeTrainer(), None, batch(ids[:3]), None, None, 0, 0)
     writer.write_on_batch_end(FakeTrainer(), None, batch([ids[2], ids[3], ids[3]]), None, None, 1, 0)

@@ -17,6 +17,7 @@ import yaml
 from PIL import Image
 
 from amortized_cartoonx.errors import ConfigError
+from amortized_cartoonx.io import file_sha256
 from amortized_cartoonx.mask_logits import sigmoid_for_mask
 from amortized_cartoonx.mask_predictor import MaskPredictorConfig, logits_to_mask
 from amortized_cartoonx.rde import make_generators
@@ -447,6 +448,25 @@ def test_the_fit_cli_customises_lightning_through_its_public_api_only():
     assert own == {"add_arguments_to_parser", "instantiate_trainer", "run_outputs"}, own
     source = inspect.getsource(cli)
     assert "self._" not in source and "super()._" not in source  # no private LightningCLI method or attribute
+
+
+def test_teachers_of_images_changed_since_are_refused(tmp_path):
+    """The fit paired each image with the stored mask of its file name, whatever the file holds now."""
+    images = write_images(tmp_path / "images", count=4)
+    names = sorted(p.name for p in images.glob("*.png"))
+    store = TeacherMaskStore.create(
+        tmp_path / "teachers",
+        {"classifier": SPEC, "size": SIZE, "wave": "db3", "levels": 3, "mode": "zero", "mask_length": 4},
+    )
+    digests = ["0" * 64] + [file_sha256(images / n) for n in names[1:2]]  # the first file changed since
+    store.write_shard(
+        "a", names[:2], torch.ones(2, 4), torch.zeros(2, dtype=torch.long), *torch.ones(3, 2), contents=digests
+    )
+    data = MaskPredictorDataModule(str(images), image_size=SIZE, labels=None, teachers=str(tmp_path / "teachers"))
+    with pytest.raises(
+        ConfigError, match=f"1 image\\(s\\) .* changed since their teacher masks were made \\({names[0]}"
+    ):
+        data.setup()
 
 
 def test_teachers_of_another_size_are_refused():

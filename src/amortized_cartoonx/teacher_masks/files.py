@@ -5,7 +5,7 @@
   mask layout (``band_shapes`` hold ``mask_length`` values).
 * ``shard-<tag>.safetensors``: :func:`read_shard_info` reads and checks the header only (a safetensors file with
   the tensors of :data:`SHARD_TENSORS`, their dtypes and shapes ``(n, K)`` / ``(n,)``, ``n`` unique ids in its
-  metadata, K as expected); :func:`read_shard` also reads the tensors and checks their values (masks finite and
+  metadata and, optionally, ``n`` image SHA-256 digests; K as expected); :func:`read_shard` also reads the tensors and checks their values (masks finite and
   in [0, 1], finite losses and mask means, non-negative targets).
 
 Every problem is an :class:`~amortized_cartoonx.errors.InputError` of one line naming the file. Only the
@@ -90,6 +90,8 @@ class ShardInfo:
     path: Path
     ids: tuple[str, ...]
     mask_length: int
+    #: the SHA-256 of each image's file when the masks were made (shards written before 2026-12-02 have none)
+    contents: tuple[str, ...] | None = None
 
 
 def _short(value: object) -> str:
@@ -191,6 +193,20 @@ def _check_ids(path: Path, metadata: dict | None, n: int | None) -> tuple[str, .
     return tuple(ids)
 
 
+def _check_contents(path: Path, metadata: dict | None, n: int) -> tuple[str, ...] | None:
+    """The shard's optional ``sha256`` metadata: one hex digest per id, or None when absent."""
+    text = (metadata or {}).get("sha256")
+    if text is None:
+        return None
+    try:
+        contents = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise shard_error(path, f"its sha256 list is not JSON ({one_line(exc)})") from None
+    if not isinstance(contents, list) or len(contents) != n or not all(isinstance(c, str) for c in contents):
+        raise shard_error(path, f"its sha256 metadata is not a list of {n} strings")
+    return tuple(contents)
+
+
 def _check_layout(path: Path, layout: dict[str, tuple[str, list[int]]], mask_length: int | None) -> int:
     """Check ``name -> (dtype, shape)`` against :data:`SHARD_TENSORS`; returns n (rows)."""
     missing = sorted(set(SHARD_TENSORS) - set(layout))
@@ -228,7 +244,7 @@ def read_shard_info(path: Path, mask_length: int | None = None) -> ShardInfo:
         raise shard_error(path, f"not a readable safetensors file ({one_line(exc)})") from None
     n = _check_layout(path, layout, mask_length)
     ids = _check_ids(path, metadata, n)
-    return ShardInfo(path, ids, layout["masks"][1][1])
+    return ShardInfo(path, ids, layout["masks"][1][1], _check_contents(path, metadata, len(ids)))
 
 
 def read_shard(path: Path, mask_length: int | None = None) -> tuple[tuple[str, ...], dict[str, Tensor]]:

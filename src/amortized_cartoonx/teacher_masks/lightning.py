@@ -26,14 +26,16 @@ from tqdm.auto import tqdm
 
 from ..classifiers import Classifier, load_classifier
 from ..data import ImageFolder
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError, InputError, one_line
+from ..io import file_sha256
 from ..optimizer import CartoonX
 from .plan import TeacherMaskPlan, TeacherMaskSettings
 from .store import TeacherMaskStore
 
 
 class SeededImages(Dataset):
-    """The images ``ids`` of folder ``root`` with their seeds: items ``{image (3, S, S), id, seed, error}``.
+    """The images ``ids`` of folder ``root`` with their seeds: items ``{image (3, S, S), id, seed, error, sha256}``
+    (``sha256``: the file's digest).
 
     A file that cannot be read gives a zero image and its one-line message in ``error``; the predict step
     raises it in the main process (so the message stays one line even with DataLoader workers).
@@ -48,11 +50,13 @@ class SeededImages(Dataset):
         return len(self.folder)
 
     def __getitem__(self, index: int) -> dict:
+        image_id = self.folder.ids[index]
         try:
             image, error = self.folder[index]["image"], ""
-        except InputError as exc:
-            image, error = torch.zeros(3, self.size, self.size), str(exc)
-        return {"image": image, "id": self.folder.ids[index], "seed": self.seeds[index], "error": error}
+            content = file_sha256(self.folder.files[index])  # stored with the mask: a resume checks it
+        except (InputError, OSError) as exc:
+            image, error, content = torch.zeros(3, self.size, self.size), one_line(exc), ""
+        return {"image": image, "id": image_id, "seed": self.seeds[index], "error": error, "sha256": content}
 
 
 class TeacherMaskDataModule(pl.LightningDataModule):
@@ -84,6 +88,7 @@ class TeacherBatch:
 
     ids: list[str]
     seeds: list[int]
+    contents: list[str]
     masks: Tensor
     targets: Tensor
     loss: Tensor
@@ -134,6 +139,7 @@ class TeacherMaskModule(pl.LightningModule):
         return TeacherBatch(
             ids=list(batch["id"]),
             seeds=seeds,
+            contents=list(batch["sha256"]),
             masks=explanation.mask.flatten().detach(),  # (n, K)
             targets=explanation.target,
             loss=explanation.loss,
@@ -204,6 +210,7 @@ class TeacherWriter(BasePredictionWriter):
                 prediction.distortion.index_select(0, rows),
                 prediction.mask_mean.index_select(0, rows),
                 seeds=[prediction.seeds[i] for i in keep],
+                contents=[prediction.contents[i] for i in keep],
             )
             self.written.update(prediction.ids[i] for i in keep)
             self.loss_sum += float(prediction.loss.index_select(0, rows).sum())

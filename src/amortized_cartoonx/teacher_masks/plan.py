@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 
 from ..classifiers import Classifier, classifier_identity, normalization_name
+from ..errors import ConfigError
 from ..images import list_images
+from ..io import file_sha256
 from ..optimizer import CartoonX, OptimizerConfig
 from ..seeding import file_seeds
 from ..wavelets import DEFAULT_LEVELS, DEFAULT_MODE, DEFAULT_WAVE
@@ -133,11 +135,23 @@ def plan_teacher_masks(
     images: str | Path, store: TeacherMaskStore, seed: int, limit: int | None = None
 ) -> TeacherMaskPlan:
     """The images of folder ``images`` (the first ``limit`` by name, if given) not yet in ``store``, each with
-    its seed ``item_seed(file name, seed)``."""
+    its seed ``item_seed(file name, seed)``.
+
+    Raises:
+        ConfigError: an image whose file changed since its mask was stored (the store records each file's SHA-256).
+    """
     files = list_images(images)  # InputError when the folder is missing or has no images
     if limit is not None:
         files = files[:limit]
     done = set(store.ids())
+    recorded = store.contents()
+    changed = [p.name for p in files if p.name in recorded and file_sha256(p) != recorded[p.name]]
+    if changed:
+        shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+        raise ConfigError(
+            f"{len(changed)} image(s) of {images} changed since their teacher masks were stored in {store.folder} "
+            f"({shown}): write the masks of the new images to another folder"
+        )
     ids = [path.name for path in files if path.name not in done]
     return TeacherMaskPlan(
         ids=ids,

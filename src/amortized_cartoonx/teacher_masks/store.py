@@ -98,6 +98,7 @@ class TeacherMaskStore:
         self.manifest: dict = read_manifest(path)
         self._index: dict[str, tuple[Path, int]] | None = None
         self._shard_ids: dict[Path, tuple[str, ...]] = {}
+        self._contents: dict[str, str] = {}
         self._mask_length: int | None = self.manifest.get("mask_length")
 
     @classmethod
@@ -139,8 +140,10 @@ class TeacherMaskStore:
         distortion: Tensor,
         mask_mean: Tensor,
         seeds: Sequence[int] | Tensor | None = None,
+        contents: Sequence[str] | None = None,
     ) -> Path:
-        """Write one shard atomically; ``masks: (n, K)`` in [0, 1], the others ``(n,)``. Returns its path.
+        """Write one shard atomically; ``masks: (n, K)`` in [0, 1], the others ``(n,)``; ``contents``: each
+        image file's SHA-256 (a resume refuses an image that changed since). Returns its path.
 
         The caller makes sure no id is already in another shard (the writer callback does).
         """
@@ -163,7 +166,12 @@ class TeacherMaskStore:
         if seeds is not None:
             tensors["seeds"] = torch.as_tensor(seeds, dtype=torch.int64).detach().cpu().reshape(n).contiguous()
         path = self.folder / f"shard-{tag}.safetensors"
-        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"ids": json.dumps(list(ids))}))
+        metadata = {"ids": json.dumps(list(ids))}
+        if contents is not None:
+            if len(contents) != n:
+                raise ValueError(f"contents must hold one digest per id ({n}), got {len(contents)}")
+            metadata["sha256"] = json.dumps(list(contents))
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
         self._index = None
         return path
 
@@ -191,11 +199,14 @@ class TeacherMaskStore:
     def _build_index(self) -> dict[str, tuple[Path, int]]:
         index: dict[str, tuple[Path, int]] = {}
         shard_ids: dict[Path, tuple[str, ...]] = {}
+        contents: dict[str, str] = {}
         for shard in self.shards():
             info = read_shard_info(shard, self._mask_length)
             if self._mask_length is None:
                 self._mask_length = info.mask_length  # every other shard must agree
             for row, image_id in enumerate(info.ids):
+                if info.contents is not None:
+                    contents[image_id] = info.contents[row]
                 if image_id in index:
                     raise InputError(
                         f"image {image_id!r} is in two shards of {self.folder}: {index[image_id][0].name} and "
@@ -204,6 +215,7 @@ class TeacherMaskStore:
                 index[image_id] = (shard, row)
             shard_ids[shard] = info.ids
         self._shard_ids = shard_ids
+        self._contents = contents
         return index
 
     @property
@@ -215,6 +227,11 @@ class TeacherMaskStore:
 
     def ids(self) -> list[str]:
         return list(self.index)
+
+    def contents(self) -> dict[str, str]:
+        """``id -> SHA-256`` of the image file each stored mask was made from (ids of older shards are absent)."""
+        _ = self.index
+        return dict(self._contents)
 
     def __contains__(self, image_id: object) -> bool:
         return image_id in self.index

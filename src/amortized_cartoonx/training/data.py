@@ -25,6 +25,7 @@ from ..classifiers import same_classifier
 from ..data import ImageFolder, split_train_val_test
 from ..errors import ConfigError, InputError
 from ..images import load_image
+from ..io import file_sha256
 from ..synthetic.dataset import CartoonConfig, SyntheticStream
 from ..teacher_masks.store import TeacherMaskStore
 from .streams import (
@@ -280,6 +281,13 @@ class MaskPredictorDataModule(pl.LightningDataModule):
                     folder, self.teacher_store, hp.target_source, augment=augment, seed=hp.train_seed
                 )
         if self.teacher_store is not None:
+            recorded = self.teacher_store.contents()
+            changed = [p.name for p in everything.files if p.name in recorded and file_sha256(p) != recorded[p.name]]
+            if changed:
+                raise ConfigError(
+                    f"{len(changed)} image(s) of {hp.images} changed since their teacher masks were made "
+                    f"({', '.join(changed[:3])}): compute the teachers again (cartoonx targets, another --out)"
+                )
             have = sum(i in self.teacher_store for i in self.splits["train"])
             logger.info("teacher masks for %d of %d training images", have, len(self.splits["train"]))
         logger.info("split: %s", ", ".join(f"{k} {len(v)}" for k, v in self.splits.items()))
