@@ -5,8 +5,9 @@
   mask layout (``band_shapes`` hold ``mask_length`` values).
 * ``shard-<tag>.safetensors``: :func:`read_shard_info` reads and checks the header only (a safetensors file with
   the tensors of :data:`SHARD_TENSORS`, their dtypes and shapes ``(n, K)`` / ``(n,)``, ``n`` unique ids in its
-  metadata and, optionally, ``n`` image SHA-256 digests; K as expected); :func:`read_shard` also reads the tensors and checks their values (masks finite and
-  in [0, 1], finite losses and mask means, non-negative targets).
+  metadata and, optionally, ``n`` image SHA-256 digests; K as expected); :func:`read_shard` also reads the
+  tensors and checks their values (masks finite and in [0, 1], finite losses and mask means, non-negative
+  targets).
 
 Every problem is an :class:`~amortized_cartoonx.errors.InputError` of one line naming the file. Only the
 safetensors API and ``json`` read these files: a pickle renamed to a shard is refused, never unpickled.
