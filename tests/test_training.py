@@ -485,6 +485,11 @@ def test_teachers_of_another_size_are_refused():
         check_teachers({"classifier": SPEC, "size": 48, "mask_length": 200}, settings, 100)
     with pytest.raises(ConfigError, match="classifier"):
         check_teachers({"classifier": "other:model"}, settings, 100)
+    # the weights decide when both record them: the same weights under another spec text pass, others do not
+    weighed = {**settings, "classifier_weights_sha256": "a" * 64}
+    check_teachers({"classifier": "synthetic:elsewhere", "classifier_weights_sha256": "a" * 64}, weighed, 100)
+    with pytest.raises(ConfigError, match="with other weights"):
+        check_teachers({"classifier": SPEC, "classifier_weights_sha256": "b" * 64}, weighed, 100)
 
 
 def test_noise_seeds_and_schedule():

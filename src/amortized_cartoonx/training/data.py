@@ -58,11 +58,12 @@ def check_teachers(manifest: dict, settings: dict, mask_length: int) -> None:
         ConfigError: another classifier, image size, wavelet, padding, J or mask length.
     """
     problems = []
-    if "classifier" in manifest and not same_classifier(manifest["classifier"], settings):
-        problems.append(f"classifier {manifest['classifier']!r} (training: {settings['classifier']!r})")
-    elif None not in (manifest.get("classifier_weights_sha256"), settings.get("classifier_weights_sha256")):
-        if manifest["classifier_weights_sha256"] != settings["classifier_weights_sha256"]:
+    recorded, ours = manifest.get("classifier_weights_sha256"), settings.get("classifier_weights_sha256")
+    if recorded and ours:  # the weights decide when both are known (a spec written another way is the same)
+        if recorded != ours:
             problems.append(f"classifier {manifest['classifier']!r} with other weights than the training run's")
+    elif "classifier" in manifest and not same_classifier(manifest["classifier"], settings):
+        problems.append(f"classifier {manifest['classifier']!r} (training: {settings['classifier']!r})")
     for key, ours in (
         ("size", settings["image_size"]),
         ("wave", settings["wave"]),
