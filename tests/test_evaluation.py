@@ -429,6 +429,13 @@ def test_the_cache_never_serves_another_classifiers_or_another_images_results(tm
     assert count_explains == {"random-pixel": 1}
 
 
+def test_the_figure_names_the_distortion_it_plots(tmp_path):
+    """Every panel was labelled ||p(x) - p(y)||_2 whatever the run's distortion."""
+    images_dir = write_folder(tmp_path / "images", 1)
+    results = make_run(images_dir, tmp_path / "out", ["random-pixel"], distortion="label", lambdas={}).run()
+    assert [a.get_ylabel() for a in rate_distortion_figure(results).axes] == [r"distortion $(p_c(x) - p_c(y))^2$"] * 2
+
+
 def test_the_panel_c_heading_says_what_ran(tmp_path):
     """It printed the optimizer's steps for lambda_steps=0 and a lambda_limit above the number of images."""
     images_dir = write_folder(tmp_path / "images", 2)

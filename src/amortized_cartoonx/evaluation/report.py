@@ -182,10 +182,25 @@ def rate_axis(ax, rates) -> None:
     ax.set_xlim(0, 1)
 
 
+#: The y label of each distortion measure (:data:`~amortized_cartoonx.rde.DISTORTIONS`), as plotted.
+DISTORTION_LABELS = {
+    "l2": r"distortion $\|p(x) - p(y)\|_2$",
+    "label": r"distortion $(p_c(x) - p_c(y))^2$",
+    "maximize-target": r"distortion $(1 - p_c(y))^2$",
+    "kl": r"distortion $\mathrm{KL}(p(y) \| p(x))$",
+}
+
+
+def distortion_label(name: str) -> str:
+    """The y label for the distortion measure ``name`` (its name for a measure registered elsewhere)."""
+    return DISTORTION_LABELS.get(name, f"distortion ({name})")
+
+
 def rate_distortion_figure(results: EvaluationResults) -> Figure:
     """Fig. 7's panels: (a) keep, (b) randomise and, when there is a lambda grid, (c) distortion against mean
     mask over lambda (without one, the figure has two panels, not an empty third)."""
     panel = lambda_summary(results)
+    ylabel = distortion_label(results.settings.get("evaluation", {}).get("distortion", "l2"))
     fig = Figure(figsize=(15 if panel else 10, 4.4))
     axes = fig.subplots(1, 3 if panel else 2)
     rates = np.asarray(results.rates)
@@ -197,12 +212,12 @@ def rate_distortion_figure(results: EvaluationResults) -> Figure:
     axes[0].set(
         title="(a) keep the most relevant, randomise the rest",
         xlabel="rate: fraction of coefficients kept",
-        ylabel=r"distortion $\|p(x) - p(y)\|_2$",
+        ylabel=ylabel,
     )
     axes[1].set(
         title="(b) randomise the most relevant, keep the rest",
         xlabel="fraction of most relevant coefficients randomised",
-        ylabel=r"distortion $\|p(x) - p(y)\|_2$",
+        ylabel=ylabel,
     )
     axes[0].legend(fontsize=7, loc="lower left" if log_axis else "upper right")
     for a in axes[:2]:
@@ -231,7 +246,7 @@ def rate_distortion_figure(results: EvaluationResults) -> Figure:
         ax.set(
             title=r"(c) over $\lambda$ (labels): distortion vs mask",
             xlabel=r"mean of the mask (normalised $\ell_1$)",
-            ylabel=r"distortion $\|p(x) - p(y)\|_2$",
+            ylabel=ylabel,
         )
         ax.grid(alpha=0.3)
         ax.ticklabel_format(useOffset=False)
@@ -473,7 +488,7 @@ def report_markdown(results: EvaluationResults, summary_data: dict, figures: lis
         f"| rates | {len(results.rates)} on [0, 1]: {', '.join(f'{r:g}' for r in results.rates)} |",
         f"| noise draws per rate | {ev['noise_draws']} ({ev['obfuscation']}, the same draws for every method "
         "of a representation) |",
-        f"| distortion | `{ev['distortion']}` (softmax) |",
+        f"| distortion | `{ev['distortion']}` (of the softmax probabilities) |",
         f"| early areas | over r in [0, {ev['early_rate']}] |",
         f"| exact optimizer (cartoonx, pixel-rde) | {opt['steps']} steps, {opt['num_samples']} samples, lr "
         f"{opt['lr']}, lambda {opt['l1_lambda'] if opt['l1_lambda'] is not None else 'default (20 / 4)'}, "
