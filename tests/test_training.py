@@ -305,6 +305,7 @@ def test_the_gate_moves_once_per_optimizer_step_with_gradient_accumulation(image
         ({"l1_warmup_steps": -2}, "l1_warmup_steps must be at least 0"),
         ({"log_images": -1}, "log_images must be at least 0"),
         ({"val_samples": 0}, "val_samples must be at least 1"),
+        ({"noise_seed": -1}, "noise_seed must be a non-negative integer, got -1"),
     ],
 )
 def test_training_settings_out_of_range_are_refused(option, needle):
@@ -318,6 +319,8 @@ def test_data_settings_out_of_range_are_refused(image_dir):
         MaskPredictorDataModule(str(image_dir), image_size=SIZE, val_batch_size=0)
     with pytest.raises(ConfigError, match="num_workers must be at least 0"):
         MaskPredictorDataModule(str(image_dir), image_size=SIZE, num_workers=-1)
+    with pytest.raises(ConfigError, match="train_seed must be a non-negative integer"):  # numpy failed in a worker
+        MaskPredictorDataModule(str(image_dir), image_size=SIZE, train_seed=-1)
 
 
 def test_the_network_config_is_completed_and_conflicts_are_refused():
@@ -425,6 +428,9 @@ def test_last_ckpt_is_the_last_state_not_the_best(tmp_path, max_steps):
         for name in ("best", "last")
     }
     assert step == {"best": 2, "last": max_steps}
+    assert sorted(p.name for p in outputs.checkpoint_folder.iterdir()) == ["best.ckpt", "last.ckpt"]
+    # a second run under the same name replaces both (best.ckpt was kept, the new best went to best-v1.ckpt)
+    pl.Trainer(**trainer_arguments(outputs, settings)).fit(_WorseEveryValidation(), data, data)
     assert sorted(p.name for p in outputs.checkpoint_folder.iterdir()) == ["best.ckpt", "last.ckpt"]
 
 

@@ -226,6 +226,8 @@ class MaskPredictorDataModule(pl.LightningDataModule):
             raise ConfigError(f"val_batch_size must be at least 1 (or null: batch_size), got {val_batch_size}")
         if num_workers < 0:
             raise ConfigError(f"num_workers must be at least 0, got {num_workers}")
+        if not isinstance(train_seed, int) or isinstance(train_seed, bool) or train_seed < 0:
+            raise ConfigError(f"train_seed must be a non-negative integer, got {train_seed!r}")
         self.augment = augment_config(augment)
         self.stream = stream_config(stream)
         if self.stream is not None:

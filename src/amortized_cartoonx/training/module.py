@@ -202,6 +202,8 @@ class AmortizedCartoonXModule(pl.LightningModule):
             l1_warmup_steps=(l1_warmup_steps, 0, True),
             log_images=(log_images, 0, True),
         )
+        if not isinstance(noise_seed, int) or isinstance(noise_seed, bool) or noise_seed < 0:
+            raise ConfigError(f"noise_seed must be a non-negative integer, got {noise_seed!r}")
         if val_samples is not None and val_samples < 1:
             raise ConfigError(f"val_samples must be at least 1 (or null: num_samples), got {val_samples}")
         self.sparsity_gate = SparsityGate(l1_warmup_steps, l1_gate) if l1_gate > 0 else None

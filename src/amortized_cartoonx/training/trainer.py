@@ -84,7 +84,13 @@ def run_checkpoints(outputs: RunOutputs) -> list[ModelCheckpoint]:
     folder."""
     folder = str(outputs.checkpoint_folder)
     best = ModelCheckpoint(
-        dirpath=folder, filename="best", monitor=MONITOR, mode="min", save_top_k=1, auto_insert_metric_name=False
+        dirpath=folder,
+        filename="best",
+        monitor=MONITOR,
+        mode="min",
+        save_top_k=1,
+        auto_insert_metric_name=False,
+        enable_version_counter=False,  # a second run under the same name replaces best.ckpt (not best-v1.ckpt)
     )
     return [best, LastCheckpoint(folder)]
 
