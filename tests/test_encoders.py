@@ -210,6 +210,14 @@ def test_backbone_encoder_gives_a_torchscript_classifier_pretrained_features(tmp
     with torch.no_grad():
         expected = module.mask_predictor.mask(images, target).flatten()
     assert torch.allclose(explainer.predict_mask(images, target).flatten(), expected, atol=1e-6)
+    from conftest import make_tiny_cnn
+
+    # a bare module is wrapped as in training (it was refused: the recorded layers are the wrapper's) ...
+    bare = AmortizedExplainer.from_checkpoint(path, str(scripted), backbone=make_tiny_cnn(), measure_samples=2)
+    assert torch.allclose(bare.predict_mask(images, target).flatten(), expected, atol=1e-6)
+    # ... and a backbone with other weights is refused (it was accepted: only layer names and channels were checked)
+    with pytest.raises(ConfigError, match="backbone with other weights"):
+        AmortizedExplainer.from_checkpoint(path, str(scripted), backbone=make_tiny_cnn(seed=7))
     with pytest.raises(ConfigError, match="backbone"):
         MaskPredictorConfig(encoder="backbone").validate()
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .classifiers import weights_digest
 from .errors import ConfigError, InputError, one_line
 from .feature_taps import check_taps
 from .images import MAX_SIZE as MAX_IMAGE_SIZE
@@ -211,18 +212,30 @@ def build_mask_predictor(
             raise ConfigError(f"{loaded.path.name} reads the classifier's features: give the classifier")
     elif cfg.encoder == "backbone":
         source = _backbone(loaded, backbone, classifier)
+        recorded, digest = loaded.meta.get("backbone_weights_sha256"), weights_digest(source)
+        if recorded and digest and recorded != digest:
+            raise ConfigError(
+                f"{loaded.path.name} was trained on the features of a backbone with other weights than the one "
+                f"given now ({cfg.backbone!r} in training; another version or file?)"
+            )
     else:
         return network
-    check_taps(source, list(cfg.taps), list(cfg.tap_channels), int(loaded.meta["image_size"]))
+    role = "the backbone" if cfg.encoder == "backbone" else "the classifier"
+    check_taps(source, list(cfg.taps), list(cfg.tap_channels), int(loaded.meta["image_size"]), role)
     return network.attach(source)
+
+
+def _backbone_normalize(loaded: LoadedCheckpoint) -> str:
+    """The backbone's input normalisation in training (checkpoints before it was recorded: ``none``)."""
+    return loaded.meta.get("backbone_normalize") or "none"
 
 
 def _backbone(loaded: LoadedCheckpoint, given: nn.Module | str | None, classifier: nn.Module | None) -> nn.Module:
     """The backbone module: given, or loaded from the given spec or from the recorded built-in spec."""
-    from .classifiers import load_classifier
+    from .classifiers import Classifier, load_classifier, wrap_classifier
 
-    if isinstance(given, nn.Module):
-        return given
+    if isinstance(given, nn.Module):  # a bare module: wrapped as in training (the recorded taps are the wrapper's)
+        return given if isinstance(given, Classifier) else wrap_classifier(given, _backbone_normalize(loaded))
     spec = given or loaded.meta[NETWORK_KEY]["backbone"]
     if given is None and not (spec.startswith("torchvision:") or spec == "efficientnet-lite0"):
         raise ConfigError(

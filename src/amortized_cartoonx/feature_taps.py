@@ -152,13 +152,19 @@ def read_taps(module: nn.Module, images: Tensor, names: list[str]) -> list[Tenso
     return collect(_record(check_hookable(module), images, set(names)), names)
 
 
-def check_taps(module: nn.Module, names: list[str], channels: list[int], image_size: int) -> None:
-    """Refuse a module that lacks the named layers or whose channels differ (a checkpoint for another network)."""
+def check_taps(
+    module: nn.Module, names: list[str], channels: list[int], image_size: int, role: str = "the classifier"
+) -> None:
+    """Refuse a module that lacks the named layers or whose channels differ (a checkpoint for another network);
+    ``role`` names the module in the message (``the classifier``, ``the backbone``)."""
     probe = torch.zeros(1, 3, image_size, image_size, device=module_device(module))
-    found = [int(t.shape[1]) for t in read_taps(module, probe, names)]
+    try:
+        found = [int(t.shape[1]) for t in read_taps(module, probe, names)]
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("the classifier", role, 1)) from None
     if found != list(channels):
         raise ConfigError(
-            f"the classifier's layers {names} have {found} channels, the mask predictor was trained on {channels}"
+            f"{role}'s layers {names} have {found} channels, the mask predictor was trained on {channels}"
         )
 
 

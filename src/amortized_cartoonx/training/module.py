@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KIND, META_KEY, NETWORK_KEY, STATE_PREFIX
-from ..classifiers import classifier_identity, load_classifier, normalization_name
+from ..classifiers import classifier_identity, load_classifier, normalization_name, weights_digest
 from ..errors import ConfigError, InputError, NonFiniteError
 from ..evaluation.agreement import mask_agreement
 from ..mask_logits import logits_to_mask, sigmoid_for_mask
@@ -467,6 +467,7 @@ class AmortizedCartoonXModule(pl.LightningModule):
             "format_version": CHECKPOINT_FORMAT,
             "kind": CHECKPOINT_KIND,
             **self.classifier_identity,
+            **self._backbone_identity(),
             "normalize": normalization_name(self.classifier),
             "image_size": int(hp.image_size),
             "representation": "wavelet",
@@ -482,6 +483,13 @@ class AmortizedCartoonXModule(pl.LightningModule):
             "distill_weight": float(hp.distill_weight),
             NETWORK_KEY: self.mask_predictor.settings(),
         }
+
+    def _backbone_identity(self) -> dict:
+        """With the ``backbone`` encoder, its weights' digest and input normalisation (checked when loaded)."""
+        backbone = getattr(self, "backbone", None)
+        if backbone is None:
+            return {}
+        return {"backbone_weights_sha256": weights_digest(backbone), "backbone_normalize": normalization_name(backbone)}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Keep only the explainer's weights and add the plain ``cartoonx`` settings dict."""
