@@ -268,3 +268,7 @@ def test_a_checkpoint_older_than_coefficient_input_loads_the_network_it_was(tmp_
         tmp_path / "older.ckpt", coefficient_input=False, edit=lambda settings: settings.pop("coefficient_input")
     )
     assert explainer.mask_predictor.config.coefficient_input is False
+    _, explainer = _tiny_module_checkpoint(
+        tmp_path / "before-alignment.ckpt", True, edit=lambda settings: settings.pop("aligned_upsampling")
+    )
+    assert explainer.mask_predictor.config.aligned_upsampling is False

@@ -12,6 +12,7 @@ from amortized_cartoonx.mask_predictor import (
     align_to_band,
     count_parameters,
     logits_to_mask,
+    upsample_aligned,
 )
 from amortized_cartoonx.wavelets import WaveletRepresentation
 
@@ -22,9 +23,16 @@ SMALL = dict(width=8, decoder_width=8, embed_dim=8)
     ("height", "width", "levels", "wave"),
     [(32, 32, 5, "db3"), (48, 48, 3, "db3"), (64, 64, 5, "db3"), (100, 80, 4, "db3"), (64, 64, 2, "haar")],
 )
-@pytest.mark.parametrize("coefficient_input", [False, True])
-def test_mask_bands_match_the_dwt(height, width, levels, wave, coefficient_input):
-    net = MaskPredictor(num_classes=4, levels=levels, wave=wave, coefficient_input=coefficient_input, **SMALL)
+@pytest.mark.parametrize(("coefficient_input", "aligned"), [(False, False), (True, False), (True, True)])
+def test_mask_bands_match_the_dwt(height, width, levels, wave, coefficient_input, aligned):
+    net = MaskPredictor(
+        num_classes=4,
+        levels=levels,
+        wave=wave,
+        coefficient_input=coefficient_input,
+        aligned_upsampling=aligned,
+        **SMALL,
+    )
     images = torch.rand(2, 3, height, width)
     mask = net.mask(images, torch.tensor([0, 3]))
     reference = WaveletRepresentation(wave, levels).encode(images).mask_like()
@@ -35,6 +43,18 @@ def test_mask_bands_match_the_dwt(height, width, levels, wave, coefficient_input
     flat = mask.flatten()
     assert flat.shape == (2, reference.numel_per_channel())
     assert bool(((flat >= 0) & (flat <= 1)).all())
+
+
+def test_aligned_upsampling_puts_a_coarse_feature_at_twice_its_index():
+    """Stage-s feature m sits at pixel 2^s m: coarse index k lands on fine index 2k (align_corners=False: 2k + 1/2)."""
+    coarse = torch.zeros(1, 1, 6, 8)
+    coarse[0, 0, 2, 3] = 1.0
+    for size in ((12, 16), (11, 15)):  # even and odd fine sizes
+        fine = upsample_aligned(coarse, size)[0, 0]
+        assert fine.shape == size and float(fine[4, 6]) == 1.0
+        rows, cols = torch.meshgrid(torch.arange(size[0]), torch.arange(size[1]), indexing="ij")
+        centre = [float((fine * grid).sum() / fine.sum()) for grid in (rows, cols)]
+        assert centre == [4.0, 6.0]
 
 
 def test_initial_mask_is_near_keep_everything():

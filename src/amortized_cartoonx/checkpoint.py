@@ -41,7 +41,7 @@ LEGACY_STATE_PREFIX = "explainer."
 
 #: Network settings added after checkpoints were first written, with the value a file without them means (the
 #: network it was trained as), so an older file never picks up a newer default.
-ADDED_NETWORK_SETTINGS = {"coefficient_input": False}
+ADDED_NETWORK_SETTINGS = {"coefficient_input": False, "aligned_upsampling": False}
 
 #: Sanity caps on what a checkpoint may ask the reader to allocate (a hand-edited file must not ask for 180 GB).
 MAX_NUM_CLASSES = 100_000

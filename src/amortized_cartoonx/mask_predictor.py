@@ -106,6 +106,11 @@ class MaskPredictorConfig:
             grid; a FiLM residual block then mixes them before the head. The network sees exactly the quantities
             it masks instead of reconstructing them from pixels. False: the heads read the decoder's features
             only (checkpoints written before this setting existed load as False).
+        aligned_upsampling: the decoder's top-down path samples the coarser map at the finer map's own
+            positions: encoder stage s's feature m sits at pixel ``2^s m`` (stride-2 convolutions with padding
+            1), so the finer map's m reads the coarser map at ``m / 2``. False (the default, and every checkpoint
+            written before this setting existed): bilinear resizing with ``align_corners=False``, which reads it
+            at ``m / 2 - 1/4`` of a coarse cell, so coarse context arrives half a fine cell off at each level.
         taps, tap_channels: with a tapped encoder, the layer read for each level 1..J and its channels. Leave
             them None: :meth:`with_taps` (called by the training module) fills them in.
     """
@@ -125,6 +130,7 @@ class MaskPredictorConfig:
     encoder: str = "scratch"
     backbone: str | None = None
     coefficient_input: bool = True
+    aligned_upsampling: bool = False
     taps: list[str] | None = None
     tap_channels: list[int] | None = None
 
@@ -384,9 +390,11 @@ class MaskPredictor(nn.Module):
         for s in reversed(range(len(features))):  # coarse to fine
             lateral = self.lateral[s](features[s])
             if top is not None:
-                top = F.interpolate(
-                    self.top_down[s](top), size=lateral.shape[-2:], mode="bilinear", align_corners=False
-                )
+                top = self.top_down[s](top)
+                if self.config.aligned_upsampling:
+                    top = upsample_aligned(top, lateral.shape[-2:])
+                else:
+                    top = F.interpolate(top, size=lateral.shape[-2:], mode="bilinear", align_corners=False)
                 lateral = lateral + top
             top = self.decoder[s](lateral, embedding)
             decoded[s] = top
@@ -450,6 +458,22 @@ class MaskPredictor(nn.Module):
 
     def mask_from_logits(self, logits: Coefficients) -> Coefficients:
         return logits.map(lambda z: logits_to_mask(z, self.config.stretch))
+
+
+def upsample_aligned(coarse: Tensor, size: tuple[int, int]) -> Tensor:
+    """``coarse: (N, C, h, w)`` (a stride-``2^(s+1)`` feature map) onto the ``size`` grid of stride ``2^s``: fine
+    index m reads coarse position ``m / 2`` (bilinear; the last row and column, past the coarse map's end, take
+    its border)."""
+
+    def axis(n_fine: int, n_coarse: int) -> Tensor:
+        pos = torch.arange(n_fine, device=coarse.device, dtype=torch.float32) / 2
+        return 2 * pos / max(n_coarse - 1, 1) - 1 if n_coarse > 1 else torch.zeros_like(pos)
+
+    ys, xs = axis(size[0], coarse.shape[-2]), axis(size[1], coarse.shape[-1])
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # (H, W, 2) as (x, y)
+    grid = grid.unsqueeze(0).expand(coarse.shape[0], -1, -1, -1)
+    out = F.grid_sample(coarse.float(), grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return out.to(coarse.dtype)
 
 
 def _resize(features: Tensor, size: tuple[int, int]) -> Tensor:
