@@ -21,7 +21,10 @@ data-loading workers or the order of access (the seeding table's rules, :mod:`am
   worker ``w`` of ``W`` makes the batches ``t = start + w + m W``, which the DataLoader hands out in step order.
   :class:`StreamLoader` starts every pass at the batches already trained (Lightning's global step times the
   gradient accumulation, or the count in the checkpoint's data-module state while Lightning has not yet restored
-  its step): a resumed run, or a new epoch under ``limit_train_batches``, continues the stream.
+  its step): a resumed run, or a new epoch under ``limit_train_batches``, continues the stream. With gradient
+  accumulation that count is exact at optimizer steps only: an epoch whose length is not a multiple of
+  ``accumulate_grad_batches`` (Lightning steps on its last batch) skips a few stream batches at the next one, and a
+  checkpoint saved between optimizer steps repeats a few on resume; no batch is trained twice within a pass.
 
 Shapes: S the image side; images ``(3, S, S)`` float32 in [0, 1].
 """
