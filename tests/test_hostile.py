@@ -276,6 +276,7 @@ def test_a_file_that_is_no_checkpoint_is_named_so(tmp_path, spec, inputs, capsys
         ("amortized", ["--steps", "3"], "--steps is for --method cartoonx, pixel-rde or warm, not amortized"),
         ("amortized", ["--lr", "0.1", "--schedule", "fast"], "--schedule, --lr are for --method cartoonx, pixel-rde"),
         ("amortized", ["--precision", "bf16"], "--precision is for --method cartoonx, pixel-rde or warm"),
+        ("amortized", ["--calibration", "top-k"], "--calibration chooses the candidates of --calibrate-samples"),
     ],
 )
 def test_options_the_method_ignores_are_refused(tmp_path, spec, inputs, capsys, method, extra, needle):

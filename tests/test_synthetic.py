@@ -297,6 +297,12 @@ def test_cli_help_and_tiny_run(tmp_path, capsys):
     assert main(argv) == 0
     assert "reusing" in capsys.readouterr().out
     assert main([*argv, "--epochs", "0"]) == 2  # one-line error, exit code 2
+    # refused before any training: images without a folder, a folder that is a file
+    assert main(["train-classifier", "--out", str(tmp_path / "new"), "--export-images", "3", "--no-progress"]) == 2
+    assert "--export-images is for --export" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("x")
+    assert main(["train-classifier", "--out", str(tmp_path / "new"), "--export", str(tmp_path / "a-file")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err and not (tmp_path / "new").exists()
 
 
 def test_the_command_line_names_its_own_force_option(tmp_path, capsys):

@@ -61,7 +61,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--calibration",
         choices=CALIBRATION_NAMES,
-        default="shift",
+        default=None,
         help="with --calibrate-samples: the candidates are the logits plus a few shifts (shift, default) or binary "
         "masks of the k largest predicted entries for a few k (top-k)",
     )
@@ -118,6 +118,8 @@ def build_explainer(args: argparse.Namespace, classifier, device):
         raise ConfigError(
             f"{', '.join(given)} {verb} for --method cartoonx, pixel-rde or warm, not amortized (it runs no steps)"
         )
+    if args.calibration is not None and not args.calibrate_samples:
+        raise ConfigError("--calibration chooses the candidates of --calibrate-samples N (N > 0), which is not given")
     if args.method in EXACT_METHODS:
         if args.calibrate_samples:
             raise ConfigError(f"--calibrate-samples is for --method amortized or warm, not {args.method}")
@@ -137,7 +139,7 @@ def build_explainer(args: argparse.Namespace, classifier, device):
         measure_samples=args.samples,
         seed=args.seed,
         calibration_samples=args.calibrate_samples,
-        calibration=args.calibration,
+        calibration=args.calibration or "shift",
     )  # measured on as many noise samples as the exact optimizer
     amortized.check_compatible(
         args.classifier,

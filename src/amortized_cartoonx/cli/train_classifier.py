@@ -9,8 +9,9 @@ held-out accuracy); every command then accepts ``--classifier synthetic`` (the d
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from .common import add_device_arg, plain_text
+from .common import add_device_arg, plain_text, positive_int
 
 _DEFAULTS = {  # mirror of TrainConfig's defaults; kept here so --help needs no torch (a test checks they agree)
     "size": 64,
@@ -54,7 +55,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--force", action="store_true", help="retrain even if a classifier exists at --out")
     p.add_argument("--export", default=None, metavar="DIR", help="also write held-out benchmark images to DIR")
-    p.add_argument("--export-images", type=int, default=100, help="images for --export (default 100)")
+    p.add_argument("--export-images", type=positive_int, default=None, help="images for --export (default 100)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     add_device_arg(p)
     p.set_defaults(run=run)
@@ -75,6 +76,11 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if args.threads < 0:
         raise ConfigError(f"--threads must be 0 (torch's choice) or more, got {args.threads}")
+    if args.export_images is not None and not args.export:
+        raise ConfigError("--export-images is for --export DIR (the folder to write the images to)")
+    if args.export and Path(args.export).exists() and not Path(args.export).is_dir():
+        raise ConfigError(f"--export {args.export} is a file, not a folder")  # checked before the training
+    export_images = args.export_images or 100
     config = TrainConfig(
         size=args.size,
         train_size=args.train_size,
@@ -109,6 +115,6 @@ def run(args: argparse.Namespace) -> int:
     if args.export:
         from amortized_cartoonx.synthetic.export import write_synthetic_folder
 
-        write_synthetic_folder(args.export, args.export_images, size=args.size, progress=args.progress)
-        print(f"wrote {args.export_images} held-out images with ground truth to {args.export}/")
+        write_synthetic_folder(args.export, export_images, size=args.size, progress=args.progress)
+        print(f"wrote {export_images} held-out images with ground truth to {args.export}/")
     return 0
