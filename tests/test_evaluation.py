@@ -441,7 +441,9 @@ def test_the_panel_c_heading_says_what_ran(tmp_path):
     images_dir = write_folder(tmp_path / "images", 2)
     results = make_run(images_dir, tmp_path / "out", ["cartoonx"], lambda_steps=0, lambda_limit=10).run()
     write_report(results, tmp_path / "out")
-    assert "Steps: 0; images: 2 (the first ones)" in (tmp_path / "out" / "report.md").read_text()
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "Steps: 0; images: 2 (the first ones)" in report
+    assert f"schedule `{FAST_OPT.schedule}`: {FAST_OPT.steps} steps" in report and "clamp mask, fp32" in report
 
 
 def test_cache_records_with_the_wrong_structure_are_recomputed(tmp_path, count_explains):

@@ -490,8 +490,10 @@ def report_markdown(results: EvaluationResults, summary_data: dict, figures: lis
         "of a representation) |",
         f"| distortion | `{ev['distortion']}` (of the softmax probabilities) |",
         f"| early areas | over r in [0, {ev['early_rate']}] |",
-        f"| exact optimizer (cartoonx, pixel-rde) | {opt['steps']} steps, {opt['num_samples']} samples, lr "
-        f"{opt['lr']}, lambda {opt['l1_lambda'] if opt['l1_lambda'] is not None else 'default (20 / 4)'}, "
+        f"| exact optimizer (cartoonx, pixel-rde) | schedule `{opt.get('schedule', 'paper')}`: {opt['steps']} steps, "
+        f"{opt['num_samples']} samples, lr {opt['lr']} ({opt.get('lr_decay', 'constant')}), "
+        f"{opt.get('parametrisation', 'clamp')} mask, {opt.get('precision', 'fp32')}, lambda "
+        f"{opt['l1_lambda'] if opt['l1_lambda'] is not None else 'default (20 / 4)'}, "
         f"distortion `{opt['distortion']}` |",
         f"| DWT | {s['dwt']['wave']}, J={s['dwt']['levels']}, {s['dwt']['mode']} padding |",
         f"| baselines | IG {s['baselines']['ig_steps']} steps; SmoothGrad {s['baselines']['smoothgrad_samples']} "
