@@ -121,6 +121,12 @@ def test_explain_writes_figures_tensors_and_summary(tmp_path, spec, pictures, ca
         assert saved["explanation"].shape == (1, 32, 32)
         assert saved["mask"].ndim == 1 and saved["metadata"]["method"] == "cartoonx"
         assert Path(saved["metadata"]["image"]).stem == stem and saved["metadata"]["target"] == 1
+        # what changes the result is recorded (normalize changed prob_original and was in no output)
+        assert {k: saved["metadata"][k] for k in ("normalize", "size", "device")} == {
+            "normalize": "none",
+            "size": 32,
+            "device": "cpu",
+        }
         assert sum(band.numel() for band in saved["mask_bands"]) == saved["mask"].numel()
         assert saved["mask_bands"][0].shape[0] == 1  # the low-pass band, one channel
     assert not list(out.glob(".*"))  # no temporary files left

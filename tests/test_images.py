@@ -77,3 +77,36 @@ def test_a_size_that_is_no_integer_is_refused(tmp_path, size):
     with pytest.raises(InputError, match=r"image size must be an integer in 1\.\.8192, got"):
         load_image(path, size)
     assert load_image(path, np.int64(8)).shape == (3, 8, 8)
+
+
+@pytest.mark.parametrize("mode", ["P", "1"])
+def test_large_palette_and_one_bit_images_load(tmp_path, mode):
+    """A palette or 1-bit image at least 4x the size was refused ('image has wrong mode' from PIL's reduce)."""
+    picture = Image.new("RGB", (200, 150), (255, 255, 255)).convert(mode)
+    picture.save(tmp_path / "big.png")
+    x = load_image(tmp_path / "big.png", 32)
+    assert x.shape == (3, 32, 32) and torch.allclose(x, torch.ones_like(x))
+
+
+def test_a_dark_16_bit_pgm_stays_dark(tmp_path):
+    """PIL opens 16-bit PGM as mode 'I': its scale was guessed from the content (200/65535 read as 0.78)."""
+    data = np.full((20, 20), 200, dtype=">u2")
+    (tmp_path / "dark.pgm").write_bytes(b"P5 20 20 65535\n" + data.tobytes())
+    x = load_image(tmp_path / "dark.pgm", None)
+    assert abs(float(x.mean()) - 200 / 65535) < 1e-4
+
+
+def test_the_exif_orientation_is_applied(tmp_path):
+    """A phone photo tagged 'rotate 90' (Orientation 6) was loaded and explained on its side."""
+    picture = Image.new("RGB", (40, 20), (10, 20, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    picture.save(tmp_path / "phone.jpg", exif=exif)
+    assert load_image(tmp_path / "phone.jpg", None).shape == (3, 40, 20)
+
+
+def test_a_labels_file_with_a_byte_order_mark(tmp_path):
+    from amortized_cartoonx.images import read_class_names
+
+    (tmp_path / "labels.txt").write_bytes("\ufeffzero\none\n".encode())
+    assert read_class_names(tmp_path / "labels.txt") == ["zero", "one"]

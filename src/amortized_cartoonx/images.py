@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from .errors import InputError, is_integer, one_line
@@ -43,8 +43,8 @@ def _to_rgb_array(img: Image.Image) -> np.ndarray:
         arr = np.asarray(img, dtype=np.float64)
         if img.mode.startswith("I;16"):
             scale = 65535.0
-        elif img.mode == "I":
-            scale = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        elif img.mode == "I":  # 16-bit PGM/PNG (PIL scales other maxvals to 16 bits); 32-bit integers beyond
+            scale = 65535.0 if arr.max(initial=0) <= 65535 else 4294967295.0
         else:  # float images: assume [0, 1] unless they clearly are not
             scale = max(1.0, float(arr.max(initial=0)))
         grey = np.clip(arr / scale, 0.0, 1.0).astype(np.float32)
@@ -83,6 +83,9 @@ def load_image(path: str | Path, size: int | None = 256) -> Tensor:
             if size is not None and img.format == "JPEG":
                 img.draft("RGB", (size, size))  # decode at a reduced scale (never below size): less memory and time
             img.load()
+            img = ImageOps.exif_transpose(img)  # a phone photo's orientation tag: upright, as viewers show it
+            if img.mode in ("P", "PA", "1"):  # reduce() cannot filter palette or 1-bit images
+                img = img.convert("RGBA" if img.mode == "PA" or "transparency" in img.info else "RGB")
             if size is not None and min(img.size) >= 4 * size and img.mode not in _HIGH_DEPTH:
                 img = img.reduce(min(img.size) // (2 * size))  # box-filter down to >= 2x size before float
             arr = _to_rgb_array(img)
@@ -139,7 +142,7 @@ def read_class_names(path: str | Path | None) -> list[str] | None:
     try:
         if b"\x00" in data:
             raise UnicodeDecodeError("utf-8", data, 0, 1, "NUL byte")
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a byte-order mark is not part of the first name
     except UnicodeDecodeError:
         raise InputError(f"labels file {path} is not UTF-8 text (one class name per line)") from None
     return [line.strip() for line in text.splitlines()]

@@ -178,7 +178,7 @@ def preflight(classifier, explainer, images, targets, device) -> int:
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from amortized_cartoonx.classifiers import load_classifier
+    from amortized_cartoonx.classifiers import load_classifier, normalization_name
     from amortized_cartoonx.errors import ConfigError
     from amortized_cartoonx.images import load_images, read_class_names
     from amortized_cartoonx.io import atomic_write_text
@@ -207,6 +207,13 @@ def run(args: argparse.Namespace) -> int:
 
     out.mkdir(parents=True, exist_ok=True)
     lines: list[str] = []
+    # what the saved files record beside the explainer's settings: the run's own choices
+    run_settings = {
+        "classifier": args.classifier,
+        "normalize": normalization_name(classifier),
+        "size": args.size,
+        "device": str(device),
+    }
     progress = not args.no_progress
     bar = tqdm(total=len(paths), desc=f"explain ({args.method})", unit="img", disable=not progress)
     for lo in range(0, len(paths), args.batch_size):
@@ -217,12 +224,10 @@ def run(args: argparse.Namespace) -> int:
         explanation = explainer.explain(batch, target, seeds=seeds, progress=progress).cpu()
         for i, k in enumerate(range(lo, hi)):
             target_k = int(explanation.target[i])
-            name = labels[target_k] if labels and target_k < len(labels) else None
+            name = (labels[target_k] or None) if labels and target_k < len(labels) else None  # "": no name
             files = {"png": f"{stems[k]}.png", "safetensors": f"{stems[k]}.safetensors"}
-            record = {"image": str(paths[k]), **files, "target_name": name, **explanation.summary(i)}
-            explanation.save(
-                out / f"{stems[k]}.safetensors", i, metadata={"image": str(paths[k]), "classifier": args.classifier}
-            )
+            record = {"image": str(paths[k]), **files, "target_name": name, **explanation.summary(i), **run_settings}
+            explanation.save(out / f"{stems[k]}.safetensors", i, metadata={**record, **run_settings})
             save_figure(explanation_figure(images[k], explanation, i, name), out / f"{stems[k]}.png")
             lines.append(json.dumps(record, allow_nan=False))
         atomic_write_text(out / "summary.jsonl", "\n".join(lines) + "\n")
