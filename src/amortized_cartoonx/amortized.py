@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import numbers
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +31,7 @@ from torch import Tensor
 from .checkpoint import build_mask_predictor, read_checkpoint
 from .classifiers import Classifier, frozen, load_classifier, normalization_name, same_classifier, wrap_classifier
 from .data import split_train_val_test
-from .errors import ClassifierError, ConfigError, is_integer
+from .errors import ClassifierError, ConfigError, is_integer, is_real
 from .explanation import Explanation, measure_mask
 from .mask_predictor import MaskPredictor
 from .optimizer import SCHEDULE_FIELDS, OptimizerConfig, RDEOptimizer
@@ -450,7 +449,7 @@ def _numbers(name: str, values: object) -> tuple[float, ...]:
     if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
         raise ConfigError(f"{name} must be a sequence of numbers, got {values!r}")
     values = list(values)
-    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values):
+    if not all(map(is_real, values)):
         raise ConfigError(f"{name} must be a sequence of numbers, got {values!r}")
     return tuple(float(v) for v in values)
 

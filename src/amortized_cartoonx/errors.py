@@ -38,3 +38,8 @@ def one_line(exc: BaseException) -> str:
 def is_integer(value: object) -> bool:
     """Whether ``value`` is an integer setting: a Python or numpy integer, not a bool (for the checks above)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value: object) -> bool:
+    """Whether ``value`` is a number setting: a Python or numpy real number (NaN and inf included), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .classifiers import frozen
-from .errors import ConfigError, NonFiniteError, is_integer
+from .errors import ConfigError, NonFiniteError, is_integer, is_real
 from .explanation import Explanation, LossHistory, as_mask, measure_mask
 from .mask_logits import logits_to_mask, mask_to_logits
 from .rde import DEFAULT_LAMBDA, DISTORTIONS, OBFUSCATIONS, RDEObjective, RDEProblem, make_generators
@@ -251,7 +250,7 @@ class OptimizerConfig:
                 raise ConfigError(f"{name} must be an integer, got {value!r}")
         for name in ("lr", "lr_final", "logit_stretch", "stop_tolerance", "l1_lambda"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+            if value is not None and not is_real(value):
                 raise ConfigError(f"{name} must be a number, got {value!r}")
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import numbers
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -32,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .errors import CartoonXError, ClassifierError, ConfigError, InputError, one_line
+from .errors import CartoonXError, ClassifierError, ConfigError, InputError, is_real, one_line
 from .fused_ops import clamp_unit  # noqa: F401  (kept importable as rde.clamp_unit)
 from .registry import Registry
 from .wavelets import Coefficients, Representation
@@ -323,7 +322,7 @@ class RDEObjective:
         obfuscation: str = "gaussian-adaptive",
         distortion: str = "label",
     ) -> None:
-        if isinstance(l1_lambda, bool) or not isinstance(l1_lambda, numbers.Real) or not 0 <= l1_lambda < math.inf:
+        if not is_real(l1_lambda) or not 0 <= l1_lambda < math.inf:
             raise ConfigError(f"l1_lambda must be a finite number of at least 0, got {l1_lambda!r}")
         self.classifier = classifier
         self.representation = representation

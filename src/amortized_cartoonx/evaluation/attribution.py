@@ -23,7 +23,6 @@ message. Bad user input (``amortized`` without a checkpoint, a checkpoint for an
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -31,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ..classifiers import frozen
-from ..errors import ConfigError, is_integer
+from ..errors import ConfigError, is_integer, is_real
 from ..optimizer import SCHEDULES, OptimizerConfig
 from ..rde import as_input_of, check_images, original_logits, resolve_target
 from ..registry import Registry
@@ -70,7 +69,7 @@ class BaselineConfig:
             if not is_integer(value) or value < 1:
                 raise ConfigError(f"{name} must be an integer of at least 1, got {value!r}")
         std = self.smoothgrad_std
-        if not isinstance(std, numbers.Real) or isinstance(std, bool) or not 0 <= std < math.inf:
+        if not is_real(std) or not 0 <= std < math.inf:
             raise ConfigError(f"smoothgrad_std must be a finite number of at least 0, got {std!r}")
         return self
 
