@@ -23,7 +23,6 @@ import torch
 from ..classifiers import Classifier, classifier_identity, normalization_name
 from ..errors import ConfigError
 from ..images import list_images
-from ..io import file_sha256
 from ..optimizer import CartoonX, OptimizerConfig
 from ..seeding import file_seeds
 from ..wavelets import DEFAULT_LEVELS, DEFAULT_MODE, DEFAULT_WAVE
@@ -144,8 +143,7 @@ def plan_teacher_masks(
     if limit is not None:
         files = files[:limit]
     done = set(store.ids())
-    recorded = store.contents()
-    changed = [p.name for p in files if p.name in recorded and file_sha256(p) != recorded[p.name]]
+    changed = store.changed_images(files)
     if changed:
         shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
         raise ConfigError(

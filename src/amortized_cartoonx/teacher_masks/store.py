@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ..errors import ConfigError, InputError, one_line
-from ..io import atomic_write, atomic_write_text
+from ..io import atomic_write, atomic_write_text, file_sha256
 from .files import (
     FORMAT_VERSION,
     manifest_differences,
@@ -232,6 +232,12 @@ class TeacherMaskStore:
         """``id -> SHA-256`` of the image file each stored mask was made from (ids of older shards are absent)."""
         _ = self.index
         return dict(self._contents)
+
+    def changed_images(self, files: Sequence[Path]) -> list[str]:
+        """The names of ``files`` whose content differs from the image their stored mask was made from (each
+        file with a recorded digest is read once)."""
+        recorded = self.contents()
+        return [p.name for p in files if p.name in recorded and file_sha256(p) != recorded[p.name]]
 
     def __contains__(self, image_id: object) -> bool:
         return image_id in self.index

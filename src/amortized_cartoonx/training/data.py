@@ -25,7 +25,6 @@ from ..classifiers import same_classifier
 from ..data import ImageFolder, split_train_val_test
 from ..errors import ConfigError, InputError
 from ..images import load_image
-from ..io import file_sha256
 from ..synthetic.dataset import CartoonConfig, SyntheticStream
 from ..teacher_masks.store import TeacherMaskStore
 from .streams import (
@@ -284,8 +283,7 @@ class MaskPredictorDataModule(pl.LightningDataModule):
                     folder, self.teacher_store, hp.target_source, augment=augment, seed=hp.train_seed
                 )
         if self.teacher_store is not None:
-            recorded = self.teacher_store.contents()
-            changed = [p.name for p in everything.files if p.name in recorded and file_sha256(p) != recorded[p.name]]
+            changed = self.teacher_store.changed_images(everything.files)
             if changed:
                 raise ConfigError(
                     f"{len(changed)} image(s) of {hp.images} changed since their teacher masks were made "
