@@ -206,12 +206,17 @@ def _folder_complete(folder: Path, count: int, size: int, seed: int, split: str)
     that the training or the evaluation would read (they read every image of a folder)."""
     from safetensors import safe_open
 
+    from .data import read_labels_csv
+    from .errors import InputError
     from .synthetic.export import GROUND_TRUTH_FILE, LABELS_FILE
 
     labels, truth = folder / LABELS_FILE, folder / GROUND_TRUTH_FILE
     if not (labels.is_file() and truth.is_file()):
         return False
-    names = [line.split(",", 1)[0] for line in labels.read_text().splitlines()[1:]]
+    try:
+        names = list(read_labels_csv(labels))
+    except InputError:  # unreadable: write the folder again
+        return False
     if len(names) != count or sorted(names) != sorted(p.name for p in folder.glob("*.png")):
         return False
     try:

@@ -227,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
             name = (labels[target_k] or None) if labels and target_k < len(labels) else None  # "": no name
             files = {"png": f"{stems[k]}.png", "safetensors": f"{stems[k]}.safetensors"}
             record = {"image": str(paths[k]), **files, "target_name": name, **explanation.summary(i), **run_settings}
-            explanation.save(out / f"{stems[k]}.safetensors", i, metadata={**record, **run_settings})
+            explanation.save(out / f"{stems[k]}.safetensors", i, metadata=record)
             save_figure(explanation_figure(images[k], explanation, i, name), out / f"{stems[k]}.png")
             lines.append(json.dumps(record, allow_nan=False))
         atomic_write_text(out / "summary.jsonl", "\n".join(lines) + "\n")
