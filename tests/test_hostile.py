@@ -381,11 +381,15 @@ def test_a_classifier_returning_nan_is_refused_with_its_name(tmp_path, spec, inp
         ("objective_lambda", "ConfigError", "l1_lambda must be a finite number of at least 0, got nan"),
         ("load_number", "ClassifierError", "a classifier spec is a string, got int"),
         ("init_mask_list", "InputError", "a mask must be Coefficients or a flat (N, K) tensor, got list"),
+        ("init_mask_nan", "InputError", "the mask has NaN or infinite entries"),
+        ("single_logit", "ClassifierError", "returned one logit per image"),
+        ("inference_mode", "ConfigError", "outside torch.inference_mode()"),
+        ("nan_when_measured", "NonFiniteError", "the measured RDE loss of image 0 is nan"),
     ],
 )
 def test_python_api_mistakes_are_the_librarys_errors(call, error, needle):
     """Each failed deep inside (captum's AssertionError, an IndexError, an AttributeError) or was accepted."""
-    from amortized_cartoonx import CartoonX, errors, load_classifier, wrap_classifier
+    from amortized_cartoonx import CartoonX, PixelRDE, errors, load_classifier, wrap_classifier
     from amortized_cartoonx.evaluation import MethodContext, baselines  # noqa: F401  (registers the baselines)
     from amortized_cartoonx.evaluation.attribution import METHODS, BaselineConfig
     from amortized_cartoonx.optimizer import OptimizerConfig
@@ -405,9 +409,84 @@ def test_python_api_mistakes_are_the_librarys_errors(call, error, needle):
         "objective_lambda": lambda: RDEObjective(model, WaveletRepresentation(levels=2), l1_lambda=float("nan")),
         "load_number": lambda: load_classifier(3),
         "init_mask_list": lambda: CartoonX(model, levels=2, steps=1, num_samples=2).explain(image, init_mask=[[1.0]]),
+        "init_mask_nan": lambda: PixelRDE(model, steps=0, num_samples=2).explain(
+            image, init_mask=torch.full((1, 32 * 32), float("nan"))
+        ),
+        "single_logit": lambda: CartoonX(torch.nn.Sequential(model, torch.nn.Linear(4, 1)), levels=2).explain(image),
+        "inference_mode": lambda: _in_inference_mode(CartoonX(model, levels=2, steps=1, num_samples=2), image),
+        "nan_when_measured": lambda: CartoonX(_NaNOnObfuscations(model), levels=2, steps=0, num_samples=2).explain(
+            image
+        ),
     }
     with pytest.raises(getattr(errors, error), match=re.escape(needle)):
         calls[call]()
+
+
+class _NaNOnObfuscations(torch.nn.Module):
+    """Finite logits on one image, NaN on a batch of obfuscations."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        logits = self.model(x)
+        return logits if x.shape[0] == 1 else logits * float("nan")
+
+
+def _in_inference_mode(explainer, image):
+    with torch.inference_mode():
+        return explainer.explain(image)
+
+
+def test_explain_under_no_grad_is_explain():
+    """Evaluation code wraps calls in torch.no_grad(); the steps failed there with autograd's own error."""
+    from amortized_cartoonx import CartoonX, PixelRDE
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    image = torch.rand(2, 3, 32, 32)
+    for make in (lambda: CartoonX(model, levels=2, steps=3, num_samples=2), lambda: PixelRDE(model, steps=3)):
+        plain = make().explain(image)
+        with torch.no_grad():
+            quiet = make().explain(image)
+        assert torch.equal(plain.loss, quiet.loss) and plain.steps.tolist() == [3, 3]
+
+
+def test_pixel_rde_leaves_the_callers_tensor_alone():
+    """The pixel "coefficients" were the caller's tensor: every step's backward wrote into its .grad."""
+    from amortized_cartoonx import PixelRDE
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    base = torch.rand(1, 3, 40, 40, requires_grad=True)
+    PixelRDE(model, steps=2, num_samples=2).explain(base[:, :, 4:36, 4:36])
+    assert base.grad is None
+    with torch.inference_mode():
+        frozen_images = torch.rand(1, 3, 32, 32)
+    assert torch.isfinite(PixelRDE(model, steps=2, num_samples=2).explain(frozen_images).loss).all()
+
+
+def test_bf16_steps_take_float64_images():
+    """Autocast leaves float64 alone, so float64 obfuscations met a bf16 convolution: a raw dtype error."""
+    from amortized_cartoonx import CartoonX, PixelRDE
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    image = torch.rand(1, 3, 32, 32, dtype=torch.float64)
+    for explainer in (CartoonX(model, levels=2, steps=2, num_samples=2, precision="bf16"),
+                      PixelRDE(model, steps=2, num_samples=2, precision="bf16")):  # fmt: skip
+        assert torch.isfinite(explainer.explain(image).loss).all()
+
+
+def test_a_bound_forward_is_frozen_like_its_module():
+    """``CartoonX(model.forward)`` ran a train-mode model as it was: BatchNorm statistics and .grad changed."""
+    from amortized_cartoonx import CartoonX
+
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()
+    ).train()
+    before = model[1].running_mean.clone()
+    CartoonX(model.forward, levels=2, steps=2, num_samples=2).explain(torch.rand(2, 3, 32, 32))
+    assert torch.equal(model[1].running_mean, before) and int(model[1].num_batches_tracked) == 0
+    assert all(p.grad is None for p in model.parameters()) and model.training
 
 
 # ---- files: classifier specs, labels, images -------------------------------------------------------------------------

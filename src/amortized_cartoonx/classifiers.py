@@ -124,8 +124,15 @@ def freeze_(model: nn.Module) -> nn.Module:
 def frozen(model: object) -> Iterator[object]:
     """Run ``model`` in eval mode without parameter gradients, restoring every flag afterwards.
 
-    Works on any ``nn.Module`` (TorchScript modules included); other callables pass through.
+    Works on any ``nn.Module`` (TorchScript modules included) and on a module's bound method (``model.forward``:
+    its module is frozen); other callables (a ``lambda`` around a model) pass through as they are, so put such a
+    model in eval mode yourself, or wrap it: :func:`wrap_classifier`.
     """
+    owner = getattr(model, "__self__", None)  # a bound method: freeze the module it belongs to
+    if not isinstance(model, nn.Module) and isinstance(owner, nn.Module):
+        with frozen(owner):
+            yield model
+        return
     if not isinstance(model, nn.Module):
         yield model
         return

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .errors import InputError
+from .errors import InputError, NonFiniteError
 from .io import atomic_write
 from .rde import RDEObjective, RDEProblem, make_generators, rde_loss, target_prob
 from .seeding import Stream, stream_seeds
@@ -190,6 +190,8 @@ def as_mask(mask: Coefficients | Tensor, like: Coefficients) -> Coefficients:
         )
     if mask.num_channels != 1:
         raise InputError(f"a mask has one channel (shared by the colours), got {mask.num_channels}")
+    if not all(bool(torch.isfinite(b).all()) for b in mask.bands):
+        raise InputError("the mask has NaN or infinite entries")
     return mask.to(device=like.device, dtype=like.dtype)
 
 
@@ -213,6 +215,12 @@ def measure_mask(
     noise = objective.sample_noise(problem, num_samples, generators)
     logits_y = objective.obfuscated_logits(problem, mask, noise)  # (N, L, K)
     loss = rde_loss(objective.distortion_fn(problem.logits, logits_y, problem.target), mask, objective.l1_lambda)
+    if not bool(torch.isfinite(loss.total).all()):  # no NaN passes as a result
+        bad = int((~torch.isfinite(loss.total)).nonzero()[0, 0])
+        raise NonFiniteError(
+            f"the measured RDE loss of image {bad} is {float(loss.total[bad])}: the classifier's outputs on the "
+            "obfuscations are not finite"
+        )
     representation = objective.representation
     grey_coeffs = representation.encode(grey(problem.images))
     image = representation.decode(grey_coeffs * mask).clamp(0.0, 1.0)

@@ -326,12 +326,18 @@ class RDEOptimizer:
             raise ConfigError(f"steps must be an integer, got {num_steps!r}")
         if num_steps < 0:
             raise ConfigError(f"steps must be at least 0, got {num_steps}")
+        if num_steps and torch.is_inference_mode_enabled():
+            raise ConfigError(
+                "explain runs Adam steps, which need autograd: call it outside torch.inference_mode() (torch.no_grad() "
+                "is fine: the steps turn gradients back on)"
+            )
         start = time.perf_counter()
         with frozen(self.classifier):
             problem = self.objective.prepare(images, target)
             seeds = image_seeds(problem.images.shape[0], cfg.seed, seeds)
             variable = self._start(problem, init_mask)
-            mask, history, steps_run = self._optimize(problem, variable, seeds, num_steps, progress)
+            with torch.enable_grad():  # the steps differentiate, whatever the caller's grad mode
+                mask, history, steps_run = self._optimize(problem, variable, seeds, num_steps, progress)
             measured = measure_mask(self.objective, problem, mask, seeds, cfg.measure_samples or cfg.num_samples)
         synchronize(images.device)
         return Explanation(

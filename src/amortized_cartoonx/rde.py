@@ -350,6 +350,7 @@ class RDEObjective:
         """
         check_images(images)
         warn_outside_unit_range(images)
+        images = images.detach()  # the problem's own: no step's gradient reaches the caller's tensor
         logits = at_least_float32(original_logits(self.classifier, images))
         target = resolve_target(target, logits)
         with full_precision(images.device):
@@ -455,8 +456,10 @@ def as_input_of(module: object, x: Tensor, default: torch.dtype | None = None) -
 
 def classify(classifier: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
     """``classifier(x)``, with ``x`` cast to the classifier's own floating dtype first (:func:`as_input_of`)
-    unless autocast runs on ``x``'s device (it chooses the dtypes then)."""
-    return classifier(x if _autocast_on(x.device.type) else as_input_of(classifier, x))
+    unless autocast runs on ``x``'s device (it chooses the dtypes then; float64 goes in as float32)."""
+    if _autocast_on(x.device.type):  # autocast chooses the dtypes, but it leaves float64 as it is
+        return classifier(x.float() if x.dtype == torch.float64 else x)
+    return classifier(as_input_of(classifier, x))
 
 
 def _autocast_on(device_type: str) -> bool:
@@ -505,6 +508,12 @@ def check_logits(logits: Tensor, num_images: int, classifier: object = None) -> 
         raise ClassifierError(f"{who} returned {shape}; expected logits of shape (N, classes) = ({num_images}, K)")
     if not logits.is_floating_point():
         raise ClassifierError(f"{who} returned {logits.dtype} outputs; expected floating-point logits")
+    if logits.shape[1] < 2:
+        raise ClassifierError(
+            f"{who} returned one logit per image; every distortion compares softmax probabilities, which are always "
+            "1 for a single class: return one logit per class (for a binary classifier with logit z: "
+            "torch.cat([-z, z], dim=1))"
+        )
     if not bool(torch.isfinite(logits).all()):
         raise ClassifierError(f"{who} returned NaN or infinite logits for the original images")
     if logits.shape[1] > 1 and _look_like_probabilities(logits):

@@ -269,7 +269,8 @@ class PixelRepresentation(Representation):
     name = "pixel"
 
     def encode(self, x: Tensor) -> Coefficients:
-        return Coefficients(lowpass=x, details=(), image_size=(x.shape[-2], x.shape[-1]))
+        # a copy, as the DWT's output is: never the caller's tensor (nor an inference-mode tensor) as a band
+        return Coefficients(lowpass=x.detach().clone(), details=(), image_size=(x.shape[-2], x.shape[-1]))
 
     def decode(self, coeffs: Coefficients, *, unit_clamp: bool = False) -> Tensor:
         if coeffs.levels:
