@@ -604,6 +604,53 @@ def test_fit_refuses_typos_and_empty_runs_in_one_line(tmp_path, inputs, capsys, 
     assert not (tmp_path / "checkpoints").exists()
 
 
+def test_a_checkpoint_with_changed_tensor_bytes_is_refused(tmp_path):
+    """torch.load checks no CRC: zeroed bytes inside a tensor loaded as other weights."""
+    import zipfile
+
+    from amortized_cartoonx.checkpoint import read_checkpoint
+
+    path = tmp_path / "net.ckpt"
+    torch.save(checkpoint_dict("tiny"), path)
+    read_checkpoint(path)
+    with zipfile.ZipFile(path) as archive:
+        member = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data = bytearray(path.read_bytes())
+    name_length, extra_length = struct.unpack("<HH", data[member.header_offset + 26 : member.header_offset + 30])
+    middle = member.header_offset + 30 + name_length + extra_length + member.file_size // 2
+    data[middle : middle + 16] = bytes(16) if any(data[middle : middle + 16]) else b"\xff" * 16
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputError, match=f"damaged \\(member '{member.filename}' fails its CRC-32 check\\)"):
+        read_checkpoint(path)
+
+
+def test_fit_resumes_never_import_what_a_checkpoint_names(tmp_path, inputs, capsys, monkeypatch):
+    """LightningCLI copied a --ckpt_path file's hyper-parameters into the model's config, so a checkpoint naming
+    ``payload.py:build`` had it imported and called; a URL was unpickled with weights_only=False."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["cartoonx"])
+    marker = tmp_path / "pwned"
+    (tmp_path / "payload.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).touch()\ndef build():\n    pass\n"
+    )
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+    checkpoint = checkpoint_dict(f"{tmp_path / 'payload.py'}:build")
+    checkpoint["hyper_parameters"] = {"classifier": f"{tmp_path / 'payload.py'}:build", "mask_predictor": {}}
+    torch.save(checkpoint, tmp_path / "downloaded.ckpt")
+    torch.save({"payload": _Payload(marker)}, tmp_path / "pickle.ckpt")
+    base = ["fit", "--config", config, "--data.images", str(inputs), "--trainer.max_steps", "1", "--ckpt_path"]
+    for ckpt, extra, needle in (
+        ("downloaded.ckpt", [], "was trained with classifier"),
+        ("http://127.0.0.1:9/x.ckpt", [], "resume from a local file"),
+        ("downloaded.ckpt", ["--weights_only", "false"], "--weights_only false is refused"),
+        ("pickle.ckpt", [], "refused: unpickling them could run code"),
+    ):
+        code, err = cli([*base, str(tmp_path / ckpt) if "://" not in ckpt else ckpt, *extra], capsys)
+        err = "\n".join(line for line in err.splitlines() if not line.startswith("cartoonx: "))  # info logs
+        assert_refused(code, err, needle)
+    assert not marker.exists() and not (tmp_path / "checkpoints").exists()
+
+
 def test_evaluate_checks_out_before_any_work(tmp_path, spec, inputs, capsys):
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(inputs / "examples.png")  # a name the report uses
     before = snapshot(inputs)

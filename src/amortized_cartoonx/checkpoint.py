@@ -12,6 +12,7 @@ import dataclasses
 import math
 import pickle
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +86,9 @@ def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
         raise InputError(f"checkpoint not found: {path}")
     if not _is_torch_file(path):
         raise InputError(f"cannot read checkpoint {path}: not a checkpoint file (cartoonx fit writes torch.save files)")
+    damaged = _damaged_zip_member(path)
+    if damaged:
+        raise InputError(f"cannot read checkpoint {path}: it is damaged ({damaged}); copy or download it again")
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols on its way to refusing a file
             warnings.simplefilter("ignore")
@@ -120,6 +124,19 @@ def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise InputError(f"{path}: weight {name!r} holds NaN or infinite values (a diverged training run?)")
     return LoadedCheckpoint(path=path, meta=meta, state=state)
+
+
+def _damaged_zip_member(path: Path) -> str | None:
+    """What is damaged in a zip-format ``torch.save`` file (a member whose CRC-32 does not match), else None.
+
+    ``torch.load`` does not check the CRCs, so changed bytes inside a tensor would load as other weights. A file
+    that is no readable zip is left to ``torch.load``'s own error."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, ValueError):  # testzip names a bad CRC
+        return None
+    return f"member {bad!r} fails its CRC-32 check" if bad else None
 
 
 def _is_torch_file(path: Path) -> bool:

@@ -50,6 +50,14 @@ def _make_cli_class():
             parser.add_argument("--wandb_project", type=str, default="amortized-cartoonx", help="wandb project")
             parser.link_arguments("data.image_size", "model.image_size")
 
+        def parse_arguments(self, parser, args) -> None:
+            """Parse, then check ``--ckpt_path`` (:func:`check_resume_checkpoint`) before LightningCLI copies the
+            file's hyper-parameters into the model's config."""
+            super().parse_arguments(parser, args)
+            subcommand = self.config.get("subcommand")
+            if subcommand:
+                check_resume_checkpoint(self.config[subcommand])
+
         def run_outputs(self) -> RunOutputs:
             """The run's folders from the parsed options."""
             config = self.config.get(str(self.subcommand), self.config)  # the subcommand's options
@@ -70,6 +78,65 @@ def _make_cli_class():
             return super().instantiate_trainer(**trainer_arguments(outputs, settings))
 
     return FitCLI
+
+
+#: ``--ckpt_path`` values that Lightning resolves itself from the run's checkpoints (not file paths).
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
+
+
+def _option(config: object, key: str) -> object:
+    """``config[key]`` of a jsonargparse Namespace, a dict or a dataclass (None when absent)."""
+    if config is None:
+        return None
+    getter = getattr(config, "get", None)
+    return getter(key) if callable(getter) else getattr(config, key, None)
+
+
+def check_resume_checkpoint(config: object) -> None:
+    """Check ``fit``'s ``--ckpt_path`` before LightningCLI reads the file's settings into the model's config.
+
+    A checkpoint must be a local file this package can read (:func:`~amortized_cartoonx.checkpoint.read_checkpoint`:
+    ``weights_only=True``, one-line errors; Lightning would unpickle a URL with ``weights_only=False``), read
+    with ``--weights_only true``, and name the classifier and the backbone the config names: LightningCLI would
+    otherwise import and call the spec the *file* names, and code is imported only from a spec the user types.
+
+    Raises:
+        ConfigError: a URL, ``--weights_only false``, or another classifier or backbone spec.
+        InputError: a file that is no readable checkpoint.
+    """
+    ckpt_path = _option(config, "ckpt_path")
+    if not ckpt_path or str(ckpt_path) in LIGHTNING_CKPT_NAMES:
+        return
+    if "://" in str(ckpt_path) or str(ckpt_path).startswith("http"):
+        raise ConfigError(
+            f"--ckpt_path {ckpt_path}: resume from a local file (download it first; Lightning would unpickle a "
+            "remote checkpoint with weights_only=False)"
+        )
+    if _option(config, "weights_only") is False:
+        raise ConfigError("--weights_only false is refused: checkpoints are read with weights_only=True")
+    if hasattr(config, "__setitem__"):
+        config["weights_only"] = True  # Lightning's own read of the file, at Trainer.fit
+    import torch
+
+    from ..checkpoint import read_checkpoint
+
+    read_checkpoint(ckpt_path)  # validated: a readable cartoonx checkpoint, tensors and plain values only
+    hparams = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("hyper_parameters") or {}
+    model = _option(config, "model")
+    if "_class_path" in hparams:
+        raise ConfigError(f"--ckpt_path {ckpt_path} names a model class; resuming takes the class cartoonx fit trains")
+    given = {
+        "classifier": _option(model, "classifier"),
+        "backbone": _option(_option(model, "mask_predictor"), "backbone"),
+    }
+    recorded = {"classifier": hparams.get("classifier"), "backbone": _option(hparams.get("mask_predictor"), "backbone")}
+    options = {"classifier": "--model.classifier", "backbone": "--model.mask_predictor.backbone"}
+    for name, value in recorded.items():
+        if value != given[name]:
+            raise ConfigError(
+                f"--ckpt_path {ckpt_path} was trained with {name} {value!r}, but the config names {given[name]!r}: "
+                f"resume with the same {name} ({options[name]}; a checkpoint never chooses the code that is imported)"
+            )
 
 
 def check_trainer_limits(settings: dict) -> None:

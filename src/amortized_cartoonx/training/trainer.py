@@ -76,7 +76,10 @@ class LastCheckpoint(ModelCheckpoint):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
-        trainer.save_checkpoint(self.format_checkpoint_name({}))  # also when the run did not end on a validation
+        # also when the run did not end on a validation; a full checkpoint (optimizer states too) to resume from.
+        # Saying so keeps Lightning from logging "`weights_only` was not set, defaulting to `False`", which is about
+        # what is saved, and reads like the loading that README's safety section promises is weights_only=True
+        trainer.save_checkpoint(self.format_checkpoint_name({}), weights_only=False)
 
 
 def run_checkpoints(outputs: RunOutputs) -> list[ModelCheckpoint]:
