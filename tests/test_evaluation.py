@@ -386,7 +386,11 @@ def test_run_writes_every_file_resumes_and_adds_methods(tmp_path, count_explains
     assert keep_end and all(float(r["distortion"]) == 0.0 for r in keep_end)
     report = (out / "report.md").read_text()
     assert "| CartoonX | wavelet |" in report and "rate_distortion.png" in report
-    assert len(rate_distortion_figure(results).axes) == 3  # with panel (c)
+    figure = rate_distortion_figure(results)
+    assert len(figure.axes) == 3  # with panel (c), which names its own image count (--lambda-limit's)
+    panel_images = summary["lambda_panel"]["cartoonx"][0]["mask_mean"]["n"]
+    assert figure.axes[2].get_title().endswith(f", {panel_images} images")
+    assert figure.get_suptitle().startswith("3 images in (a) and (b);")
 
     count_explains.clear()
     again = make_run(images_dir, out, ["cartoonx", "random-pixel"]).run()

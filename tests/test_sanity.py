@@ -16,7 +16,7 @@ from amortized_cartoonx.cli import main
 from amortized_cartoonx.errors import ConfigError
 from amortized_cartoonx.evaluation.config import SanityConfig
 from amortized_cartoonx.evaluation.methods import MethodContext
-from amortized_cartoonx.evaluation.report import write_report
+from amortized_cartoonx.evaluation.report import sanity_figure, write_report
 from amortized_cartoonx.evaluation.runner import Evaluation, EvaluationConfig
 from amortized_cartoonx.evaluation.sanity import (
     cascade_depths,
@@ -72,6 +72,33 @@ def test_statistics_without_parameters_count_as_a_layer():
     assert [name for name, _ in weight_layers(model)] == ["0", "1", "3"]
     full = randomised_copy(model, 3, seed=0)
     assert not torch.equal(full[1].running_mean, model[1].running_mean)
+
+
+def test_buffers_nothing_re_draws_are_no_layer():
+    """A FrozenBatchNorm-like module (buffers, no reset_parameters) was counted as randomised, and left trained."""
+
+    class FrozenNorm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("scale", torch.full((4, 1, 1), 2.0))
+
+        def forward(self, x):
+            return x * self.scale
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), FrozenNorm(), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    model(torch.rand(1, 3, 8, 8))
+    assert [name for name, _ in weight_layers(model)] == ["0", "3"]
+
+
+def test_a_randomised_copy_no_longer_claims_its_spec():
+    """The copy kept the spec of the trained classifier, so an amortized checkpoint refused it: --sanity with the
+    amortized or warm method failed after all the other work."""
+    from amortized_cartoonx.classifiers import load_classifier
+
+    classifier = load_classifier("tests.conftest:make_tiny_cnn")
+    assert (
+        randomised_copy(classifier, 1, seed=0).spec == "<module>" and classifier.spec == "tests.conftest:make_tiny_cnn"
+    )
 
 
 def test_the_caller_s_model_and_the_global_random_state_are_untouched():
@@ -175,6 +202,10 @@ def test_a_tiny_run_writes_the_sanity_table_and_figure(tmp_path):
     for name, scores in results.sanity.scores.items():
         for comparison, values in scores.items():
             np.testing.assert_array_equal(fresh.sanity.scores[name][comparison], values)
+    results.sanity.scores["smoothgrad"]["spearman"][:] = -0.9  # a negative correlation stays inside the axes
+    figure = sanity_figure(results)
+    curves = [ax for ax in figure.axes if ax.containers]  # the error-bar panels
+    assert len(curves) == 3 and all(ax.get_ylim()[0] < -0.9 for ax in curves[1:2])
 
 
 def test_the_command_line_runs_the_sanity_checks(tmp_path, capsys):
@@ -192,3 +223,29 @@ def test_the_command_line_runs_the_sanity_checks(tmp_path, capsys):
     assert "--sanity" in summary["settings"]["command"]
     assert main([*args, "--sanity", "--sanity-depths", "0"]) == 2
     assert "--sanity-depths" in capsys.readouterr().err
+
+
+def test_sanity_with_random_orderings_only_writes_no_figure_and_says_so(tmp_path, capsys):
+    images = write_folder(tmp_path / "images", 1)
+    out = tmp_path / "out"
+    args = ["evaluate", "--classifier", "tests.conftest:make_tiny_cnn", "--images", str(images), "--out", str(out)]
+    args += ["--size", str(SIZE), "--methods", "random-pixel", "--rates", "3", "--noise-draws", "1", "--lambdas"]
+    assert main([*args, "--examples", "0", "--device", "cpu", "--sanity"]) == 0
+    assert "sanity.png" not in capsys.readouterr().out and not (out / "sanity.png").exists()
+    report = (out / "report.md").read_text()
+    assert "No method to check" in report and "sanity.png" not in report
+
+
+def test_sanity_checks_the_amortized_and_warm_methods(tmp_path, capsys):
+    from .test_evaluation import write_checkpoint
+
+    spec = "tests.conftest:make_tiny_cnn"
+    checkpoint = write_checkpoint(tmp_path / "explainer.ckpt", spec)
+    images = write_folder(tmp_path / "images", 1)
+    out = tmp_path / "out"
+    args = ["evaluate", "--classifier", spec, "--images", str(images), "--out", str(out), "--size", str(SIZE)]
+    args += ["--levels", "2", "--samples", "2", "--rates", "3", "--noise-draws", "1", "--lambdas", "--examples", "0"]
+    args += ["--methods", "amortized,warm", "--checkpoint", str(checkpoint), "--refine-steps", "1", "--device", "cpu"]
+    assert main([*args, "--sanity", "--sanity-depths", "1"]) == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["sanity"]["methods"]) == {"amortized", "warm"} and "sanity.png" in summary["figures"]

@@ -343,9 +343,7 @@ def run(args: argparse.Namespace) -> int:
     results = evaluation.run()
     summary = write_report(results, args.out, labels)
     print(_table(summary))
-    figures = ["rate_distortion.png"] + ["examples.png"] * (args.examples > 0)
-    figures += ["ground_truth.png"] * results.has_ground_truth + ["sanity.png"] * args.sanity
-    print(f"wrote {args.out}/report.md, curves.csv, summary.json, {', '.join(figures)}")
+    print(f"wrote {args.out}/report.md, curves.csv, summary.json, {', '.join(summary['figures'])}")
     return 0
 
 

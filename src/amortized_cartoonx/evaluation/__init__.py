@@ -32,6 +32,7 @@ import importlib
 _EXPORTS = {
     "Evaluation": "runner",
     "EvaluationConfig": "config",
+    "SanityConfig": "config",
     "EvaluationResults": "results",
     "MethodContext": "attribution",
     "BaselineConfig": "attribution",

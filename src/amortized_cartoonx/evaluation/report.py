@@ -243,15 +243,17 @@ def rate_distortion_figure(results: EvaluationResults) -> Figure:
             for r, xi, yi in zip(rows, x, y):
                 ax.annotate(f"{r['lambda']:g}", (xi, yi), fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.legend(fontsize=7)
+        panel_images = max(r["mask_mean"]["n"] for rows in panel.values() for r in rows)  # --lambda-limit's
         ax.set(
-            title=r"(c) over $\lambda$ (labels): distortion vs mask",
+            title=rf"(c) over $\lambda$ (labels): distortion vs mask, {panel_images} images",
             xlabel=r"mean of the mask (normalised $\ell_1$)",
             ylabel=ylabel,
         )
         ax.grid(alpha=0.3)
         ax.ticklabel_format(useOffset=False)
     scale = "; x axis logarithmic above the smallest positive rate" if log_axis else ""
-    fig.suptitle(f"{len(results.ids)} images; band: +-1 standard error{scale}", fontsize=9)
+    panels = " in (a) and (b)" if panel else ""
+    fig.suptitle(f"{len(results.ids)} images{panels}; band: +-1 standard error{scale}", fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -352,9 +354,11 @@ def sanity_figure(results: EvaluationResults) -> Figure | None:
                     -0.08, 0.5, title(name), transform=ax.transAxes, rotation=90, ha="right", va="center", fontsize=7
                 )
         ax = axes[r, -1]
+        lows = [-0.3]  # the axis reaches below every point's error bar (Spearman goes down to -1)
         for comparison, marker in (("spearman", "o"), ("ssim", "s")):
             values = s.scores[name][comparison]
             stats = [mean_se(row) for row in values]
+            lows += [st["mean"] - st["se"] - 0.05 for st in stats if math.isfinite(st["mean"])]
             ax.errorbar(
                 x,
                 [st["mean"] for st in stats],
@@ -364,7 +368,7 @@ def sanity_figure(results: EvaluationResults) -> Figure | None:
                 capsize=2,
                 label="Spearman" if comparison == "spearman" else "SSIM",
             )
-        ax.set_ylim(-0.3, 1.05)
+        ax.set_ylim(min(lows), 1.05)
         ax.axhline(0, color="grey", linewidth=0.5)
         ax.set_xticks(x, [str(d) for d in s.depths], fontsize=6)
         ax.tick_params(labelsize=6)
@@ -434,19 +438,22 @@ def ground_truth_markdown(methods: dict, chance: dict, evaluation_settings: dict
     ]
 
 
-def sanity_markdown(sanity: dict) -> list[str]:
+def sanity_markdown(sanity: dict, figure: bool = True) -> list[str]:
     """The sanity checks' section of report.md: Spearman and SSIM per method (rows) and depth (columns)."""
     labels = [d["label"] for d in sanity["depths"]]
-    lines = [
-        "",
-        "## Sanity checks: model randomisation",
-        "",
+    lines = ["", "## Sanity checks: model randomisation", ""]
+    if not sanity["methods"]:
+        return [
+            *lines,
+            "No method to check: the random orderings, the only methods of this run, do not look at the classifier.",
+        ]
+    lines += [
         f"The first {len(sanity['images'])} images explained again (the trained classifier's class) with the "
         f"classifier's weights randomised in cascade from the top layer (columns: the layers randomised; the last: "
         f"all {len(sanity['layers'])} at once; seed {sanity['seed']}), compared with the trained classifier's "
         "explanation: Spearman rank correlation of the relevance (the method's own ranking scores) and SSIM of the "
         "pictures. Mean ± standard error over images. **Lower means the explanation depends on the weights**, as "
-        "it should; the trained explanation scores 1 against itself. Figure: `sanity.png`.",
+        "it should; the trained explanation scores 1 against itself." + (" Figure: `sanity.png`." if figure else ""),
     ]
     comparisons = (
         ("spearman", "Spearman rank correlation (a constant explanation against a non-constant one: 0)"),
@@ -529,7 +536,7 @@ def report_markdown(results: EvaluationResults, summary_data: dict, figures: lis
     if results.has_ground_truth:
         lines += ground_truth_markdown(methods, summary_data.get("ground_truth_chance", {}), ev)
     if "sanity" in summary_data:
-        lines += sanity_markdown(summary_data["sanity"])
+        lines += sanity_markdown(summary_data["sanity"], "sanity.png" in figures)
     panel = summary_data["lambda_panel"]
     if panel:
         lines += [
@@ -565,12 +572,11 @@ def report_markdown(results: EvaluationResults, summary_data: dict, figures: lis
 
 
 def write_report(results: EvaluationResults, out_dir: str | Path, class_names: list[str] | None = None) -> dict:
-    """Write every output file into ``out_dir``; returns the summary dict."""
+    """Write every output file into ``out_dir``; returns the summary dict (its ``figures``: the figures written)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "curves.csv", curves_csv(results))
     data = summary(results)
-    atomic_write_text(out / "summary.json", json.dumps(data, indent=2, default=str) + "\n")
     figures = ["rate_distortion.png"]
     save_figure(rate_distortion_figure(results), out / "rate_distortion.png")
     grid = examples_figure(results, class_names)
@@ -585,5 +591,7 @@ def write_report(results: EvaluationResults, out_dir: str | Path, class_names: l
     if sanity is not None:
         save_figure(sanity, out / "sanity.png")
         figures.append("sanity.png")
+    data["figures"] = figures
+    atomic_write_text(out / "summary.json", json.dumps(data, indent=2, default=str) + "\n")
     atomic_write_text(out / "report.md", report_markdown(results, data, figures))
     return data

@@ -91,14 +91,17 @@ def sanity_problem(classifier) -> str | None:
 
 
 def weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(name, module)`` of every module holding trained state itself (parameters, or floating-point buffers
-    such as the running statistics of a ``BatchNorm(affine=False)``), bottom (input) to top (output) in the order
-    of ``named_modules``: parameters of the model itself, if any, count as its bottom layer."""
+    """``(name, module)`` of every module holding trained state itself that :func:`reinitialise` re-draws:
+    parameters, or floating-point buffers that its ``reset_parameters`` resets (the running statistics of a
+    ``BatchNorm(affine=False)``), bottom (input) to top (output) in the order of ``named_modules``: parameters of
+    the model itself, if any, count as its bottom layer. A module holding buffers only and no ``reset_parameters``
+    (torchvision's ``FrozenBatchNorm2d``, an input normalisation's mean and std) is not a layer: nothing would
+    re-draw it, and counting it would report it randomised."""
 
     def trained(m: nn.Module) -> bool:
         if next(m.parameters(recurse=False), None) is not None:
             return True
-        return any(b.is_floating_point() for b in m.buffers(recurse=False))
+        return hasattr(m, "reset_parameters") and any(b.is_floating_point() for b in m.buffers(recurse=False))
 
     return [(name, m) for name, m in model.named_modules() if trained(m)]
 
@@ -149,6 +152,8 @@ def randomised_copy(model: nn.Module, depth: int, seed: int) -> nn.Module:
     """A deep copy of ``model`` with its top ``depth`` weight layers re-initialised (layer ``i`` of
     :func:`weight_layers` from ``derive_seed(seed, Stream.SANITY, i)``); ``model`` itself is left untouched."""
     twin = copy.deepcopy(model)
+    if isinstance(getattr(twin, "spec", None), str):  # no longer what its spec loads: an amortized checkpoint's
+        twin.spec = "<module>"  # classifier check would refuse it (a module passed in, as the caller's own)
     layers = weight_layers(twin)
     if not 1 <= depth <= len(layers):
         raise ConfigError(f"sanity depth {depth} is not between 1 and the classifier's {len(layers)} weight layers")
