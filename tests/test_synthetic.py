@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import json
 import math
+import re
 
 import pytest
 import torch
@@ -218,6 +220,35 @@ def test_missing_classifier_says_how_to_train(tmp_path, monkeypatch):
     (tmp_path / "bad" / "classifier.json").write_text('{"format": "amortized-cartoonx/synthetic-classifier"}')
     with pytest.raises(ClassifierError, match="cannot load"):
         load_classifier(f"synthetic:{tmp_path / 'bad'}")
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        ({"architecture": {"widths": [50000, 50000]}}, "more than the 50,000,000"),
+        ({"architecture": {"widths": "abc"}}, "widths must be a list of positive integers"),
+        ({"architecture": {"num_classes": -1}}, "num_classes must be an integer of at least 2"),
+        ({"architecture": {"dropout": "x"}}, "dropout must be in [0, 1)"),
+        ({"architecture": [1, 2]}, "architecture must be a JSON object"),
+        ({"format_version": "2"}, "format_version must be an integer"),
+        (b"\xff\xfe{}", "cannot read"),
+    ],
+)
+def test_a_hand_edited_record_is_one_error_before_any_network_is_built(tmp_path, edit, needle):
+    """Each was a raw TypeError or RuntimeError, or a request for 270 GB, before the weights were compared."""
+    from amortized_cartoonx.classifiers import load_classifier
+    from amortized_cartoonx.synthetic.classifier import CartoonCNN, CNNConfig, save_synthetic_classifier
+
+    _, meta = save_synthetic_classifier(CartoonCNN(CNNConfig(widths=(4,))), tmp_path, {})
+    if isinstance(edit, bytes):
+        meta.write_bytes(edit)
+    else:
+        record = json.loads(meta.read_text())
+        for key, value in edit.items():
+            record[key] = {**record[key], **value} if isinstance(value, dict) else value
+        meta.write_text(json.dumps(record))
+    with pytest.raises(ClassifierError, match=re.escape(needle)):
+        load_classifier(f"synthetic:{tmp_path}")
 
 
 def test_train_reuse_and_force(tmp_path, caplog):

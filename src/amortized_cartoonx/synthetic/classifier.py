@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..errors import ClassifierError
+from ..errors import ClassifierError, one_line
 from ..io import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,9 @@ WEIGHTS_NAME = "classifier.safetensors"
 METADATA_NAME = "classifier.json"
 FORMAT = "amortized-cartoonx/synthetic-classifier"
 FORMAT_VERSION = 1
+#: The most weights a saved record may describe (the default architecture has about 0.3 million): a hand-edited
+#: ``classifier.json`` cannot make the loader allocate gigabytes before the weights are compared.
+MAX_PARAMETERS = 50_000_000
 
 
 @dataclass(frozen=True)
@@ -56,10 +59,47 @@ class CNNConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> CNNConfig:
+        """The config of a saved record, checked (types, and at most :data:`MAX_PARAMETERS` weights) before any
+        network is built from it: a hand-edited ``classifier.json`` is one :class:`ClassifierError`."""
+        if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+            raise ClassifierError(f"the classifier's architecture must be a JSON object, got {data!r:.60}")
         unknown = sorted(set(data) - set(cls.__dataclass_fields__))
         if unknown:
             raise ClassifierError(f"unknown classifier hyper-parameters: {', '.join(unknown)}")
-        return cls(**{**data, "widths": tuple(data.get("widths", cls.widths))})
+        widths = data.get("widths", cls.widths)
+
+        def count(value: object) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+        if not isinstance(widths, (list, tuple)) or not widths or not all(count(w) for w in widths):
+            raise ClassifierError(f"the classifier's widths must be a list of positive integers, got {widths!r:.60}")
+        config = cls(**{**data, "widths": tuple(widths)})
+        if not count(config.num_classes) or config.num_classes < 2 or not count(config.convs_per_stage):
+            raise ClassifierError(
+                "the classifier's num_classes must be an integer of at least 2 and convs_per_stage at least 1, got "
+                f"{config.num_classes!r:.20} and {config.convs_per_stage!r:.20}"
+            )
+        if (
+            not isinstance(config.dropout, (int, float))
+            or isinstance(config.dropout, bool)
+            or not 0 <= config.dropout < 1
+        ):
+            raise ClassifierError(f"the classifier's dropout must be in [0, 1), got {config.dropout!r:.20}")
+        if config.num_parameters() > MAX_PARAMETERS:
+            raise ClassifierError(
+                f"the classifier's architecture has {config.num_parameters():,} weights, more than the "
+                f"{MAX_PARAMETERS:,} a synthetic classifier may have"
+            )
+        return config
+
+    def num_parameters(self) -> int:
+        """The number of weights :class:`CartoonCNN` has with this config (without building it)."""
+        total, channels = 0, 3
+        for width in self.widths:
+            for _ in range(self.convs_per_stage):
+                total += channels * width * 9 + 2 * width  # 3x3 convolution (no bias) and batch norm
+                channels = width
+        return total + 2 * channels * self.num_classes + self.num_classes
 
 
 class CartoonCNN(nn.Module):
@@ -127,11 +167,14 @@ def read_metadata(path: str | Path | None = None) -> dict:
         raise ClassifierError(f"no synthetic classifier at {missing}; {hint}")
     try:
         record = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ClassifierError(f"cannot read {meta_path}: {exc}") from None
+    except (OSError, ValueError) as exc:  # ValueError: JSON, and bytes that are not UTF-8
+        raise ClassifierError(f"cannot read {meta_path}: {one_line(exc)}") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise ClassifierError(f"{meta_path} is not a synthetic classifier record (format {FORMAT!r})")
-    if record.get("format_version", 0) > FORMAT_VERSION:
+    version = record.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ClassifierError(f"{meta_path}: format_version must be an integer, got {version!r:.40}")
+    if version > FORMAT_VERSION:
         raise ClassifierError(f"{meta_path} was written by a newer version (format {record['format_version']})")
     return record
 
@@ -150,8 +193,12 @@ def load_synthetic_classifier(path: str | Path | None = None) -> CartoonCNN:
     from safetensors.torch import load_file
 
     record = read_metadata(path)
-    weights, _ = resolve_paths(path)
-    model = CartoonCNN(CNNConfig.from_dict(record.get("architecture", {})))
+    weights, meta_path = resolve_paths(path)
+    try:
+        config = CNNConfig.from_dict(record.get("architecture", {}))
+    except (ClassifierError, TypeError) as exc:  # TypeError: a field of the wrong type the dataclass refuses
+        raise ClassifierError(f"{meta_path}: {one_line(exc)}") from None
+    model = CartoonCNN(config)
     try:
         state = load_file(str(weights))
         model.load_state_dict(state)
