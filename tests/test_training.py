@@ -478,6 +478,7 @@ def test_teachers_of_images_changed_since_are_refused(tmp_path):
 def test_teachers_of_another_size_are_refused():
     settings = {
         "classifier": SPEC,
+        "normalize": "none",
         "image_size": 32,
         "wave": "db3",
         "mode": "zero",
@@ -496,6 +497,11 @@ def test_teachers_of_another_size_are_refused():
     check_teachers({"classifier": "synthetic:elsewhere", "classifier_weights_sha256": "a" * 64}, weighed, 100)
     with pytest.raises(ConfigError, match="with other weights"):
         check_teachers({"classifier": SPEC, "classifier_weights_sha256": "b" * 64}, weighed, 100)
+    # the same weights behind another input normalisation explain another problem (the digest is the same)
+    with pytest.raises(ConfigError, match=r"normalize 'imagenet' \(training: 'none'\)"):
+        check_teachers(
+            {"classifier": SPEC, "classifier_weights_sha256": "a" * 64, "normalize": "imagenet"}, weighed, 100
+        )
 
 
 def test_noise_seeds_and_schedule():

@@ -54,7 +54,7 @@ def check_teachers(manifest: dict, settings: dict, mask_length: int) -> None:
         mask_length: K, the mask entries per training image.
 
     Raises:
-        ConfigError: another classifier, image size, wavelet, padding, J or mask length.
+        ConfigError: another classifier, input normalisation, image size, wavelet, padding, J or mask length.
     """
     problems = []
     recorded, ours = manifest.get("classifier_weights_sha256"), settings.get("classifier_weights_sha256")
@@ -64,6 +64,7 @@ def check_teachers(manifest: dict, settings: dict, mask_length: int) -> None:
     elif "classifier" in manifest and not same_classifier(manifest["classifier"], settings):
         problems.append(f"classifier {manifest['classifier']!r} (training: {settings['classifier']!r})")
     for key, ours in (
+        ("normalize", settings["normalize"]),  # the same weights behind another input normalisation: another problem
         ("size", settings["image_size"]),
         ("wave", settings["wave"]),
         ("mode", settings["mode"]),
