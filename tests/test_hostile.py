@@ -174,6 +174,8 @@ def test_a_pickle_payload_in_a_checkpoint_never_runs(tmp_path, spec, inputs, cap
         (lambda c: c["cartoonx"]["mask_predictor"].update(init_bias=["x", 1.0, 1.0]), "'init_bias' is not a list"),
         (lambda c: c["cartoonx"]["mask_predictor"].update(init_bias=[1.0] * 1000), "'init_bias' is not a list"),
         (lambda c: c["cartoonx"]["mask_predictor"].update(init_bias=[1.0, 2.0]), "init_bias must be one finite"),
+        # within every cap, yet gigabytes: refused from the shapes, before any network is allocated
+        (lambda c: c["cartoonx"]["mask_predictor"].update(width=4096, decoder_width=4096), "tensors differ"),
     ],
 )
 def test_hand_made_checkpoint_settings_are_refused(tmp_path, spec, inputs, capsys, edit, needle):

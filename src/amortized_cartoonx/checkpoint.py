@@ -215,9 +215,19 @@ def build_mask_predictor(
     ``efficientnet-lite0``): a checkpoint never decides what other code is imported. Other encoders ignore both.
     """
     try:
-        network = MaskPredictor(MaskPredictorConfig(**loaded.meta[NETWORK_KEY]))
+        config = MaskPredictorConfig(**loaded.meta[NETWORK_KEY])
+        with torch.device("meta"):  # shapes only, no memory: settings within every cap can still ask for 44 GB
+            shapes = {k: tuple(v.shape) for k, v in MaskPredictor(config).state_dict().items()}
     except (ConfigError, TypeError, ValueError) as exc:
         raise InputError(f"{loaded.path}: invalid network config ({exc})") from None
+    stored = {k: tuple(v.shape) for k, v in loaded.state.items()}
+    if shapes != stored:
+        differ = sorted(set(shapes) ^ set(stored)) or sorted(k for k in shapes if shapes[k] != stored[k])
+        raise InputError(
+            f"{loaded.path}: the weights do not fit the recorded network ({len(differ)} tensors differ, e.g. "
+            f"{differ[0]!r}: {shapes.get(differ[0])} in the network, {stored.get(differ[0])} stored)"
+        )
+    network = MaskPredictor(config)
     try:
         network.load_state_dict(loaded.state)
     except RuntimeError as exc:
