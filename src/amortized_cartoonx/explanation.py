@@ -161,12 +161,21 @@ def load_saved_explanation(path: str | Path) -> dict:
         raise InputError(f"cannot read explanation file {path}: {error}") from None
     if header.get("format") != SAVED_FORMAT:
         raise InputError(f"{path} is not a saved explanation (format {header.get('format')!r})")
-    bands = [tensors[f"mask_band_{i}"] for i in range(sum(name.startswith("mask_band_") for name in tensors))]
+    num_bands = sum(name.startswith("mask_band_") for name in tensors)
+    expected = {"mask", "explanation", *(f"mask_band_{i}" for i in range(num_bands))}
+    try:
+        metadata = json.loads(header.get("metadata", ""))
+    except ValueError:
+        metadata = None
+    missing = sorted(expected - set(tensors)) + ["mask_band_0"] * (not num_bands)
+    missing += ["metadata"] * (not isinstance(metadata, dict))
+    if missing:
+        raise InputError(f"{path} is not a complete saved explanation (missing or unreadable: {', '.join(missing)})")
     return {
         "mask": tensors["mask"],
-        "mask_bands": bands,
+        "mask_bands": [tensors[f"mask_band_{i}"] for i in range(num_bands)],
         "explanation": tensors["explanation"],
-        "metadata": json.loads(header["metadata"]),
+        "metadata": metadata,
     }
 
 
