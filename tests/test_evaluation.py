@@ -474,6 +474,25 @@ def test_cache_records_with_the_wrong_structure_are_recomputed(tmp_path, count_e
     np.testing.assert_allclose(results.methods["cartoonx"].keep, first.methods["cartoonx"].keep, rtol=1e-5, atol=1e-6)
 
 
+def test_a_cached_relevance_of_another_length_is_recomputed(tmp_path, count_explains):
+    """It was served as is, and the curves failed with torch.stack's size error."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    images_dir = write_folder(tmp_path / "images", 2)
+    out = tmp_path / "out"
+    make_run(images_dir, out, ["random-pixel"], lambdas={}, examples=0).run()
+    cached = sorted((out / "cache").rglob("*.safetensors"))
+    path = next(p for p in cached if "explanation" in str(p))
+    tensors = load_file(path)
+    with safe_open(str(path), "pt") as handle:
+        header = handle.metadata()
+    save_file({**tensors, "relevance": tensors["relevance"][:10].contiguous()}, str(path), header)
+    count_explains.clear()
+    make_run(images_dir, tmp_path / "out", ["random-pixel"], lambdas={}, examples=0).run()
+    assert count_explains == {"random-pixel": 1}
+
+
 def test_an_interrupted_run_resumes(tmp_path, count_explains, monkeypatch):
     images_dir = write_folder(tmp_path / "images", 3)
     out = tmp_path / "out"

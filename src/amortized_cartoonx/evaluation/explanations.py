@@ -45,6 +45,9 @@ class ExplanationStore:
     cache: ResultCache
     method: str
     key: str
+    #: K, the positions of the method's representation at the run's image size (a cached relevance of another
+    #: length is recomputed); None: not checked.
+    length: int | None = None
 
     def load(self, image_id: str) -> ExplainedImage | None:
         hit = self.cache.load_tensors(KIND, self.method, self.key, image_id)
@@ -55,6 +58,8 @@ class ExplanationStore:
             relevance, target = tensors["relevance"], tensors["target"]
             if relevance.ndim != 1 or not relevance.is_floating_point() or not bool(torch.isfinite(relevance).all()):
                 raise ValueError("relevance is not a finite vector")
+            if self.length is not None and relevance.numel() != self.length:
+                raise ValueError(f"relevance has {relevance.numel()} entries, not {self.length}")
             if target.numel() != 1 or target.is_floating_point() or int(target) < 0:
                 raise ValueError("target is not a class index")
             return ExplainedImage(
@@ -124,4 +129,6 @@ def explain_images(
             for j in range(len(indices))
         ]
 
-    return run.cached(ExplanationStore(run.cache, method.name, key), compute, f"explain {method.name}", count)
+    length = method.representation.encode(torch.zeros(1, 1, run.images.size, run.images.size)).numel_per_channel()
+    store = ExplanationStore(run.cache, method.name, key, length)
+    return run.cached(store, compute, f"explain {method.name}", count)
