@@ -571,9 +571,14 @@ def test_a_fuzzed_image_either_loads_or_is_one_input_error(tmp_path):
 @pytest.mark.parametrize(
     "content, needle",
     [
-        (b"file,class_index\na.png,-1\n", r"row 2: class_index must be a non-negative integer, got '-1'"),
-        (b"file,class_index\na.png,1\nb.png\n", r"row 3: class_index must be a non-negative integer, got None"),
+        (b"file,class_index\na.png,-1\n", r"row 2: class_index must be a non-negative integer below 2\^31, got '-1'"),
+        (
+            b"file,class_index\na.png,1\nb.png\n",
+            r"row 3: class_index must be a non-negative integer below 2\^31, got None",
+        ),
         (b"file,class_index\na.png,\xff\n", "is not UTF-8 CSV text"),
+        (b"file,class_index\na.png,1\na.png,2\n", r"row 3: 'a.png' is listed again with class 2, after class 1"),
+        (b"file,class_index\na.png,99999999999999999999\n", "below 2\\^31"),
     ],
 )
 def test_a_bad_labels_csv_is_one_input_error_naming_the_row(tmp_path, content, needle):
@@ -587,6 +592,17 @@ def test_a_bad_labels_csv_is_one_input_error_naming_the_row(tmp_path, content, n
         read_labels_csv(path)
     path.write_bytes(b"file,class_index\na.png, 3\n")
     assert read_labels_csv(path) == {"a.png": 3}
+    path.write_bytes(b"\xef\xbb\xbffile,class_index\na.png,3\na.png,3\n")  # a spreadsheet's BOM; a repeated row
+    assert read_labels_csv(path) == {"a.png": 3}
+
+
+def test_labels_of_files_the_folder_lacks_are_warned_about(tmp_path):
+    from amortized_cartoonx.data import ImageFolder
+
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "labels.csv").write_text("file,class_index\nA.png,1\n")
+    with pytest.warns(UserWarning, match=r"1 file\(s\) of the labels file are not images of .*'A.png'"):
+        ImageFolder(tmp_path, size=16)
 
 
 # ---- cartoonx fit --------------------------------------------------------------------------------------------------
@@ -604,6 +620,27 @@ def test_fit_refuses_typos_and_empty_runs_in_one_line(tmp_path, inputs, capsys, 
         err = "\n".join(line for line in err.splitlines() if not line.startswith("cartoonx: "))  # info logs
         assert_refused(code, err, needle)
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    ("tensors", "metadata", "needle"),
+    [
+        ({"explanation": (1, 4, 4), "mask_band_0": (2,)}, "{}", "missing or unreadable: mask)"),
+        ({"mask": (3,), "explanation": (1, 4, 4), "mask_band_0": (2,)}, None, "missing or unreadable: metadata)"),
+        ({"mask": (3,), "explanation": (1, 4, 4), "mask_band_0": (2,)}, "{oops", "unreadable: metadata)"),
+        ({"mask": (3,), "explanation": (1, 4, 4), "mask_band_1": (2,)}, "{}", "unreadable: mask_band_0)"),
+    ],
+)
+def test_an_incomplete_saved_explanation_is_one_input_error(tmp_path, tensors, metadata, needle):
+    """Each was a KeyError or a JSONDecodeError."""
+    from safetensors.torch import save_file
+
+    from amortized_cartoonx.explanation import SAVED_FORMAT
+
+    header = {"format": SAVED_FORMAT} | ({} if metadata is None else {"metadata": metadata})
+    save_file({name: torch.zeros(shape) for name, shape in tensors.items()}, str(tmp_path / "x.safetensors"), header)
+    with pytest.raises(InputError, match=re.escape(needle)):
+        load_saved_explanation(tmp_path / "x.safetensors")
 
 
 def test_a_checkpoint_with_changed_tensor_bytes_is_refused(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,12 +13,16 @@ from .errors import InputError, one_line
 from .images import list_images, load_image
 from .seeding import item_unit
 
+#: Class indices stop below this (a larger one overflowed the batch's int64 tensor with a raw ValueError).
+MAX_CLASS_INDEX = 2**31
+
 
 def read_labels_csv(path: str | Path) -> dict[str, int]:
-    """``file -> class_index`` from a CSV with at least the columns ``file`` and ``class_index``."""
+    """``file -> class_index`` from a CSV with at least the columns ``file`` and ``class_index`` (UTF-8, with or
+    without the byte-order mark spreadsheets write). A file listed twice must have one class."""
     path = Path(path)
     try:
-        with path.open(newline="", encoding="utf-8") as fh:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
             rows = list(csv.DictReader(fh))
     except OSError as exc:
         raise InputError(f"cannot read labels file {path}: {exc}") from None
@@ -32,8 +37,15 @@ def read_labels_csv(path: str | Path) -> dict[str, int]:
             index = int(value)
         except (TypeError, ValueError):
             index = -1
-        if index < 0:  # -1 would read as "no label" and silently explain the prediction instead
-            raise InputError(f"{path}, row {line}: class_index must be a non-negative integer, got {value!r}")
+        if not 0 <= index < MAX_CLASS_INDEX:  # -1 would read as "no label" and silently explain the prediction
+            raise InputError(
+                f"{path}, row {line}: class_index must be a non-negative integer below 2^31, got {value!r:.40}"
+            )
+        if labels.get(row["file"], index) != index:
+            raise InputError(
+                f"{path}, row {line}: {row['file']!r} is listed again with class {index}, "
+                f"after class {labels[row['file']]}"
+            )
         labels[row["file"]] = index
     return labels
 
@@ -73,6 +85,13 @@ class ImageFolder(Dataset):
         if labels == "auto":
             labels = self.root / "labels.csv" if (self.root / "labels.csv").is_file() else None
         self.labels = read_labels_csv(labels) if labels is not None else {}
+        unknown = sorted(set(self.labels) - {p.name for p in (files if ids is None else list_images(self.root))})
+        if unknown:  # a typo, another case (A.png), or another folder's file: its label is never used
+            warnings.warn(
+                f"{len(unknown)} file(s) of the labels file are not images of {self.root}, e.g. {unknown[0]!r}: "
+                "their labels are not used (file names are matched exactly, case included)",
+                stacklevel=2,
+            )
 
     def __len__(self) -> int:
         return len(self.files)
