@@ -204,3 +204,9 @@ def test_two_tiny_demo_runs_are_bit_identical(tmp_path, monkeypatch):
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
     classifiers = [Path(cfg.classifier_dir) / "classifier.safetensors" for cfg in (first, second)]
     assert classifiers[0].read_bytes() == classifiers[1].read_bytes()
+
+
+def test_the_console_line_says_slower_rather_than_0x_faster():
+    from amortized_cartoonx.cli.demo import _speed
+
+    assert [_speed(x) for x in (223.4, 2.96, 0.696)] == ["223x faster", "3.0x faster", "1.4x slower"]

@@ -74,7 +74,14 @@ def run(args: argparse.Namespace) -> int:
         speedup = figures["run"]["fast_paths"][name]["speedup_median"]
         print(
             f"{name}: RDE loss {f['loss_median']:.4f} vs exact {f['exact_loss_median']:.4f} "
-            f"(ratio {f['loss_ratio_median']:.3f}), {speedup:.0f}x faster"
+            f"(ratio {f['loss_ratio_median']:.3f}), {_speed(speedup)}"
         )
     print(f"wrote {args.out}/report.md")
     return 0
+
+
+def _speed(speedup: float) -> str:
+    """``223x faster``, or ``1.6x slower`` (a warm start with many steps can take longer than the exact run)."""
+    if speedup >= 1:
+        return f"{speedup:.0f}x faster" if speedup >= 10 else f"{speedup:.1f}x faster"
+    return f"{1 / speedup:.1f}x slower" if speedup > 0 else "speed not measured"
