@@ -595,11 +595,12 @@ def test_trainer_settings_lightning_refuses_are_one_line(tmp_path, capsys, optio
 
 def test_fuzzed_stores_load_valid_data_or_raise_input_error(tmp_path):
     """~200 seeded mutations (truncations, byte flips, overwritten runs) of a valid shard and manifest: each store
-    either loads masks that are valid or raises InputError (one line) -- never another exception."""
+    either loads masks that are valid or raises InputError (one line) -- never another exception. A changed shard
+    is always refused (its checksum); a changed manifest may still be a valid one."""
     source = small_store(tmp_path / "source").folder
     files = {name: (source / name).read_bytes() for name in ("shard-x.safetensors", "manifest.json")}
     rng = np.random.default_rng(13)
-    outcomes = {"valid": 0, "refused": 0}
+    outcomes = {"valid": 0, "refused": 0, "shard valid": 0}
     for case in range(200):
         folder = tmp_path / f"case{case}"
         folder.mkdir()
@@ -631,7 +632,20 @@ def test_fuzzed_stores_load_valid_data_or_raise_input_error(tmp_path):
             assert record.mask.shape == (store.mask_length,) and torch.isfinite(record.mask).all()
             assert 0 <= float(record.mask.min()) and float(record.mask.max()) <= 1 and record.target >= 0
         outcomes["valid"] += 1
-    assert outcomes["refused"] > 50 and outcomes["valid"] > 5, outcomes  # both kinds of outcome were exercised
+        outcomes["shard valid"] += target != "manifest.json"
+    assert outcomes["refused"] > 50 and outcomes["valid"] > 0, outcomes  # both kinds of outcome were exercised
+    assert outcomes["shard valid"] == 0, outcomes
+
+
+def test_a_shard_whose_mask_bytes_changed_is_refused(tmp_path):
+    """Safetensors files carry no checksum: mask values overwritten within [0, 1] read as another mask."""
+    store = small_store(tmp_path / "store")
+    shard = store.shards()[0]
+    data = bytearray(shard.read_bytes())
+    data[-6:-2] = b"\x00\x3c\x00\x3c"  # two float16 ones at the end of the last tensor's data
+    shard.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="does not match its checksum"):
+        records(TeacherMaskStore(store.folder))
 
 
 def test_a_manifest_from_before_later_settings_counts_at_their_earlier_values():

@@ -7,7 +7,8 @@
   the tensors of :data:`SHARD_TENSORS`, their dtypes and shapes ``(n, K)`` / ``(n,)``, ``n`` unique ids in its
   metadata and, optionally, ``n`` image SHA-256 digests; K as expected); :func:`read_shard` also reads the
   tensors and checks their values (masks finite and in [0, 1], finite losses and mask means, non-negative
-  targets).
+  targets) and, when the shard records one, its checksum (:func:`shard_checksum`: safetensors files have none,
+  so changed bytes inside a mask would otherwise read as another mask).
 
 Every problem is an :class:`~amortized_cartoonx.errors.InputError` of one line naming the file. Only the
 safetensors API and ``json`` read these files: a pickle renamed to a shard is refused, never unpickled.
@@ -15,6 +16,7 @@ safetensors API and ``json`` read these files: a pickle renamed to a shard is re
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -248,6 +250,23 @@ def read_shard_info(path: Path, mask_length: int | None = None) -> ShardInfo:
     return ShardInfo(path, ids, layout["masks"][1][1], _check_contents(path, metadata, len(ids)))
 
 
+#: The shard metadata key of :func:`shard_checksum` (shards written before it have none, and are not checked).
+CHECKSUM_KEY = "checksum_sha256"
+
+
+def shard_checksum(tensors: dict[str, Tensor], metadata: dict[str, str]) -> str:
+    """SHA-256 of a shard's content: its ids and image digests (metadata) and every tensor's name, dtype, shape
+    and bytes, in name order. ``write_shard`` records it; :func:`read_shard` compares it."""
+    digest = hashlib.sha256()
+    for key in ("ids", "sha256"):
+        digest.update(f"{key}={metadata.get(key)};".encode())
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 def read_shard(path: Path, mask_length: int | None = None) -> tuple[tuple[str, ...], dict[str, Tensor]]:
     """A shard's ids and tensors, with its structure and values checked (see the module docstring)."""
     try:
@@ -261,6 +280,9 @@ def read_shard(path: Path, mask_length: int | None = None) -> tuple[tuple[str, .
     layout = {name: (_DTYPE_NAMES.get(t.dtype, str(t.dtype)), list(t.shape)) for name, t in data.items()}
     n = _check_layout(path, layout, mask_length)
     ids = _check_ids(path, metadata, n)
+    recorded = (metadata or {}).get(CHECKSUM_KEY)
+    if recorded is not None and recorded != shard_checksum(data, metadata):
+        raise shard_error(path, "its content does not match its checksum (the file was changed or damaged)")
     masks = data["masks"]  # (n, K)
     if masks.numel():
         low, high = torch.aminmax(masks)  # one pass; NaN propagates to both

@@ -40,12 +40,14 @@ from torch import Tensor
 from ..errors import ConfigError, InputError, one_line
 from ..io import atomic_write, atomic_write_text, file_sha256
 from .files import (
+    CHECKSUM_KEY,
     FORMAT_VERSION,
     manifest_differences,
     manifest_problem,
     read_manifest,
     read_shard,
     read_shard_info,
+    shard_checksum,
 )
 
 MANIFEST = "manifest.json"
@@ -171,6 +173,7 @@ class TeacherMaskStore:
             if len(contents) != n:
                 raise ValueError(f"contents must hold one digest per id ({n}), got {len(contents)}")
             metadata["sha256"] = json.dumps(list(contents))
+        metadata[CHECKSUM_KEY] = shard_checksum(tensors, metadata)
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
         self._index = None
         return path
