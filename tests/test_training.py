@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import inspect
+import os
 import re
 import sys
 from pathlib import Path
@@ -255,10 +256,21 @@ def test_distillation_and_agreement_read_the_stretched_mask():
     teacher = module.mask_predictor.mask_from_logits(logits).flatten()  # the network's own output, 0s and 1s too
     assert bool((teacher == 0).any() and (teacher == 1).any())
     batch = {"teacher_mask": teacher, "has_teacher": torch.ones(2), "teacher_target": target}
-    _, metrics = module.distillation(batch, logits, target)
+    _, metrics, weights = module.distillation(batch, logits, target)
     assert float(metrics["distill_loss"]) < 1e-9  # equal masks (up to the last bit of a vectorised sigmoid)
     torch.testing.assert_close(metrics["spearman"], torch.tensor(1.0))
     torch.testing.assert_close(metrics["top10_overlap"], torch.tensor(1.0))
+    assert weights == {"distill_loss": 2, "spearman": 2, "top10_overlap": 2, "teacher_fraction": 2}
+    # a batch without a teacher for its classes logs the same names, of weight 0 (DDP ranks all-reduce them alike)
+    none = {"teacher_mask": teacher, "has_teacher": torch.tensor([1, 0]), "teacher_target": torch.tensor([5, 3])}
+    loss, metrics, weights = module.distillation(none, logits, target)
+    assert loss is None and set(metrics) == set(weights) == {
+        "distill_loss",
+        "spearman",
+        "top10_overlap",
+        "teacher_fraction",
+    }
+    assert weights["distill_loss"] == 0 and weights["teacher_fraction"] == 2 and float(metrics["teacher_fraction"]) == 0
 
 
 def test_stream_batches_log_the_loss_of_fresh_and_folder_images_apart():
@@ -588,3 +600,69 @@ def test_cartoonx_fit_with_the_tiny_config(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert main(args + ["--model.classifier", "no_such_module:factory", "--run_name", "bad"]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("cartoonx fit: error: cannot import no_such")
+
+
+def test_under_ddp_each_rank_reads_each_validation_image_once_and_trains_its_share(tmp_path):
+    """A DistributedSampler padded the short rank's validation share with repeated images (counted twice in the
+    metric that picks best.ckpt), and the training loader dropped a rank's only batch when the whole folder
+    made more than one batch: on 2 ranks a small run trained nothing and stopped with exit code 0."""
+    from types import SimpleNamespace
+
+    images = write_images(tmp_path / "images", count=13)
+    seen = []
+    for rank in (0, 1):
+        data = MaskPredictorDataModule(
+            str(images), image_size=SIZE, labels=None, batch_size=4, val_fraction=0.5, num_workers=0
+        )
+        data.trainer = SimpleNamespace(global_rank=rank, world_size=2, global_step=0, accumulate_grad_batches=1)
+        data.setup("fit")
+        val = [i for batch in data.val_dataloader() for i in batch["id"]]
+        seen += val
+        train = data.train_dataloader()
+        assert 4 < len(data.datasets["train"]) <= 8 and not train.drop_last  # a rank's share is one batch: kept
+    assert len(data.splits["val"]) % 2 == 1  # odd: a padding sampler would repeat one
+    assert sorted(seen) == sorted(data.splits["val"]) and len(seen) == len(set(seen))
+
+
+@pytest.mark.slow
+def test_two_cpu_ranks_validate_as_one(tmp_path):
+    """``cartoonx fit`` on 2 CPU ranks (DDP, gloo), teachers for some images only, 5 validation images: a rank
+    without a teacher in its validation share hung the other (different metrics, different all-reduces); the
+    short share was padded with a repeated image; Lightning's sync averaged the image counts as integers."""
+    import shutil
+    import subprocess
+
+    from amortized_cartoonx.cli import main
+
+    images = write_images(tmp_path / "images", count=20)
+    (tmp_path / "some").mkdir()
+    for name in ("img02.png", "img03.png", "img04.png", "img06.png", "img16.png"):
+        shutil.copy(images / name, tmp_path / "some" / name)
+    targets = ["targets", "--classifier", SPEC, "--images", str(tmp_path / "some"), "--out", str(tmp_path / "teach")]
+    assert (
+        main([*targets, "--size", str(SIZE), "--levels", "3", "--steps", "2", "--samples", "2", "--no-progress"]) == 0
+    )
+    config = tmp_path / "fit.yaml"
+    config.write_text(
+        "trainer: {accelerator: cpu, max_steps: 1, val_check_interval: 1, num_sanity_val_steps: 0,"
+        " enable_progress_bar: false, enable_model_summary: false, logger: false}\n"
+        f"model: {{classifier: '{SPEC}', levels: 3, num_samples: 2, lr: 1.0e-12, warmup_steps: 0, log_images: 0,"
+        " distill_weight: 1.0, mask_predictor: {width: 8, decoder_width: 8, embed_dim: 8}}\n"
+        f"data: {{images: '{images}', image_size: {SIZE}, labels: null, val_fraction: 0.25, batch_size: 4,"
+        f" val_batch_size: 2, num_workers: 0, teachers: '{tmp_path / 'teach'}'}}\n"
+    )
+    import amortized_cartoonx
+
+    source = Path(amortized_cartoonx.__file__).resolve().parents[1]  # the ranks run the code under test
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{source}{os.pathsep}{TESTS}"}
+    scores = {}
+    for devices in (1, 2):
+        command = [sys.executable, "-m", "amortized_cartoonx.cli", "fit", "--config", str(config)]
+        command += ["--trainer.devices", str(devices), "--run_name", f"d{devices}"]
+        command += ["--trainer.strategy", "ddp"] * (devices == 2) + ["--checkpoint_dir", str(tmp_path / "ckpt")]
+        done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stderr[-2000:]
+        checkpoint = torch.load(tmp_path / "ckpt" / f"d{devices}" / "last.ckpt", weights_only=True)
+        callbacks = checkpoint["callbacks"]
+        scores[devices] = next(v["best_model_score"] for k, v in callbacks.items() if "val/rde_loss" in k)
+    torch.testing.assert_close(scores[2], scores[1], rtol=1e-5, atol=0)

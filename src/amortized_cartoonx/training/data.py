@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -295,15 +296,30 @@ class MaskPredictorDataModule(pl.LightningDataModule):
         logger.info("split: %s", ", ".join(f"{k} {len(v)}" for k, v in self.splits.items()))
 
     def _loader(self, name: str, shuffle: bool, batch_size: int) -> DataLoader:
-        workers = self.hparams.num_workers
+        """A training loader (``shuffle``; Lightning shards it over the ranks) or an evaluation loader, whose
+        images each rank reads once: ``rank::world_size``, without the repeated images a DistributedSampler
+        pads the ranks with (they would count twice in the metrics that pick ``best.ckpt``)."""
+        dataset, workers = self.datasets[name], self.hparams.num_workers
+        rank, world_size = self._rank()
+        sampler = None
+        if not shuffle and 1 < world_size <= len(dataset):  # fewer images than ranks: Lightning's padding
+            from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+
+            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
         return DataLoader(
-            self.datasets[name],
+            dataset,
             batch_size=batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=workers,
             persistent_workers=workers > 0,
-            drop_last=shuffle and len(self.datasets[name]) > batch_size,
+            drop_last=shuffle and self._full_batches(len(dataset), batch_size),
         )
+
+    def _full_batches(self, count: int, batch_size: int) -> bool:
+        """Whether a rank's share of ``count`` training images makes more than one batch, so that its short last
+        batch can be dropped (the share, not the whole: each of 2 ranks dropping its only batch trained nothing)."""
+        return math.ceil(count / self._rank()[1]) > batch_size
 
     def _rank(self) -> tuple[int, int]:
         """This process's rank and the number of ranks (0 and 1 without a trainer)."""
@@ -360,7 +376,7 @@ class MaskPredictorDataModule(pl.LightningDataModule):
                 sampler=FolderViews(train, hp.train_seed, rank, world_size),
                 num_workers=workers,
                 persistent_workers=workers > 0,
-                drop_last=len(train) > hp.batch_size,
+                drop_last=self._full_batches(len(train), hp.batch_size),
             )
         return self._loader("train", True, hp.batch_size)
 

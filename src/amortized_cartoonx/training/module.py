@@ -208,6 +208,7 @@ class AmortizedCartoonXModule(pl.LightningModule):
             raise ConfigError(f"val_samples must be at least 1 (or null: num_samples), got {val_samples}")
         self.sparsity_gate = SparsityGate(l1_warmup_steps, l1_gate) if l1_gate > 0 else None
         self._gate_moved_at = -1  # the optimizer step at which the gate last moved
+        self._epoch_sums: dict[str, tuple[Tensor | float, int]] = {}  # validation: name -> (weighted sum, images)
 
         self.classifier = load_classifier(classifier, normalize=normalize)
         self.representation = WaveletRepresentation(wave, levels, mode)
@@ -259,13 +260,18 @@ class AmortizedCartoonXModule(pl.LightningModule):
 
         loss, metrics = self.rde_loss(problem, mask, list(batch["id"]), stage, batch.get("from_stream"))
         distillation = self.distillation(batch, logits, problem.target)
+        weights = dict.fromkeys(metrics, images.shape[0])
+        if batch.get("from_stream") is not None:
+            fresh = torch.as_tensor(batch["from_stream"]).bool()
+            weights |= {"rde_loss_stream": int(fresh.sum()), "rde_loss_folder": int((~fresh).sum())}
         if distillation is not None:
-            distill, distill_metrics = distillation
-            if self.hparams.distill_weight > 0:
+            distill, distill_metrics, distill_weights = distillation
+            if self.hparams.distill_weight > 0 and distill is not None:
                 loss = loss + self.hparams.distill_weight * distill
             metrics |= distill_metrics
+            weights |= distill_weights
         metrics["loss"] = loss.detach()
-        self.log_metrics(stage, metrics, batch_size=images.shape[0])
+        self.log_metrics(stage, metrics, weights | {"loss": images.shape[0]})
         return loss, mask, problem.target
 
     def explained_classes(self, batch: dict, predicted: Tensor) -> Tensor:
@@ -342,10 +348,13 @@ class AmortizedCartoonXModule(pl.LightningModule):
 
     def distillation(
         self, batch: dict, logits: Coefficients, target: Tensor
-    ) -> tuple[Tensor, dict[str, Tensor]] | None:
-        """The distillation loss towards the teacher masks of this batch, and the agreement with them.
+    ) -> tuple[Tensor | None, dict[str, Tensor], dict[str, int]] | None:
+        """The distillation loss towards the teacher masks of this batch, the agreement with them, and each
+        metric's weight (the images it averages over).
 
-        Only images whose teacher explains the same class count. None when the batch has no such image.
+        Only images whose teacher explains the same class count. None when there are no teacher masks; a batch
+        without such an image has no loss (None) but the same metrics, of weight 0: every batch of a run logs the
+        same names, so every rank runs the same validation all-reduces (a rank without one hung the others).
 
         Raises:
             ConfigError: the teacher masks have another number of entries than the predicted masks.
@@ -354,8 +363,15 @@ class AmortizedCartoonXModule(pl.LightningModule):
         if teacher is None:
             return None
         valid = batch["has_teacher"].bool() & (batch["teacher_target"] == target)  # a teacher for this class
-        if not bool(valid.any()):
-            return None
+        count = int(valid.sum())
+        weights = {"distill_loss": count, "spearman": count, "top10_overlap": count, "teacher_fraction": len(valid)}
+        if not count:
+            zero = logits.lowpass.new_zeros((), dtype=torch.float32)
+            return (
+                None,
+                dict.fromkeys(("distill_loss", "spearman", "top10_overlap"), zero) | {"teacher_fraction": zero},
+                weights,
+            )
         predicted = logits.flatten()[valid].float()  # (n, K)
         reference = teacher[valid].float()  # (n, K)
         if reference.shape[1] != predicted.shape[1]:
@@ -372,21 +388,47 @@ class AmortizedCartoonXModule(pl.LightningModule):
             "top10_overlap": agreement["top_overlap"].mean(),
             "teacher_fraction": valid.float().mean(),
         }
-        return distill, metrics
+        return distill, metrics, weights
 
-    def log_metrics(self, stage: str, metrics: dict[str, Tensor], batch_size: int) -> None:
-        """Log ``metrics`` as ``<stage>/<name>``: per step and epoch in training, per epoch (synced) otherwise."""
-        on_step = stage == "train"
+    def log_metrics(self, stage: str, metrics: dict[str, Tensor], weights: dict[str, int]) -> None:
+        """Log ``metrics`` as ``<stage>/<name>``: per step and epoch in training (this rank's), per epoch over every
+        rank's images otherwise (summed here, logged by :meth:`on_validation_epoch_end`).
+
+        An epoch's value is the mean over the images each batch's value averages (``weights[name]``), so a
+        metric of some images of a batch (the teachers', the stream's) is not weighted by the whole batch."""
+        if stage != "train":
+            for name, value in metrics.items():
+                total, count = self._epoch_sums.get(name, (0.0, 0))
+                self._epoch_sums[name] = (total + value.detach().float() * weights[name], count + weights[name])
+            return
         for name, value in metrics.items():
             self.log(
                 f"{stage}/{name}",
                 value,
-                on_step=on_step,
+                on_step=True,
                 on_epoch=True,
                 prog_bar=name in ("rde_loss", "mask_mean"),
-                batch_size=batch_size,
-                sync_dist=not on_step,
+                batch_size=weights[name],
             )
+
+    def on_validation_epoch_start(self) -> None:
+        self._epoch_sums = {}
+
+    def on_validation_epoch_end(self) -> None:
+        """Log each validation metric's mean over the images of every rank: the weighted sums and the image counts
+        are summed over the ranks in float. (Lightning's ``sync_dist`` averages the counts as integers, so ranks of
+        3 and 2 images divided by 2, not 2.5: every metric came out 1.25 times too large.)"""
+        names = sorted(self._epoch_sums)
+        if not names:
+            return
+        totals = torch.stack([torch.as_tensor(self._epoch_sums[n][0], device=self.device).float() for n in names])
+        counts = torch.tensor([float(self._epoch_sums[n][1]) for n in names], device=self.device)
+        if self.trainer.world_size > 1:
+            reduced = self.trainer.strategy.reduce(torch.cat([totals, counts]), reduce_op="sum")
+            totals, counts = reduced[: len(names)], reduced[len(names) :]
+        for name, total, count in zip(names, totals, counts):
+            if float(count) > 0:  # e.g. no image with a teacher for its class in the whole validation set
+                self.log(f"val/{name}", total / count, prog_bar=name in ("rde_loss", "mask_mean"))
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss, _, _ = self.step(batch, "train")
