@@ -668,3 +668,18 @@ def test_the_summary_line_says_which_folder_each_count_is_of(tmp_path):
     line = TeacherMaskSummary(tmp_path / "teachers", 7, 2, 5, 1.0, 0.5).line()
     assert "of 7 images from the image folder" in line and "5 already stored" in line
     assert f"masks in {tmp_path / 'teachers'}/" in line and "in the folder" not in line
+
+
+def test_every_process_builds_the_same_untrained_classifier_and_a_rank_may_idle(tmp_path):
+    """An untrained ``package.module:Class`` spec gave each DDP rank other weights (rank 1 then refused the store
+    as made with another classifier); a rank without images raised, as a class attribute meant to allow it was
+    reset by Lightning's DataHooks.__init__."""
+    from amortized_cartoonx.classifiers import weights_digest
+    from amortized_cartoonx.teacher_masks.lightning import TeacherMaskDataModule
+    from amortized_cartoonx.teacher_masks.plan import TeacherMaskSettings
+
+    settings = TeacherMaskSettings("amortized_cartoonx.synthetic.classifier:CartoonCNN", size=32)
+    state = torch.random.get_rng_state()
+    first, second = settings.load_classifier(), settings.load_classifier()
+    assert weights_digest(first) == weights_digest(second) and torch.equal(torch.random.get_rng_state(), state)
+    assert TeacherMaskDataModule(tmp_path, 32, None, 1).allow_zero_length_dataloader_with_multiple_devices

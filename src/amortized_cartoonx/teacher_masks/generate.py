@@ -41,7 +41,6 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from ..classifiers import load_classifier
 from ..errors import ConfigError, one_line
 from ..optimizer import OptimizerConfig
 from ..runtime import ignore_lightning_noise
@@ -142,7 +141,7 @@ def generate_teacher_masks(
         raise ConfigError(f"num_workers must be at least 0, got {num_workers}")
     config = (config or OptimizerConfig()).replace(**overrides).validate()
     settings = TeacherMaskSettings(classifier, normalize, size, wave, levels, mode, config)
-    loaded = load_classifier(classifier, normalize=normalize)  # fails early and in one line on a bad spec
+    loaded = settings.load_classifier()  # fails early and in one line on a bad spec
     optimizer = settings.build_optimizer(loaded)
     settings.config = optimizer.config  # l1_lambda resolved to the method's default
     manifest = build_manifest(settings, optimizer, loaded)

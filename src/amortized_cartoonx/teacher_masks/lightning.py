@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..classifiers import Classifier, load_classifier
+from ..classifiers import Classifier
 from ..data import ImageFolder
 from ..errors import ConfigError, InputError, one_line
 from ..io import file_sha256
@@ -65,10 +65,11 @@ class TeacherMaskDataModule(pl.LightningDataModule):
     In ``setup`` rank 0's plan is broadcast to every rank, so all ranks split the same list.
     """
 
-    allow_zero_length_dataloader_with_multiple_devices = True
-
     def __init__(self, root: str | Path, size: int, plan: TeacherMaskPlan, batch_size: int, num_workers: int = 0):
         super().__init__()
+        # a rank may get no image (fewer left than ranks): it idles. Set after DataHooks.__init__, which sets it
+        # False on the instance (a class attribute was overridden: that rank raised and the others lost it)
+        self.allow_zero_length_dataloader_with_multiple_devices = True
         self.root, self.size, self.plan = Path(root), size, plan
         self.batch_size, self.num_workers = batch_size, num_workers
 
@@ -118,9 +119,7 @@ class TeacherMaskModule(pl.LightningModule):
         if self.classifier is None:
             # load straight onto this process's device: TorchScript constants do not follow Module.to()
             device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
-            self.classifier = load_classifier(
-                self.settings.classifier, normalize=self.settings.normalize, device=device
-            )
+            self.classifier = self.settings.load_classifier(device)
             self.explainer = self.settings.build_optimizer(self.classifier)
         trainable = [name for name, p in self.named_parameters() if p.requires_grad]
         if trainable:  # load_classifier freezes; a trainable parameter would make DDP wrap the module

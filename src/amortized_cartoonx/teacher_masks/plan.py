@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..classifiers import Classifier, classifier_identity, normalization_name
+from ..classifiers import Classifier, classifier_identity, load_classifier, normalization_name
 from ..errors import ConfigError
 from ..images import list_images
 from ..optimizer import CartoonX, OptimizerConfig
@@ -77,6 +77,15 @@ class TeacherMaskSettings:
 
     def build_optimizer(self, classifier: Classifier) -> CartoonX:
         return CartoonX(classifier, wave=self.wave, levels=self.levels, mode=self.mode, config=self.config)
+
+    def load_classifier(self, device: str | torch.device = "cpu") -> Classifier:
+        """The classifier of :attr:`classifier`, built under the CPU random state of ``config.seed`` (the global
+        state is left as it was): a spec whose weights come from the random initialisation (an untrained
+        ``package.module:Class``) builds the same weights in every process of a run (each DDP rank, the manifest's
+        digest), as ``cartoonx fit`` builds its classifier after ``seed_everything``."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)
+            return load_classifier(self.classifier, normalize=self.normalize, device=device)
 
 
 def build_manifest(settings: TeacherMaskSettings, optimizer: CartoonX, classifier: Classifier) -> dict:
