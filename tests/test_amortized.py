@@ -17,6 +17,7 @@ from amortized_cartoonx.errors import ConfigError, InputError
 from amortized_cartoonx.evaluation.agreement import average_ranks, mask_agreement
 from amortized_cartoonx.explainers import check_explainer
 from amortized_cartoonx.explanation import Explanation, load_saved_explanation
+from amortized_cartoonx.io import file_sha256
 from amortized_cartoonx.optimizer import CartoonX, OptimizerConfig
 
 TESTS = Path(__file__).resolve().parent
@@ -86,6 +87,10 @@ def test_explain_is_measured_like_the_optimizer(checkpoint, small_images):
     assert torch.equal(explainer.predict_mask(small_images, [1, 2, 3]).flatten(), chosen.mask.flatten())
     settings = explainer.settings()
     assert settings["classifier"] == SPEC and settings["image_size"] == SIZE and settings["wave"] == "db3"
+    # the file's content, not only its path (a later fit writes best.ckpt again under the same name)
+    assert settings["checkpoint_sha256"] == file_sha256(checkpoint) and chosen.seeds == [5, 6, 7]
+    warm = WarmStartExplainer(explainer, refine_steps=0)
+    assert warm.settings()["checkpoint_sha256"] == file_sha256(checkpoint)
 
 
 def test_warm_start_with_zero_steps_returns_the_predicted_mask(checkpoint, small_images):

@@ -16,6 +16,7 @@ from PIL import Image
 
 from amortized_cartoonx.cli import main
 from amortized_cartoonx.explanation import load_saved_explanation
+from amortized_cartoonx.seeding import item_seed
 
 MODELS = textwrap.dedent(
     """
@@ -115,6 +116,9 @@ def test_explain_writes_figures_tensors_and_summary(tmp_path, spec, pictures, ca
     }
     for line in lines:
         assert required <= set(line) and line["target"] == 1 and line["steps"] == 4
+        # enough to rebuild it: the noise's seed (from the file name), the batch size, the explainer's settings
+        assert line["seed_used"] == item_seed(Path(line["image"]).name, 0) and line["batch_size"] == 3
+        assert line["settings"]["steps"] == 4 and line["settings"]["num_samples"] == 2
     for stem in ("rgb", "grey", "alpha", "deep"):
         assert (out / f"{stem}.png").stat().st_size > 0
         saved = load_saved_explanation(out / f"{stem}.safetensors")

@@ -163,7 +163,8 @@ def test_a_saved_explanation_records_the_steps_run_and_the_levels_used(tiny_cnn,
     explanation = optimizer.explain(images, steps=4)
     explanation.save(tmp_path / "last.safetensors", -1)
     saved = load_saved_explanation(tmp_path / "last.safetensors")["metadata"]
-    assert saved["steps"] == int(explanation.steps[-1]) < 4 and saved["settings"]["steps"] == 9
+    assert saved["steps"] == int(explanation.steps[-1]) < 4 and saved["settings"]["steps"] == 4  # the call's
+    assert saved["settings"]["init_mask"] == "ones" and saved["seed_used"] == 2  # image 2 of seed 0: seed 2
     assert saved["distortion"] == float(explanation.distortion[-1]) and saved["settings"]["distortion"] == "label"
     assert saved["levels_used"] == len(explanation.mask.details) < 7 and saved["wave"] == "db3"
     assert explanation.mask.select(-1).lowpass.shape[0] == 1 and explanation.history.select(-1).total.shape[1] == 1
@@ -376,3 +377,15 @@ def test_settings_added_later_leave_old_cache_keys_and_manifests_valid():
     assert set(LATER_DEFAULTS) <= set(OptimizerConfig().__dict__)
     defaults = OptimizerConfig()
     assert all(getattr(defaults, k) == v for k, v in LATER_DEFAULTS.items())  # the neutral values are the defaults
+
+
+def test_an_explanation_is_reproduced_from_its_settings_and_seeds(tiny_cnn, images):
+    """explain(steps=, seeds=, init_mask=) changed the masks but not the record: settings said the config's steps
+    and seed, and nothing of the start mask."""
+    optimizer = CartoonX(tiny_cnn, levels=2, steps=9, num_samples=2, lr=0.05)
+    start = torch.full((images.shape[0], optimizer.representation.encode(images).numel_per_channel()), 0.5)
+    first = optimizer.explain(images, steps=3, seeds=[11, 12, 13], init_mask=start)
+    assert first.seeds == [11, 12, 13] and first.settings["steps"] == 3 and first.settings["init_mask"] == "given"
+    config = {k: first.settings[k] for k in ("lr", "num_samples", "lr_decay", "steps")}
+    again = CartoonX(tiny_cnn, levels=2, **config).explain(images, seeds=first.seeds, init_mask=start)
+    assert torch.equal(again.mask.flatten(), first.mask.flatten())

@@ -33,6 +33,7 @@ from .classifiers import Classifier, frozen, load_classifier, normalization_name
 from .data import split_train_val_test
 from .errors import ClassifierError, ConfigError, is_integer, is_real
 from .explanation import Explanation, measure_mask
+from .io import file_sha256
 from .mask_predictor import MaskPredictor
 from .optimizer import SCHEDULE_FIELDS, OptimizerConfig, RDEOptimizer
 from .rde import (
@@ -153,6 +154,8 @@ class AmortizedExplainer:
         self.classifier = classifier
         self.meta = dict(meta)
         self.path = None if path is None else str(path)
+        # the file's content when it was read: a later fit writing best.ckpt again leaves the same path
+        self.checkpoint_sha256 = file_sha256(Path(path)) if path is not None and Path(path).is_file() else None
         self.measure_samples = int(measure_samples)
         self.seed = int(seed)
         self.strict_size = bool(strict_size)
@@ -246,6 +249,7 @@ class AmortizedExplainer:
         return {
             "method": self.method,
             "checkpoint": self.path,
+            "checkpoint_sha256": self.checkpoint_sha256,
             "representation": "wavelet",
             **{k: meta[k] for k in keys},
             "normalize": meta["normalize"],
@@ -440,6 +444,7 @@ class AmortizedExplainer:
             seconds=time.perf_counter() - start,
             history=None,
             settings=self.settings(),
+            seeds=list(seeds),
             **measured,
         )
 
@@ -512,6 +517,7 @@ class WarmStartExplainer:
             **self.optimizer.settings(),
             "method": self.method,
             "checkpoint": self.amortized.path,
+            "checkpoint_sha256": self.amortized.checkpoint_sha256,
             "refine_steps": self.refine_steps,
             "image_size": self.amortized.meta["image_size"],
             "classifier": self.amortized.meta["classifier"],

@@ -57,7 +57,10 @@ class Explanation:
         steps: ``(N,)`` optimizer steps run (0 for a single forward pass).
         seconds: wall-clock seconds for the whole batch.
         history: per-step losses, or None without optimization.
-        settings: the explainer's settings (for outputs).
+        settings: the explainer's settings (for outputs), with what the call changed (an exact optimizer's
+            ``steps`` and ``init_mask``: ``ones`` or ``given``).
+        seeds: the per-image seeds of the noise (the optimizer's and the measurement's streams derive from them):
+            with ``settings`` and the images, what reproduces the explanation.
     """
 
     method: str
@@ -74,6 +77,7 @@ class Explanation:
     seconds: float
     history: LossHistory | None = None
     settings: dict = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return self.target.shape[0]
@@ -98,6 +102,7 @@ class Explanation:
             seconds=self.seconds,
             history=hist,
             settings=dict(self.settings),
+            seeds=list(self.seeds),
         )
 
     def summary(self, index: int) -> dict:
@@ -116,6 +121,7 @@ class Explanation:
             "steps": int(self.steps[index]),
             "seconds": self.seconds / len(self),
             **({"levels_used": len(self.mask.details)} if self.mask.details else {}),  # J after the size's cap
+            **({"seed_used": int(self.seeds[index])} if self.seeds else {}),  # the noise's seed for this image
         }
 
     def save(self, path: str | Path, index: int, metadata: dict | None = None) -> None:

@@ -348,7 +348,9 @@ class RDEOptimizer:
             steps=steps_run,
             seconds=time.perf_counter() - start,
             history=history,
-            settings=self.settings(),
+            # what this call ran: its step count (the lr decay spans it) and where it started
+            settings={**self.settings(), "steps": num_steps, "init_mask": "ones" if init_mask is None else "given"},
+            seeds=list(seeds),
             **measured,
         )
 

@@ -124,6 +124,10 @@ def _seed(value: object) -> int:
     return seed
 
 
+#: How the commands seed an image file (recorded in teacher manifests and saved explanations).
+FILE_SEEDING = "item_seed(file name, seed): SHA-256 of '{seed}:{file name}', first 8 bytes (amortized_cartoonx.seeding)"
+
+
 def file_seeds(ids: Sequence[str], seed: int) -> list[int]:
     """Per-image seeds of the commands, which know each image's file name: ``item_seed(id, seed)``."""
     return [item_seed(i, seed) for i in ids]

@@ -184,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
     from amortized_cartoonx.io import atomic_write_text
     from amortized_cartoonx.plotting import explanation_figure, save_figure
     from amortized_cartoonx.runtime import resolve_device
-    from amortized_cartoonx.seeding import file_seeds
+    from amortized_cartoonx.seeding import FILE_SEEDING, file_seeds
 
     from .common import check_class_names, check_output_folder, fill_defaults, recorded_settings
 
@@ -213,6 +213,8 @@ def run(args: argparse.Namespace) -> int:
         "normalize": normalization_name(classifier),
         "size": args.size,
         "device": str(device),
+        "batch_size": args.batch_size,  # the batch's composition moves the last bits of a mask
+        "seeding": FILE_SEEDING,  # seed_used = item_seed(file name, --seed)
     }
     progress = not args.no_progress
     bar = tqdm(total=len(paths), desc=f"explain ({args.method})", unit="img", disable=not progress)
@@ -229,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
             record = {"image": str(paths[k]), **files, "target_name": name, **explanation.summary(i), **run_settings}
             explanation.save(out / f"{stems[k]}.safetensors", i, metadata=record)
             save_figure(explanation_figure(images[k], explanation, i, name), out / f"{stems[k]}.png")
-            lines.append(json.dumps(record, allow_nan=False))
+            lines.append(json.dumps({**record, "settings": explanation.settings}, allow_nan=False, default=str))
         atomic_write_text(out / "summary.jsonl", "\n".join(lines) + "\n")
         bar.update(hi - lo)
         bar.set_postfix(

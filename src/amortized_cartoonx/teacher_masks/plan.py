@@ -24,7 +24,7 @@ from ..classifiers import Classifier, classifier_identity, load_classifier, norm
 from ..errors import ConfigError
 from ..images import list_images
 from ..optimizer import CartoonX, OptimizerConfig
-from ..seeding import file_seeds
+from ..seeding import FILE_SEEDING, file_seeds
 from ..wavelets import DEFAULT_LEVELS, DEFAULT_MODE, DEFAULT_WAVE
 from .files import IDENTITY_KEYS, MANIFEST_KIND
 from .store import TeacherMaskStore
@@ -52,7 +52,7 @@ RESULT_FIELDS = (
 )
 
 #: The manifest's description of how an image's seed is chosen (see the module docstring).
-SEEDING = "item_seed(file name, seed): SHA-256 of '{seed}:{file name}', first 8 bytes (amortized_cartoonx.seeding)"
+SEEDING = FILE_SEEDING
 
 
 @dataclass
