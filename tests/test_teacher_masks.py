@@ -83,6 +83,9 @@ def test_one_record_per_image_with_manifest(reference):
     assert sorted(store.ids()) == names
     assert len(shard_ids(folder)) == NUM_IMAGES  # no duplicate anywhere
     assert all(p.name.startswith("shard-") and "-r0-" in p.name for p in store.shards())
+    for shard in store.shards():  # the same seed draws other noise on a GPU: each shard says where it ran
+        with safe_open(str(shard), framework="pt") as fh:
+            assert fh.metadata()["device_type"] == "cpu"
     manifest = store.manifest
     probe = CartoonX(load_classifier(SPEC)).representation.encode(torch.zeros(1, 3, SIZE, SIZE)).mask_like()
     assert manifest["mask_length"] == probe.numel_per_channel()

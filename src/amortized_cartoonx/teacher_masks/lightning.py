@@ -210,6 +210,7 @@ class TeacherWriter(BasePredictionWriter):
                 prediction.mask_mean.index_select(0, rows),
                 seeds=[prediction.seeds[i] for i in keep],
                 contents=[prediction.contents[i] for i in keep],
+                device_type=prediction.masks.device.type,
             )
             self.written.update(prediction.ids[i] for i in keep)
             self.loss_sum += float(prediction.loss.index_select(0, rows).sum())

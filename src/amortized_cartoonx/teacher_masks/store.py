@@ -143,9 +143,11 @@ class TeacherMaskStore:
         mask_mean: Tensor,
         seeds: Sequence[int] | Tensor | None = None,
         contents: Sequence[str] | None = None,
+        device_type: str | None = None,
     ) -> Path:
         """Write one shard atomically; ``masks: (n, K)`` in [0, 1], the others ``(n,)``; ``contents``: each
-        image file's SHA-256 (a resume refuses an image that changed since). Returns its path.
+        image file's SHA-256 (a resume refuses an image that changed since); ``device_type``: where the masks
+        were computed (``cpu``, ``cuda``: the same seed draws other noise on each). Returns its path.
 
         The caller makes sure no id is already in another shard (the writer callback does).
         """
@@ -173,6 +175,8 @@ class TeacherMaskStore:
             if len(contents) != n:
                 raise ValueError(f"contents must hold one digest per id ({n}), got {len(contents)}")
             metadata["sha256"] = json.dumps(list(contents))
+        if device_type is not None:
+            metadata["device_type"] = str(device_type)
         metadata[CHECKSUM_KEY] = shard_checksum(tensors, metadata)
         atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
         self._index = None
