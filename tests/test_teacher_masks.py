@@ -686,3 +686,16 @@ def test_every_process_builds_the_same_untrained_classifier_and_a_rank_may_idle(
     first, second = settings.load_classifier(), settings.load_classifier()
     assert weights_digest(first) == weights_digest(second) and torch.equal(torch.random.get_rng_state(), state)
     assert TeacherMaskDataModule(tmp_path, 32, None, 1).allow_zero_length_dataloader_with_multiple_devices
+
+
+def test_a_second_run_into_a_store_being_written_is_refused(tmp_path):
+    """Two targets runs into one folder both computed the missing images, stored some twice, and left a store
+    every later run refused ('image ... is in two shards')."""
+    from amortized_cartoonx.teacher_masks.store import writer_lock
+
+    images = make_folder(tmp_path / "images", 2)
+    with writer_lock(tmp_path / "store"):
+        with pytest.raises(ConfigError, match="another run is writing teacher masks into"):
+            generate_teacher_masks(images, tmp_path / "store", SPEC, **SETTINGS, **RUN)
+    summary = generate_teacher_masks(images, tmp_path / "store", SPEC, **SETTINGS, **RUN)  # released: it runs
+    assert summary.done == 2

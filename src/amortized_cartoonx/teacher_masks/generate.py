@@ -47,7 +47,7 @@ from ..runtime import ignore_lightning_noise
 from ..wavelets import DEFAULT_LEVELS, DEFAULT_MODE, DEFAULT_WAVE
 from .lightning import TeacherMaskDataModule, TeacherMaskModule, TeacherWriter
 from .plan import TeacherMaskSettings, build_manifest, plan_teacher_masks
-from .store import TeacherMaskStore
+from .store import TeacherMaskStore, writer_lock
 
 logger = logging.getLogger(__name__)
 
@@ -131,78 +131,81 @@ def generate_teacher_masks(
     Raises:
         InputError: no images, an unreadable image, a size too small for the wavelet, a corrupt manifest or shard
             in ``out``.
-        ClassifierError: a classifier that cannot be loaded. ConfigError: bad settings, or ``out`` made with other
-            settings or in an older format.
+        ClassifierError: a classifier that cannot be loaded. ConfigError: bad settings, ``out`` made with other
+            settings or in an older format, or another run writing into ``out`` now.
     """
     _check_positive(size=size, batch_size=batch_size, num_nodes=num_nodes)
     if limit is not None:
         _check_positive(limit=limit)
     if num_workers < 0:
         raise ConfigError(f"num_workers must be at least 0, got {num_workers}")
-    config = (config or OptimizerConfig()).replace(**overrides).validate()
-    settings = TeacherMaskSettings(classifier, normalize, size, wave, levels, mode, config)
-    loaded = settings.load_classifier()  # fails early and in one line on a bad spec
-    optimizer = settings.build_optimizer(loaded)
-    settings.config = optimizer.config  # l1_lambda resolved to the method's default
-    manifest = build_manifest(settings, optimizer, loaded)
-    store = TeacherMaskStore.create(out, manifest)
-    settings.levels = manifest["levels"]  # the J used at this size (the cap was already reported)
-    del optimizer, loaded
-    if store.shards():  # a resume: check what is there before adding to it (one line naming a bad file)
-        start = time.perf_counter()
-        checked = store.verify()
-        logger.info("checked the %d masks already in %s (%.1f s)", checked, out, time.perf_counter() - start)
-    plan = plan_teacher_masks(images, store, config.seed, limit)
-    if not plan.ids:
-        logger.info("all %d images of %s are already in %s; nothing to do", plan.total, images, out)
-        return TeacherMaskSummary(Path(out), plan.total, 0, plan.skipped, 0.0, None)
-    removed = store.remove_temporary()  # no writer runs yet: any temp file is from a killed run
-    if removed:
-        logger.info("removed %d unfinished shard file(s) of an earlier run", removed)
-    if plan.skipped:
-        logger.info("resuming: %d of %d images are already stored, %d to go", plan.skipped, plan.total, len(plan.ids))
+    with writer_lock(out):  # one writer at a time: two runs computed the same images into two shards
+        config = (config or OptimizerConfig()).replace(**overrides).validate()
+        settings = TeacherMaskSettings(classifier, normalize, size, wave, levels, mode, config)
+        loaded = settings.load_classifier()  # fails early and in one line on a bad spec
+        optimizer = settings.build_optimizer(loaded)
+        settings.config = optimizer.config  # l1_lambda resolved to the method's default
+        manifest = build_manifest(settings, optimizer, loaded)
+        store = TeacherMaskStore.create(out, manifest)
+        settings.levels = manifest["levels"]  # the J used at this size (the cap was already reported)
+        del optimizer, loaded
+        if store.shards():  # a resume: check what is there before adding to it (one line naming a bad file)
+            start = time.perf_counter()
+            checked = store.verify()
+            logger.info("checked the %d masks already in %s (%.1f s)", checked, out, time.perf_counter() - start)
+        plan = plan_teacher_masks(images, store, config.seed, limit)
+        if not plan.ids:
+            logger.info("all %d images of %s are already in %s; nothing to do", plan.total, images, out)
+            return TeacherMaskSummary(Path(out), plan.total, 0, plan.skipped, 0.0, None)
+        removed = store.remove_temporary()  # no writer runs yet: any temp file is from a killed run
+        if removed:
+            logger.info("removed %d unfinished shard file(s) of an earlier run", removed)
+        if plan.skipped:
+            logger.info(
+                "resuming: %d of %d images are already stored, %d to go", plan.skipped, plan.total, len(plan.ids)
+            )
 
-    try:
-        trainer = pl.Trainer(
-            accelerator=accelerator,
-            devices=devices,
-            strategy=strategy,
-            num_nodes=num_nodes,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,  # the writer's bar counts images
-            enable_model_summary=False,
-            inference_mode=False,  # the optimizer needs autograd; predict_step enables it
-            use_distributed_sampler=False,  # TeacherMaskDataModule splits the plan itself, without padding
-            default_root_dir=str(out),
-            callbacks=[TeacherWriter(out, plan.run_id, progress=progress), *callbacks],
-        )
-    except (ValueError, TypeError, MisconfigurationException) as exc:  # Lightning's words for a bad setting
-        raise ConfigError(
-            f"the Lightning Trainer refuses accelerator={accelerator!r}, devices={devices!r}, "
-            f"strategy={strategy!r}: {one_line(exc)}"
-        ) from None
-    module = TeacherMaskModule(settings, step_progress=progress)
-    data = TeacherMaskDataModule(images, size, plan, batch_size, num_workers)
-    start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        ignore_lightning_noise()
         try:
-            trainer.predict(module, datamodule=data, return_predictions=False)
-        except SystemExit:  # Lightning turns Ctrl+C into exit(1) after a graceful stop: report an interrupt
-            if trainer.interrupted:
-                raise KeyboardInterrupt from None
-            raise
-    trainer.strategy.barrier("cartoonx-teacher-masks-end")  # every rank's shards are written before the summary
-    seconds = time.perf_counter() - start
-    if trainer.global_rank != 0:
-        return TeacherMaskSummary(Path(out), plan.total, 0, plan.skipped, seconds, None, rank=trainer.global_rank)
+            trainer = pl.Trainer(
+                accelerator=accelerator,
+                devices=devices,
+                strategy=strategy,
+                num_nodes=num_nodes,
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,  # the writer's bar counts images
+                enable_model_summary=False,
+                inference_mode=False,  # the optimizer needs autograd; predict_step enables it
+                use_distributed_sampler=False,  # TeacherMaskDataModule splits the plan itself, without padding
+                default_root_dir=str(out),
+                callbacks=[TeacherWriter(out, plan.run_id, progress=progress), *callbacks],
+            )
+        except (ValueError, TypeError, MisconfigurationException) as exc:  # Lightning's words for a bad setting
+            raise ConfigError(
+                f"the Lightning Trainer refuses accelerator={accelerator!r}, devices={devices!r}, "
+                f"strategy={strategy!r}: {one_line(exc)}"
+            ) from None
+        module = TeacherMaskModule(settings, step_progress=progress)
+        data = TeacherMaskDataModule(images, size, plan, batch_size, num_workers)
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            ignore_lightning_noise()
+            try:
+                trainer.predict(module, datamodule=data, return_predictions=False)
+            except SystemExit:  # Lightning turns Ctrl+C into exit(1) after a graceful stop: report an interrupt
+                if trainer.interrupted:
+                    raise KeyboardInterrupt from None
+                raise
+        trainer.strategy.barrier("cartoonx-teacher-masks-end")  # every rank's shards are written before the summary
+        seconds = time.perf_counter() - start
+        if trainer.global_rank != 0:
+            return TeacherMaskSummary(Path(out), plan.total, 0, plan.skipped, seconds, None, rank=trainer.global_rank)
 
-    store = TeacherMaskStore(out)
-    losses = [store.get(i).loss for i in plan.ids if i in store]
-    missing = len(plan.ids) - len(losses)
-    if missing:
-        logger.warning("%d planned images are not in %s after the run; run the command again", missing, out)
-    mean_loss = math.fsum(losses) / len(losses) if losses else None
-    return TeacherMaskSummary(Path(out), plan.total, len(losses), plan.skipped, seconds, mean_loss)
+        store = TeacherMaskStore(out)
+        losses = [store.get(i).loss for i in plan.ids if i in store]
+        missing = len(plan.ids) - len(losses)
+        if missing:
+            logger.warning("%d planned images are not in %s after the run; run the command again", missing, out)
+        mean_loss = math.fsum(losses) / len(losses) if losses else None
+        return TeacherMaskSummary(Path(out), plan.total, len(losses), plan.skipped, seconds, mean_loss)

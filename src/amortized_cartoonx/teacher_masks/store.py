@@ -28,7 +28,9 @@ A healthy store thus costs one header read per shard to open and a few compariso
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -78,6 +80,46 @@ def _load_shard(path: str, mtime_ns: int, mask_length: int | None) -> tuple[tupl
 
 
 # ---- the store -------------------------------------------------------------------------------------------
+#: The lock file a writing run holds in a store (``cartoonx targets``, :func:`writer_lock`).
+LOCK_NAME = ".writer.lock"
+
+
+@contextmanager
+def writer_lock(folder: str | Path) -> Iterator[None]:
+    """Hold the store's writer lock for the block: a second run into the same folder is refused at once.
+
+    An OS lock (``flock``) on ``folder/.writer.lock``: the system releases it when the process ends, so a killed
+    run leaves no stale lock. Only the launching process takes it: the processes Lightning starts for the other
+    DDP ranks (``LOCAL_RANK``/``NODE_RANK`` set and not 0) write under their rank 0's lock. Without ``fcntl``
+    (Windows) there is no lock.
+
+    Raises:
+        ConfigError: another run holds the lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX
+        yield
+        return
+    if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
+        yield
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = os.open(folder / LOCK_NAME, os.O_RDONLY | os.O_CREAT, 0o644)  # read-only: no open write handle
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ConfigError(
+                f"another run is writing teacher masks into {folder} now (it holds {folder / LOCK_NAME}): wait for "
+                "it to end, or use another folder"
+            ) from None
+        yield
+    finally:
+        os.close(handle)  # releases the lock
+
+
 #: The way out of a store made otherwise, for each command that writes one.
 ANOTHER_FOLDER = "use another folder (cartoonx targets: --out; cartoonx demo: --checkpoints), or delete it"
 
