@@ -94,6 +94,10 @@ def test_the_demo_trains_its_explainer_as_cartoonx_fit_would(tmp_path, monkeypat
     with pytest.raises(ConfigError, match="stopped at step 1 of"):
         stage_fit(stopped)
     assert not stopped.explainer_checkpoint.with_name("demo-fit.json").exists()
+    # the next run trains again (a checkpoint without its record was refused as 'other settings')
+    monkeypatch.setattr(training, "build_trainer", build)
+    assert stopped.explainer_checkpoint.with_name("last.ckpt").is_file()
+    assert stage_fit(stopped) is False and stopped.explainer_checkpoint.with_name("demo-fit.json").is_file()
 
 
 @pytest.mark.slow

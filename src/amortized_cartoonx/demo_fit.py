@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import ConfigError
 from .io import atomic_write_text
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from .demo import DemoConfig
@@ -111,20 +114,29 @@ def stage_fit(cfg: DemoConfig) -> bool:
         "classifier_weights_sha256": module.classifier_identity.get("classifier_weights_sha256"),
         "torch_threads": torch.get_num_threads(),  # another thread count trains another explainer
     }
-    if cfg.explainer_checkpoint.is_file():
-        if record.is_file() and json.loads(record.read_text()) == settings:
+    if cfg.explainer_checkpoint.is_file() and record.is_file():
+        if json.loads(record.read_text()) == settings:
             return True
         raise ConfigError(
             f"{cfg.explainer_checkpoint.parent} holds an explainer trained with other settings; delete that folder "
             "to train a new one (or give --checkpoints another folder)"
         )
+    for stale in (cfg.explainer_checkpoint, cfg.explainer_checkpoint.with_name("last.ckpt")):
+        if stale.is_file():  # a training that never finished (killed): its record is written only at the end
+            logger.info("%s is from an unfinished training (no %s): training again", stale, record.name)
+            stale.unlink()
     trainer = build_trainer(explainer_outputs(cfg), **trainer_settings)
     atomic_write_text(Path(trainer.log_dir) / "config.yaml", _yaml(config))  # as cartoonx fit saves it
     from .runtime import ignore_lightning_noise  # torch: not at import (cartoonx --help imports this module)
 
     with warnings.catch_warnings():
         ignore_lightning_noise()
-        trainer.fit(module, datamodule=data)
+        try:
+            trainer.fit(module, datamodule=data)
+        except SystemExit:  # Lightning turns Ctrl+C into exit(1) after a graceful stop: report an interrupt
+            if trainer.interrupted:
+                raise KeyboardInterrupt from None
+            raise
     if trainer.interrupted or trainer.global_step < cfg.fit_steps:  # Ctrl+C, SIGTERM, a callback's stop
         # never record a half-trained explainer as done: the next run would reuse it
         raise ConfigError(
