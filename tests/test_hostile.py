@@ -643,6 +643,27 @@ def test_an_incomplete_saved_explanation_is_one_input_error(tmp_path, tensors, m
         load_saved_explanation(tmp_path / "x.safetensors")
 
 
+def test_a_full_disk_is_one_line_and_the_writer_librarys_error_an_oserror(tmp_path, spec, inputs, capsys, monkeypatch):
+    """A full or read-only disk gave 25-54 lines of traceback (safetensors' own error type, or OSError)."""
+    from amortized_cartoonx.explanation import Explanation
+    from amortized_cartoonx.io import atomic_write
+
+    def full(tmp):
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    with pytest.raises(OSError, match="cannot write .*x.safetensors: Error while serializing"):
+        atomic_write(tmp_path / "x.safetensors", full)
+    assert not list(tmp_path.glob(".x*"))  # no temporary file left
+
+    def no_space(self, path, index, metadata=None):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(Explanation, "save", no_space)
+    code, err = cli(explain_args([inputs / "a.png"], spec, tmp_path / "out"), capsys)
+    assert code == 1 and "cartoonx explain: error: No space left on device: " in err
+    assert "Traceback" not in err
+
+
 def test_a_checkpoint_with_changed_tensor_bytes_is_refused(tmp_path):
     """torch.load checks no CRC: zeroed bytes inside a tensor loaded as other weights."""
     import zipfile

@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import one_line
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
@@ -33,9 +35,19 @@ def _umask() -> int:
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp_path)`` and move the result to ``path``."""
+    """Call ``write(tmp_path)`` and move the result to ``path``.
+
+    A writer library's own error for a failed write (safetensors': ``I/O error: No space left on device (os error
+    28)``) is raised as an :class:`OSError` naming ``path``, as Python's own writes fail."""
     with atomic_path(path) as tmp:
-        write(tmp)
+        try:
+            write(tmp)
+        except OSError:
+            raise
+        except Exception as exc:
+            if "(os error " in str(exc) or "IoError(" in str(exc):  # the forms safetensors' errors take
+                raise OSError(f"cannot write {path}: {one_line(exc)}") from exc
+            raise
 
 
 def file_sha256(path: str | Path) -> str:

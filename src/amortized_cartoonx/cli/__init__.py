@@ -72,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"cartoonx {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # the disk: full, read-only, gone (what is written so far resumes)
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"cartoonx {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # python -m amortized_cartoonx.cli
