@@ -711,6 +711,33 @@ def test_fit_resumes_never_import_what_a_checkpoint_names(tmp_path, inputs, caps
     assert not marker.exists() and not (tmp_path / "checkpoints").exists()
 
 
+def test_ctrl_c_in_fit_is_interrupted_and_exit_130(tmp_path, capsys, monkeypatch):
+    """Lightning turns Ctrl+C into exit(1) after its graceful stop: fit said nothing and exited 1."""
+    import signal
+
+    (tmp_path / "cx_interrupt.py").write_text(
+        "import pytorch_lightning as pl\n\nclass Interrupt(pl.Callback):\n"
+        "    def on_train_batch_end(self, *args):\n        raise KeyboardInterrupt\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["cartoonx"])
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(16):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+            folder / f"{i}.png"
+        )
+    handler = signal.getsignal(signal.SIGINT)  # Lightning ignores SIGINT from its graceful stop on
+    try:
+        args = ["fit", "--config", config, "--data.images", str(folder), "--trainer.callbacks+=cx_interrupt.Interrupt"]
+        code, err = cli(args, capsys)
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert code == 130 and err.strip().splitlines()[-1] == "cartoonx fit: interrupted", err[-600:]
+
+
 def test_evaluate_checks_out_before_any_work(tmp_path, spec, inputs, capsys):
     Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(inputs / "examples.png")  # a name the report uses
     before = snapshot(inputs)

@@ -30,8 +30,11 @@ FIT_DESCRIPTION = (
 )
 
 
-def _make_cli_class():
-    """The LightningCLI subclass (built lazily: importing :mod:`pytorch_lightning.cli` pulls in jsonargparse)."""
+def _make_cli_class(trainers: list | None = None):
+    """The LightningCLI subclass (built lazily: importing :mod:`pytorch_lightning.cli` pulls in jsonargparse).
+
+    ``trainers``: a list the Trainer it builds is appended to (so the caller can tell an interrupted run).
+    """
     from pytorch_lightning.cli import LightningCLI
 
     class FitCLI(LightningCLI):
@@ -75,7 +78,10 @@ def _make_cli_class():
             settings = {**dict(config.get("trainer") or {}), **kwargs}
             check_trainer_limits(settings)
             logger.info("run %s: checkpoints in %s", outputs.run_name, outputs.checkpoint_folder)
-            return super().instantiate_trainer(**trainer_arguments(outputs, settings))
+            trainer = super().instantiate_trainer(**trainer_arguments(outputs, settings))
+            if trainers is not None:
+                trainers.append(trainer)
+            return trainer
 
     return FitCLI
 
@@ -163,20 +169,26 @@ def run_fit(args: list[str] | None) -> None:
         )
     default_run_stamp()
     ignore_lightning_noise()
-    cli_class = _make_cli_class()
-    cli_class(
-        AmortizedCartoonXModule,
-        MaskPredictorDataModule,
-        args=args,
-        seed_everything_default=0,
-        auto_configure_optimizers=False,
-        # parse errors raise (cartoonx fit prints one line) instead of printing the whole usage first
-        parser_kwargs={
-            "exit_on_error": False,
-            "fit": {"default_env": False, "exit_on_error": False, "description": FIT_DESCRIPTION},
-        },
-        save_config_kwargs={"overwrite": True},
-    )
+    trainers: list = []
+    cli_class = _make_cli_class(trainers)
+    try:
+        cli_class(
+            AmortizedCartoonXModule,
+            MaskPredictorDataModule,
+            args=args,
+            seed_everything_default=0,
+            auto_configure_optimizers=False,
+            # parse errors raise (cartoonx fit prints one line) instead of printing the whole usage first
+            parser_kwargs={
+                "exit_on_error": False,
+                "fit": {"default_env": False, "exit_on_error": False, "description": FIT_DESCRIPTION},
+            },
+            save_config_kwargs={"overwrite": True},
+        )
+    except SystemExit:  # Lightning turns Ctrl+C into exit(1) after a graceful stop: report an interrupt
+        if trainers and trainers[-1].interrupted:
+            raise KeyboardInterrupt from None
+        raise
 
 
 def fit_config(
