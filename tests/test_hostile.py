@@ -768,3 +768,18 @@ def test_offline_torchvision_weights_name_the_way_out(monkeypatch):
     monkeypatch.setattr(torchvision.models, "get_model", offline)
     with pytest.raises(ClassifierError, match=r"no network\?.*torchvision:resnet18:none"):
         load_classifier("torchvision:resnet18")
+
+
+def test_a_peer_processs_failure_is_one_line_not_a_second_traceback(tmp_path):
+    """Rank 0 printed a gloo traceback under rank 1's one-line error (an unreadable image in rank 1's share)."""
+    import torch.distributed as dist
+
+    from amortized_cartoonx.cli import _peer_failed
+
+    closed = RuntimeError("[pair.cc:561] Connection closed by peer [127.0.0.1]:53888. This is typically caused ...")
+    assert not _peer_failed(closed)  # no process group: nothing to blame on a peer
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert _peer_failed(closed) and not _peer_failed(RuntimeError("shape mismatch"))
+    finally:
+        dist.destroy_process_group()

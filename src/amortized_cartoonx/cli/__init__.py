@@ -72,10 +72,29 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"cartoonx {args.command}: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as exc:
+        if not _peer_failed(exc):
+            raise
+        print(
+            f"cartoonx {args.command}: error: another process of this run stopped (its own error is above): "
+            f"{' '.join(str(exc).split())[:200]}",
+            file=sys.stderr,
+        )
+        return 1
     except OSError as exc:  # the disk: full, read-only, gone (what is written so far resumes)
         where = f": {exc.filename}" if exc.filename else ""
         print(f"cartoonx {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
+
+
+def _peer_failed(exc: BaseException) -> bool:
+    """Whether ``exc`` is this process's side of another DDP process's failure (gloo's "Connection closed by
+    peer", a torch ``DistBackendError``): that process printed the real error, this one should not add a
+    traceback."""
+    distributed = getattr(sys.modules.get("torch"), "distributed", None)
+    if distributed is None or not distributed.is_available() or not distributed.is_initialized():
+        return False
+    return type(exc).__name__ == "DistBackendError" or "Connection closed by peer" in str(exc)
 
 
 if __name__ == "__main__":  # python -m amortized_cartoonx.cli
