@@ -666,3 +666,11 @@ def test_two_cpu_ranks_validate_as_one(tmp_path):
         callbacks = checkpoint["callbacks"]
         scores[devices] = next(v["best_model_score"] for k, v in callbacks.items() if "val/rde_loss" in k)
     torch.testing.assert_close(scores[2], scores[1], rtol=1e-5, atol=0)
+
+
+def test_configure_optimizers_works_outside_a_trainer():
+    """The 'no Trainer: no decay' branch never ran: Lightning's trainer property raises instead of returning None."""
+    module = AmortizedCartoonXModule(SPEC, image_size=SIZE, warmup_steps=2, **TINY_NET)
+    schedule = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    factors = [schedule.lr_lambdas[0](step) for step in (0, 1, 5, 10_000)]
+    assert factors == [0.5, 1.0, 1.0, 1.0]

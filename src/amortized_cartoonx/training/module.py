@@ -477,7 +477,10 @@ class AmortizedCartoonXModule(pl.LightningModule):
             [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=hp.lr,
         )
-        total = float(self.trainer.estimated_stepping_batches) if self.trainer is not None else float("inf")
+        try:  # the schedule's length; outside a Trainer (a script's own loop) no decay after the warm-up
+            total = float(self.trainer.estimated_stepping_batches)
+        except RuntimeError:  # not attached to a Trainer (its property raises rather than return None)
+            total = float("inf")
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: warmup_cosine(s, hp.warmup_steps, total, hp.min_lr_ratio)
         )

@@ -34,8 +34,9 @@ class SparsityGate:
     Each training step reports the batch's mean distortion of the predicted masks and of the empty mask (the
     same images, their own noise). Their ratio is smoothed (exponential moving average, ``smoothing``); while it
     is below ``gate`` the ramp's position moves one step up, else one step down, within ``[0, warmup]``. The
-    training loss then uses ``fraction * l1_lambda`` with ``fraction = position / warmup``: with a network that
-    keeps the decision all along, exactly :func:`l1_ramp`.
+    training loss then uses ``fraction * l1_lambda`` with ``fraction = position / warmup``, the position after
+    the step's move: with a network that keeps the decision all along, :func:`l1_ramp` one step ahead (step
+    ``t`` uses ``l1_ramp(t + 1)``; the full lambda from step ``warmup - 1`` on).
 
     Args:
         warmup: steps from no sparsity to the full ``l1_lambda`` (at least 1).
