@@ -699,3 +699,27 @@ def test_a_second_run_into_a_store_being_written_is_refused(tmp_path):
             generate_teacher_masks(images, tmp_path / "store", SPEC, **SETTINGS, **RUN)
     summary = generate_teacher_masks(images, tmp_path / "store", SPEC, **SETTINGS, **RUN)  # released: it runs
     assert summary.done == 2
+
+
+def test_the_writer_lock_leaves_other_ranks_and_lockless_filesystems_alone(tmp_path, monkeypatch):
+    """A torchrun or srun rank other than 0 was refused as 'another run'; so was every run on a filesystem
+    without flock (NFS's emulation needs a file open for writing; ENOLCK, EOPNOTSUPP elsewhere)."""
+    import errno
+    import fcntl
+
+    from amortized_cartoonx.teacher_masks.store import writer_lock
+
+    with writer_lock(tmp_path):
+        for name in ("RANK", "SLURM_PROCID"):
+            monkeypatch.setenv(name, "1")
+            with writer_lock(tmp_path):  # a later process of the same job: under rank 0's lock
+                pass
+            monkeypatch.delenv(name)
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match="cannot lock .*No locks available"):
+        with writer_lock(tmp_path):
+            pass

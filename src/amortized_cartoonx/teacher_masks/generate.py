@@ -139,11 +139,11 @@ def generate_teacher_masks(
         _check_positive(limit=limit)
     if num_workers < 0:
         raise ConfigError(f"num_workers must be at least 0, got {num_workers}")
+    config = (config or OptimizerConfig()).replace(**overrides).validate()
+    settings = TeacherMaskSettings(classifier, normalize, size, wave, levels, mode, config)
+    loaded = settings.load_classifier()  # fails early and in one line on a bad spec
+    optimizer = settings.build_optimizer(loaded)
     with writer_lock(out):  # one writer at a time: two runs computed the same images into two shards
-        config = (config or OptimizerConfig()).replace(**overrides).validate()
-        settings = TeacherMaskSettings(classifier, normalize, size, wave, levels, mode, config)
-        loaded = settings.load_classifier()  # fails early and in one line on a bad spec
-        optimizer = settings.build_optimizer(loaded)
         settings.config = optimizer.config  # l1_lambda resolved to the method's default
         manifest = build_manifest(settings, optimizer, loaded)
         store = TeacherMaskStore.create(out, manifest)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -84,14 +85,18 @@ def _load_shard(path: str, mtime_ns: int, mask_length: int | None) -> tuple[tupl
 LOCK_NAME = ".writer.lock"
 
 
+#: Environment variables a launcher sets in every process of a job; a process whose value is not 0 is not the
+#: job's first (Lightning's DDP children, torchrun, SLURM's srun): it writes under the first process's lock.
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+
+
 @contextmanager
 def writer_lock(folder: str | Path) -> Iterator[None]:
     """Hold the store's writer lock for the block: a second run into the same folder is refused at once.
 
     An OS lock (``flock``) on ``folder/.writer.lock``: the system releases it when the process ends, so a killed
-    run leaves no stale lock. Only the launching process takes it: the processes Lightning starts for the other
-    DDP ranks (``LOCAL_RANK``/``NODE_RANK`` set and not 0) write under their rank 0's lock. Without ``fcntl``
-    (Windows) there is no lock.
+    run leaves no stale lock. Only a job's first process takes it (:data:`RANK_VARIABLES` all absent or 0). A
+    filesystem without working locks (some network filesystems) gets a warning and no lock, as does Windows.
 
     Raises:
         ConfigError: another run holds the lock.
@@ -101,20 +106,26 @@ def writer_lock(folder: str | Path) -> Iterator[None]:
     except ImportError:  # pragma: no cover - not on POSIX
         yield
         return
-    if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
+    if any(os.environ.get(name, "0") != "0" for name in RANK_VARIABLES):
         yield
         return
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    handle = os.open(folder / LOCK_NAME, os.O_RDONLY | os.O_CREAT, 0o644)  # read-only: no open write handle
+    handle = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)  # NFS emulates flock with a write lock
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:  # EWOULDBLOCK: another process holds it
             raise ConfigError(
                 f"another run is writing teacher masks into {folder} now (it holds {folder / LOCK_NAME}): wait for "
                 "it to end, or use another folder"
             ) from None
+        except OSError as exc:  # no lock support here (ENOLCK, EOPNOTSUPP, ...): go on unguarded, and say so
+            warnings.warn(
+                f"cannot lock {folder / LOCK_NAME} ({exc.strerror or exc}): a second run into {folder} at the same "
+                "time would not be refused",
+                stacklevel=3,
+            )
         yield
     finally:
         os.close(handle)  # releases the lock
