@@ -674,3 +674,14 @@ def test_configure_optimizers_works_outside_a_trainer():
     schedule = module.configure_optimizers()["lr_scheduler"]["scheduler"]
     factors = [schedule.lr_lambdas[0](step) for step in (0, 1, 5, 10_000)]
     assert factors == [0.5, 1.0, 1.0, 1.0]
+
+
+def test_a_resume_keeps_the_classifier_the_checkpoint_was_trained_for():
+    """--ckpt_path last (and Trainer.fit(ckpt_path=...)) resumed a checkpoint of classifier A on classifier B."""
+    module = AmortizedCartoonXModule(SPEC, image_size=SIZE, **TINY_NET)
+    ours = module.classifier_identity["classifier_weights_sha256"]
+    same = {"classifier": "elsewhere:same", "classifier_weights_sha256": ours}  # the same weights, another spec
+    module.on_load_checkpoint({"cartoonx": same, "state_dict": {}})
+    for meta in ({"classifier": SPEC, "classifier_weights_sha256": "a" * 64}, {"classifier": "other:model"}):
+        with pytest.raises(ConfigError, match="the checkpoint was trained for classifier"):
+            module.on_load_checkpoint({"cartoonx": meta, "state_dict": {}})

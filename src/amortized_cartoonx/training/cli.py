@@ -113,10 +113,14 @@ def check_resume_checkpoint(config: object) -> None:
     ckpt_path = _option(config, "ckpt_path")
     if not ckpt_path or str(ckpt_path) in LIGHTNING_CKPT_NAMES:
         return
-    if "://" in str(ckpt_path) or str(ckpt_path).startswith("http"):
+    if "://" in str(ckpt_path):
         raise ConfigError(
             f"--ckpt_path {ckpt_path}: resume from a local file (download it first; Lightning would unpickle a "
             "remote checkpoint with weights_only=False)"
+        )
+    if str(ckpt_path).startswith("http"):  # Lightning fetches any path that starts so as a URL
+        raise ConfigError(
+            f"--ckpt_path {ckpt_path}: Lightning reads a path starting with 'http' as a URL; write ./{ckpt_path}"
         )
     if _option(config, "weights_only") is False:
         raise ConfigError("--weights_only false is refused: checkpoints are read with weights_only=True")

@@ -566,6 +566,7 @@ class AmortizedCartoonXModule(pl.LightningModule):
         put the (not saved) classifier and representation state back so the strict load succeeds."""
         meta = checkpoint.get(META_KEY) or {}
         self._check_resumed_split(meta.get("data"))
+        self._check_resumed_classifier(meta)
         changed = [
             f"{key} {meta[key]!r} -> {value!r}"
             for key, value in self.settings().items()
@@ -577,6 +578,22 @@ class AmortizedCartoonXModule(pl.LightningModule):
         checkpoint["state_dict"] = {**own, **checkpoint["state_dict"]}
         if self.sparsity_gate is not None and GATE_KEY in checkpoint:
             self.sparsity_gate.restore(checkpoint[GATE_KEY])
+
+    def _check_resumed_classifier(self, meta: dict) -> None:
+        """Refuse to resume a checkpoint trained for another classifier (other weights, or another spec when a
+        digest is missing): ``--ckpt_path last`` and ``Trainer.fit(ckpt_path=...)`` keep this run's classifier."""
+        recorded = meta.get("classifier_weights_sha256")
+        ours = self.classifier_identity.get("classifier_weights_sha256")
+        other = (
+            recorded != ours
+            if recorded and ours
+            else meta.get("classifier", self.hparams.classifier) != (self.hparams.classifier)
+        )
+        if other:
+            raise ConfigError(
+                f"the checkpoint was trained for classifier {meta.get('classifier')!r}, and this run explains "
+                f"{self.hparams.classifier!r} with other weights: resume with the classifier it was trained for"
+            )
 
 
 def _check_ranges(**checks: tuple) -> None:
