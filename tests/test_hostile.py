@@ -663,6 +663,13 @@ def test_a_full_disk_is_one_line_and_the_writer_librarys_error_an_oserror(tmp_pa
     assert code == 1 and "cartoonx explain: error: No space left on device: " in err
     assert "Traceback" not in err
 
+    def missing(self, path, index, metadata=None):  # not the disk: a bug keeps its traceback
+        raise FileNotFoundError(2, "No such file or directory", "resources/x.txt")
+
+    monkeypatch.setattr(Explanation, "save", missing)
+    with pytest.raises(FileNotFoundError):
+        main(explain_args([inputs / "a.png"], spec, tmp_path / "out2"))
+
 
 def test_a_checkpoint_with_changed_tensor_bytes_is_refused(tmp_path):
     """torch.load checks no CRC: zeroed bytes inside a tensor loaded as other weights."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tempfile
@@ -46,7 +47,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
             raise
         except Exception as exc:
             if "(os error " in str(exc) or "IoError(" in str(exc):  # the forms safetensors' errors take
-                raise OSError(f"cannot write {path}: {one_line(exc)}") from exc
+                raise OSError(errno.EIO, f"cannot write {path}: {one_line(exc)}") from exc
             raise
 
 

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import sys
@@ -81,10 +82,18 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    except OSError as exc:  # the disk: full, read-only, gone (what is written so far resumes)
+    except OSError as exc:  # the disk: full, read-only, failing (what is written so far resumes)
+        if exc.errno not in _DISK_ERRORS:
+            raise  # anything else keeps its traceback
         where = f": {exc.filename}" if exc.filename else ""
         print(f"cartoonx {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
+
+
+#: The ``errno`` values of a disk that cannot take the outputs, reported in one line.
+_DISK_ERRORS = frozenset(
+    getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS", "EIO", "EACCES", "EPERM") if hasattr(errno, name)
+)
 
 
 def _peer_failed(exc: BaseException) -> bool:
