@@ -825,3 +825,15 @@ def test_sanity_depths_and_a_refine_steps_without_warm_are_refused_before_any_wo
     assert main([*args, "--device", "cpu", "--refine-steps", "5"]) == 2  # no warm among the methods: refused
     assert "--refine-steps is for the method warm" in capsys.readouterr().err
     assert count_explains == {} and not out.exists()
+
+
+def test_the_recorded_command_names_the_device_auto_chose(tmp_path):
+    """--device auto (the default) was left out of report.md's command: rerun on a GPU machine, it moved there."""
+    images_dir = write_folder(tmp_path / "images", 1)
+    out = tmp_path / "out"
+    args = ["evaluate", "--classifier", "tests.conftest:make_tiny_cnn", "--images", str(images_dir), "--out", str(out)]
+    args += ["--size", str(SIZE), "--methods", "random-pixel", "--rates", "3", "--noise-draws", "1", "--lambdas"]
+    assert main([*args, "--examples", "0", "--no-progress"]) == 0
+    command = json.loads((out / "summary.json").read_text())["settings"]["command"]
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert command.endswith(f" --device {expected}") and command in (out / "report.md").read_text()

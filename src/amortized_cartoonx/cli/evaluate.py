@@ -322,6 +322,8 @@ def run(args: argparse.Namespace) -> int:
         ig_steps=args.ig_steps, smoothgrad_samples=args.smoothgrad_samples, smoothgrad_std=args.smoothgrad_std
     ).validate()
     device = resolve_device(args.device)
+    if args.device == "auto":  # the command reproduces this run on a machine with another device too
+        command += f" --device {device.type}"
     classifier = load_classifier(args.classifier, normalize=args.normalize, device=device)
     if labels is not None:
         check_class_names(labels, _num_classes(classifier, args.size, device), args.labels)
