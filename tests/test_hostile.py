@@ -790,3 +790,28 @@ def test_a_peer_processs_failure_is_one_line_not_a_second_traceback(tmp_path):
         assert _peer_failed(closed) and not _peer_failed(RuntimeError("shape mismatch"))
     finally:
         dist.destroy_process_group()
+
+
+def test_a_killed_writers_temporary_files_are_removed_when_stale(tmp_path, spec, inputs, capsys):
+    """SIGKILL leaves atomic_path's temporary files (no finally runs); explain and the evaluation cache kept them
+    forever. Stale ones (over an hour old) go at the next run; a fresh one may be a live writer's and stays."""
+    import tempfile
+    import time
+
+    from amortized_cartoonx.io import remove_stale_temporaries
+
+    out = tmp_path / "out"
+    (out / "cache" / "explanations").mkdir(parents=True)
+    old = [
+        tempfile.mkstemp(dir=d, prefix=".a.", suffix=".safetensors.tmp")[1]
+        for d in (out, out / "cache" / "explanations")
+    ]
+    fresh = tempfile.mkstemp(dir=out, prefix=".b.", suffix=".png.tmp")[1]
+    (out / ".notes.tmp").write_text("the user's own")  # not a name atomic_path makes
+    hour_ago = time.time() - 7200
+    for path in (*old, out / ".notes.tmp"):
+        os.utime(path, (hour_ago, hour_ago))
+    assert remove_stale_temporaries(out / "cache", recursive=True) == 1
+    code, err = cli(explain_args([inputs / "a.png"], spec, out), capsys)
+    assert code == 0, err
+    assert not any(os.path.exists(p) for p in old) and os.path.exists(fresh) and (out / ".notes.tmp").exists()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +29,33 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+_TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}(\.[^.]+)?\.tmp$")  # tempfile.mkstemp's 8 random characters
+
+#: A temporary file of :func:`atomic_path` older than this (seconds) belongs to a writer that died (SIGKILL, a
+#: crash: no ``finally`` ran); a live one is renamed within seconds.
+STALE_AFTER = 3600.0
+
+
+def remove_stale_temporaries(folder: str | Path, recursive: bool = False, older_than: float = STALE_AFTER) -> int:
+    """Delete the temporary files :func:`atomic_path` left in ``folder`` (and below, if ``recursive``) when its
+    process was killed, if older than ``older_than`` seconds: a run going on beside, in the same folder, keeps
+    its own. Returns how many were removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    now, removed = time.time(), 0
+    for path in folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp"):
+        if not _TEMPORARY.match(path.name):  # only atomic_path's names: .<stem>.<8 random><suffix>.tmp
+            continue
+        try:
+            if path.is_file() and now - path.stat().st_mtime > older_than:
+                path.unlink()
+                removed += 1
+        except OSError:  # gone meanwhile, or not ours to remove: leave it
+            continue
+    return removed
 
 
 def _umask() -> int:

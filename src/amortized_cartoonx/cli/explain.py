@@ -181,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
     from amortized_cartoonx.classifiers import load_classifier, normalization_name
     from amortized_cartoonx.errors import ConfigError
     from amortized_cartoonx.images import load_images, read_class_names
-    from amortized_cartoonx.io import atomic_write_text
+    from amortized_cartoonx.io import atomic_write_text, remove_stale_temporaries
     from amortized_cartoonx.plotting import explanation_figure, save_figure
     from amortized_cartoonx.runtime import resolve_device
     from amortized_cartoonx.seeding import FILE_SEEDING, file_seeds
@@ -206,6 +206,7 @@ def run(args: argparse.Namespace) -> int:
     check_class_names(labels, preflight(classifier, explainer, images, targets, device), args.labels)
 
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)  # what a killed run left half-written (hidden files, never read)
     lines: list[str] = []
     # what the saved files record beside the explainer's settings: the run's own choices
     run_settings = {

@@ -31,6 +31,7 @@ import torch
 
 from ..classifiers import frozen
 from ..errors import ConfigError
+from ..io import remove_stale_temporaries
 from .attribution import MethodContext
 from .cache import ResultCache
 from .config import EvaluationConfig
@@ -102,6 +103,8 @@ class Evaluation:
         for method in methods.values():
             method.progress = self.config.progress
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.cache.root is not None and remove_stale_temporaries(self.cache.root, recursive=True):
+            logger.info("removed unfinished cache files of a killed run in %s", self.cache.root)
         identity = cache_identity(self.context.classifier_spec, self.classifier)
         cache = self.cache.with_contents(images.contents()) if self.cache.root is not None else self.cache
         run = RunContext(self.classifier, images, self.config, cache, identity)
