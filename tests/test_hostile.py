@@ -14,6 +14,7 @@ import re
 import struct
 import sys
 import textwrap
+import warnings
 import zlib
 from pathlib import Path
 
@@ -603,6 +604,9 @@ def test_labels_of_files_the_folder_lacks_are_warned_about(tmp_path):
     (tmp_path / "labels.csv").write_text("file,class_index\nA.png,1\n")
     with pytest.warns(UserWarning, match=r"1 file\(s\) of the labels file are not images of .*'A.png'"):
         ImageFolder(tmp_path, size=16)
+    with warnings.catch_warnings():  # once per folder: a fit builds its three splits from it
+        warnings.simplefilter("error")
+        ImageFolder(tmp_path, size=16, ids=["a.png"])
 
 
 # ---- cartoonx fit --------------------------------------------------------------------------------------------------

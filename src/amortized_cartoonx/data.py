@@ -50,6 +50,10 @@ def read_labels_csv(path: str | Path) -> dict[str, int]:
     return labels
 
 
+#: The folders whose labels file names files they lack, warned about already (a fit builds three splits).
+_WARNED_UNKNOWN: set[tuple[Path, int]] = set()
+
+
 class ImageFolder(Dataset):
     """The images directly in ``root`` (sorted by name), resized and centre-cropped to ``size``.
 
@@ -86,7 +90,8 @@ class ImageFolder(Dataset):
             labels = self.root / "labels.csv" if (self.root / "labels.csv").is_file() else None
         self.labels = read_labels_csv(labels) if labels is not None else {}
         unknown = sorted(set(self.labels) - {p.name for p in (files if ids is None else list_images(self.root))})
-        if unknown:  # a typo, another case (A.png), or another folder's file: its label is never used
+        if unknown and (self.root, len(unknown)) not in _WARNED_UNKNOWN:  # once per folder (not per split)
+            _WARNED_UNKNOWN.add((self.root, len(unknown)))  # a typo, A.png for a.png, another folder's file
             warnings.warn(
                 f"{len(unknown)} file(s) of the labels file are not images of {self.root}, e.g. {unknown[0]!r}: "
                 "their labels are not used (file names are matched exactly, case included)",
