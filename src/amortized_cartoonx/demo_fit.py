@@ -127,16 +127,11 @@ def stage_fit(cfg: DemoConfig) -> bool:
             stale.unlink()
     trainer = build_trainer(explainer_outputs(cfg), **trainer_settings)
     atomic_write_text(Path(trainer.log_dir) / "config.yaml", _yaml(config))  # as cartoonx fit saves it
-    from .runtime import ignore_lightning_noise  # torch: not at import (cartoonx --help imports this module)
+    from .runtime import ignore_lightning_noise, lightning_interrupts  # torch: not at import (cartoonx --help)
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), lightning_interrupts(lambda: trainer):
         ignore_lightning_noise()
-        try:
-            trainer.fit(module, datamodule=data)
-        except SystemExit:  # Lightning turns Ctrl+C into exit(1) after a graceful stop: report an interrupt
-            if trainer.interrupted:
-                raise KeyboardInterrupt from None
-            raise
+        trainer.fit(module, datamodule=data)
     if trainer.interrupted or trainer.global_step < cfg.fit_steps:  # Ctrl+C, SIGTERM, a callback's stop
         # never record a half-trained explainer as done: the next run would reuse it
         raise ConfigError(

@@ -4,7 +4,7 @@ counts."""
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 
 import torch
@@ -20,6 +20,18 @@ def ignore_lightning_noise() -> None:
     :data:`LIGHTNING_LEAFSPEC_WARNING`."""
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=LIGHTNING_LEAFSPEC_WARNING, category=FutureWarning)
+
+
+@contextmanager
+def lightning_interrupts(trainer: Callable[[], object | None]) -> Iterator[None]:
+    """Around ``Trainer.fit``/``predict``: Lightning turns Ctrl+C into ``exit(1)`` after its graceful stop; raise
+    it as the ``KeyboardInterrupt`` it was when ``trainer()`` (the Trainer, or None before it exists) says so."""
+    try:
+        yield
+    except SystemExit:
+        if getattr(trainer(), "interrupted", False):
+            raise KeyboardInterrupt from None
+        raise
 
 
 def module_device(module: object) -> torch.device:

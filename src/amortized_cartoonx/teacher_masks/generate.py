@@ -43,7 +43,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from ..errors import ConfigError, one_line
 from ..optimizer import OptimizerConfig
-from ..runtime import ignore_lightning_noise
+from ..runtime import ignore_lightning_noise, lightning_interrupts
 from ..wavelets import DEFAULT_LEVELS, DEFAULT_MODE, DEFAULT_WAVE
 from .lightning import TeacherMaskDataModule, TeacherMaskModule, TeacherWriter
 from .plan import TeacherMaskSettings, build_manifest, plan_teacher_masks
@@ -191,12 +191,8 @@ def generate_teacher_masks(
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
             ignore_lightning_noise()
-            try:
+            with lightning_interrupts(lambda: trainer):
                 trainer.predict(module, datamodule=data, return_predictions=False)
-            except SystemExit:  # Lightning turns Ctrl+C into exit(1) after a graceful stop: report an interrupt
-                if trainer.interrupted:
-                    raise KeyboardInterrupt from None
-                raise
         trainer.strategy.barrier("cartoonx-teacher-masks-end")  # every rank's shards are written before the summary
         seconds = time.perf_counter() - start
         if trainer.global_rank != 0:

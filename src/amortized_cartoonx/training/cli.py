@@ -15,7 +15,7 @@ import os
 import sys
 
 from ..errors import ConfigError
-from ..runtime import ignore_lightning_noise
+from ..runtime import ignore_lightning_noise, lightning_interrupts
 from .data import MaskPredictorDataModule
 from .module import AmortizedCartoonXModule
 from .trainer import RunOutputs, default_run_name, default_run_stamp, trainer_arguments
@@ -175,7 +175,7 @@ def run_fit(args: list[str] | None) -> None:
     ignore_lightning_noise()
     trainers: list = []
     cli_class = _make_cli_class(trainers)
-    try:
+    with lightning_interrupts(lambda: trainers[-1] if trainers else None):
         cli_class(
             AmortizedCartoonXModule,
             MaskPredictorDataModule,
@@ -189,10 +189,6 @@ def run_fit(args: list[str] | None) -> None:
             },
             save_config_kwargs={"overwrite": True},
         )
-    except SystemExit:  # Lightning turns Ctrl+C into exit(1) after a graceful stop: report an interrupt
-        if trainers and trainers[-1].interrupted:
-            raise KeyboardInterrupt from None
-        raise
 
 
 def fit_config(
