@@ -42,6 +42,7 @@ from amortized_cartoonx.evaluation.methods import (
 )
 from amortized_cartoonx.evaluation.report import rate_distortion_figure, write_report
 from amortized_cartoonx.evaluation.runner import Evaluation, EvaluationConfig
+from amortized_cartoonx.io import file_sha256
 from amortized_cartoonx.methods import ALL_METHODS, DEFAULT_METHODS, method_info
 from amortized_cartoonx.optimizer import OptimizerConfig
 from amortized_cartoonx.rde import RDEObjective, make_generators
@@ -763,6 +764,7 @@ def test_the_amortized_method_measures_like_the_optimizer(tmp_path, scripted_cla
     method = METHODS.get("amortized")(ctx)
     assert method.explainer.measure_samples == 3 and method.explainer.seed == 5
     assert method.settings()["measure_samples"] == 3  # part of the cache key
+    assert method.settings()["checkpoint_sha256"] == file_sha256(checkpoint)  # so is the file's content
     ctx.optimizer = OptimizerConfig(num_samples=3, measure_samples=7)
     assert METHODS.get("amortized")(ctx).explainer.measure_samples == 7
 

@@ -17,7 +17,6 @@ from torch import Tensor
 from ..amortized import AmortizedExplainer, WarmStartExplainer, refine_config
 from ..errors import ConfigError
 from ..explanation import Explanation
-from ..io import file_sha256
 from ..optimizer import CartoonX, PixelRDE
 from ..runtime import module_device, synchronize
 from ..wavelets import Representation
@@ -116,14 +115,10 @@ def load_amortized(ctx: MethodContext) -> AmortizedExplainer:
     return amortized
 
 
-def _checkpoint_settings(ctx: MethodContext) -> dict:
-    return {"checkpoint_sha256": file_sha256(Path(ctx.checkpoint).expanduser())}
-
-
 @METHODS.register("amortized")
 def _amortized(ctx: MethodContext) -> EvaluationMethod:
     explainer = load_amortized(ctx)
-    settings = {**_checkpoint_settings(ctx), "measure_samples": explainer.measure_samples}
+    settings = {"checkpoint_sha256": explainer.checkpoint_sha256, "measure_samples": explainer.measure_samples}
     return AmortizedMethod("amortized", explainer, ctx.wavelet(), settings)
 
 
@@ -132,7 +127,7 @@ def _warm(ctx: MethodContext) -> EvaluationMethod:
     amortized = load_amortized(ctx)
     explainer = WarmStartExplainer(amortized, refine_steps=ctx.refine_steps, config=refine_config(ctx.optimizer))
     settings = {
-        **_checkpoint_settings(ctx),
+        "checkpoint_sha256": amortized.checkpoint_sha256,  # hashed once, when the explainer read the file
         "refine_steps": explainer.refine_steps,
         **{k: v for k, v in dataclasses.asdict(explainer.optimizer.config).items() if k not in ("steps", "seed")},
     }
