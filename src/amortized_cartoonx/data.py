@@ -89,7 +89,7 @@ class ImageFolder(Dataset):
         if labels == "auto":
             labels = self.root / "labels.csv" if (self.root / "labels.csv").is_file() else None
         self.labels = read_labels_csv(labels) if labels is not None else {}
-        unknown = sorted(set(self.labels) - {p.name for p in (files if ids is None else list_images(self.root))})
+        unknown = sorted(set(self.labels) - set(by_name))  # every image of the folder, not only ``ids``
         if unknown and (self.root, len(unknown)) not in _WARNED_UNKNOWN:  # once per folder (not per split)
             _WARNED_UNKNOWN.add((self.root, len(unknown)))  # a typo, A.png for a.png, another folder's file
             warnings.warn(
