@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .errors import InputError, NonFiniteError
 from .io import atomic_write
-from .rde import RDEObjective, RDEProblem, make_generators, rde_loss, target_prob
+from .rde import RDEObjective, RDEProblem, first_non_finite, make_generators, rde_loss, target_prob
 from .seeding import Stream, stream_seeds
 from .wavelets import Coefficients, grey, image_slice
 
@@ -230,8 +230,8 @@ def measure_mask(
     noise = objective.sample_noise(problem, num_samples, generators)
     logits_y = objective.obfuscated_logits(problem, mask, noise)  # (N, L, K)
     loss = rde_loss(objective.distortion_fn(problem.logits, logits_y, problem.target), mask, objective.l1_lambda)
-    if not bool(torch.isfinite(loss.total).all()):  # no NaN passes as a result
-        bad = int((~torch.isfinite(loss.total)).nonzero()[0, 0])
+    bad = first_non_finite(loss.total)
+    if bad is not None:  # no NaN passes as a result
         raise NonFiniteError(
             f"the measured RDE loss of image {bad} is {float(loss.total[bad])}: the classifier's outputs on the "
             "obfuscations are not finite"

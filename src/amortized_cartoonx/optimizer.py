@@ -30,7 +30,15 @@ from .classifiers import frozen
 from .errors import ConfigError, NonFiniteError, is_integer, is_real
 from .explanation import Explanation, LossHistory, as_mask, measure_mask
 from .mask_logits import logits_to_mask, mask_to_logits
-from .rde import DEFAULT_LAMBDA, DISTORTIONS, OBFUSCATIONS, RDEObjective, RDEProblem, make_generators
+from .rde import (
+    DEFAULT_LAMBDA,
+    DISTORTIONS,
+    OBFUSCATIONS,
+    RDEObjective,
+    RDEProblem,
+    first_non_finite,
+    make_generators,
+)
 from .runtime import synchronize
 from .seeding import Stream, image_seeds, stream_seeds
 from .wavelets import (
@@ -408,10 +416,8 @@ class RDEOptimizer:
             sparsity = as_mask_of(variable).mean_per_image()  # (N,)
             (self.objective.l1_lambda * sparsity.sum()).backward()
             total = distortion + self.objective.l1_lambda * sparsity.detach()
-            if (step % 10 == 9 or step == num_steps - 1) and not bool(
-                torch.isfinite(total).all()
-            ):  # sync: not every step
-                bad = int((~torch.isfinite(total)).nonzero()[0, 0])
+            bad = first_non_finite(total) if step % 10 == 9 or step == num_steps - 1 else None  # a sync: not always
+            if bad is not None:
                 raise NonFiniteError(
                     f"the RDE loss of image {bad} became {float(total[bad])} by step {step + 1} (lr {cfg.lr}): "
                     "the classifier's outputs under noise are not finite, or the learning rate is too large"

@@ -497,6 +497,12 @@ def _classifier_name(classifier: object) -> str:
     return f"the classifier {name}" if name else "the classifier"
 
 
+def first_non_finite(values: Tensor) -> int | None:
+    """The index of the first NaN or infinite entry of ``values: (N,)`` (one device sync), or None."""
+    bad = (~torch.isfinite(values)).nonzero()
+    return int(bad[0, 0]) if len(bad) else None
+
+
 def check_logits(logits: Tensor, num_images: int, classifier: object = None) -> None:
     """Reject classifier outputs that are not finite logits ``(N, K)`` (checked once, on the original images).
 
