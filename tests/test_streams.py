@@ -228,6 +228,95 @@ def test_folder_views_shard_the_epoch_and_change_with_it(image_dir):
     assert [e for _, e in later] == [1] * len(train) and [i for i, _ in later] != [i for i, _ in single]
 
 
+def tiny_fit(module, data, max_steps, max_epochs, callback, ckpt_path=None, **options) -> pl.Trainer:
+    """``trainer.fit`` on the CPU, quietly, with ``callback``; ``options`` go to the Trainer."""
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        max_epochs=max_epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[callback],
+        **options,
+    )
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_folder_views_start_where_the_position_says(image_dir):
+    train = data_module(image_dir, augment=AugmentConfig()).datasets["train"]
+    whole = FolderViews(train, seed=3)
+    whole.set_epoch(2)
+    resumed = FolderViews(train, seed=3, batch_size=4, position=lambda: (2, 1))
+    assert list(resumed) == list(whole)[4:] and resumed.epoch == 2
+    assert list(FolderViews(train, seed=3, position=lambda: None)) == list(FolderViews(train, seed=3))
+
+
+@pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before the epoch ended")
+@pytest.mark.parametrize("augment", [False, True])
+def test_a_folder_fit_resumed_inside_an_epoch_trains_on_the_batches_the_whole_run_did(image_dir, tmp_path, augment):
+    """12 training images in batches of 4: 3 batches an epoch. Resumed from a checkpoint written by a validation
+    inside an epoch, at an epoch's end, or at the end of a shorter run (where Lightning counts the epoch as done),
+    with and without ``max_epochs`` (Lightning then starts the loader before it restores its step), and with
+    gradient accumulation, the run trains on the batches (ids and augmented pixels) of the uninterrupted run (and,
+    resumed from a validation's checkpoint, ends with its weights)."""
+    seen: list[tuple[list[str], float]] = []
+
+    class Batches(pl.Callback):
+        def __init__(self, save_at: int | None = None, path: Path | None = None):
+            self.save_at, self.path = save_at, path
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            seen.append((list(batch["id"]), round(float(batch["image"].double().sum()), 6)))
+
+        def on_validation_end(self, trainer, module):
+            if trainer.global_step == self.save_at and not self.path.exists():
+                trainer.save_checkpoint(self.path)  # what LastCheckpoint writes after a validation
+
+    def fit(max_steps, callback, ckpt_path=None, max_epochs=None, accumulate=1):
+        pl.seed_everything(0)
+        module = AmortizedCartoonXModule(SPEC, image_size=SIZE, num_samples=1, warmup_steps=0, **TINY_NET)
+        data = data_module(image_dir, augment=AugmentConfig() if augment else None)
+        options = dict(accumulate_grad_batches=accumulate, val_check_interval=1, check_val_every_n_epoch=None)
+        return tiny_fit(module, data, max_steps, max_epochs, callback, ckpt_path, limit_val_batches=1, **options)
+
+    def weights(trainer) -> list[torch.Tensor]:
+        return list(trainer.lightning_module.mask_predictor.state_dict().values())
+
+    final = weights(fit(7, Batches()))
+    whole = list(seen)
+    assert len(whole) == 7 and whole[3][0] != whole[0][0]  # a second epoch in another order
+    cases = [(2, "validation", None), (3, "validation", None), (4, "validation", None), (4, "validation", 9)]
+    cases += [(4, "end", None), (4, "end", 9)]
+    for step, how, max_epochs in cases:
+        path = tmp_path / f"{step}-{how}-{max_epochs}.ckpt"
+        seen.clear()
+        if how == "validation":
+            fit(7, Batches(step, path), max_epochs=max_epochs)
+        else:
+            fit(step, Batches(), max_epochs=max_epochs).save_checkpoint(path)  # LastCheckpoint.on_train_end
+        seen.clear()
+        resumed = fit(7, Batches(), ckpt_path=str(path), max_epochs=max_epochs)
+        assert seen == whole[step:], (step, how, max_epochs)
+        if how == "validation":  # (a shorter first run has a shorter cosine learning-rate schedule)
+            assert all(torch.equal(a, b) for a, b in zip(weights(resumed), final)), (step, max_epochs)
+
+    # accumulating 2 batches a step: 2 steps an epoch (Lightning steps on an epoch's last batch), so 3 steps are
+    # 5 batches; a run of 3 steps resumed to 5 trains batches 5 to 9 of the whole run
+    seen.clear()
+    fit(5, Batches(), accumulate=2)
+    whole = list(seen)
+    seen.clear()
+    path = tmp_path / "accumulated.ckpt"
+    fit(3, Batches(), accumulate=2).save_checkpoint(path)
+    assert seen == whole[:5]
+    seen.clear()
+    fit(5, Batches(), ckpt_path=str(path), accumulate=2)
+    assert seen == whole[5:]
+
+
 # ---- training ---------------------------------------------------------------------------------------------------
 
 
@@ -244,19 +333,7 @@ def test_a_fit_step_trains_on_the_stream_and_continues_it_on_resume(image_dir, t
         module = AmortizedCartoonXModule(SPEC, image_size=SIZE, num_samples=1, warmup_steps=0, **TINY_NET)
         scenes = CartoonConfig(classes=CLASS_NAMES[:5])  # the tiny classifier's 5 classes
         data = data_module(image_dir, stream=StreamConfig(fraction=0.5, seed=7, scenes=scenes))
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            max_steps=max_steps,
-            max_epochs=max_epochs,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            callbacks=[Ids()],
-        )
-        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-        return trainer
+        return tiny_fit(module, data, max_steps, max_epochs, Ids(), ckpt_path, limit_val_batches=0)
 
     trainer = fit(2)
     assert trainer.global_step == 2 and len(seen) == 2

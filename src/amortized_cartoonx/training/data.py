@@ -171,9 +171,8 @@ class MaskPredictorDataModule(pl.LightningDataModule):
 
     Training batches come in one of three ways (validation and test are always the fixed folder split, unaugmented):
 
-    * ``augment`` None and ``stream`` None: the training images shuffled by the global random state (as before
-      these options existed);
-    * ``augment`` set, ``stream`` None: epochs of augmented views in a seeded order (:class:`~.streams.FolderViews`);
+    * ``stream`` None: epochs of the training images in a seeded order (:class:`~.streams.FolderViews`), as
+      augmented views when ``augment`` is set; a run resumed inside an epoch trains on the rest of that epoch;
     * ``stream`` set: an endless stream (:class:`~.streams.TrainingStream`); every batch mixes folder images
       (augmented unless they have a teacher mask) with fresh synthetic images. The epoch never ends: set
       ``trainer.max_steps``, and ``trainer.val_check_interval`` as a number of steps.
@@ -198,7 +197,7 @@ class MaskPredictorDataModule(pl.LightningDataModule):
             drops from 99.7% to 83%).
         stream: fresh synthetic training images mixed into every batch (:class:`~.streams.StreamConfig`:
             ``fraction``, ``seed``, ``scenes``); None (default): the folder only.
-        train_seed: seed of the training order and the augmentation (with ``augment`` or ``stream``). Default 0.
+        train_seed: seed of the training order, and of the augmentation (with ``augment`` or ``stream``). Default 0.
     """
 
     def __init__(
@@ -250,6 +249,7 @@ class MaskPredictorDataModule(pl.LightningDataModule):
         self.splits: dict[str, list[str]] | None = None
         self.datasets: dict[str, TrainingImages] = {}
         self._resumed_batches = 0  # training batches done in the checkpoint this run resumes from
+        self._resumed_steps: int | None = None  # and its optimizer steps (None: a checkpoint that predates them)
 
     def split_settings(self) -> dict:
         """What decides the split (stored in checkpoints, so held-out images can be found again)."""
@@ -295,25 +295,23 @@ class MaskPredictorDataModule(pl.LightningDataModule):
             logger.info("teacher masks for %d of %d training images", have, len(self.splits["train"]))
         logger.info("split: %s", ", ".join(f"{k} {len(v)}" for k, v in self.splits.items()))
 
-    def _loader(self, name: str, shuffle: bool, batch_size: int) -> DataLoader:
-        """A training loader (``shuffle``; Lightning shards it over the ranks) or an evaluation loader, whose
-        images each rank reads once: ``rank::world_size``, without the repeated images a DistributedSampler
-        pads the ranks with (they would count twice in the metrics that pick ``best.ckpt``)."""
+    def _evaluation_loader(self, name: str, batch_size: int) -> DataLoader:
+        """An evaluation loader, whose images each rank reads once: ``rank::world_size``, without the repeated
+        images a DistributedSampler pads the ranks with (they would count twice in the metrics that pick
+        ``best.ckpt``)."""
         dataset, workers = self.datasets[name], self.hparams.num_workers
         rank, world_size = self._rank()
         sampler = None
-        if not shuffle and 1 < world_size <= len(dataset):  # fewer images than ranks: Lightning's padding
+        if 1 < world_size <= len(dataset):  # fewer images than ranks: Lightning's padding
             from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 
             sampler = UnrepeatedDistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
             sampler=sampler,
             num_workers=workers,
             persistent_workers=workers > 0,
-            drop_last=shuffle and self._full_batches(len(dataset), batch_size),
         )
 
     def _full_batches(self, count: int, batch_size: int) -> bool:
@@ -337,12 +335,52 @@ class MaskPredictorDataModule(pl.LightningDataModule):
         done = int(trainer.global_step) * int(trainer.accumulate_grad_batches) if trainer is not None else 0
         return max(done, self._resumed_batches)
 
+    def _steps_done(self) -> int:
+        """Optimizer steps done so far: Lightning's global step, or the checkpoint's while Lightning has not yet
+        restored it (as :meth:`_batches_trained`)."""
+        trainer = self.trainer
+        if trainer is None:
+            return 0
+        resumed = self._resumed_steps
+        if resumed is None:
+            resumed = self._resumed_batches // max(int(trainer.accumulate_grad_batches), 1)
+        return max(int(trainer.global_step), resumed)
+
+    def _folder_position(self, sampler: FolderViews, drop_last: bool) -> tuple[int, int] | None:
+        """Where the next pass over the training folder starts: ``(epoch, batch)`` of this rank's order.
+
+        Epochs are the batches Lightning runs per epoch (the rank's share in batches, less under
+        ``trainer.limit_train_batches``); with gradient accumulation Lightning steps every
+        ``accumulate_grad_batches`` batches and on an epoch's last one, so ``s`` steps make
+        ``ceil(batches / accumulate_grad_batches)`` steps an epoch. At an epoch's start this is ``(epoch, 0)``; a
+        run resumed from a checkpoint written inside an epoch (a validation's ``last.ckpt``, or the end of a
+        shorter ``max_steps``) goes on at the batch after the last one trained. None without a trainer.
+        """
+        trainer = self.trainer
+        if trainer is None:
+            return None
+        keys, size = sampler.num_samples, sampler.batch_size
+        batches = keys // size if drop_last else math.ceil(keys / size)
+        limit = trainer.limit_train_batches
+        if isinstance(limit, int):
+            batches = min(batches, limit)
+        elif limit is not None:
+            batches = int(batches * float(limit))
+        if batches < 1:
+            return None
+        accumulate = max(int(trainer.accumulate_grad_batches), 1)
+        epoch, step = divmod(self._steps_done(), math.ceil(batches / accumulate))
+        return epoch, step * accumulate
+
     def state_dict(self) -> dict:
-        """The data module's part of a checkpoint: the training batches done (where a resumed stream goes on)."""
-        return {"batches_trained": self._batches_trained()}
+        """The data module's part of a checkpoint: the training batches and optimizer steps done (where a resumed
+        stream or folder epoch goes on)."""
+        return {"batches_trained": self._batches_trained(), "global_step": self._steps_done()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._resumed_batches = int(state_dict.get("batches_trained", 0))
+        steps = state_dict.get("global_step")
+        self._resumed_steps = int(steps) if steps is not None else None
 
     def _check_endless(self) -> None:
         """Refuse Trainer settings under which an endless stream would never stop or never validate."""
@@ -368,17 +406,17 @@ class MaskPredictorDataModule(pl.LightningDataModule):
             count = self.stream.count(hp.batch_size)
             stream = TrainingStream(train, scenes, hp.batch_size, count, hp.train_seed, rank, world_size)
             return StreamLoader(stream, self._batches_trained, num_workers=hp.num_workers)
-        if self.augment is not None:
-            workers = hp.num_workers
-            return DataLoader(
-                train,
-                batch_size=hp.batch_size,
-                sampler=FolderViews(train, hp.train_seed, rank, world_size),
-                num_workers=workers,
-                persistent_workers=workers > 0,
-                drop_last=self._full_batches(len(train), hp.batch_size),
-            )
-        return self._loader("train", True, hp.batch_size)
+        drop_last = self._full_batches(len(train), hp.batch_size)
+        sampler = FolderViews(train, hp.train_seed, rank, world_size, hp.batch_size)
+        sampler.position = lambda: self._folder_position(sampler, drop_last)
+        return DataLoader(
+            train,
+            batch_size=hp.batch_size,
+            sampler=sampler,
+            num_workers=hp.num_workers,
+            persistent_workers=hp.num_workers > 0,
+            drop_last=drop_last,
+        )
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False, self.hparams.val_batch_size or self.hparams.batch_size)
+        return self._evaluation_loader("val", self.hparams.val_batch_size or self.hparams.batch_size)

@@ -11,7 +11,9 @@ data-loading workers or the order of access (the seeding table's rules, :mod:`am
   images never are.
 * **Order** (:func:`epoch_order`): epoch ``e`` visits the N training images in the permutation drawn from
   ``derive_seed(seed, Stream.TRAIN_ORDER, e)``. :class:`FolderViews` hands out ``(index, epoch)`` keys in that
-  order, each rank of a DDP run its own share.
+  order, each rank of a DDP run its own share. A pass over the training loader starts where the optimizer steps
+  taken say (``position``): a run resumed from a checkpoint written inside an epoch trains on the rest of that
+  epoch, in its order, as the uninterrupted run did.
 * **Stream** (:class:`TrainingStream`): every training batch holds ``Bf`` folder draws and ``Bs`` stream items.
   Batch ``t`` of rank ``r`` among ``R`` holds the folder draws ``p = (t Bf + i) R + r`` and the stream items
   ``k = (t Bs + i) R + r`` (``i < Bf``, resp. ``i < Bs``); folder draw ``p`` is image
@@ -243,21 +245,45 @@ class FolderViews(DistributedSampler):
     nor forgets to call :meth:`set_epoch`; the keys are made in the main process, so data-loading workers
     (persistent or not) do not change them.
 
+    Without ``position`` a pass hands out the whole epoch set by :meth:`set_epoch`. With it, each pass asks it
+    where to start: ``(epoch, batch)`` hands out that epoch's keys from batch ``batch`` on (``batch_size`` keys a
+    batch), so a resumed run goes on inside the epoch it was interrupted in; None falls back to the set epoch.
+
     Args:
         dataset: the training images.
         seed: the order's seed (``data.train_seed``).
         rank, world_size: this process's rank and the number of ranks.
+        batch_size: keys per batch (the loader's batch size; used with ``position`` only).
+        position: called at the start of every pass; see above.
     """
 
-    def __init__(self, dataset: TrainingImages, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        dataset: TrainingImages,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        batch_size: int = 1,
+        position: Callable[[], tuple[int, int] | None] | None = None,
+    ) -> None:
         super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        self.batch_size = batch_size
+        self.position = position
 
-    def __iter__(self):
+    def epoch_keys(self, epoch: int) -> list[tuple[int, int]]:
+        """This rank's keys of ``epoch``, in order."""
         count = len(self.dataset)
-        order = epoch_order(count, self.seed, self.epoch)
+        order = epoch_order(count, self.seed, epoch)
         padding = self.total_size - count
         order += (order * math.ceil(padding / count))[:padding] if padding > 0 else []
-        return iter([(index, self.epoch) for index in order[self.rank : self.total_size : self.num_replicas]])
+        return [(index, epoch) for index in order[self.rank : self.total_size : self.num_replicas]]
+
+    def __iter__(self):
+        where = self.position() if self.position is not None else None
+        if where is None:
+            return iter(self.epoch_keys(self.epoch))
+        self.epoch, batch = where
+        return iter(self.epoch_keys(self.epoch)[batch * self.batch_size :])
 
 
 # --------------------------------------------------------------------------------------------- stream
