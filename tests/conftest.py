@@ -44,6 +44,18 @@ def make_tiny_cnn(num_classes: int = 5, channels: int = 3, seed: int = 0) -> Tin
     return model.eval()
 
 
+class TupleCNN(TinyCNN):
+    """A TinyCNN that returns ``(logits, features)``, as some detection-style models do: not a classifier."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return super().forward(x), self.features(x)
+
+
+def make_tuple_cnn() -> TupleCNN:
+    """The spec ``conftest:make_tuple_cnn`` (tests of the errors for a model that returns no logits)."""
+    return TupleCNN(5, 3).eval()
+
+
 @pytest.fixture
 def tiny_cnn() -> TinyCNN:
     return make_tiny_cnn()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,62 @@ def test_taps_are_found_by_stride_and_hooks_are_removed():
     assert [tuple(m.shape) for m in maps] == [(2, 6, 16, 16), (2, 10, 8, 8), (2, 12, 4, 4)]
     assert all(not m.requires_grad for m in maps)
     assert not any(m._forward_hooks for m in classifier.modules())
+
+
+class ChannelsLast(Strided):
+    """:class:`Strided` that also makes a channels-last ``(N, h, w, C)`` activation (as ConvNeXt and Swin keep
+    inside their blocks) last, and edits its input in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.to_last = Permute()
+
+    def forward(self, x):
+        x.mul_(1.0).sub_(0.5)  # in place: the caller's images must not change
+        stem = self.stem(x)
+        s8 = self.s8(self.s4(self.s2(stem)))
+        self.to_last(stem)  # (N, 32, 32, 4): read as NCHW, 32 channels at stride 32 / 4 = 8, after model.s8
+        return self.head(s8.mean((2, 3)))
+
+
+class Permute(nn.Module):
+    def forward(self, x):
+        return x.permute(0, 2, 3, 1)
+
+
+def test_taps_skip_channels_last_maps_copy_the_input_and_follow_the_classifiers_dtype(caplog):
+    torch.manual_seed(0)
+    classifier = wrap_classifier(ChannelsLast())
+    taps = find_taps(classifier, SIZE, 4)
+    assert [t.name for t in taps] == ["model.s2", "model.s4", "model.s8", "model.s8"]  # not model.to_last
+    assert "no feature map near stride 16 for DWT level 4: reading 'model.s8'" in caplog.text  # said, not silent
+    images = torch.rand(2, 3, SIZE, SIZE)
+    kept = images.clone()
+    maps = read_taps(classifier, images, [t.name for t in taps[:3]])
+    assert torch.equal(images, kept)  # the classifier edited its copy
+    # a float64 classifier reads float64 copies of float32 images (it failed: "Input type (float) and bias type
+    # (double)"); the maps come back float32
+    double = wrap_classifier(ChannelsLast().double())
+    double.model.load_state_dict(classifier.model.state_dict())
+    assert [t.name for t in find_taps(double, SIZE, 3)] == [t.name for t in taps[:3]]
+    maps64 = read_taps(double, images, [t.name for t in taps[:3]])
+    assert all(m.dtype == torch.float32 for m in maps64)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(maps, maps64))
+
+
+def test_a_network_that_fails_on_the_probe_or_returns_no_logits_is_one_line():
+    from amortized_cartoonx.errors import ClassifierError
+    from amortized_cartoonx.training import AmortizedCartoonXModule
+
+    class SizeBound(Strided):
+        def forward(self, x):
+            assert x.shape[-1] == 224, "Wrong image height!"
+            return super().forward(x)
+
+    with pytest.raises(ClassifierError, match=r"the backbone failed on a probe image of shape \(1, 3, 32, 32\)"):
+        find_taps(wrap_classifier(SizeBound()), SIZE, 3, "the backbone")
+    with pytest.raises(ClassifierError, match="returned tuple"):
+        AmortizedCartoonXModule("conftest:make_tuple_cnn", image_size=SIZE, levels=3, num_samples=1)
 
 
 def test_classifier_encoder_trains_its_projections_not_the_classifier():
@@ -179,6 +236,16 @@ def test_checkpoint_with_the_classifier_encoder_round_trips(tmp_path):
     # another classifier architecture lacks the recorded layers
     with pytest.raises((ConfigError, InputError)):
         AmortizedExplainer.from_checkpoint(path, Strided())
+    # the same architecture with other weights (another seed, a cast copy) is said: the projections learned its
+    # features; the same weights as a bare module are not
+    from conftest import make_tiny_cnn
+
+    for other in (make_tiny_cnn(seed=7), make_tiny_cnn().double()):
+        with pytest.warns(UserWarning, match="other weights than the one enc.ckpt was trained for"):
+            AmortizedExplainer.from_checkpoint(path, other, measure_samples=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        AmortizedExplainer.from_checkpoint(path, make_tiny_cnn(), measure_samples=4)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated", "ignore:`torch.jit.save` is deprecated")
@@ -218,6 +285,9 @@ def test_backbone_encoder_gives_a_torchscript_classifier_pretrained_features(tmp
     # ... and a backbone with other weights is refused (it was accepted: only layer names and channels were checked)
     with pytest.raises(ConfigError, match="backbone with other weights"):
         AmortizedExplainer.from_checkpoint(path, str(scripted), backbone=make_tiny_cnn(seed=7))
+    # ... and so are the same weights behind another input normalisation (they gave other features)
+    with pytest.raises(ConfigError, match="normalisation none, the backbone given now uses imagenet"):
+        AmortizedExplainer.from_checkpoint(path, str(scripted), backbone=wrap_classifier(make_tiny_cnn(), "imagenet"))
     with pytest.raises(ConfigError, match="backbone"):
         MaskPredictorConfig(encoder="backbone").validate()
 

@@ -22,14 +22,23 @@ import dataclasses
 import logging
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from .checkpoint import build_mask_predictor, read_checkpoint
-from .classifiers import Classifier, frozen, load_classifier, normalization_name, same_classifier, wrap_classifier
+from .checkpoint import NETWORK_KEY, build_mask_predictor, read_checkpoint
+from .classifiers import (
+    Classifier,
+    frozen,
+    load_classifier,
+    normalization_name,
+    same_classifier,
+    weights_digest,
+    wrap_classifier,
+)
 from .data import split_train_val_test
 from .errors import ClassifierError, ConfigError, is_integer, is_real
 from .explanation import Explanation, measure_mask
@@ -83,6 +92,22 @@ def top_k_masks(mask: Tensor, fractions: Sequence[float]) -> Tensor:
 # ---------------------------------------------------------------------------------------------------------
 # The explainers
 # ---------------------------------------------------------------------------------------------------------
+
+
+def _warn_other_weights(classifier: Classifier, meta: dict, path: Path) -> None:
+    """Warn when a classifier given as a module has other weights than the checkpoint's recorded digest: the
+    network learned to explain that classifier (and, with the ``classifier`` encoder, to read its features), so
+    its masks for another one, even a fine-tuned or cast copy, are a start, not its benchmarked quality."""
+    recorded = meta.get("classifier_weights_sha256")
+    digest = weights_digest(classifier) if recorded else None
+    if digest and digest != recorded:
+        warnings.warn(
+            f"the classifier given has other weights than the one {path.name} was trained for "
+            f"({meta.get('classifier')!r}): its masks were learned for that one (encoder "
+            f"{meta.get(NETWORK_KEY, {}).get('encoder', 'scratch')!r}); measure them (explain) before trusting them",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 class AmortizedExplainer:
@@ -187,7 +212,8 @@ class AmortizedExplainer:
             path: the checkpoint.
             classifier: the classifier, as a spec (``torchvision:NAME``, a model file, ``package.module:callable``;
                 loaded here), a loaded :class:`Classifier` (its spec must match the checkpoint's), or any other
-                ``nn.Module`` (wrapped with the checkpoint's input normalisation; the caller vouches for it).
+                ``nn.Module`` (wrapped with the checkpoint's input normalisation; the caller vouches for it: a
+                module or ``<module>`` Classifier whose weights differ from the recorded ones is warned about).
             device: where to run: ``cpu``, ``cuda[:N]``, ``mps`` or ``auto`` (CUDA when available).
             normalize: the input normalisation for a spec or a bare module (default: the checkpoint's; another one
                 is refused, as is a loaded :class:`Classifier` whose normalisation differs from the checkpoint's).
@@ -239,6 +265,7 @@ class AmortizedExplainer:
                 f"{used}: use normalize={trained!r} (--normalize {trained})"
             )
         network = build_mask_predictor(loaded, classifier, backbone)
+        _warn_other_weights(classifier, meta, path)  # a module or a '<module>' Classifier: the caller vouches
         return cls(network.to(device), classifier, meta, path=path, **options)
 
     # ---- settings and checks ----------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .classifiers import weights_digest
+from .classifiers import normalization_name, weights_digest
 from .errors import ConfigError, InputError, one_line
 from .feature_taps import check_taps
 from .images import MAX_SIZE as MAX_IMAGE_SIZE
@@ -244,6 +244,13 @@ def build_mask_predictor(
             raise ConfigError(
                 f"{loaded.path.name} was trained on the features of a backbone with other weights than the one "
                 f"given now ({cfg.backbone!r} in training; another version or file?)"
+            )
+        trained, used = loaded.meta.get("backbone_normalize"), normalization_name(source)
+        if trained and used != trained:  # the same weights behind another input normalisation: other features
+            raise ConfigError(
+                f"{loaded.path.name} was trained on the features of the backbone with input normalisation "
+                f"{trained}, the backbone given now uses {used}: give it as trained (a bare nn.Module is wrapped "
+                "with the checkpoint's normalisation)"
             )
     else:
         return network

@@ -3,8 +3,10 @@
 The mask predictor's ``classifier`` encoder reads the explained classifier's own feature maps: the layer whose
 output lives at stride ``2^j`` describes the image at the scale of the level-j detail coefficients. Which layers
 those are is found automatically by one probe pass (:func:`find_taps`): every submodule whose output is a
-4-D tensor is a candidate, and level j takes the last one (in execution order, so the most processed) whose
-stride is closest to ``2^j``. The chosen layer names and channel counts are stored in the network's config, so
+4-D ``(N, C, h, w)`` tensor is a candidate (the probe is square, so ``h == w``: a channels-last ``(N, h, w, C)``
+activation, as ConvNeXt and Swin keep inside their blocks, is not one), and level j takes the last one (in
+execution order, so the most processed) whose stride is closest to ``2^j``; a level whose closest stride is an
+octave or more away is logged. The chosen layer names and channel counts are stored in the network's config, so
 a checkpoint can check that a classifier offers the same layers (:func:`check_taps`).
 
 Hooks are registered for one forward pass and removed at once (:func:`read_taps`, :func:`recording`): the
@@ -19,6 +21,7 @@ Shapes: N images, H x W pixels, C_j channels of the map read for level j.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,8 +31,11 @@ import torch
 from torch import Tensor, nn
 
 from .classifiers import frozen
-from .errors import ConfigError
+from .errors import CartoonXError, ClassifierError, ConfigError, one_line
+from .rde import classify, input_dtype
 from .runtime import module_device
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -109,10 +115,28 @@ def recording(module: nn.Module, names: set[str] | None) -> Iterator[dict[str, T
 
 
 def _record(module: nn.Module, images: Tensor, names: set[str] | None) -> dict[str, Tensor]:
-    """One frozen forward pass of ``module`` on ``images``; the 4-D outputs of its submodules by name."""
+    """One frozen forward pass of ``module`` on a copy of ``images`` (a module that edits its input in place
+    leaves the caller's images as they were), cast to the module's own floating dtype; the 4-D outputs of its
+    submodules by name."""
     with recording(module, names) as outputs, frozen(module), torch.no_grad():
-        module(images)
+        classify(module, images.clone())
     return outputs
+
+
+def _probe(module: nn.Module, image_size: int, names: set[str] | None, role: str) -> dict[str, Tensor]:
+    """:func:`_record` on one zero image of ``image_size``; a module that fails on it is a one-line
+    :class:`ClassifierError` naming ``role`` and the probe."""
+    dtype = input_dtype(module) or torch.float32
+    probe = torch.zeros(1, 3, image_size, image_size, device=module_device(module), dtype=dtype)
+    try:
+        return _record(module, probe, names)
+    except CartoonXError:
+        raise
+    except Exception as exc:  # any failure of the user's network: say which network and which input
+        raise ClassifierError(
+            f"{role} failed on a probe image of shape (1, 3, {image_size}, {image_size}), {dtype}, "
+            f"{probe.device.type} (does it take this image size?): {type(exc).__name__}: {one_line(exc)}"
+        ) from exc
 
 
 def collect(outputs: dict[str, Tensor], names: list[str]) -> list[Tensor]:
@@ -123,26 +147,37 @@ def collect(outputs: dict[str, Tensor], names: list[str]) -> list[Tensor]:
     return [outputs[n].detach().float() for n in names]
 
 
-def find_taps(module: nn.Module, image_size: int, levels: int) -> list[Tap]:
+def find_taps(module: nn.Module, image_size: int, levels: int, role: str = "the classifier") -> list[Tap]:
     """The layer read for each DWT level 1..J of an ``image_size`` image (one probe pass on zeros).
 
     Raises:
-        ConfigError: TorchScript or a module without any 4-D feature map.
+        ConfigError: TorchScript or a module without any square 4-D ``(N, C, h, w)`` feature map.
+        ClassifierError: the module fails on the probe image.
     """
-    check_hookable(module)
-    probe = torch.zeros(1, 3, image_size, image_size, device=module_device(module))
-    outputs = _record(module, probe, None)
-    if not outputs:
-        raise ConfigError("the classifier has no layer with a 4-D (N, C, h, w) output to read features from")
-    candidates = [
-        Tap(name, int(out.shape[1]), image_size / max(int(out.shape[-1]), 1)) for name, out in outputs.items()
+    check_hookable(module, role)
+    outputs = _probe(module, image_size, None, role)
+    candidates = [  # square maps only: a channels-last (N, h, w, C) activation has w != h (its C)
+        Tap(name, int(out.shape[1]), image_size / int(out.shape[-1]))
+        for name, out in outputs.items()
+        if out.shape[-1] == out.shape[-2] and out.shape[-1] > 0
     ]
+    if not candidates:
+        raise ConfigError(f"{role} has no layer with a 4-D (N, C, h, w) output to read features from")
     taps = []
     for level in range(1, levels + 1):
         # closest stride in log2; among equals the last (deepest) one
         best = min(
             reversed(candidates), key=lambda t: abs(math.log2(t.stride) - level)
         )  # min keeps the first of equals: reversed -> the last in execution order
+        if abs(math.log2(best.stride) - level) >= 1:
+            logger.warning(
+                "%s has no feature map near stride %d for DWT level %d: reading %r (stride %.3g)",
+                role,
+                2**level,
+                level,
+                best.name,
+                best.stride,
+            )
         taps.append(best)
     return taps
 
@@ -157,9 +192,10 @@ def check_taps(
 ) -> None:
     """Refuse a module that lacks the named layers or whose channels differ (a checkpoint for another network);
     ``role`` names the module in the message (``the classifier``, ``the backbone``)."""
-    probe = torch.zeros(1, 3, image_size, image_size, device=module_device(module))
     try:
-        found = [int(t.shape[1]) for t in read_taps(module, probe, names)]
+        found = [
+            int(t.shape[1]) for t in collect(_probe(check_hookable(module, role), image_size, set(names), role), names)
+        ]
     except ConfigError as exc:
         raise ConfigError(str(exc).replace("the classifier", role, 1)) from None
     if found != list(channels):

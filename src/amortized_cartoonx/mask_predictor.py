@@ -179,7 +179,9 @@ class MaskPredictorConfig:
         images (the ``scratch`` encoder: unchanged)."""
         if self.encoder not in TAPPED_ENCODERS or self.taps is not None:
             return self
-        found = find_taps(network, image_size, self.levels)
+        found = find_taps(
+            network, image_size, self.levels, "the backbone" if self.encoder == "backbone" else "the classifier"
+        )
         return replace(self, taps=[t.name for t in found], tap_channels=[t.channels for t in found])
 
     def stage_channels(self) -> list[int]:

@@ -39,7 +39,7 @@ from ..errors import ConfigError, InputError, NonFiniteError
 from ..evaluation.agreement import mask_agreement
 from ..mask_logits import logits_to_mask, sigmoid_for_mask
 from ..mask_predictor import MaskPredictor, MaskPredictorConfig, describe_size
-from ..rde import DISTORTIONS, OBFUSCATIONS, RDEObjective, RDEProblem, make_generators
+from ..rde import DISTORTIONS, OBFUSCATIONS, RDEObjective, RDEProblem, make_generators, original_logits
 from ..seeding import Stream, step_seeds
 from ..wavelets import Coefficients, WaveletRepresentation, grey
 from .data import MaskPredictorDataModule, check_teachers
@@ -214,8 +214,8 @@ class AmortizedCartoonXModule(pl.LightningModule):
         self.representation = WaveletRepresentation(wave, levels, mode)
         self.objective = RDEObjective(self.classifier, self.representation, l1_lambda, obfuscation, distortion)
         probe = torch.zeros(1, 3, image_size, image_size)
-        with torch.no_grad():
-            num_classes = int(self.classifier(probe).shape[-1])
+        with torch.no_grad():  # logits checked: a classifier that returns a tuple or NaN is one line, here
+            num_classes = int(original_logits(self.classifier, probe).shape[-1])
             self.mask_length = self.representation.encode(probe).numel_per_channel()
         self.levels_used = self.representation.levels_for(image_size, image_size)
         derived = {"num_classes": num_classes, "wave": wave, "levels": self.levels_used, "mode": mode}
