@@ -27,11 +27,16 @@ classifier pass (for the target) and network pass; the optimizers' explain() min
 is the same reporting cost for every method and is timed and shown separately. On a CPU shared with other
 processes, ``--threads 1`` gives steadier timings (torch threads that wait on each other slow small kernels
 down). Images: the checkpoint's held-out test split of
-``--images`` when it has one (``--split``).
+``--images`` when it has one (``--split``). When ``--images`` is the folder the explainer was trained on (the
+checkpoint's ``data.images``), only its test split is held out (the validation images picked the checkpoint): any
+other split (``all``, ``train``, ``val``, or ``auto`` on a checkpoint without a test split) is refused unless
+``--allow-training-images`` is given, and the report then says the images are not held out.
 
 ``--exact-cache DIR`` keeps each image's exact result (mask, loss history, numbers) in a safetensors file
-named by the image, the classifier's weights and every setting that changes it, so benchmarks of several
-checkpoints against the same slow reference compute it once. ``--start`` skips the first images of the folder
+named by the image, its seed, the classifier's weights and every setting that changes it, so benchmarks of several
+checkpoints against the same slow reference compute it once. A cached result's exact seconds are the computing
+run's, less that run's final measurement (this run's when the run that computed it did not time it:
+bench_schedule.py's reference cache). ``--start`` skips the first images of the folder
 (keep tuning images and reported images apart).
 
 Example (CPU-sized)::
@@ -92,6 +97,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         choices=("auto", "test", "val", "train", "all"),
         help="which images of the folder: auto = the checkpoint's test split if it has one, else all",
+    )
+    p.add_argument(
+        "--allow-training-images",
+        action="store_true",
+        help="measure on images of the folder the explainer was trained on that are not in its test split "
+        "(--split all, train or val of the checkpoint's data.images); refused without this flag",
     )
     p.add_argument("--limit", type=int, default=8, help="at most this many images (default 8)")
     p.add_argument("--start", type=int, default=0, help="skip this many images of the split first (default 0)")
@@ -218,18 +229,47 @@ def fmt(value: float | None, digits: int = 4) -> str:
     return f"{value:.{digits}f}"
 
 
+def same_folder(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one folder (after ``~``, symlinks and ``..``)."""
+    a, b = Path(a).expanduser(), Path(b).expanduser()
+    try:
+        return a.samefile(b)
+    except OSError:  # one of them does not exist here (a checkpoint from another machine)
+        return a.resolve() == b.resolve()
+
+
 def select_images(args: argparse.Namespace, amortized: AmortizedExplainer) -> tuple[list[Path], str]:
+    """The images to measure on and the split they come from; refuses the explainer's training folder outside its
+    test split unless ``--allow-training-images`` (sets ``args.held_out``: whether the images are held out)."""
     files = list_images(args.images)
     by_id = {p.name: p for p in files}
+    data = amortized.meta.get("data") or {}
     split = args.split
     if split == "auto":
-        data = amortized.meta.get("data") or {}
         split = "test" if data.get("test_fraction", 0) > 0 else "all"
+    trained_on = bool(data.get("images")) and same_folder(args.images, data["images"])
+    args.held_out = not trained_on or split == "test"
+    if not args.held_out and not args.allow_training_images:
+        chosen = f"--split {args.split}" + (f" ({split})" if args.split != split else "")
+        instead = (
+            "use --split test"
+            if data.get("test_fraction", 0) > 0
+            else "the checkpoint has no test split: use images it was not trained on"
+        )
+        raise InputError(
+            f"{args.images} is the folder the explainer was trained on: only its test split is held out (validation "
+            f"images picked the checkpoint), not {chosen}; {instead}, or pass --allow-training-images to measure on "
+            "them anyway"
+        )
     if split != "all":
         ids = amortized.split(list(by_id))[split]
         files = [by_id[i] for i in ids]
     if not files:
         raise InputError(f"no images in the {split} split of {args.images}")
+    if args.start >= len(files):
+        raise InputError(
+            f"--start {args.start} is past the last image: the {split} split of {args.images} has {len(files)}"
+        )
     return files[args.start : args.start + args.limit], split
 
 
@@ -334,18 +374,14 @@ def run(args: argparse.Namespace) -> dict:
             synchronize(device)
             t_calibrated = (time.perf_counter() - start) / n
             e_calibrated = calibrated.explain(batch, seeds=seeds).cpu()
-        # (b) exact from ones (or the cache)
+        # (b) exact from ones (or the cache): its seconds without the final measurement (the computing run's own
+        # when it timed it, else this run's)
         e_exact = cached_results(
-            args.exact_cache,
-            exact,
-            identity,
-            meta["image_size"],
-            args.seed,
-            batch,
-            files[lo : lo + n],
-            seeds,
-            t_measure,
+            args.exact_cache, exact, identity, meta["image_size"], batch, files[lo : lo + n], seeds, t_measure
         )
+        for r in e_exact:
+            own = r["measure_seconds"]
+            r["seconds"] = None if r["seconds"] is None else r["seconds"] - (t_measure if own is None else own)
         # (c) warm starts
         e_warm = {k: w.explain(batch, seeds=seeds, progress=True).cpu() for k, w in warm.items()}
         exact_masks = torch.stack([r["mask"] for r in e_exact])
@@ -459,6 +495,7 @@ def summarise(args, records, refine, split, device, meta) -> dict:
             "calibrate_samples": args.calibrate_samples,
             "calibration": args.calibration,
             "start": args.start,
+            "held_out": getattr(args, "held_out", True),
             "samples": args.samples,
             "measure_samples": args.measure_samples,
             "batch_size": args.batch_size,
@@ -501,8 +538,10 @@ def _get(record: dict, path: list[str]):
 def markdown(result: dict) -> str:
     s, m = result["settings"], result["medians"]
     n = s["count"]
+    trained_on = "" if s.get("held_out", True) else ", NOT held out: the explainer was trained on this folder"
     lines = [
-        f"Images: {n} ({s['split']} split of {s['images']}), {s['image_size']} px, classifier {s['classifier']}, "
+        f"Images: {n} ({s['split']} split of {s['images']}{trained_on}), {s['image_size']} px, "
+        f"classifier {s['classifier']}, "
         f"{s['wave']} J={s['levels']}, lambda {s['l1_lambda']}, {s['distortion']} distortion, "
         f"L = {s['samples']} noise samples per optimizer step, {s['measure_samples']} for the final measurement, "
         f"batches of {s['batch_size']}; "

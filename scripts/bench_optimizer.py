@@ -38,7 +38,8 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 from amortized_cartoonx.allocator import tune_cpu_allocator  # noqa: E402
 from amortized_cartoonx.classifiers import load_classifier  # noqa: E402
 from amortized_cartoonx.cli.common import nonnegative_int, plain_text, positive_int  # noqa: E402
-from amortized_cartoonx.optimizer import CartoonX, PixelRDE, default_chunk  # noqa: E402
+from amortized_cartoonx.errors import CartoonXError, one_line  # noqa: E402
+from amortized_cartoonx.optimizer import PRECISIONS, CartoonX, PixelRDE, default_chunk  # noqa: E402
 from amortized_cartoonx.runtime import resolve_device, synchronize  # noqa: E402
 
 
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=positive_int, default=5, help="measurement rounds (default 5)")
     p.add_argument("--paper-steps", type=int, default=2000)
     p.add_argument("--fast-steps", type=int, default=200)
-    p.add_argument("--precision", default="fp32", help="comma-separated: fp32, bf16")
+    p.add_argument("--precision", default="fp32", help=f"comma-separated: {', '.join(PRECISIONS)}")
     p.add_argument("--compile", action="store_true", help="torch.compile the classifier first")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None, help="also write the rows here")
@@ -135,6 +136,28 @@ def main(argv: list[str] | None = None) -> int:
         help="noise samples per pass (the optimizer's chunk_size); default: the optimizer's (cache-sized on a CPU)",
     )
     args = p.parse_args(argv)
+    # every row's settings checked before the first row runs
+    batches, samples = positive_list(p, "--batch", args.batch), positive_list(p, "--samples", args.samples)
+    precisions = args.precision.split(",")
+    unknown = [v for v in precisions if v not in PRECISIONS]
+    if unknown:
+        p.error(f"--precision: unknown {', '.join(map(repr, unknown))}; use comma-separated {', '.join(PRECISIONS)}")
+    try:
+        return bench(args, batches, samples, precisions)
+    except CartoonXError as exc:
+        print(f"bench_optimizer: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def positive_list(p: argparse.ArgumentParser, option: str, text: str) -> list[int]:
+    """A comma-separated list of positive integers, or a usage error naming ``option``."""
+    items = text.split(",")
+    if not all(item.strip().isdigit() and int(item) > 0 for item in items):
+        p.error(f"{option} takes comma-separated positive integers, got {text!r}")
+    return [int(item) for item in items]
+
+
+def bench(args: argparse.Namespace, batches: list[int], samples: list[int], precisions: list[str]) -> int:
     allocator = "tuned" if args.allocator == "tuned" and tune_cpu_allocator() else "default"
 
     device = resolve_device(args.device)
@@ -160,9 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with torch.no_grad():  # the stand-in's class count: the classifier's, once
         classes = classifier(torch.rand(1, 3, args.size, args.size, device=device)).shape[-1]
-    for b in (int(v) for v in args.batch.split(",")):
-        for L in (int(v) for v in args.samples.split(",")):
-            for precision in args.precision.split(","):
+    for b in batches:
+        for L in samples:
+            for precision in precisions:
                 gen = torch.Generator().manual_seed(0)
                 images = torch.rand(b, 3, args.size, args.size, generator=gen).to(device)
                 cls = PixelRDE if args.method == "pixel-rde" else CartoonX

@@ -2,9 +2,19 @@
 
 A result (the mask, the per-step loss history and the measured numbers) is a safetensors file named by the image
 file's stem and a digest of everything that changes it: the image's bytes, the classifier's weights and input
-normalisation, the optimizer's settings, the image size, the seed and the device type. Two scripts that run the
-same optimizer on the same image share the file, so the slow reference (2000 steps) is computed once. Loading
-reads tensors and JSON only. A cached result's seconds are those of the run that computed it.
+normalisation, the optimizer's settings, the image size, the image's own noise seed (the one the optimizer ran
+with, derived from the file name and the base seed) and the device type. Two scripts that run the same optimizer
+on the same image share the file, so the slow reference (2000 steps) is computed once. Loading reads tensors and
+JSON only.
+
+Seconds: ``seconds`` is the wall-clock time per image of the whole ``explain()`` call, the final measurement
+included; ``measure_seconds`` is that measurement's share when the computing run timed it (bench_amortized.py
+does), else None. Each script subtracts what it needs. A cached result's seconds are those of the run (and
+machine) that computed it.
+
+Files written before the key held the image's own seed (it held the base seed, and ``seconds`` meant either the
+total or the total less the measurement, depending on the script) are not reused: their names differ from every
+key made now. Loaded directly, such a file's ``seconds`` and ``measure_seconds`` are None (unknown).
 """
 
 from __future__ import annotations
@@ -21,7 +31,18 @@ from amortized_cartoonx.classifiers import classifier_identity, normalization_na
 from amortized_cartoonx.optimizer import result_settings as comparable_settings
 
 #: The numbers stored beside the mask and the history.
-NUMBERS = ("loss", "distortion", "mask_mean", "prob_obfuscated", "seconds", "target", "prob_original")
+NUMBERS = (
+    "loss",
+    "distortion",
+    "mask_mean",
+    "prob_obfuscated",
+    "seconds",
+    "measure_seconds",
+    "target",
+    "prob_original",
+)
+#: Stored with every file written since ``seconds`` means the whole call (files without it: seconds unknown).
+FORMAT = 2
 
 
 def classifier_key(classifier: torch.nn.Module, spec: str) -> str:
@@ -46,8 +67,10 @@ def cache_path(
 ) -> Path | None:
     """The cache file of one image's result, or None without a cache folder.
 
+    ``seed`` is the image's own noise seed, the one the optimizer runs it with (``file_seeds``), not the base seed:
+    two files with the same bytes but other names (``x.png``, ``x.PNG``) are seeded apart, so they are kept apart.
     The classifier's input normalisation and the device type (CPU and CUDA draw different noise) enter the key
-    when they are not ``none`` and ``cpu``, so the files of earlier runs (which had neither) keep their names.
+    when they are not ``none`` and ``cpu``.
     """
     if not folder:
         return None
@@ -56,7 +79,7 @@ def cache_path(
         "classifier": identity,
         "settings": result_settings(optimizer),
         "size": size,
-        "seed": seed,
+        "image_seed": int(seed),
     }
     normalization = normalization_name(optimizer.classifier)
     if normalization != "none":
@@ -71,7 +94,10 @@ def load_result(path: Path | None) -> dict | None:
     if path is None or not path.is_file():
         return None
     with safe_open(str(path), framework="pt") as f:
-        numbers = json.loads(f.metadata()["numbers"])
+        metadata = f.metadata()
+        numbers = json.loads(metadata["numbers"])
+        if metadata.get("format") != str(FORMAT):  # an older file: what its seconds left out is not known
+            numbers |= {"seconds": None, "measure_seconds": None}
         # cached: its seconds are those of the run (and machine) that computed it
         return {"mask": f.get_tensor("mask"), "history": f.get_tensor("history"), **numbers, "cached": True}
 
@@ -82,7 +108,7 @@ def save_result(path: Path, record: dict) -> None:
     save_file(
         {"mask": record["mask"].contiguous(), "history": record["history"].contiguous()},
         str(tmp),
-        metadata={"numbers": json.dumps({k: record[k] for k in NUMBERS})},
+        metadata={"numbers": json.dumps({k: record[k] for k in NUMBERS}), "format": str(FORMAT)},
     )
     tmp.replace(path)
 
@@ -92,15 +118,16 @@ def cached_results(
     optimizer,
     identity: str,
     size: int,
-    seed: int,
     batch: torch.Tensor,
     files: list[Path],
     seeds: list[int],
-    measure_seconds: float = 0.0,
+    measure_seconds: float | None = None,
 ) -> list[dict]:
     """Each image's result: from the cache where it has one, else computed (batched, with a progress bar) and
-    cached. ``seconds`` per image excludes ``measure_seconds`` (the final measurement every method pays)."""
-    paths = [cache_path(folder, f, optimizer, identity, size, seed, batch.device.type) for f in files]
+    cached. ``seeds`` are the images' own seeds (the key holds them). ``seconds`` per image is the whole
+    ``explain()`` call, the final measurement included; ``measure_seconds``, when the caller timed the measurement
+    (seconds per image), is stored beside it so that a later run can subtract the computing run's own."""
+    paths = [cache_path(folder, f, optimizer, identity, size, s, batch.device.type) for f, s in zip(files, seeds)]
     results = [load_result(p) for p in paths]
     todo = [i for i, r in enumerate(results) if r is None]
     if todo:
@@ -112,8 +139,8 @@ def cached_results(
                 "mask": flat[k],
                 "history": e.history.total[:, k],
                 "loss": summary["loss_final"],
-                **{name: summary[name] for name in NUMBERS if name not in ("loss", "seconds")},
-                "seconds": summary["seconds"] - measure_seconds,
+                **{name: summary[name] for name in NUMBERS if name not in ("loss", "measure_seconds")},
+                "measure_seconds": measure_seconds,
             }
             if paths[i] is not None:
                 save_result(paths[i], record)

@@ -44,12 +44,24 @@ def test_paired_rounds_time_every_function_once_per_round_in_turn():
     assert all(t >= 0 for ts in times.values() for t in ts)
 
 
+def usage_error(capsys, option: str, value: str) -> None:
+    """``bench.main`` refuses ``option value`` as a usage error (exit 2, the option named), loading nothing."""
+    try:
+        bench.main(["--classifier", "unused", option, value])
+    except SystemExit as exc:
+        assert exc.code == 2, option
+    else:
+        raise AssertionError(f"{option} {value} was accepted")
+    assert option in capsys.readouterr().err
+
+
 def test_counts_that_would_divide_by_zero_are_usage_errors(capsys):
     for option, value in (("--steps", "0"), ("--repeats", "0"), ("--warmup", "-1"), ("--chunk-size", "0")):
-        try:
-            bench.main(["--classifier", "unused", option, value])
-        except SystemExit as exc:
-            assert exc.code == 2, option
-        else:
-            raise AssertionError(f"{option} {value} was accepted")
-        assert option in capsys.readouterr().err
+        usage_error(capsys, option, value)
+
+
+def test_every_rows_settings_are_checked_before_the_first_row_runs(capsys):
+    """A bad --precision (or --batch, --samples) is a usage error at once, not after the rows before it ran: the
+    classifier ("unused") is never loaded."""
+    for option, value in (("--precision", "fp32,fp8"), ("--batch", "1,x"), ("--samples", "16,0")):
+        usage_error(capsys, option, value)
