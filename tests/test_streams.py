@@ -328,12 +328,12 @@ def test_a_fit_step_trains_on_the_stream_and_continues_it_on_resume(image_dir, t
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
             seen.append(list(batch["id"]))
 
-    def fit(max_steps: int, ckpt_path: str | None = None, max_epochs: int | None = None) -> pl.Trainer:
+    def fit(max_steps: int, ckpt_path: str | None = None, max_epochs: int | None = None, **options) -> pl.Trainer:
         torch.manual_seed(0)
         module = AmortizedCartoonXModule(SPEC, image_size=SIZE, num_samples=1, warmup_steps=0, **TINY_NET)
         scenes = CartoonConfig(classes=CLASS_NAMES[:5])  # the tiny classifier's 5 classes
         data = data_module(image_dir, stream=StreamConfig(fraction=0.5, seed=7, scenes=scenes))
-        return tiny_fit(module, data, max_steps, max_epochs, Ids(), ckpt_path, limit_val_batches=0)
+        return tiny_fit(module, data, max_steps, max_epochs, Ids(), ckpt_path, limit_val_batches=0, **options)
 
     trainer = fit(2)
     assert trainer.global_step == 2 and len(seen) == 2
@@ -347,6 +347,18 @@ def test_a_fit_step_trains_on_the_stream_and_continues_it_on_resume(image_dir, t
         seen.clear()
         fit(3, ckpt_path=str(path), max_epochs=max_epochs)
         assert seen == [keys(expected.batch(2))]  # resumed at step 2: the stream goes on, it does not start again
+
+    # epochs of 3 batches, 2 accumulated a step: Lightning steps after batches 2 and 3 of an epoch, and the next
+    # epoch goes on at batch 4 (it went on at step x 2 = batch 5, skipping one), resumed runs too
+    accumulated = dict(limit_train_batches=3, accumulate_grad_batches=2)
+    seen.clear()
+    trainer = fit(5, **accumulated)
+    assert len(seen) == 8 and seen == [keys(expected.batch(t)) for t in range(8)]
+    seen.clear()
+    fit(3, **accumulated).save_checkpoint(path)
+    seen.clear()
+    fit(5, ckpt_path=str(path), **accumulated)
+    assert seen == [keys(expected.batch(t)) for t in range(5, 8)]
 
     with pytest.raises(ConfigError, match="max_steps"):
         fit(-1)

@@ -325,36 +325,47 @@ class MaskPredictorDataModule(pl.LightningDataModule):
         return (int(trainer.global_rank), int(trainer.world_size)) if trainer is not None else (0, 1)
 
     def _batches_trained(self) -> int:
-        """Training batches done so far (global step times gradient accumulation): where the stream goes on.
-
-        A resumed run knows them from the checkpoint's data-module state before Lightning restores its global
-        step: Lightning may start the training loader earlier (to count the steps of the schedule when
-        ``trainer.max_epochs`` is set).
-        """
+        """Training batches done so far: where the stream goes on (its epochs are ``trainer.limit_train_batches``
+        batches when that is a number, else one endless epoch; see :meth:`_position`)."""
         trainer = self.trainer
-        done = int(trainer.global_step) * int(trainer.accumulate_grad_batches) if trainer is not None else 0
-        return max(done, self._resumed_batches)
+        if trainer is None:
+            return self._resumed_batches
+        limit = trainer.limit_train_batches
+        per_epoch = limit if isinstance(limit, int) and limit > 0 else None
+        epoch, batch = self._position(per_epoch)
+        return epoch * (per_epoch or 0) + batch
 
     def _steps_done(self) -> int:
         """Optimizer steps done so far: Lightning's global step, or the checkpoint's while Lightning has not yet
-        restored it (as :meth:`_batches_trained`)."""
+        restored it. A resumed run knows them from the checkpoint's data-module state before Lightning restores
+        its global step: Lightning may start the training loader earlier (to count the steps of the schedule when
+        ``trainer.max_epochs`` is set)."""
         trainer = self.trainer
         if trainer is None:
             return 0
         resumed = self._resumed_steps
-        if resumed is None:
+        if resumed is None:  # a checkpoint that predates the recorded steps: its batches were steps x accumulation
             resumed = self._resumed_batches // max(int(trainer.accumulate_grad_batches), 1)
         return max(int(trainer.global_step), resumed)
 
-    def _folder_position(self, sampler: FolderViews, drop_last: bool) -> tuple[int, int] | None:
-        """Where the next pass over the training folder starts: ``(epoch, batch)`` of this rank's order.
+    def _position(self, per_epoch: int | None) -> tuple[int, int]:
+        """``(epoch, batch)`` where training goes on after the optimizer steps done, for epochs of ``per_epoch``
+        batches (None: one endless epoch). Lightning steps every ``accumulate_grad_batches`` batches and on an
+        epoch's last one, so an epoch takes ``ceil(per_epoch / accumulate_grad_batches)`` steps; exact at
+        optimizer steps (a checkpoint written between two goes on after the last step, as its weights do)."""
+        accumulate = max(int(self.trainer.accumulate_grad_batches), 1)
+        steps = self._steps_done()
+        if per_epoch is None:
+            return 0, steps * accumulate
+        epoch, step = divmod(steps, math.ceil(per_epoch / accumulate))
+        return epoch, step * accumulate
 
-        Epochs are the batches Lightning runs per epoch (the rank's share in batches, less under
-        ``trainer.limit_train_batches``); with gradient accumulation Lightning steps every
-        ``accumulate_grad_batches`` batches and on an epoch's last one, so ``s`` steps make
-        ``ceil(batches / accumulate_grad_batches)`` steps an epoch. At an epoch's start this is ``(epoch, 0)``; a
-        run resumed from a checkpoint written inside an epoch (a validation's ``last.ckpt``, or the end of a
-        shorter ``max_steps``) goes on at the batch after the last one trained. None without a trainer.
+    def _folder_position(self, sampler: FolderViews, drop_last: bool) -> tuple[int, int] | None:
+        """Where the next pass over the training folder starts: ``(epoch, batch)`` of this rank's order
+        (:meth:`_position` for the batches Lightning runs per epoch: the rank's share in batches, less under
+        ``trainer.limit_train_batches``). At an epoch's start this is ``(epoch, 0)``; a run resumed from a
+        checkpoint written inside an epoch (a validation's ``last.ckpt``, or the end of a shorter ``max_steps``)
+        goes on at the batch after the last one trained. None without a trainer.
         """
         trainer = self.trainer
         if trainer is None:
@@ -366,11 +377,7 @@ class MaskPredictorDataModule(pl.LightningDataModule):
             batches = min(batches, limit)
         elif limit is not None:
             batches = int(batches * float(limit))
-        if batches < 1:
-            return None
-        accumulate = max(int(trainer.accumulate_grad_batches), 1)
-        epoch, step = divmod(self._steps_done(), math.ceil(batches / accumulate))
-        return epoch, step * accumulate
+        return self._position(batches) if batches >= 1 else None
 
     def state_dict(self) -> dict:
         """The data module's part of a checkpoint: the training batches and optimizer steps done (where a resumed

@@ -21,12 +21,13 @@ data-loading workers or the order of access (the seeding table's rules, :mod:`am
   :class:`~amortized_cartoonx.synthetic.dataset.SyntheticStream`. So a batch is a function of (seeds, step, rank,
   number of ranks) alone, the ranks' items are disjoint and together are the single-rank stream, and data-loading
   worker ``w`` of ``W`` makes the batches ``t = start + w + m W``, which the DataLoader hands out in step order.
-  :class:`StreamLoader` starts every pass at the batches already trained (Lightning's global step times the
-  gradient accumulation, or the count in the checkpoint's data-module state while Lightning has not yet restored
-  its step): a resumed run, or a new epoch under ``limit_train_batches``, continues the stream. With gradient
-  accumulation that count is exact at optimizer steps only: an epoch whose length is not a multiple of
-  ``accumulate_grad_batches`` (Lightning steps on its last batch) skips a few stream batches at the next one, and a
-  checkpoint saved between optimizer steps repeats a few on resume; no batch is trained twice within a pass.
+  :class:`StreamLoader` starts every pass at the batches already trained, counted from the optimizer steps
+  (Lightning's global step, or the checkpoint's data-module state while Lightning has not yet restored it) as
+  Lightning steps: every ``accumulate_grad_batches`` batches and on the last batch of an epoch (epochs of
+  ``limit_train_batches`` batches when that is a number): a resumed run, or a new epoch under
+  ``limit_train_batches``, continues the stream without a gap. A checkpoint saved between two optimizer steps goes
+  on after the last step (as its weights do), so the batches since are trained again; no batch is trained twice
+  within a pass.
 
 Shapes: S the image side; images ``(3, S, S)`` float32 in [0, 1].
 """
