@@ -84,7 +84,12 @@ def test_taps_skip_channels_last_maps_copy_the_input_and_follow_the_classifiers_
     classifier = wrap_classifier(ChannelsLast())
     taps = find_taps(classifier, SIZE, 4)
     assert [t.name for t in taps] == ["model.s2", "model.s4", "model.s8", "model.s8"]  # not model.to_last
-    assert "no feature map near stride 16 for DWT level 4: reading 'model.s8'" in caplog.text  # said, not silent
+    assert "no feature map" not in caplog.text  # level 4 is beyond the coarsest map: it reads that one, quietly
+    gapped = wrap_classifier(Strided())
+    gapped.model.s4 = nn.Identity()  # maps at strides 1, 2 and 8: stride 4 is missing inside the range
+    gapped.model.s8 = nn.Sequential(nn.Conv2d(6, 12, 5, stride=4, padding=2), nn.ReLU())
+    assert [t.stride for t in find_taps(gapped, SIZE, 3)] == [2, 8, 8]  # of two an octave off, the deeper
+    assert "no feature map near stride 4 for DWT level 2: reading 'model.s8' (stride 8)" in caplog.text
     images = torch.rand(2, 3, SIZE, SIZE)
     kept = images.clone()
     maps = read_taps(classifier, images, [t.name for t in taps[:3]])

@@ -5,8 +5,9 @@ output lives at stride ``2^j`` describes the image at the scale of the level-j d
 those are is found automatically by one probe pass (:func:`find_taps`): every submodule whose output is a
 4-D ``(N, C, h, w)`` tensor is a candidate (the probe is square, so ``h == w``: a channels-last ``(N, h, w, C)``
 activation, as ConvNeXt and Swin keep inside their blocks, is not one), and level j takes the last one (in
-execution order, so the most processed) whose stride is closest to ``2^j``; a level whose closest stride is an
-octave or more away is logged. The chosen layer names and channel counts are stored in the network's config, so
+execution order, so the most processed) whose stride is closest to ``2^j``. A level finer than the finest map or
+coarser than the coarsest reads that map; a level inside that range whose closest map is an octave or more away is
+logged. The chosen layer names and channel counts are stored in the network's config, so
 a checkpoint can check that a classifier offers the same layers (:func:`check_taps`).
 
 Hooks are registered for one forward pass and removed at once (:func:`read_taps`, :func:`recording`): the
@@ -164,12 +165,14 @@ def find_taps(module: nn.Module, image_size: int, levels: int, role: str = "the 
     if not candidates:
         raise ConfigError(f"{role} has no layer with a 4-D (N, C, h, w) output to read features from")
     taps = []
+    finest, coarsest = min(t.stride for t in candidates), max(t.stride for t in candidates)
     for level in range(1, levels + 1):
         # closest stride in log2; among equals the last (deepest) one
         best = min(
             reversed(candidates), key=lambda t: abs(math.log2(t.stride) - level)
         )  # min keeps the first of equals: reversed -> the last in execution order
-        if abs(math.log2(best.stride) - level) >= 1:
+        # a level beyond the network's finest or coarsest map reads that map (expected); a gap inside is said
+        if finest < 2**level < coarsest and abs(math.log2(best.stride) - level) >= 1:
             logger.warning(
                 "%s has no feature map near stride %d for DWT level %d: reading %r (stride %.3g)",
                 role,
