@@ -13,7 +13,7 @@ import math
 import pickle
 import warnings
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -67,11 +67,14 @@ _REQUIRED: dict[str, type | tuple[type, ...]] = {
 
 @dataclass(frozen=True)
 class LoadedCheckpoint:
-    """A validated checkpoint: ``meta`` (the settings, in the current format) and the network's ``state``."""
+    """A validated checkpoint: ``meta`` (the settings, in the current format), the network's ``state``, and
+    Lightning's ``hyper_parameters`` (the module's arguments, which a resumed ``cartoonx fit`` reads; not
+    validated: only plain values, as ``weights_only`` reads them)."""
 
     path: Path
     meta: dict
     state: dict[str, Tensor]
+    hyper_parameters: dict = field(default_factory=dict)
 
 
 def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
@@ -123,7 +126,10 @@ def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
             raise InputError(f"{path}: weight {name!r} is not a tensor")
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise InputError(f"{path}: weight {name!r} holds NaN or infinite values (a diverged training run?)")
-    return LoadedCheckpoint(path=path, meta=meta, state=state)
+    hparams = checkpoint.get("hyper_parameters")
+    return LoadedCheckpoint(
+        path=path, meta=meta, state=state, hyper_parameters=hparams if isinstance(hparams, dict) else {}
+    )
 
 
 def _damaged_zip_member(path: Path) -> str | None:

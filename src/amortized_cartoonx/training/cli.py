@@ -126,12 +126,10 @@ def check_resume_checkpoint(config: object) -> None:
         raise ConfigError("--weights_only false is refused: checkpoints are read with weights_only=True")
     if hasattr(config, "__setitem__"):
         config["weights_only"] = True  # Lightning's own read of the file, at Trainer.fit
-    import torch
-
     from ..checkpoint import read_checkpoint
 
-    read_checkpoint(ckpt_path)  # validated: a readable cartoonx checkpoint, tensors and plain values only
-    hparams = torch.load(ckpt_path, map_location="cpu", weights_only=True).get("hyper_parameters") or {}
+    # validated: a readable cartoonx checkpoint, tensors and plain values only
+    hparams = read_checkpoint(ckpt_path).hyper_parameters
     model = _option(config, "model")
     if "_class_path" in hparams:
         raise ConfigError(f"--ckpt_path {ckpt_path} names a model class; resuming takes the class cartoonx fit trains")
