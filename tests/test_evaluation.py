@@ -408,6 +408,47 @@ def test_run_writes_every_file_resumes_and_adds_methods(tmp_path, count_explains
     assert more.computed["curves"] == {"cartoonx": 0, "random-pixel": 0, "smoothgrad": 3}
 
 
+def test_shards_share_the_work_and_the_reports_run_reads_their_results(tmp_path, count_explains):
+    """Two processes' shares (--shard 0/2 and 1/2) explain and measure every image once, into one cache; the run
+    without a shard then computes nothing of it and reports what an unsharded run reports."""
+    from amortized_cartoonx.cli.evaluate import parse_shard
+
+    images_dir = write_folder(tmp_path / "images", 3)
+    out, methods = tmp_path / "out", ["cartoonx", "random-pixel"]
+    for k, share in ((0, 2), (1, 1)):  # images 0 and 2, then image 1
+        computed = make_run(images_dir, out, methods, shard=(k, 2)).run_shard()
+        assert computed["explanations"] == {"cartoonx": share, "random-pixel": share}
+        assert computed["curves"] == {"cartoonx": share, "random-pixel": share}
+        assert computed["lambda"] == {"cartoonx": 2 * (1 - k)}  # panel (c): the first image at 2 lambdas, shard 0
+    assert count_explains == {"cartoonx": 3, "random-pixel": 3}
+    assert not (out / "summary.json").exists()  # a shard writes no report
+    count_explains.clear()
+    reported = make_run(images_dir, out, methods).run()
+    assert count_explains == {}
+    assert reported.computed == {
+        "explanations": {"cartoonx": 0, "random-pixel": 0},
+        "curves": {"cartoonx": 0, "random-pixel": 0},
+        "lambda": {"cartoonx": 0},
+    }
+    whole = make_run(images_dir, tmp_path / "whole", methods).run()  # another batch composition: float rounding
+    for name in methods:
+        np.testing.assert_allclose(reported.methods[name].keep, whole.methods[name].keep, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(
+            reported.methods[name].randomise, whole.methods[name].randomise, rtol=1e-4, atol=1e-6
+        )
+
+    with pytest.raises(ConfigError, match="run_shard"):
+        make_run(images_dir, out, methods, shard=(0, 2)).run()
+    with pytest.raises(ConfigError, match="config.shard"):
+        make_run(images_dir, out, methods).run_shard()
+    with pytest.raises(ConfigError, match="keep the cache on"):
+        make_run(images_dir, out, methods, shard=(0, 2), cache=False)
+    for text in ("2/2", "1", "a/3", "-1/2"):
+        with pytest.raises(ConfigError, match="--shard"):
+            parse_shard(text)
+    assert parse_shard("3/4") == (3, 4) and parse_shard(None) is None
+
+
 def test_the_cache_never_serves_another_classifiers_or_another_images_results(tmp_path, count_explains):
     """The key held the spec's text and the file name only: a retrained classifier under the same spec, or another
     folder's image of the same name, was served the old results."""

@@ -70,6 +70,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--batch-size", type=positive_int, default=4, help="images explained and measured together (default 4)"
     )
     p.add_argument("--labels", default=None, metavar="FILE", help="class names, one per line (for the figures)")
+    p.add_argument(
+        "--shard",
+        default=None,
+        metavar="K/N",
+        help="explain and measure only images K, K+N, K+2N, ... (K from 0) into --out's cache, and stop: run N "
+        "such processes (one per GPU: CUDA_VISIBLE_DEVICES=K) with the same options, then once without --shard "
+        "to write the report from the cache",
+    )
 
     ev = p.add_argument_group("curves")
     ev.add_argument(
@@ -207,6 +215,18 @@ def parse_rates(text: str) -> int | tuple[float, ...]:
     return spec
 
 
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``--shard 1/4`` -> ``(1, 4)``; None -> None (the whole run)."""
+    from amortized_cartoonx.errors import ConfigError
+
+    if text is None:
+        return None
+    k, slash, n = text.partition("/")
+    if not (slash and k.strip().isdigit() and n.strip().isdigit()) or not 0 <= int(k) < int(n):
+        raise ConfigError(f"--shard: expected K/N with 0 <= K < N (shards count from 0), such as 0/4, got {text!r}")
+    return int(k), int(n)
+
+
 def parse_depths(text: str | None) -> tuple[int, ...] | None:
     """``--sanity-depths 1,3,6`` -> ``(1, 3, 6)``; None -> None (the default depths)."""
     from amortized_cartoonx.errors import ConfigError
@@ -315,6 +335,7 @@ def run(args: argparse.Namespace) -> int:
         cache=not args.no_cache,
         sanity=sanity,
         progress=not args.no_progress,
+        shard=parse_shard(args.shard),
     ).validate()
     labels = read_class_names(args.labels)
     optimizer = optimizer_config(args)
@@ -342,6 +363,14 @@ def run(args: argparse.Namespace) -> int:
     evaluation = Evaluation(
         classifier, args.images, args.out, config, context, device=device, class_names=labels, command=command
     )
+    if config.shard is not None:
+        computed = evaluation.run_shard()
+        k, n = config.shard
+        names = {"explanations": "explanations", "curves": "curve pairs", "lambda": "panel (c) optimisations"}
+        done = ", ".join(f"{sum(computed[phase].values())} {name}" for phase, name in names.items())
+        print(f"shard {k}/{n}: computed {done} (each method and image; the rest came from {args.out}/cache)")
+        print(f"when every shard is done, run the same command without --shard: it writes {args.out}/report.md")
+        return 0
     results = evaluation.run()
     summary = write_report(results, args.out, labels)
     print(_table(summary))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import ConfigError
+from ..errors import ConfigError, is_integer
 from ..ground_truth import DEFAULT_OUTLINE_RADIUS
 from ..methods import DEFAULT_METHODS
 from ..rde import DISTORTIONS, OBFUSCATIONS
@@ -61,6 +61,10 @@ class EvaluationConfig:
         cache: keep per-image results in ``DIR/cache`` and reuse them.
         progress: show progress bars.
         sanity: the sanity checks by model randomisation (:mod:`.sanity`); off by default.
+        shard: ``(k, n)``: only the images at positions k, k + n, k + 2n, ... of the run (after ``limit``) are
+            explained and measured, into the cache, by :meth:`~.runner.Evaluation.run_shard`: n processes (say
+            one per GPU) share the work and the folder, and a run without ``shard`` then writes the report from
+            the cache. None (default): the whole run.
     """
 
     methods: tuple[str, ...] = DEFAULT_METHODS
@@ -81,6 +85,7 @@ class EvaluationConfig:
     cache: bool = True
     progress: bool = True
     sanity: SanityConfig = field(default_factory=SanityConfig)
+    shard: tuple[int, int] | None = None
 
     def validate(self) -> EvaluationConfig:
         if not self.methods:
@@ -102,6 +107,16 @@ class EvaluationConfig:
         if self.examples < 0:
             raise ConfigError(f"examples must be at least 0, got {self.examples}")
         self.sanity.validate()
+        if self.shard is not None:
+            if len(self.shard) != 2 or not all(is_integer(v) for v in self.shard):
+                raise ConfigError(f"shard is (k, n), two integers, got {self.shard!r}")
+            k, n = self.shard
+            if not 0 <= k < n:
+                raise ConfigError(f"shard {k}/{n}: k must be 0 to n - 1 (shards count from 0)")
+            if not self.cache:
+                raise ConfigError(
+                    "a shard's results go to the cache, where the report's run reads them: keep the cache on"
+                )
         DISTORTIONS.get(self.distortion)
         OBFUSCATIONS.get(self.obfuscation)
         for method, grid in self.lambdas.items():

@@ -117,9 +117,19 @@ class RunContext:
     def cached(
         self, store: Store[R], compute: Callable[[list[int]], Sequence[R]], desc: str, count: int | None = None
     ) -> CachedMap[R]:
-        """:func:`~.cache.cached_map` over the first ``count`` images (all by default) in the run's batches;
-        ``compute`` gets indices into the run's images."""
+        """:func:`~.cache.cached_map` over the first ``count`` images (all by default) in the run's batches, or over
+        this shard's share of them (``config.shard``: positions k, k + n, ...); ``compute`` gets indices into the
+        run's images."""
         ids = self.ids if count is None else self.ids[:count]
+        positions = list(range(len(ids)))
+        if self.config.shard is not None:
+            k, n = self.config.shard
+            positions = positions[k::n]
         return cached_map(
-            ids, store, compute, batch_size=self.config.batch_size, desc=desc, progress=self.config.progress
+            [ids[i] for i in positions],
+            store,
+            lambda batch: compute([positions[j] for j in batch]),
+            batch_size=self.config.batch_size,
+            desc=desc,
+            progress=self.config.progress,
         )

@@ -38,7 +38,7 @@ from .config import EvaluationConfig
 from .context import ImageSet, RunContext, cache_identity
 from .curves import curve_key, measure_curves, rate_grid
 from .explanations import ExplainedImage, explain_images, explanation_key
-from .lambdas import lambda_panel
+from .lambdas import LambdaPanel, lambda_panel
 from .localisation import localise
 from .maps import example_pictures
 from .methods import build_methods
@@ -92,8 +92,8 @@ class Evaluation:
         #: phase -> method -> images computed by the last :meth:`run` (the rest came from the cache)
         self.computed: dict[str, dict[str, int]] = {"explanations": {}, "curves": {}, "lambda": {}}
 
-    def run(self) -> EvaluationResults:
-        """Run every phase (reusing the cache) and return the results; :func:`.report.write_report` writes them."""
+    def _prepare(self) -> tuple[RunContext, dict, dict[str, str]]:
+        """The run's context, its methods and the ones skipped (with why); the output folder made."""
         images = ImageSet.from_folder(self.images_dir, self.context.image_size, self.device, self.config.limit)
         methods, skipped = build_methods(self.config.methods, self.context)
         for name, reason in skipped.items():
@@ -107,21 +107,51 @@ class Evaluation:
             logger.info("removed unfinished cache files of a killed run in %s", self.cache.root)
         identity = cache_identity(self.context.classifier_spec, self.classifier)
         cache = self.cache.with_contents(images.contents()) if self.cache.root is not None else self.cache
-        run = RunContext(self.classifier, images, self.config, cache, identity)
+        return RunContext(self.classifier, images, self.config, cache, identity), methods, skipped
+
+    def _measure(self, run: RunContext, methods: dict) -> tuple[dict, dict, LambdaPanel]:
+        """The cached phases: every method's explanations and curves, then panel (c) (of the shard's images only
+        under ``config.shard``). Returns (explained, curves, panel)."""
+        explained: dict[str, dict[str, ExplainedImage]] = {}
+        curves: dict[str, dict[str, dict]] = {}
+        for name, method in methods.items():
+            key = explanation_key(run, method)
+            found = explain_images(run, method, key)
+            explained[name] = found.records
+            self.computed["explanations"][name] = found.computed
+            measured = measure_curves(run, method, explained[name], curve_key(run, key))
+            curves[name] = measured.records
+            self.computed["curves"][name] = measured.computed
+        panel = lambda_panel(run, methods, explained, self.context)
+        self.computed["lambda"] = panel.computed
+        return explained, curves, panel
+
+    def run_shard(self) -> dict[str, dict[str, int]]:
+        """Explain and measure this shard's images (``config.shard``) into the cache, and stop: the explanations,
+        curves and panel (c), the costly phases. A run without ``shard`` on the same folder and settings then
+        computes only what no shard did (ground truth, examples, the sanity checks, whose images are the first
+        ones) and writes the report. Returns :attr:`computed` (phase -> method -> images computed here).
+
+        Raises:
+            ConfigError: ``config.shard`` is not set, or the cache is off.
+        """
+        if self.config.shard is None:
+            raise ConfigError("run_shard needs config.shard (k, n); run() evaluates the whole folder")
+        run, methods, _ = self._prepare()
+        if self.config.sanity.enabled:
+            logger.info("the sanity checks run in the report's run (without --shard), not in a shard")
+        with frozen(self.classifier):
+            self._measure(run, methods)
+        return self.computed
+
+    def run(self) -> EvaluationResults:
+        """Run every phase (reusing the cache) and return the results; :func:`.report.write_report` writes them."""
+        if self.config.shard is not None:
+            raise ConfigError(f"config.shard {self.config.shard} is set: run_shard() computes a shard's share")
+        run, methods, skipped = self._prepare()
 
         with frozen(self.classifier):
-            explained: dict[str, dict[str, ExplainedImage]] = {}
-            curves: dict[str, dict[str, dict]] = {}
-            for name, method in methods.items():
-                key = explanation_key(run, method)
-                found = explain_images(run, method, key)
-                explained[name] = found.records
-                self.computed["explanations"][name] = found.computed
-                measured = measure_curves(run, method, explained[name], curve_key(run, key))
-                curves[name] = measured.records
-                self.computed["curves"][name] = measured.computed
-            panel = lambda_panel(run, methods, explained, self.context)
-            self.computed["lambda"] = panel.computed
+            explained, curves, panel = self._measure(run, methods)
             ground_truth = localise(run, methods, explained, self.context.wavelet())
             examples = example_pictures(run, methods, explained)
             sanity = None
