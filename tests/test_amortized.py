@@ -308,6 +308,16 @@ def test_agreement_and_split_helpers():
     assert reverse["spearman"].item() == pytest.approx(-1.0) and reverse["top_overlap"].item() == 0.0
     assert mask_agreement(a, torch.ones_like(a))["spearman"].item() == 0.0  # a constant mask: no correlation
 
+    # sparse masks tie most entries at 0: unrelated ones overlap by chance (0.1), not by a shared tie-break (they
+    # scored 0.94, as did the empty mask against any sparse one)
+    gen = torch.Generator().manual_seed(0)
+    sparse = (torch.rand(20, 4000, generator=gen) < 0.005) * torch.rand(20, 4000, generator=gen)
+    unrelated = mask_agreement(sparse, sparse.roll(1, 0))["top_overlap"]
+    assert float(unrelated.mean()) == pytest.approx(0.1, abs=0.02)
+    assert float(mask_agreement(torch.zeros_like(sparse), sparse)["top_overlap"].mean()) == pytest.approx(0.1, abs=0.02)
+    assert float(mask_agreement(torch.ones_like(a), a)["top_overlap"]) == pytest.approx(0.1)  # constant: chance
+    assert bool((mask_agreement(sparse, sparse)["top_overlap"] > 0.1).all())  # identical sparse masks do better
+
     ids = [f"{i:03d}.jpg" for i in range(200)]
     split = split_train_val_test(ids, 0.1, 0.2, seed=0)
     assert sorted(split["train"] + split["val"] + split["test"]) == ids

@@ -77,6 +77,17 @@ def test_pointing_tolerance_and_smoothing():
     corner = 0.5 * obj.float()[None]
     corner[0, 0, 0] = 2.0  # 2/4 per window at the corner before; now 2/9, under the object's 0.5
     assert pointing_game(corner, obj, smoothing=3).tolist() == [True]
+    # a lone peak 3 px off the object (rows and columns 4-11) is a 3 x 3 plateau after smoothing, a third of it
+    # within the tolerance: the same miss on every side (the first maximum in row-major order made right and
+    # below hits, left and above misses)
+    sides = torch.zeros(4, 32, 32)
+    for i, (row, col) in enumerate([(8, 14), (14, 8), (8, 1), (1, 8)]):  # right, below, left, above
+        sides[i, row, col] = 1.0
+    assert pointing_game(sides, obj).tolist() == [False] * 4
+    sides = torch.zeros(4, 32, 32)  # 2 px off: two thirds within, a hit on every side
+    for i, (row, col) in enumerate([(8, 13), (13, 8), (8, 2), (2, 8)]):
+        sides[i, row, col] = 1.0
+    assert pointing_game(sides, obj).tolist() == [True] * 4
 
 
 def test_bad_maps_are_refused():

@@ -18,6 +18,7 @@ import yaml
 from PIL import Image
 
 from amortized_cartoonx.errors import ConfigError
+from amortized_cartoonx.evaluation.agreement import mask_agreement
 from amortized_cartoonx.io import file_sha256
 from amortized_cartoonx.mask_logits import sigmoid_for_mask
 from amortized_cartoonx.mask_predictor import MaskPredictorConfig, logits_to_mask
@@ -259,7 +260,10 @@ def test_distillation_and_agreement_read_the_stretched_mask():
     _, metrics, weights = module.distillation(batch, logits, target)
     assert float(metrics["distill_loss"]) < 1e-9  # equal masks (up to the last bit of a vectorised sigmoid)
     torch.testing.assert_close(metrics["spearman"], torch.tensor(1.0))
-    torch.testing.assert_close(metrics["top10_overlap"], torch.tensor(1.0))
+    # the stretched mask ties many entries at 1 and 0, so even itself it overlaps in expectation only: as itself
+    itself = mask_agreement(teacher.reshape(2, -1), teacher.reshape(2, -1))["top_overlap"].mean()
+    assert float(itself) < 1.0
+    torch.testing.assert_close(metrics["top10_overlap"], itself)
     assert weights == {"distill_loss": 2, "spearman": 2, "top10_overlap": 2, "teacher_fraction": 2}
     # a batch without a teacher for its classes logs the same names, of weight 0 (DDP ranks all-reduce them alike)
     none = {"teacher_mask": teacher, "has_teacher": torch.tensor([1, 0]), "teacher_target": torch.tensor([5, 3])}

@@ -226,15 +226,20 @@ def pointing_game(
             so a lone peak weighs the same at the border as inside).
 
     Returns:
-        ``(N,)`` bool: True when the argmax of the smoothed map lies on the dilated object.
+        ``(N,)`` bool: True when the maximum of the smoothed map lies on the dilated object; when several
+        pixels tie for it (a lone peak is a plateau of ``smoothing`` x ``smoothing`` pixels after the box
+        filter), when at least half of them do. (The first maximum in row-major order was taken: a peak just
+        left of or above the object missed where the same peak right of or below it hit.)
     """
     if tolerance < 0 or smoothing < 1 or smoothing % 2 == 0:
         raise InputError(f"tolerance must be >= 0 and smoothing a positive odd number, got {tolerance}, {smoothing}")
     r, obj = _check(relevance, object_mask)
     if smoothing > 1:
         r = F.avg_pool2d(r[:, None], smoothing, stride=1, padding=smoothing // 2, count_include_pad=True)[:, 0]
-    n, _, w = r.shape
-    flat = r.reshape(n, -1).argmax(dim=1)  # (N,) first maximum in row-major order
+    n = r.shape[0]
+    flat = r.reshape(n, -1)
+    top = flat.amax(dim=1, keepdim=True)
+    maxima = flat == top  # (N, HW): every pixel at the maximum
     target = _disc_dilate(obj, tolerance).reshape(n, -1)
-    hit = target.gather(1, flat[:, None])[:, 0]
-    return hit & (r.reshape(n, -1).amax(dim=1) > 0)
+    hit = 2 * (maxima & target).sum(dim=1) >= maxima.sum(dim=1)
+    return hit & (top[:, 0] > 0)
