@@ -51,6 +51,23 @@ def test_torchvision_state_dict_file(tmp_path):
     torch.testing.assert_close(clf(x), model((x - mean) / std))
 
 
+def test_torchvision_weights_of_another_head_or_under_a_key(tmp_path):
+    """A fine-tuned head (10 classes) gave torch's many-line size-mismatch message; weights under "model" (a
+    training checkpoint) listed every missing key."""
+    import torchvision
+
+    torch.manual_seed(0)
+    ten = torchvision.models.get_model("mobilenet_v3_small", weights=None, num_classes=10)
+    torch.save(ten.state_dict(), tmp_path / "ten.pth")
+    with pytest.raises(ClassifierError, match=r"another number of classes\? .*num_classes=K") as error:
+        load_classifier(f"torchvision:mobilenet_v3_small:{tmp_path / 'ten.pth'}")
+    assert "\n" not in str(error.value)
+    full = torchvision.models.get_model("mobilenet_v3_small", weights=None).eval()
+    torch.save({"model": full.state_dict(), "epoch": 3}, tmp_path / "ckpt.pth")
+    clf = load_classifier(f"torchvision:mobilenet_v3_small:{tmp_path / 'ckpt.pth'}")
+    assert all(torch.equal(a, b) for a, b in zip(clf.model.state_dict().values(), full.state_dict().values()))
+
+
 def test_torchscript_and_exported_program_files(tmp_path):
     model = make_tiny_cnn()
     x = torch.rand(3, 3, 32, 32)
@@ -66,7 +83,7 @@ def test_torchscript_and_exported_program_files(tmp_path):
     assert clf2(torch.rand(5, 3, 32, 32)).shape == (5, 5)
 
 
-def test_callable_spec(tmp_path, monkeypatch):
+def test_callable_spec(tmp_path, monkeypatch, caplog):
     (tmp_path / "cx_spec_models.py").write_text(
         textwrap.dedent(
             """
@@ -79,12 +96,27 @@ def test_callable_spec(tmp_path, monkeypatch):
 
             def not_a_model():
                 return 42
+
+            def wrapped():
+                from amortized_cartoonx.classifiers import Classifier
+
+                return Classifier(make().train(), mean=0.5, std=0.25)
             """
         )
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    clf = load_classifier("cx_spec_models:make")
+    with caplog.at_level("INFO", logger="amortized_cartoonx.classifiers"):
+        clf = load_classifier("cx_spec_models:make")
+    assert "cx_spec_models:make: input normalisation none (auto" in caplog.text  # what auto chose is said
     assert clf(torch.rand(2, 3, 8, 8)).shape == (2, 4)
+    # a callable that wraps its model itself: one wrapper with its normalisation, the model frozen; another
+    # --normalize is refused (it was stacked on top, and the inner model stayed in train mode)
+    wrapped = load_classifier("cx_spec_models:wrapped")
+    assert not isinstance(wrapped.model, Classifier) and wrapped.normalization == ((0.5,), (0.25,))
+    assert not wrapped.model.training and normalization_name(wrapped) == "custom"
+    assert load_classifier("cx_spec_models:wrapped", normalize="custom").normalization == ((0.5,), (0.25,))
+    with pytest.raises(ConfigError, match="returns a Classifier with input normalisation custom, not imagenet"):
+        load_classifier("cx_spec_models:wrapped", normalize="imagenet")
     with pytest.raises(ClassifierError, match="not a torch.nn.Module"):
         load_classifier("cx_spec_models:not_a_model")
     with pytest.raises(ClassifierError, match="cannot import"):
@@ -135,6 +167,19 @@ def test_corrupt_torchscript_file(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"garbage")
     with pytest.raises(ClassifierError, match="TorchScript"):
         load_classifier(str(tmp_path / "bad.pt"))
+
+
+def test_a_wrappers_normalisation_is_numbers_one_per_channel_or_one_for_all(tiny_cnn):
+    x = torch.rand(2, 3, 16, 16)
+    torch.testing.assert_close(Classifier(tiny_cnn, mean=0.5, std=0.25)(x), tiny_cnn((x - 0.5) / 0.25))
+    for mean, std, needle in (
+        (0.5, 0.0, "std must be positive"),
+        ("abc", 1.0, "mean must be a number or one number per channel"),
+        ((0.5, 0.5, 0.5), (1.0, 1.0), "give one per channel"),
+        (float("nan"), 1.0, "mean must be finite"),
+    ):
+        with pytest.raises(ConfigError, match=needle):
+            Classifier(tiny_cnn, mean=mean, std=std)
 
 
 def test_bad_normalisation_name():

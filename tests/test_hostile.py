@@ -48,6 +48,18 @@ MODELS = textwrap.dedent(
     def nan():
         return _NaN()
 
+    class _OneAtATime(nn.Module):  # as a model exported with static shapes for one image
+        def __init__(self):
+            super().__init__()
+            self.net = tiny()
+
+        def forward(self, x):
+            assert x.shape[0] == 1, "Guard failed: x.size()[0] == 1"
+            return self.net(x)
+
+    def one_at_a_time():
+        return _OneAtATime()
+
     def tiny_again():  # the same weights under another spec
         return tiny()
 
@@ -368,6 +380,21 @@ def test_bad_option_values_are_refused(tmp_path, spec, inputs, capsys, extra, ne
     assert_refused(code, err, needle)
 
 
+def test_a_classifier_for_one_image_at_a_time_is_refused_before_any_output(tmp_path, spec, inputs, capsys):
+    """It passed the check on the first image, then failed on the first step's N x L copies: a traceback and an
+    empty output folder."""
+    code, err = cli(explain_args([inputs / "a.png"], "cx_hostile_models:one_at_a_time", tmp_path / "out"), capsys)
+    assert_refused(code, err, "cx_hostile_models:one_at_a_time", "shape (2, 3, 32, 32)", "Guard failed")
+    assert not (tmp_path / "out").exists()
+    from cx_hostile_models import one_at_a_time
+
+    from amortized_cartoonx import CartoonX
+    from amortized_cartoonx.errors import ClassifierError
+
+    with pytest.raises(ClassifierError, match="N x L noisy copies at once.*dynamic_shapes"):  # an AssertionError
+        CartoonX(one_at_a_time(), levels=2, steps=1, num_samples=2).explain(torch.rand(1, 3, SIZE, SIZE))
+
+
 def test_a_classifier_returning_nan_is_refused_with_its_name(tmp_path, spec, inputs, capsys):
     code, err = cli(explain_args([inputs / "a.png"], "cx_hostile_models:nan", tmp_path / "out"), capsys)
     assert_refused(code, err, "cx_hostile_models:nan", "NaN")
@@ -385,7 +412,7 @@ def test_a_classifier_returning_nan_is_refused_with_its_name(tmp_path, spec, inp
         ("load_number", "ClassifierError", "a classifier spec is a string, got int"),
         ("init_mask_list", "InputError", "a mask must be Coefficients or a flat (N, K) tensor, got list"),
         ("init_mask_nan", "InputError", "the mask has NaN or infinite entries"),
-        ("single_logit", "ClassifierError", "returned one logit per image"),
+        ("single_logit", "ClassifierError", "torch.cat([torch.zeros_like(z), z], dim=1), whose softmax is sigmoid(z)"),
         ("inference_mode", "ConfigError", "outside torch.inference_mode()"),
         ("nan_when_measured", "NonFiniteError", "the measured RDE loss of image 0 is nan"),
     ],

@@ -228,6 +228,12 @@ def test_careless_tensors_get_a_clear_error_or_a_warning(tiny_cnn, images):
     probabilities = RDEObjective(nn.Sequential(tiny_cnn, nn.Softmax(-1)), WaveletRepresentation("db3", 3))
     with pytest.warns(UserWarning, match="seems to return probabilities"):
         probabilities.prepare(images)
+    # a bf16 softmax's rows miss 1 by more than 1e-3 (it was not warned about)
+    from amortized_cartoonx.rde import _look_like_probabilities
+
+    rows = torch.softmax(torch.randn(64, 7, generator=torch.Generator().manual_seed(0)), -1).bfloat16()
+    assert float((rows.float().sum(1) - 1).abs().max()) > 1e-3 and _look_like_probabilities(rows)
+    assert not _look_like_probabilities(torch.randn(64, 7, generator=torch.Generator().manual_seed(0)).bfloat16())
     log_probabilities = RDEObjective(nn.Sequential(tiny_cnn, nn.LogSoftmax(-1)), WaveletRepresentation("db3", 3))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # log-probabilities are logits up to a constant: no warning

@@ -27,6 +27,8 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import logging
+import math
 import re
 import sys
 import warnings
@@ -41,6 +43,8 @@ from torch import Tensor, nn
 from .errors import ClassifierError, ConfigError, one_line
 from .io import file_sha256
 from .runtime import resolve_device
+
+logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -87,7 +91,7 @@ class Classifier(nn.Module):
         self.spec = spec
         if (mean is None) != (std is None):
             raise ConfigError("give both mean and std for the input normalisation, or neither")
-        self.normalization = None if mean is None else (tuple(mean), tuple(std))
+        self.normalization = None if mean is None else _check_normalization(mean, std)
 
     def forward(self, x: Tensor) -> Tensor:
         """``(N, C, H, W)`` in [0, 1] -> logits ``(N, K)``."""
@@ -107,6 +111,27 @@ class Classifier(nn.Module):
         """Set only the wrapper's flag: a frozen classifier stays in eval mode inside a training module."""
         self.training = mode
         return self
+
+
+def _check_normalization(mean: object, std: object) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` as tuples of floats (a number stands for every channel); a :class:`ConfigError` for
+    anything else, for lengths that differ, or for a std that is not a positive finite number."""
+    values = []
+    for name, given in (("mean", mean), ("std", std)):
+        items = (given,) if isinstance(given, (int, float)) else given
+        try:
+            numbers = tuple(float(v) for v in items)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} must be a number or one number per channel, got {given!r:.60}") from None
+        if not numbers or not all(math.isfinite(v) for v in numbers):
+            raise ConfigError(f"{name} must be finite numbers, got {given!r:.60}")
+        values.append(numbers)
+    mean, std = values
+    if len(mean) != len(std) and 1 not in (len(mean), len(std)):
+        raise ConfigError(f"mean has {len(mean)} values and std {len(std)}: give one per channel (or one for all)")
+    if min(std) <= 0:
+        raise ConfigError(f"std must be positive, got {list(std)}")
+    return mean, std
 
 
 def freeze_(model: nn.Module) -> nn.Module:
@@ -208,9 +233,20 @@ def _torchvision_model(name: str, weights: str | None) -> nn.Module:
         model = torchvision.models.get_model(name, weights=None)
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-            model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+            for key in ("state_dict", "model"):  # a training checkpoint's weights under a key
+                if isinstance(state, dict) and isinstance(state.get(key), dict):
+                    state = state[key]
+            model.load_state_dict(state)
         except Exception as exc:  # noqa: BLE001 - any loading failure is the user's file
-            raise ClassifierError(f"cannot load weights {path} into torchvision:{name}: {exc}") from None
+            hint = (
+                " (another number of classes? name a callable, package.module:build, that returns "
+                f"torchvision.models.get_model({name!r}, num_classes=K) with these weights loaded)"
+                if "size mismatch" in str(exc)
+                else ""
+            )
+            raise ClassifierError(
+                f"cannot load weights {path} into torchvision:{name}: {one_line(exc)}{hint}"
+            ) from None
         return model
     try:
         return torchvision.models.get_model(name, weights=weights)
@@ -339,7 +375,23 @@ def load_classifier(spec: str, normalize: str = "auto", device: str | torch.devi
             f"cannot read classifier spec {spec!r}: use torchvision:NAME[:WEIGHTS], a .pt/.pt2 file, "
             f"package.module:callable, PATH.py:callable, synthetic[:PATH] or {EFFICIENTNET_LITE0_SPEC}"
         )
-    mean, std = _normalization(normalize, default_norm)
+    if isinstance(model, Classifier):  # a callable that wraps its model itself: one wrapper, its normalisation
+        if normalize not in ("auto", normalization_name(model)):
+            raise ConfigError(
+                f"{spec} returns a Classifier with input normalisation {normalization_name(model)}, not {normalize}: "
+                "drop the option or return the bare model"
+            )
+        mean, std = model.normalization or (None, None)
+        model = model.model
+    else:
+        mean, std = _normalization(normalize, default_norm)
+        user_code = is_file_spec(spec) or _CALLABLE_SPEC.match(spec) or _FILE_CALLABLE_SPEC.match(spec)
+        if normalize == "auto" and user_code:  # auto cannot know what the user's model expects: say what it chose
+            logger.info(
+                "%s: input normalisation none (auto, for a model file or callable: it gets the images in [0, 1]; "
+                "--normalize imagenet if it expects ImageNet-normalised inputs)",
+                spec,
+            )
     return Classifier(freeze_(model), mean=mean, std=std, spec=spec).to(device)
 
 

@@ -166,7 +166,8 @@ def preflight(classifier, explainer, images, targets, device) -> int:
 
     with torch.no_grad():
         first = images[:1].to(device)
-        logits = original_logits(classifier, first)
+        # two copies: a model traced or exported for batch size 1 fails here, not after the first outputs
+        logits = original_logits(classifier, first.repeat(2, 1, 1, 1))[:1]
         if targets is not None:
             resolve_target(targets, logits.expand(len(targets), -1))
         representation = getattr(explainer, "representation", None)
