@@ -32,8 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from .classifiers import frozen
-from .errors import CartoonXError, ClassifierError, ConfigError, one_line
-from .rde import classify, input_dtype
+from .errors import ConfigError
+from .rde import classify_or_explain, input_dtype
 from .runtime import module_device
 
 logger = logging.getLogger(__name__)
@@ -115,29 +115,23 @@ def recording(module: nn.Module, names: set[str] | None) -> Iterator[dict[str, T
             handle.remove()
 
 
-def _record(module: nn.Module, images: Tensor, names: set[str] | None) -> dict[str, Tensor]:
+def _record(
+    module: nn.Module, images: Tensor, names: set[str] | None, role: str | None = None, hint: str = ""
+) -> dict[str, Tensor]:
     """One frozen forward pass of ``module`` on a copy of ``images`` (a module that edits its input in place
     leaves the caller's images as they were), cast to the module's own floating dtype; the 4-D outputs of its
-    submodules by name."""
+    submodules by name. A failure of the module is a one-line :class:`ClassifierError` naming ``role`` (default:
+    the module's spec), the input and ``hint`` (:func:`~amortized_cartoonx.rde.classify_or_explain`)."""
     with recording(module, names) as outputs, frozen(module), torch.no_grad():
-        classify(module, images.clone())
+        classify_or_explain(module, images.clone(), hint, role)
     return outputs
 
 
 def _probe(module: nn.Module, image_size: int, names: set[str] | None, role: str) -> dict[str, Tensor]:
-    """:func:`_record` on one zero image of ``image_size``; a module that fails on it is a one-line
-    :class:`ClassifierError` naming ``role`` and the probe."""
+    """:func:`_record` on one zero image of ``image_size`` in the module's dtype."""
     dtype = input_dtype(module) or torch.float32
     probe = torch.zeros(1, 3, image_size, image_size, device=module_device(module), dtype=dtype)
-    try:
-        return _record(module, probe, names)
-    except CartoonXError:
-        raise
-    except Exception as exc:  # any failure of the user's network: say which network and which input
-        raise ClassifierError(
-            f"{role} failed on a probe image of shape (1, 3, {image_size}, {image_size}), {dtype}, "
-            f"{probe.device.type} (does it take this image size?): {type(exc).__name__}: {one_line(exc)}"
-        ) from exc
+    return _record(module, probe, names, role, " (a probe image: does the network take this image size?)")
 
 
 def collect(outputs: dict[str, Tensor], names: list[str]) -> list[Tensor]:

@@ -489,16 +489,19 @@ def original_logits(classifier: Callable[[Tensor], Tensor], images: Tensor) -> T
     return logits
 
 
-def classify_or_explain(classifier: Callable[[Tensor], Tensor], x: Tensor, hint: str = "") -> Tensor:
-    """:func:`classify`, with the classifier's own errors as a :class:`ClassifierError` that names the input's
-    shape, dtype and device (and ``hint``); the package's errors and CUDA out-of-memory pass unchanged."""
+def classify_or_explain(
+    classifier: Callable[[Tensor], Tensor], x: Tensor, hint: str = "", who: str | None = None
+) -> Tensor:
+    """:func:`classify`, with the classifier's own errors as a :class:`ClassifierError` that names the network
+    (``who``; default: the classifier and its spec), the input's shape, dtype and device, and ``hint``; the
+    package's errors and CUDA out-of-memory pass unchanged."""
     try:
         return classify(classifier, x)
     except (CartoonXError, torch.cuda.OutOfMemoryError):  # torch.OutOfMemoryError from torch 2.5
         raise
     except Exception as exc:  # the classifier's own error, given the context it lacks
         raise ClassifierError(
-            f"{_classifier_name(classifier)} failed on images of shape {tuple(x.shape)} ({x.dtype}, "
+            f"{who or _classifier_name(classifier)} failed on images of shape {tuple(x.shape)} ({x.dtype}, "
             f"{x.device}): {type(exc).__name__}: {one_line(exc)}{hint}"
         ) from exc
 
