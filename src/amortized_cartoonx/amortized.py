@@ -230,6 +230,7 @@ class AmortizedExplainer:
                 "a checkpoint never decides what code is loaded"
             )
         trained = meta["normalize"]  # the input normalisation the network was trained behind
+        vouched = False  # a module the caller vouches for (a spec is matched against the checkpoint below)
         if isinstance(classifier, str):
             spec = classifier
             if not same_classifier(spec, meta) and not meta.get("classifier_weights_sha256"):
@@ -247,7 +248,8 @@ class AmortizedExplainer:
                 raise ConfigError(
                     "normalize= is for a classifier spec or a bare nn.Module; a loaded Classifier keeps its own"
                 )
-            if classifier.spec != "<module>" and not same_classifier(classifier.spec, meta, classifier):
+            vouched = classifier.spec == "<module>"
+            if not vouched and not same_classifier(classifier.spec, meta, classifier):
                 raise ConfigError(
                     f"checkpoint {path.name} was trained for classifier {meta['classifier']!r}, not {classifier.spec!r}"
                 )
@@ -258,6 +260,7 @@ class AmortizedExplainer:
                     "with it, Classifier(model, mean=..., std=...)"
                 )
             classifier = wrap_classifier(classifier, normalize or trained)  # the checkpoint's by default
+            vouched = True
         used = normalization_name(classifier)
         if used != trained:  # the network's inputs were normalised otherwise in training
             raise ConfigError(
@@ -265,7 +268,8 @@ class AmortizedExplainer:
                 f"{used}: use normalize={trained!r} (--normalize {trained})"
             )
         network = build_mask_predictor(loaded, classifier, backbone)
-        _warn_other_weights(classifier, meta, path)  # a module or a '<module>' Classifier: the caller vouches
+        if vouched:  # a spec's weights were compared above; a module's are only warned about
+            _warn_other_weights(classifier, meta, path)
         return cls(network.to(device), classifier, meta, path=path, **options)
 
     # ---- settings and checks ----------------------------------------------------------------------------------
