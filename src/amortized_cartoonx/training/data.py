@@ -327,13 +327,24 @@ class MaskPredictorDataModule(pl.LightningDataModule):
     def _batches_trained(self) -> int:
         """Training batches done so far: where the stream goes on (its epochs are ``trainer.limit_train_batches``
         batches when that is a number, else one endless epoch; see :meth:`_position`)."""
-        trainer = self.trainer
-        if trainer is None:
+        if self.trainer is None:
             return self._resumed_batches
-        limit = trainer.limit_train_batches
-        per_epoch = limit if isinstance(limit, int) and limit > 0 else None
+        per_epoch = self._epoch_batches(None)
         epoch, batch = self._position(per_epoch)
         return epoch * (per_epoch or 0) + batch
+
+    def _epoch_batches(self, length: int | None) -> int | None:
+        """The batches Lightning runs per epoch of a training loader of ``length`` batches (None: endless) under
+        ``trainer.limit_train_batches`` (a number caps it, a fraction scales a finite loader); None: endless, or
+        no batch at all."""
+        limit = self.trainer.limit_train_batches
+        if isinstance(limit, int):
+            batches = limit if length is None else min(length, limit)
+        elif length is None or limit is None:
+            batches = length
+        else:
+            batches = int(length * float(limit))
+        return batches if batches is not None and batches >= 1 else None
 
     def _steps_done(self) -> int:
         """Optimizer steps done so far: Lightning's global step, or the checkpoint's while Lightning has not yet
@@ -367,17 +378,11 @@ class MaskPredictorDataModule(pl.LightningDataModule):
         checkpoint written inside an epoch (a validation's ``last.ckpt``, or the end of a shorter ``max_steps``)
         goes on at the batch after the last one trained. None without a trainer.
         """
-        trainer = self.trainer
-        if trainer is None:
+        if self.trainer is None:
             return None
         keys, size = sampler.num_samples, sampler.batch_size
-        batches = keys // size if drop_last else math.ceil(keys / size)
-        limit = trainer.limit_train_batches
-        if isinstance(limit, int):
-            batches = min(batches, limit)
-        elif limit is not None:
-            batches = int(batches * float(limit))
-        return self._position(batches) if batches >= 1 else None
+        batches = self._epoch_batches(keys // size if drop_last else math.ceil(keys / size))
+        return self._position(batches) if batches is not None else None
 
     def state_dict(self) -> dict:
         """The data module's part of a checkpoint: the training batches and optimizer steps done (where a resumed
