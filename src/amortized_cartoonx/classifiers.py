@@ -32,7 +32,7 @@ import math
 import re
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
@@ -40,7 +40,7 @@ from types import ModuleType
 import torch
 from torch import Tensor, nn
 
-from .errors import ClassifierError, ConfigError, one_line
+from .errors import CartoonXError, ClassifierError, ConfigError, one_line
 from .io import file_sha256
 from .runtime import resolve_device
 
@@ -96,6 +96,13 @@ class Classifier(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``(N, C, H, W)`` in [0, 1] -> logits ``(N, K)``."""
         if self.normalization is not None:
+            counts = {len(v) for v in self.normalization} - {1}
+            if x.ndim == 4 and counts and counts != {x.shape[1]}:  # (0.485, ...) would broadcast grey to 3 channels
+                raise ClassifierError(
+                    f"the input normalisation of {self.spec} has {max(counts)} channels ({normalization_name(self)}) "
+                    f"but the images have {x.shape[1]}: for a single-channel classifier give one mean and std "
+                    "(--normalize none, or Classifier(model, mean=m, std=s) with numbers)"
+                )
             mean, std = (torch.tensor(v, device=x.device, dtype=x.dtype).view(1, -1, 1, 1) for v in self.normalization)
             x = (x - mean) / std
         if isinstance(self.model, torch.jit.ScriptModule):
@@ -193,6 +200,30 @@ def normalization_name(classifier: nn.Module) -> str:
         if values == normalization:
             return name
     return "custom"
+
+
+def input_channels(classifier: Callable[[Tensor], Tensor], size: int, device: str | torch.device = "cpu") -> int:
+    """The channels of the images ``classifier`` takes: 3 (RGB) when it runs on two ``(3, size, size)`` images,
+    else 1 (greyscale) when it runs on ``(1, size, size)`` ones, else 3 (so the caller's own check reports the
+    RGB failure). One forward pass of two blank images, no gradients.
+
+    Raises:
+        CartoonXError: the package's own errors on the greyscale probe (say, an RGB normalisation in front of a
+            single-channel model), which explain the failure better than the RGB one.
+    """
+    from .rde import classify
+
+    for channels in (3, 1):
+        try:
+            with torch.no_grad():
+                classify(classifier, torch.zeros(2, channels, size, size, device=device))
+            return channels
+        except CartoonXError:
+            if channels == 1:
+                raise
+        except Exception:  # the classifier's own refusal of this channel count (or of anything: reported later)
+            pass
+    return 3
 
 
 def _efficientnet_lite0() -> nn.Module:

@@ -3,7 +3,8 @@
 Any mode PIL opens is accepted: greyscale and palette images are expanded to RGB, transparent images are
 composited on white, 16-bit and 32-bit greyscale images are scaled by their bit depth (PIL's own
 ``convert("RGB")`` would clip them). Images are resized (shorter side to ``size``, antialiased) and
-centre-cropped to ``size x size``.
+centre-cropped to ``size x size``. :func:`to_channels` turns them into the ``(1, S, S)`` greyscale images a
+single-channel classifier takes.
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ MAX_SIZE = 8192
 
 
 _HIGH_DEPTH = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+#: The channel counts an image can be given in: greyscale or RGB.
+CHANNELS = (1, 3)
+#: ITU-R BT.601 luma weights (PIL's ``convert("L")``): greyscale from RGB. They sum to 1, so a greyscale file
+#: (read as three equal channels) comes back exactly.
+LUMA = (0.299, 0.587, 0.114)
 
 
 def check_size(size: int | None) -> None:
@@ -118,6 +124,27 @@ def resize_center_crop(x: Tensor, size: int) -> Tensor:
 def load_images(paths: Sequence[str | Path], size: int | None = 256) -> Tensor:
     """``(N, 3, size, size)`` from ``paths``; fails on the first bad file, before any work is done."""
     return torch.stack([load_image(p, size) for p in paths])
+
+
+def to_channels(images: Tensor, channels: int) -> Tensor:
+    """Images ``(..., C, H, W)`` with C = 1 or 3 as ``channels`` (1 or 3) channels: RGB to greyscale by the
+    BT.601 luma weights (:data:`LUMA`), greyscale to RGB by repeating it; unchanged when C already is
+    ``channels``. Values in [0, 1] stay in [0, 1].
+
+    Raises:
+        InputError: ``channels`` not 1 or 3, or images whose channel dimension is neither.
+    """
+    if channels not in CHANNELS:
+        raise InputError(f"images can be given in 1 (greyscale) or 3 (RGB) channels, not {channels!r}")
+    have = images.shape[-3] if images.ndim >= 3 else None
+    if have not in CHANNELS:
+        raise InputError(f"expected images (..., 1 or 3, H, W), got shape {tuple(images.shape)}")
+    if have == channels:
+        return images
+    if channels == 3:
+        return images.expand(*images.shape[:-3], 3, *images.shape[-2:]).contiguous()
+    weights = torch.tensor(LUMA, dtype=images.dtype, device=images.device).view(3, 1, 1)
+    return (images * weights).sum(dim=-3, keepdim=True).clamp(0.0, 1.0)
 
 
 def list_images(folder: str | Path) -> list[Path]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
@@ -18,6 +19,12 @@ def save_figure(fig: Figure, path: str | Path, dpi: int = 110) -> None:
     FigureCanvasAgg(fig)
     fmt = Path(path).suffix.lstrip(".") or "png"
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format=fmt))
+
+
+def image_array(img: Tensor) -> np.ndarray:
+    """``(C, H, W)`` with C = 1 (greyscale) or 3 (RGB) -> ``(H, W, 3)`` in [0, 1] for ``imshow``."""
+    img = img.detach().float().cpu().clamp(0, 1)
+    return img.expand(3, -1, -1).permute(1, 2, 0).numpy() if img.shape[0] == 1 else img.permute(1, 2, 0).numpy()
 
 
 def _show(ax, img: Tensor, title: str, cmap: str | None = None, vmin: float = 0.0, vmax: float = 1.0) -> None:

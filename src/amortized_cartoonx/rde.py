@@ -500,6 +500,11 @@ def classify_or_explain(
     except (CartoonXError, torch.cuda.OutOfMemoryError):  # torch.OutOfMemoryError from torch 2.5
         raise
     except Exception as exc:  # the classifier's own error, given the context it lacks
+        if x.ndim == 4 and x.shape[1] == 3 and "to have 1 channels" in str(exc):  # torch's conv message
+            hint += (
+                "; a single-channel classifier: `cartoonx explain` and `cartoonx evaluate` give it greyscale "
+                "images (--channels auto or 1), amortized training needs a classifier on RGB images"
+            )
         raise ClassifierError(
             f"{who or _classifier_name(classifier)} failed on images of shape {tuple(x.shape)} ({x.dtype}, "
             f"{x.device}): {type(exc).__name__}: {one_line(exc)}{hint}"

@@ -164,6 +164,30 @@ def add_size_arg(
     )
 
 
+def add_channels_arg(parser: argparse.ArgumentParser) -> None:
+    """``--channels auto|1|3`` (:func:`resolve_channels`)."""
+    parser.add_argument(
+        "--channels",
+        default="auto",
+        choices=("auto", "1", "3"),
+        help="colour channels of the classifier's input: 3 (RGB), 1 (greyscale: images converted by their luma), "
+        "or auto (default): 3 if the classifier runs on RGB images, else 1 if it runs on greyscale ones",
+    )
+
+
+def resolve_channels(choice: str, classifier, size: int, device) -> int:
+    """The channel count ``--channels`` asks for: ``auto`` probes the classifier
+    (:func:`~amortized_cartoonx.classifiers.input_channels`) and logs a greyscale choice."""
+    if choice != "auto":
+        return int(choice)
+    from amortized_cartoonx.classifiers import input_channels
+
+    channels = input_channels(classifier, size, device)
+    if channels == 1:
+        logger.info("the classifier takes single-channel images: explaining greyscale images (--channels auto)")
+    return channels
+
+
 def add_progress_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 

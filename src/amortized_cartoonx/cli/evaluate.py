@@ -22,6 +22,7 @@ import shlex
 from pathlib import Path
 
 from .common import (
+    add_channels_arg,
     add_classifier_args,
     add_device_arg,
     add_progress_arg,
@@ -65,6 +66,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="optimizer steps after the warm start (default: the refine schedule's, 60)",
     )
     add_size_arg(p, "images are resized and centre-cropped")
+    add_channels_arg(p)
     p.add_argument("--limit", type=positive_int, default=None, metavar="N", help="only the first N images")
     p.add_argument(
         "--batch-size", type=positive_int, default=4, help="images explained and measured together (default 4)"
@@ -279,6 +281,7 @@ def run(args: argparse.Namespace) -> int:
         fill_defaults,
         optimizer_config,
         recorded_settings,
+        resolve_channels,
     )
 
     command = args.command_line(args)  # as typed, before the defaults below are filled in
@@ -346,12 +349,14 @@ def run(args: argparse.Namespace) -> int:
     if args.device == "auto":  # the command reproduces this run on a machine with another device too
         command += f" --device {device.type}"
     classifier = load_classifier(args.classifier, normalize=args.normalize, device=device)
+    channels = resolve_channels(args.channels, classifier, args.size, device)
     if labels is not None:
-        check_class_names(labels, _num_classes(classifier, args.size, device), args.labels)
+        check_class_names(labels, _num_classes(classifier, args.size, channels, device), args.labels)
     context = MethodContext(
         classifier=classifier,
         classifier_spec=args.classifier,
         image_size=args.size,
+        channels=channels,
         optimizer=optimizer,
         wave=args.wavelet,
         levels=args.levels,
@@ -378,14 +383,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _num_classes(classifier, size: int, device) -> int:
-    """The classifier's number of classes (its logits for one grey image)."""
+def _num_classes(classifier, size: int, channels: int, device) -> int:
+    """The classifier's number of classes (its logits for one mid-grey image)."""
     import torch
 
     from amortized_cartoonx.rde import original_logits
 
     with torch.no_grad():
-        return original_logits(classifier, torch.full((1, 3, size, size), 0.5, device=device)).shape[-1]
+        return original_logits(classifier, torch.full((1, channels, size, size), 0.5, device=device)).shape[-1]
 
 
 def _table(summary: dict) -> str:

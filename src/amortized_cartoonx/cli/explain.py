@@ -14,6 +14,7 @@ from pathlib import Path
 from ..methods import CHECKPOINT_METHODS, EXACT_METHODS, EXPLAIN_METHODS
 from .common import (
     CALIBRATION_NAMES,
+    add_channels_arg,
     add_classifier_args,
     add_device_arg,
     add_progress_arg,
@@ -42,6 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="class to explain: one index for all, or one per image separated by commas (default: the predicted class)",
     )
     add_size_arg(p)
+    add_channels_arg(p)
     p.add_argument("--batch-size", type=positive_int, default=4, help="images optimised together (default 4)")
     p.add_argument("--labels", default=None, metavar="FILE", help="class names, one per line")
     p.add_argument("--checkpoint", default=None, metavar="CKPT", help="amortized explainer (amortized, warm)")
@@ -181,13 +183,13 @@ def run(args: argparse.Namespace) -> int:
 
     from amortized_cartoonx.classifiers import load_classifier, normalization_name
     from amortized_cartoonx.errors import ConfigError
-    from amortized_cartoonx.images import load_images, read_class_names
+    from amortized_cartoonx.images import load_images, read_class_names, to_channels
     from amortized_cartoonx.io import atomic_write_text, remove_stale_temporaries
     from amortized_cartoonx.plotting import explanation_figure, save_figure
     from amortized_cartoonx.runtime import resolve_device
     from amortized_cartoonx.seeding import FILE_SEEDING, file_seeds
 
-    from .common import check_class_names, check_output_folder, fill_defaults, recorded_settings
+    from .common import check_class_names, check_output_folder, fill_defaults, recorded_settings, resolve_channels
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -203,6 +205,13 @@ def run(args: argparse.Namespace) -> int:
     labels = read_class_names(args.labels)
     device = resolve_device(args.device)
     classifier = load_classifier(args.classifier, normalize=args.normalize, device=device)
+    channels = resolve_channels(args.channels, classifier, args.size, device)
+    if channels == 1 and args.method in CHECKPOINT_METHODS:
+        raise ConfigError(
+            f"--method {args.method} needs a classifier on RGB images: amortized explainers are trained on 3 "
+            "channels; explain a single-channel classifier with --method cartoonx or pixel-rde"
+        )
+    images = to_channels(images, channels)
     explainer = build_explainer(args, classifier, device)
     check_class_names(labels, preflight(classifier, explainer, images, targets, device), args.labels)
 
@@ -214,6 +223,7 @@ def run(args: argparse.Namespace) -> int:
         "classifier": args.classifier,
         "normalize": normalization_name(classifier),
         "size": args.size,
+        "channels": channels,
         "device": str(device),
         "batch_size": args.batch_size,  # the batch's composition moves the last bits of a mask
         "seeding": FILE_SEEDING,  # seed_used = item_seed(file name, --seed)

@@ -90,6 +90,8 @@ class MethodContext:
             The warm start refines with the ``refine`` schedule (:func:`~amortized_cartoonx.amortized.refine_config`
             of ``optimizer``).
         baselines: settings of the gradient baselines.
+        channels: the colour channels the classifier takes: 3 (RGB; default) or 1 (greyscale: the images are
+            converted by their luma, :func:`~amortized_cartoonx.images.to_channels`).
     """
 
     classifier: Callable[[Tensor], Tensor]
@@ -102,6 +104,7 @@ class MethodContext:
     checkpoint: str | None = None
     refine_steps: int | None = None
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
+    channels: int = 3
 
     def warm_steps(self) -> int:
         """The warm start's refinement steps: ``refine_steps``, or the ``refine`` schedule's."""

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..classifiers import classifier_identity
 from ..errors import InputError
-from ..images import list_images, load_images
+from ..images import list_images, load_images, to_channels
 from ..rde import RDEObjective
 from ..seeding import item_seed
 from ..wavelets import Representation
@@ -27,17 +27,20 @@ from .config import EvaluationConfig
 
 @dataclass
 class ImageSet:
-    """The run's images: ``files`` of ``folder`` (sorted by name), loaded on demand as ``(n, 3, size, size)`` on
-    ``device``."""
+    """The run's images: ``files`` of ``folder`` (sorted by name), loaded on demand as ``(n, channels, size,
+    size)`` on ``device`` (``channels`` 1: greyscale, by the luma of the RGB file)."""
 
     folder: Path
     files: list[Path]
     size: int
     device: torch.device
+    channels: int = 3
 
     @classmethod
-    def from_folder(cls, folder: str | Path, size: int, device: torch.device, limit: int | None = None) -> ImageSet:
-        """The first ``limit`` images of ``folder`` (all by default).
+    def from_folder(
+        cls, folder: str | Path, size: int, device: torch.device, limit: int | None = None, channels: int = 3
+    ) -> ImageSet:
+        """The first ``limit`` images of ``folder`` (all by default), in ``channels`` channels.
 
         Raises:
             InputError: a missing or empty folder, or two images with the same file name.
@@ -46,7 +49,7 @@ class ImageSet:
         files = files[:limit] if limit else files
         if len({p.name for p in files}) != len(files):
             raise InputError(f"two images in {folder} share a file name")
-        return cls(Path(folder), files, size, device)
+        return cls(Path(folder), files, size, device, channels)
 
     @property
     def ids(self) -> list[str]:
@@ -59,15 +62,16 @@ class ImageSet:
         return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in self.files}
 
     def load(self, indices: Sequence[int]) -> Tensor:
-        """``(len(indices), 3, size, size)`` in [0, 1] on the run's device."""
-        return load_images([self.files[i] for i in indices], self.size).to(self.device)
+        """``(len(indices), channels, size, size)`` in [0, 1] on the run's device."""
+        images = load_images([self.files[i] for i in indices], self.size)
+        return to_channels(images, self.channels).to(self.device)
 
 
-def cache_identity(spec: str, classifier) -> dict:
+def cache_identity(spec: str, classifier, channels: int = 3) -> dict:
     """What identifies the classifier in every cache key: its spec, a model file's SHA-256 and the digest of its
     weights (from :func:`~amortized_cartoonx.classifiers.classifier_identity`; a file's absolute path is left
     out, the content identifies it; ``synthetic`` or ``package.module:callable`` may load other weights after a
-    retraining) and the input normalisation."""
+    retraining), the input normalisation, and the channels when not RGB."""
     identity = classifier_identity(spec, classifier)
     out: dict = {"classifier": identity["classifier"]}
     if identity["classifier_sha256"]:
@@ -76,6 +80,8 @@ def cache_identity(spec: str, classifier) -> dict:
         out["classifier_weights_sha256"] = identity["classifier_weights_sha256"]
     normalization = getattr(classifier, "normalization", None)
     out["normalization"] = list(normalization) if normalization else None
+    if channels != 3:  # keyed only when greyscale: the keys of RGB runs stay those of earlier versions
+        out["channels"] = channels
     return out
 
 

@@ -20,7 +20,15 @@ from ..explanation import Explanation
 from ..optimizer import CartoonX, PixelRDE
 from ..runtime import module_device, synchronize
 from ..wavelets import Representation
-from .attribution import MASK, METHODS, Attribution, EvaluationMethod, MethodContext, explained_target
+from .attribution import (
+    MASK,
+    METHODS,
+    Attribution,
+    EvaluationMethod,
+    MethodContext,
+    MethodUnavailable,
+    explained_target,
+)
 
 #: The measurements of an :class:`Explanation` kept per image (summary.json's ``mask_scalars``).
 EXPLANATION_SCALARS = ("mask_mean", "distortion", "loss", "prob_original", "prob_masked", "prob_obfuscated")
@@ -102,6 +110,8 @@ def load_amortized(ctx: MethodContext) -> AmortizedExplainer:
     """
     if not ctx.checkpoint:
         raise ConfigError("the methods amortized and warm need --checkpoint (an amortized explainer checkpoint)")
+    if ctx.channels != 3:
+        raise MethodUnavailable("amortized explainers are trained on RGB images; this classifier takes greyscale ones")
     amortized = AmortizedExplainer.from_checkpoint(
         Path(ctx.checkpoint).expanduser(),
         ctx.classifier,

@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 
 from ..io import atomic_write_text
 from ..methods import method_info, title
-from ..plotting import save_figure
+from ..plotting import image_array, save_figure
 from .results import EvaluationResults, mean_se
 
 AREA_KEYS = ("area_keep", "area_keep_early", "area_randomise", "area_randomise_early")
@@ -270,7 +270,7 @@ def examples_figure(results: EvaluationResults, class_names: list[str] | None = 
     for r in range(rows):
         target = results.example_targets[first][r]
         label = class_names[target] if class_names and target < len(class_names) else f"class {target}"
-        axes[r, 0].imshow(results.example_images[r].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+        axes[r, 0].imshow(image_array(results.example_images[r]), interpolation="nearest")
         axes[r, 0].set_title(f"{results.ids[r]}\n{label}", fontsize=6)
         for c, name in enumerate(names, start=1):
             img = results.examples[name][r, 0].numpy()
@@ -299,7 +299,7 @@ def ground_truth_figure(results: EvaluationResults) -> Figure | None:
     for r in range(rows):
         band = (regions[r] == 2).numpy().astype(float)
         ax = axes[r, 0]
-        ax.imshow(results.example_images[r].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+        ax.imshow(image_array(results.example_images[r]), interpolation="nearest")
         ax.contour(band, levels=[0.5], colors="cyan", linewidths=0.6)
         ax.contour((regions[r] == 3).numpy().astype(float), levels=[0.5], colors="red", linewidths=0.6)
         ax.set_title(f"{results.ids[r]}\noutline band (cyan), distractors (red)", fontsize=6)
@@ -336,7 +336,7 @@ def sanity_figure(results: EvaluationResults) -> Figure | None:
             ax.axis("off")
             if c == 0:
                 if r == 0 and s.image is not None:
-                    ax.imshow(s.image.permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+                    ax.imshow(image_array(s.image), interpolation="nearest")
                     ax.set_title(f"{s.ids[0]}", fontsize=6)
                 continue
             ax.imshow(

@@ -94,7 +94,9 @@ class Evaluation:
 
     def _prepare(self) -> tuple[RunContext, dict, dict[str, str]]:
         """The run's context, its methods and the ones skipped (with why); the output folder made."""
-        images = ImageSet.from_folder(self.images_dir, self.context.image_size, self.device, self.config.limit)
+        images = ImageSet.from_folder(
+            self.images_dir, self.context.image_size, self.device, self.config.limit, self.context.channels
+        )
         methods, skipped = build_methods(self.config.methods, self.context)
         for name, reason in skipped.items():
             logger.warning("skipping %s: %s", name, reason)
@@ -105,7 +107,7 @@ class Evaluation:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.cache.root is not None and remove_stale_temporaries(self.cache.root, recursive=True):
             logger.info("removed unfinished cache files of a killed run in %s", self.cache.root)
-        identity = cache_identity(self.context.classifier_spec, self.classifier)
+        identity = cache_identity(self.context.classifier_spec, self.classifier, self.context.channels)
         cache = self.cache.with_contents(images.contents()) if self.cache.root is not None else self.cache
         return RunContext(self.classifier, images, self.config, cache, identity), methods, skipped
 
@@ -199,6 +201,7 @@ class Evaluation:
             "images_dir": str(self.images_dir),
             "classifier": ctx.classifier_spec,
             "image_size": ctx.image_size,
+            "channels": ctx.channels,
             "device": str(self.device),
             "evaluation": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.config).items()},
             "optimizer": asdict(ctx.optimizer),
