@@ -322,3 +322,25 @@ def test_fit_help_describes_what_it_trains(capsys, monkeypatch):
     head = " ".join(capsys.readouterr().out.split()).split(" options:")[0]  # usage and description
     assert "Runs the full optimization routine" not in head  # Trainer.fit's docstring (still a group's title)
     assert "cartoonx fit: train the amortized CartoonX explainer (the mask predictor network)" in head
+
+
+def test_keep_aspect_explains_each_image_at_its_own_shape(tmp_path, spec, pictures, capsys):
+    out = tmp_path / "out"
+    args = [*pictures, "--classifier", spec, "--out", str(out), "--size", "32", "--steps", "2", "--samples", "2"]
+    code, stdout, _ = run([*args, "--keep-aspect", "--batch-size", "2", "--no-progress"], capsys)
+    assert code == 0, stdout
+    shapes = {"rgb": (1, 32, 40), "grey": (1, 32, 40), "alpha": (1, 32, 40), "deep": (1, 32, 32)}  # 40x50, 40x40
+    for stem, shape in shapes.items():
+        saved = load_saved_explanation(out / f"{stem}.safetensors")
+        assert saved["explanation"].shape == shape and saved["metadata"]["keep_aspect"] is True
+    code, _, err = run([*args[:-4], "--method", "amortized", "--checkpoint", "x.ckpt", "--keep-aspect"], capsys)
+    assert code == 2 and "--keep-aspect is for --method cartoonx or pixel-rde" in err
+
+
+def test_batches_hold_consecutive_images_of_one_shape():
+    from amortized_cartoonx.cli.explain import shape_batches
+
+    images = [torch.zeros(3, 4, w) for w in (4, 4, 4, 6, 4, 4)]
+    assert shape_batches(images, 2) == [(0, 2), (2, 3), (3, 4), (4, 6)]
+    assert shape_batches(images, 8) == [(0, 3), (3, 4), (4, 6)]
+    assert shape_batches([], 2) == []

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from amortized_cartoonx.errors import InputError
-from amortized_cartoonx.images import list_images, load_image, resize_center_crop
+from amortized_cartoonx.images import MAX_SIZE, list_images, load_image, resize_center_crop
 
 
 def test_rgb_jpeg_and_resize(tmp_path):
@@ -52,6 +52,25 @@ def test_missing_and_corrupt_files(tmp_path):
     good.write_bytes(good.read_bytes()[:60])
     with pytest.raises(InputError):
         load_image(good)
+
+
+def test_keep_aspect_resizes_the_shorter_side_and_crops_nothing(tmp_path):
+    arr = (np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8)
+    Image.fromarray(arr).save(tmp_path / "a.png")
+    whole = load_image(tmp_path / "a.png", 32, crop=False)
+    assert whole.shape == (3, 32, 48)
+    assert torch.equal(whole[:, :, 8:40], load_image(tmp_path / "a.png", 32))  # the square is its centre
+    Image.fromarray(arr.transpose(1, 0, 2)).save(tmp_path / "tall.png")
+    assert load_image(tmp_path / "tall.png", 32, crop=False).shape == (3, 48, 32)
+
+
+@pytest.mark.parametrize("crop", [True, False])
+def test_a_strip_is_refused_before_it_is_resized(tmp_path, crop):
+    # 8 x 400 px at 256: 12800 px long before the crop (8 x 8 million px, allowed by MAX_PIXELS, needed 200 GB)
+    Image.fromarray(np.zeros((8, 400), dtype=np.uint8)).save(tmp_path / "strip.png")
+    with pytest.raises(InputError, match=f"12800x256 .* more than {MAX_SIZE} px"):
+        load_image(tmp_path / "strip.png", 256, crop=crop)
+    assert load_image(tmp_path / "strip.png", 16, crop=crop).shape[-2] == 16  # 800 px long: fine
 
 
 def test_center_crop_keeps_the_centre():

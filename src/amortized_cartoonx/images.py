@@ -3,8 +3,8 @@
 Any mode PIL opens is accepted: greyscale and palette images are expanded to RGB, transparent images are
 composited on white, 16-bit and 32-bit greyscale images are scaled by their bit depth (PIL's own
 ``convert("RGB")`` would clip them). Images are resized (shorter side to ``size``, antialiased) and
-centre-cropped to ``size x size``. :func:`to_channels` turns them into the ``(1, S, S)`` greyscale images a
-single-channel classifier takes.
+centre-cropped to ``size x size`` (or, with ``crop=False``, keep their aspect ratio). :func:`to_channels` turns
+them into the ``(1, S, S)`` greyscale images a single-channel classifier takes.
 """
 
 from __future__ import annotations
@@ -64,8 +64,11 @@ def _to_rgb_array(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
 
 
-def load_image(path: str | Path, size: int | None = 256) -> Tensor:
+def load_image(path: str | Path, size: int | None = 256, crop: bool = True) -> Tensor:
     """Read an image file as ``(3, size, size)`` float32 in [0, 1] (or its own size when ``size`` is None).
+
+    With ``crop=False`` the image keeps its aspect ratio: ``(3, size, W)`` or ``(3, H, size)``, its shorter side
+    resized to ``size`` and the longer side in proportion (:func:`resize_shorter_side`).
 
     Raises:
         InputError: missing, unreadable or corrupt file, or a size below 1.
@@ -104,20 +107,43 @@ def load_image(path: str | Path, size: int | None = 256) -> Tensor:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"cannot read image {path}: {one_line(exc)}") from None
     x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)  # (3, H, W)
-    return x if size is None else resize_center_crop(x, size)
+    if size is None:
+        return x
+    return (resize_center_crop if crop else resize_shorter_side)(x, size, str(path))
 
 
-def resize_center_crop(x: Tensor, size: int) -> Tensor:
-    """``(C, H, W) -> (C, size, size)``: shorter side to ``size`` (antialiased bilinear), centre crop."""
+def resize_center_crop(x: Tensor, size: int, name: str = "the image") -> Tensor:
+    """``(C, H, W) -> (C, size, size)``: shorter side to ``size`` (antialiased bilinear), centre crop.
+
+    Raises:
+        InputError: a longer side above :data:`MAX_SIZE` after the resize (a strip of 8 x 8 million pixels at 256
+            px would need 200 GB before the crop).
+    """
+    x = resize_shorter_side(x, size, name)
+    height, width = x.shape[-2:]
+    top, left = (height - size) // 2, (width - size) // 2
+    return x[:, top : top + size, left : left + size].contiguous()
+
+
+def resize_shorter_side(x: Tensor, size: int, name: str = "the image") -> Tensor:
+    """``(C, H, W) -> (C, h, w)``: the shorter side to ``size``, the longer in proportion (rounded; antialiased
+    bilinear), no crop.
+
+    Raises:
+        InputError: a longer side above :data:`MAX_SIZE` (a panorama at a large ``size``).
+    """
     _, height, width = x.shape
-    if (height, width) != (size, size):
-        scale = size / min(height, width)
-        new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
+    scale = size / min(height, width)
+    new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
+    if max(new_h, new_w) > MAX_SIZE:
+        raise InputError(
+            f"{name} would be {new_w}x{new_h} with its shorter side at {size}: more than {MAX_SIZE} px on a side; "
+            "give a smaller size or cut the image first"
+        )
+    if (new_h, new_w) != (height, width):
         x = torch.nn.functional.interpolate(
             x[None], size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False
         )[0]
-        top, left = (new_h - size) // 2, (new_w - size) // 2
-        x = x[:, top : top + size, left : left + size]
     return x.clamp(0.0, 1.0).contiguous()
 
 

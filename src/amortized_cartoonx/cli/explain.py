@@ -43,6 +43,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="class to explain: one index for all, or one per image separated by commas (default: the predicted class)",
     )
     add_size_arg(p)
+    p.add_argument(
+        "--keep-aspect",
+        action="store_true",
+        help="resize the shorter side to --size and keep the aspect ratio instead of centre-cropping a square "
+        "(cartoonx and pixel-rde; images of one shape are batched together)",
+    )
     add_channels_arg(p)
     p.add_argument("--batch-size", type=positive_int, default=4, help="images optimised together (default 4)")
     p.add_argument("--labels", default=None, metavar="FILE", help="class names, one per line")
@@ -160,30 +166,44 @@ def build_explainer(args: argparse.Namespace, classifier, device):
 
 
 def preflight(classifier, explainer, images, targets, device) -> int:
-    """Fail on what would fail later (classifier output, target range, image size) before any output; returns
-    the classifier's number of classes."""
+    """Fail on what would fail later (classifier output, target range, image size) before any output, once per
+    image shape (``images``: a list of ``(C, H, W)``); returns the classifier's number of classes."""
     import torch
 
     from amortized_cartoonx.rde import original_logits, resolve_target
 
+    firsts = {tuple(x.shape): x for x in reversed(images)}  # the first image of each shape
     with torch.no_grad():
-        first = images[:1].to(device)
-        # two copies: a model traced or exported for batch size 1 fails here, not after the first outputs
-        logits = original_logits(classifier, first.repeat(2, 1, 1, 1))[:1]
-        if targets is not None:
-            resolve_target(targets, logits.expand(len(targets), -1))
-        representation = getattr(explainer, "representation", None)
-        if representation is not None:
-            representation.encode(first)
+        for k, image in enumerate(firsts.values()):
+            first = image[None].to(device)
+            # two copies: a model traced or exported for batch size 1 fails here, not after the first outputs
+            logits = original_logits(classifier, first.repeat(2, 1, 1, 1))[:1]
+            if targets is not None and k == 0:
+                resolve_target(targets, logits.expand(len(targets), -1))
+            representation = getattr(explainer, "representation", None)
+            if representation is not None:
+                representation.encode(first)
     return logits.shape[-1]
 
 
+def shape_batches(images: list, batch_size: int) -> list[tuple[int, int]]:
+    """``(lo, hi)`` ranges of at most ``batch_size`` consecutive images of one shape, in order."""
+    ranges: list[tuple[int, int]] = []
+    lo = 0
+    for k in range(1, len(images) + 1):
+        if k == len(images) or k - lo == batch_size or images[k].shape != images[lo].shape:
+            ranges.append((lo, k))
+            lo = k
+    return ranges
+
+
 def run(args: argparse.Namespace) -> int:
+    import torch
     from tqdm.auto import tqdm
 
     from amortized_cartoonx.classifiers import load_classifier, normalization_name
     from amortized_cartoonx.errors import ConfigError
-    from amortized_cartoonx.images import load_images, read_class_names, to_channels
+    from amortized_cartoonx.images import load_image, read_class_names, to_channels
     from amortized_cartoonx.io import atomic_write_text, remove_stale_temporaries
     from amortized_cartoonx.plotting import explanation_figure, save_figure
     from amortized_cartoonx.runtime import resolve_device
@@ -193,6 +213,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.keep_aspect and args.method in CHECKPOINT_METHODS:
+        raise ConfigError(f"--keep-aspect is for --method cartoonx or pixel-rde: {args.method} explains square images")
     paths = [Path(p) for p in args.images]
     stems = output_stems(paths)
     outputs = [Path(args.out) / f"{s}{suffix}" for s in stems for suffix in (".png", ".safetensors")]
@@ -200,7 +222,8 @@ def run(args: argparse.Namespace) -> int:
     # --size and the DWT default to the checkpoint's settings (or a synthetic classifier's size)
     checkpoint = args.checkpoint if args.method in CHECKPOINT_METHODS else None
     fill_defaults(args, *recorded_settings(checkpoint, args.classifier))
-    images = load_images(paths, args.size)  # fails on a bad file before any work
+    # (3, H, W) each; fails on a bad file before any work
+    images = [load_image(p, args.size, crop=not args.keep_aspect) for p in paths]
     targets = parse_targets(args.target, len(paths))
     labels = read_class_names(args.labels)
     device = resolve_device(args.device)
@@ -211,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
             f"--method {args.method} needs a classifier on RGB images: amortized explainers are trained on 3 "
             "channels; explain a single-channel classifier with --method cartoonx or pixel-rde"
         )
-    images = to_channels(images, channels)
+    images = [to_channels(x, channels) for x in images]
     explainer = build_explainer(args, classifier, device)
     check_class_names(labels, preflight(classifier, explainer, images, targets, device), args.labels)
 
@@ -223,6 +246,7 @@ def run(args: argparse.Namespace) -> int:
         "classifier": args.classifier,
         "normalize": normalization_name(classifier),
         "size": args.size,
+        "keep_aspect": args.keep_aspect,
         "channels": channels,
         "device": str(device),
         "batch_size": args.batch_size,  # the batch's composition moves the last bits of a mask
@@ -230,9 +254,8 @@ def run(args: argparse.Namespace) -> int:
     }
     progress = not args.no_progress
     bar = tqdm(total=len(paths), desc=f"explain ({args.method})", unit="img", disable=not progress)
-    for lo in range(0, len(paths), args.batch_size):
-        hi = min(lo + args.batch_size, len(paths))
-        batch = images[lo:hi].to(device)
+    for lo, hi in shape_batches(images, args.batch_size):
+        batch = torch.stack(images[lo:hi]).to(device)
         target = None if targets is None else targets[lo:hi]
         seeds = file_seeds([p.name for p in paths[lo:hi]], args.seed)  # the same noise as targets/evaluate
         explanation = explainer.explain(batch, target, seeds=seeds, progress=progress).cpu()
