@@ -344,3 +344,14 @@ def test_batches_hold_consecutive_images_of_one_shape():
     assert shape_batches(images, 2) == [(0, 2), (2, 3), (3, 4), (4, 6)]
     assert shape_batches(images, 8) == [(0, 3), (3, 4), (4, 6)]
     assert shape_batches([], 2) == []
+
+
+def test_a_folder_stands_for_its_images_in_name_order(tmp_path, spec, pictures, capsys):
+    folder = Path(pictures[0]).parent  # alpha, deep, grey, rgb (sorted), beside a file given by its path
+    out = tmp_path / "out"
+    args = [str(folder), pictures[0], "--classifier", spec, "--out", str(out), "--size", "32", "--steps", "1"]
+    code, stdout, _ = run([*args, "--samples", "2", "--no-progress"], capsys)
+    assert code == 0, stdout
+    lines = [json.loads(line) for line in (out / "summary.jsonl").read_text().splitlines()]
+    assert [Path(line["image"]).name for line in lines] == ["alpha.png", "deep.png", "grey.png", "rgb.png", "rgb.png"]
+    assert lines[-1]["png"] == "rgb_1.png"

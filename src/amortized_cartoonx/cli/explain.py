@@ -1,4 +1,5 @@
-"""``cartoonx explain IMAGE [IMAGE ...] --classifier SPEC --out DIR``: explain images, one figure each.
+"""``cartoonx explain IMAGE [IMAGE ...] --classifier SPEC --out DIR``: explain images (or the images of folders),
+one figure each.
 
 Writes per image ``DIR/<stem>.png`` (figure), ``DIR/<stem>.safetensors`` (mask, explanation, metadata; read
 it with :func:`amortized_cartoonx.explanation.load_saved_explanation`) and one JSON line in ``DIR/summary.jsonl``.
@@ -33,7 +34,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description=plain_text(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format PIL reads)")
+    p.add_argument(
+        "images",
+        nargs="+",
+        metavar="IMAGE",
+        help="image files (any format PIL reads), or folders: their images, sorted by name",
+    )
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--method", default="cartoonx", choices=EXPLAIN_METHODS, help="default: cartoonx")
     add_classifier_args(p)
@@ -186,6 +192,18 @@ def preflight(classifier, explainer, images, targets, device) -> int:
     return logits.shape[-1]
 
 
+def image_paths(given: list[str]) -> list[Path]:
+    """The files to explain: each given file, and the images directly in each given folder (sorted by name;
+    :func:`~amortized_cartoonx.images.list_images`)."""
+    from amortized_cartoonx.images import list_images
+
+    paths: list[Path] = []
+    for item in given:
+        path = Path(item)
+        paths.extend(list_images(path) if path.is_dir() else [path])
+    return paths
+
+
 def shape_batches(images: list, batch_size: int) -> list[tuple[int, int]]:
     """``(lo, hi)`` ranges of at most ``batch_size`` consecutive images of one shape, in order."""
     ranges: list[tuple[int, int]] = []
@@ -215,7 +233,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.keep_aspect and args.method in CHECKPOINT_METHODS:
         raise ConfigError(f"--keep-aspect is for --method cartoonx or pixel-rde: {args.method} explains square images")
-    paths = [Path(p) for p in args.images]
+    paths = image_paths(args.images)
     stems = output_stems(paths)
     outputs = [Path(args.out) / f"{s}{suffix}" for s in stems for suffix in (".png", ".safetensors")]
     out = check_output_folder(args.out, inputs=paths, outputs=[*outputs, Path(args.out) / "summary.jsonl"])
