@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,9 +16,8 @@ from torch import nn
 
 from amortized_cartoonx.classifiers import Classifier, input_channels
 from amortized_cartoonx.cli import main
+from amortized_cartoonx.data import split_train_val_test
 from amortized_cartoonx.errors import ClassifierError, InputError
-from amortized_cartoonx.evaluation.attribution import MethodContext
-from amortized_cartoonx.evaluation.methods import build_methods
 from amortized_cartoonx.explanation import load_saved_explanation
 from amortized_cartoonx.images import LUMA, load_image, to_channels
 from amortized_cartoonx.rde import original_logits
@@ -67,11 +69,11 @@ def grey_spec(tmp_path, monkeypatch):
 
 @pytest.fixture
 def grey_pictures(tmp_path):
-    """Three greyscale files, bright in the top-left quadrant, noisy elsewhere."""
+    """Four greyscale files, bright in the top-left quadrant, noisy elsewhere."""
     rng = np.random.default_rng(0)
     folder = tmp_path / "grey"
     folder.mkdir()
-    for k in range(3):
+    for k in range(4):
         pixels = rng.random((SIZE, SIZE)) * 0.5
         pixels[: SIZE // 2, : SIZE // 2] = 0.9
         Image.fromarray((pixels * 255).astype(np.uint8), mode="L").save(folder / f"g{k}.png")
@@ -112,7 +114,7 @@ def test_an_rgb_normalisation_in_front_of_a_greyscale_model_is_named():
 
 
 def test_an_rgb_image_given_to_a_greyscale_model_says_what_to_do():
-    with pytest.raises(ClassifierError, match="greyscale images .--channels auto or 1"):
+    with pytest.raises(ClassifierError, match="greyscale images .N, 1, H, W.: .*--channels auto or 1"):
         original_logits(_Grey(), torch.rand(2, 3, SIZE, SIZE))
 
 
@@ -149,8 +151,55 @@ def test_evaluate_runs_every_method_that_can_take_greyscale_images(tmp_path, gre
     assert (out / "examples.png").is_file() and (out / "rate_distortion.png").is_file()
 
 
-def test_amortized_methods_are_skipped_for_a_greyscale_classifier(tmp_path):
-    ctx = MethodContext(Classifier(_Grey()), image_size=SIZE, channels=1, checkpoint=str(tmp_path / "any.ckpt"))
-    methods, skipped = build_methods(("cartoonx", "amortized", "warm"), ctx)
-    assert list(methods) == ["cartoonx"]
-    assert set(skipped) == {"amortized", "warm"} and "RGB" in skipped["amortized"]
+def test_the_amortized_explainer_trains_and_explains_on_greyscale_images(
+    tmp_path, grey_spec, grey_pictures, capsys, monkeypatch
+):
+    """fit (scratch encoder), explain --method warm and evaluate amortized for a single-channel classifier; an
+    RGB classifier is refused by the greyscale checkpoint."""
+    monkeypatch.chdir(tmp_path)  # checkpoints/ and logs/
+    monkeypatch.setattr(sys, "argv", ["cartoonx"])  # LightningCLI compares its args with the command line
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+    fit = ["fit", "--config", config, "--data.images", str(grey_pictures), "--model.classifier", grey_spec]
+    ids = sorted(p.name for p in grey_pictures.iterdir())
+    seed = next(k for k in range(100) if all(split_train_val_test(ids, 0.5, 0.0, k)[s] for s in ("train", "val")))
+    split = ["--data.val_fraction", "0.5", "--data.split_seed", str(seed)]
+    steps = ["--trainer.max_steps", "2", "--trainer.val_check_interval", "1"]
+    assert main([*fit, *split, *steps]) == 0, capsys.readouterr().err
+    (checkpoint,) = (tmp_path / "checkpoints").rglob("last.ckpt")
+    common = ["--classifier", grey_spec, "--checkpoint", str(checkpoint), "--no-progress"]
+    out = tmp_path / "warm"
+    explain = ["explain", str(grey_pictures / "g0.png"), "--out", str(out), "--method", "warm", *common]
+    assert main([*explain, "--refine-steps", "2", "--samples", "2"]) == 0, capsys.readouterr().err
+    saved = load_saved_explanation(out / "g0.safetensors")
+    assert saved["explanation"].shape == (1, SIZE, SIZE) and saved["metadata"]["channels"] == 1
+    evaluate = ["evaluate", "--images", str(grey_pictures), "--out", str(tmp_path / "eval"), "--methods", "amortized"]
+    assert main([*evaluate, *common, "--samples", "2", "--rates", "3", "--lambdas", "none"]) == 0
+    # an RGB classifier does not fit a greyscale checkpoint
+    rgb = ["explain", str(grey_pictures / "g0.png"), "--out", str(tmp_path / "rgb"), "--method", "amortized"]
+    code = main([*rgb, "--classifier", grey_spec, "--checkpoint", str(checkpoint), "--channels", "3"])
+    assert code == 2 and "3-channel images (trained on 1-channel ones)" in capsys.readouterr().err
+
+
+def test_the_classifier_encoder_reads_a_greyscale_classifier():
+    from amortized_cartoonx.mask_predictor import MaskPredictor, MaskPredictorConfig
+
+    class Strided(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(1, 4, 3, stride=2, padding=1)
+            self.b = nn.Conv2d(4, 4, 3, stride=2, padding=1)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.b(torch.relu(self.a(x))).mean((2, 3)))
+
+    classifier = Classifier(Strided())
+    cfg = MaskPredictorConfig(num_classes=3, levels=2, width=8, decoder_width=8, embed_dim=8, encoder="classifier")
+    cfg = dataclasses.replace(cfg, in_channels=1).with_taps(classifier, SIZE)
+    assert cfg.taps == ["model.a", "model.b"]
+    network = MaskPredictor(cfg, features=classifier)
+    mask = network.mask(torch.rand(2, 1, SIZE, SIZE), torch.tensor([0, 2]))
+    assert mask.lowpass.shape[:2] == (2, 1)
+    with pytest.raises(InputError, match="greyscale images .N, 1, H, W."):
+        network.mask(torch.rand(2, 3, SIZE, SIZE), torch.tensor([0, 2]))

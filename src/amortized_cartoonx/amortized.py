@@ -40,7 +40,7 @@ from .classifiers import (
     wrap_classifier,
 )
 from .data import split_train_val_test
-from .errors import ClassifierError, ConfigError, is_integer, is_real
+from .errors import ClassifierError, ConfigError, InputError, is_integer, is_real
 from .explanation import Explanation, measure_mask
 from .io import file_sha256
 from .mask_predictor import MaskPredictor
@@ -308,8 +308,10 @@ class AmortizedExplainer:
         l1_lambda: float | None = None,
         distortion: str | None = None,
         obfuscation: str | None = None,
+        channels: int | None = None,
     ) -> None:
-        """Raise :class:`ConfigError` (one line, naming every mismatch) when a setting differs from training."""
+        """Raise :class:`ConfigError` (one line, naming every mismatch) when a setting differs from training
+        (``channels``: the colour channels the classifier takes now)."""
         meta = self.meta
         size = int(meta["image_size"])
         problems = []
@@ -335,6 +337,8 @@ class AmortizedExplainer:
             problems.append(f"distortion {distortion} (trained with {meta['distortion']})")
         if obfuscation is not None and obfuscation != meta["obfuscation"]:
             problems.append(f"obfuscation {obfuscation} (trained with {meta['obfuscation']})")
+        if channels is not None and channels != self.channels:
+            problems.append(f"{channels}-channel images (trained on {self.channels}-channel ones)")
         if problems:
             name = Path(self.path).name if self.path else "the checkpoint"
             raise ConfigError(f"{name} does not fit: " + "; ".join(problems))
@@ -361,8 +365,19 @@ class AmortizedExplainer:
             raise ConfigError("the checkpoint does not record its data split")
         return split_train_val_test(ids, data["val_fraction"], data["test_fraction"], data["split_seed"])
 
+    @property
+    def channels(self) -> int:
+        """The colour channels of the images it explains: 3 (RGB) or 1 (trained for a greyscale classifier)."""
+        return self.mask_predictor.config.in_channels
+
     def _check_inputs(self, images: Tensor) -> None:
         check_images(images)
+        if images.shape[1] != self.channels:
+            kind = "greyscale" if self.channels == 1 else "RGB"
+            raise InputError(
+                f"the explainer was trained on {kind} images (N, {self.channels}, H, W), got {tuple(images.shape)} "
+                f"(amortized_cartoonx.images.to_channels(images, {self.channels}) converts them)"
+            )
         if self.strict_size:
             self.check_compatible(image_size=tuple(images.shape[-2:]))
 
@@ -376,7 +391,7 @@ class AmortizedExplainer:
     # ---- explaining ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def predict_mask(self, images: Tensor, target: Tensor | Sequence[int] | int | None = None) -> Coefficients:
-        """The predicted mask, bands ``(N, 1, ...)`` in [0, 1], for ``images: (N, 3, H, W)`` in [0, 1].
+        """The predicted mask, bands ``(N, 1, ...)`` in [0, 1], for ``images: (N, C, H, W)`` in [0, 1].
 
         ``target``: None explains the classifier's predicted class; else one class for all or one per image.
         """
@@ -397,7 +412,7 @@ class AmortizedExplainer:
     def predict_logits(
         self, images: Tensor, target: Tensor | Sequence[int] | int | None = None
     ) -> tuple[RDEProblem, Coefficients]:
-        """The RDE problem of ``images: (N, 3, H, W)`` and the network's mask logits, bands ``(N, 1, ...)``
+        """The RDE problem of ``images: (N, C, H, W)`` and the network's mask logits, bands ``(N, 1, ...)``
         (never calibrated)."""
         self._check_inputs(images)
         with frozen(self.classifier):
@@ -415,7 +430,7 @@ class AmortizedExplainer:
         *,
         seeds: Sequence[int] | None = None,
     ) -> tuple[RDEProblem, Coefficients]:
-        """The RDE problem of ``images: (N, 3, H, W)`` and the mask, bands ``(N, 1, ...)`` in [0, 1]: the single
+        """The RDE problem of ``images: (N, C, H, W)`` and the mask, bands ``(N, 1, ...)`` in [0, 1]: the single
         pass's, or the calibrated one when calibrating (``seeds``, default ``seed + n``, drive its noise)."""
         problem, logits = self.predict_logits(images, target)
         if not self.calibration_samples:
@@ -452,7 +467,7 @@ class AmortizedExplainer:
         seeds: Sequence[int] | None = None,
         progress: bool = False,
     ) -> Explanation:
-        """Explain ``images: (N, 3, H, W)`` in one forward pass (plus the calibration, when on); measured like
+        """Explain ``images: (N, C, H, W)`` in one forward pass (plus the calibration, when on); measured like
         the exact optimizer.
 
         ``seeds`` (default ``seed + n``) drive only the final measurement's noise, the same stream the exact

@@ -261,7 +261,8 @@ def build_mask_predictor(
     else:
         return network
     role = "the backbone" if cfg.encoder == "backbone" else "the classifier"
-    check_taps(source, list(cfg.taps), list(cfg.tap_channels), int(loaded.meta["image_size"]), role)
+    size, channels = int(loaded.meta["image_size"]), cfg.network_input_channels()
+    check_taps(source, list(cfg.taps), list(cfg.tap_channels), size, role, channels)
     return network.attach(source)
 
 

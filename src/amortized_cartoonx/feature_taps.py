@@ -127,10 +127,12 @@ def _record(
     return outputs
 
 
-def _probe(module: nn.Module, image_size: int, names: set[str] | None, role: str) -> dict[str, Tensor]:
-    """:func:`_record` on one zero image of ``image_size`` in the module's dtype."""
+def _probe(
+    module: nn.Module, image_size: int, names: set[str] | None, role: str, channels: int = 3
+) -> dict[str, Tensor]:
+    """:func:`_record` on one zero image ``(1, channels, image_size, image_size)`` in the module's dtype."""
     dtype = input_dtype(module) or torch.float32
-    probe = torch.zeros(1, 3, image_size, image_size, device=module_device(module), dtype=dtype)
+    probe = torch.zeros(1, channels, image_size, image_size, device=module_device(module), dtype=dtype)
     return _record(module, probe, names, role, " (a probe image: does the network take this image size?)")
 
 
@@ -142,15 +144,18 @@ def collect(outputs: dict[str, Tensor], names: list[str]) -> list[Tensor]:
     return [outputs[n].detach().float() for n in names]
 
 
-def find_taps(module: nn.Module, image_size: int, levels: int, role: str = "the classifier") -> list[Tap]:
-    """The layer read for each DWT level 1..J of an ``image_size`` image (one probe pass on zeros).
+def find_taps(
+    module: nn.Module, image_size: int, levels: int, role: str = "the classifier", channels: int = 3
+) -> list[Tap]:
+    """The layer read for each DWT level 1..J of an ``image_size`` image with ``channels`` colour channels (one
+    probe pass on zeros).
 
     Raises:
         ConfigError: TorchScript or a module without any square 4-D ``(N, C, h, w)`` feature map.
         ClassifierError: the module fails on the probe image.
     """
     check_hookable(module, role)
-    outputs = _probe(module, image_size, None, role)
+    outputs = _probe(module, image_size, None, role, channels)
     candidates = [  # square maps only: a channels-last (N, h, w, C) activation has w != h (its C)
         Tap(name, int(out.shape[1]), image_size / int(out.shape[-1]))
         for name, out in outputs.items()
@@ -180,19 +185,24 @@ def find_taps(module: nn.Module, image_size: int, levels: int, role: str = "the 
 
 
 def read_taps(module: nn.Module, images: Tensor, names: list[str]) -> list[Tensor]:
-    """The outputs of the named layers for ``images: (N, 3, H, W)`` in [0, 1] (detached; one pass, no grad)."""
+    """The outputs of the named layers for ``images: (N, C, H, W)`` in [0, 1] (detached; one pass, no grad)."""
     return collect(_record(check_hookable(module), images, set(names)), names)
 
 
 def check_taps(
-    module: nn.Module, names: list[str], channels: list[int], image_size: int, role: str = "the classifier"
+    module: nn.Module,
+    names: list[str],
+    channels: list[int],
+    image_size: int,
+    role: str = "the classifier",
+    input_channels: int = 3,
 ) -> None:
     """Refuse a module that lacks the named layers or whose channels differ (a checkpoint for another network);
-    ``role`` names the module in the message (``the classifier``, ``the backbone``)."""
+    ``role`` names the module in the message (``the classifier``, ``the backbone``); it is probed on images of
+    ``input_channels`` colour channels."""
     try:
-        found = [
-            int(t.shape[1]) for t in collect(_probe(check_hookable(module, role), image_size, set(names), role), names)
-        ]
+        probed = _probe(check_hookable(module, role), image_size, set(names), role, input_channels)
+        found = [int(t.shape[1]) for t in collect(probed, names)]
     except ConfigError as exc:
         raise ConfigError(str(exc).replace("the classifier", role, 1)) from None
     if found != list(channels):

@@ -113,6 +113,9 @@ class MaskPredictorConfig:
             at ``m / 2 - 1/4`` of a coarse cell, so coarse context arrives half a fine cell off at each level.
         taps, tap_channels: with a tapped encoder, the layer read for each level 1..J and its channels. Leave
             them None: :meth:`with_taps` (called by the training module) fills them in.
+        in_channels: the images' colour channels: 3 (RGB; the default, and every checkpoint written before this
+            setting existed) or 1 (greyscale, for a single-channel classifier). The training module sets it from
+            the classifier. A ``backbone`` encoder reads greyscale images repeated to RGB.
     """
 
     num_classes: int = 1000
@@ -133,6 +136,7 @@ class MaskPredictorConfig:
     aligned_upsampling: bool = False
     taps: list[str] | None = None
     tap_channels: list[int] | None = None
+    in_channels: int = 3
 
     def validate(self) -> MaskPredictorConfig:
         if self.num_classes < 1:
@@ -156,6 +160,8 @@ class MaskPredictorConfig:
         for name in ("width", "decoder_width"):
             if getattr(self, name) % self.groups:
                 raise ConfigError(f"{name} ({getattr(self, name)}) must be a multiple of groups ({self.groups})")
+        if self.in_channels not in (1, 3):
+            raise ConfigError(f"in_channels must be 1 (greyscale) or 3 (RGB), got {self.in_channels}")
         if self.encoder not in ENCODERS:
             raise ConfigError(f"unknown encoder {self.encoder!r}; choose from: {', '.join(ENCODERS)}")
         if (self.encoder == "backbone") != bool(self.backbone):
@@ -179,10 +185,14 @@ class MaskPredictorConfig:
         images (the ``scratch`` encoder: unchanged)."""
         if self.encoder not in TAPPED_ENCODERS or self.taps is not None:
             return self
-        found = find_taps(
-            network, image_size, self.levels, "the backbone" if self.encoder == "backbone" else "the classifier"
-        )
+        role = "the backbone" if self.encoder == "backbone" else "the classifier"
+        found = find_taps(network, image_size, self.levels, role, self.network_input_channels())
         return replace(self, taps=[t.name for t in found], tap_channels=[t.channels for t in found])
+
+    def network_input_channels(self) -> int:
+        """The channels of the images a tapped encoder's network gets: the classifier's own (``in_channels``),
+        a backbone's RGB."""
+        return 3 if self.encoder == "backbone" else self.in_channels
 
     def stage_channels(self) -> list[int]:
         """Channels of encoder stages 1..J."""
@@ -255,7 +265,7 @@ class MaskPredictor(nn.Module):
         features: with a tapped encoder, the classifier or backbone whose feature maps it reads (or call
             :meth:`attach` later); it stays the caller's (not a submodule, never trained, saved or moved).
 
-    ``forward(images (N, 3, H, W) in [0, 1], target (N,) long) -> Coefficients`` of logits with bands
+    ``forward(images (N, C, H, W) in [0, 1], target (N,) long) -> Coefficients`` of logits with bands
     ``(N, 1, H_J, W_J)`` and ``(N, 1, 3, H_j, W_j)``; :meth:`mask` maps them to [0, 1] (:func:`logits_to_mask`).
     """
 
@@ -276,7 +286,8 @@ class MaskPredictor(nn.Module):
         self.embedding = nn.Embedding(cfg.num_classes, cfg.embed_dim)
         nn.init.normal_(self.embedding.weight, std=1.0)
         stem_out = max(channels[0] // 2, 8)
-        self.stem = nn.Conv2d(3, stem_out, 3, padding=1)  # full resolution: the finest details need the pixels
+        # full resolution: the finest details need the pixels
+        self.stem = nn.Conv2d(cfg.in_channels, stem_out, 3, padding=1)
         self.down = nn.ModuleList()
         self.encoder = nn.ModuleList()
         previous = stem_out
@@ -296,7 +307,8 @@ class MaskPredictor(nn.Module):
         self.lowpass_head = self._head(widths[-1], 1, biases[0])  # on the coarsest level
         # coefficient_input: per detail level, then the low-pass band (built empty otherwise)
         coefficient_widths = (widths + widths[-1:]) if cfg.coefficient_input else []
-        coefficient_inputs = [2 * 3 * 3] * len(widths) + [2 * 3]  # (c / std, |c| / std) x colours (x orientations)
+        colours = cfg.in_channels
+        coefficient_inputs = [2 * colours * 3] * len(widths) + [2 * colours]  # (c/std, |c|/std) x colours (x 3)
         self.coefficient_branches = nn.ModuleList(
             nn.Sequential(nn.Conv2d(k, d, 3, padding=1), nn.SiLU(), nn.Conv2d(d, d, 1))
             for k, d in zip(coefficient_inputs, coefficient_widths)
@@ -363,10 +375,13 @@ class MaskPredictor(nn.Module):
             yield lambda: collect(outputs, names)
 
     def forward(self, images: Tensor, target: Tensor, *, taps: list[Tensor] | None = None) -> Coefficients:
-        """Mask logits. ``images: (N, 3, H, W)`` in [0, 1]; ``target: (N,)`` class indices. ``taps``: the feature
-        maps of a tapped encoder recorded on these images (:meth:`tapping`); None reads them with one pass."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise InputError(f"the mask predictor takes images (N, 3, H, W), got {tuple(images.shape)}")
+        """Mask logits. ``images: (N, C, H, W)`` in [0, 1] with C = ``in_channels``; ``target: (N,)`` class
+        indices. ``taps``: the feature maps of a tapped encoder recorded on these images (:meth:`tapping`); None
+        reads them with one pass."""
+        channels = self.config.in_channels
+        if images.ndim != 4 or images.shape[1] != channels:
+            kind = "RGB" if channels == 3 else "greyscale"
+            raise InputError(f"the mask predictor takes {kind} images (N, {channels}, H, W), got {tuple(images.shape)}")
         target = torch.as_tensor(target, device=images.device).long().reshape(-1)
         if target.shape[0] != images.shape[0]:
             raise InputError(f"got {target.shape[0]} targets for {images.shape[0]} images")
@@ -452,6 +467,8 @@ class MaskPredictor(nn.Module):
             raise ConfigError(
                 f"the {self.config.encoder} encoder has no network attached: call mask_predictor.attach(...)"
             )
+        if self.config.network_input_channels() != images.shape[1]:  # a backbone reads greyscale as RGB
+            images = images.expand(-1, self.config.network_input_channels(), -1, -1)
         return read_taps(self._features[0], images, list(self.config.taps))
 
     def mask(self, images: Tensor, target: Tensor) -> Coefficients:

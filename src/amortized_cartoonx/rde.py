@@ -502,8 +502,8 @@ def classify_or_explain(
     except Exception as exc:  # the classifier's own error, given the context it lacks
         if x.ndim == 4 and x.shape[1] == 3 and "to have 1 channels" in str(exc):  # torch's conv message
             hint += (
-                "; a single-channel classifier: `cartoonx explain` and `cartoonx evaluate` give it greyscale "
-                "images (--channels auto or 1), amortized training needs a classifier on RGB images"
+                "; a single-channel classifier takes greyscale images (N, 1, H, W): "
+                "amortized_cartoonx.images.to_channels(images, 1), or on the command line --channels auto or 1"
             )
         raise ClassifierError(
             f"{who or _classifier_name(classifier)} failed on images of shape {tuple(x.shape)} ({x.dtype}, "

@@ -117,7 +117,7 @@ def output_stems(paths: list[Path]) -> list[str]:
     return stems
 
 
-def build_explainer(args: argparse.Namespace, classifier, device):
+def build_explainer(args: argparse.Namespace, classifier, device, channels: int = 3):
     """The explainer for ``--method``; every one answers ``explain(images, target, seeds=...)``."""
     from amortized_cartoonx.errors import ConfigError
 
@@ -164,6 +164,7 @@ def build_explainer(args: argparse.Namespace, classifier, device):
         l1_lambda=args.l1_lambda,
         distortion=args.distortion,
         obfuscation=args.obfuscation,
+        channels=channels,
     )
     if args.method == "amortized":
         return amortized
@@ -247,13 +248,8 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     classifier = load_classifier(args.classifier, normalize=args.normalize, device=device)
     channels = resolve_channels(args.channels, classifier, args.size, device)
-    if channels == 1 and args.method in CHECKPOINT_METHODS:
-        raise ConfigError(
-            f"--method {args.method} needs a classifier on RGB images: amortized explainers are trained on 3 "
-            "channels; explain a single-channel classifier with --method cartoonx or pixel-rde"
-        )
     images = [to_channels(x, channels) for x in images]
-    explainer = build_explainer(args, classifier, device)
+    explainer = build_explainer(args, classifier, device, channels)
     check_class_names(labels, preflight(classifier, explainer, images, targets, device), args.labels)
 
     out.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,6 @@ from .attribution import (
     Attribution,
     EvaluationMethod,
     MethodContext,
-    MethodUnavailable,
     explained_target,
 )
 
@@ -110,8 +109,6 @@ def load_amortized(ctx: MethodContext) -> AmortizedExplainer:
     """
     if not ctx.checkpoint:
         raise ConfigError("the methods amortized and warm need --checkpoint (an amortized explainer checkpoint)")
-    if ctx.channels != 3:
-        raise MethodUnavailable("amortized explainers are trained on RGB images; this classifier takes greyscale ones")
     amortized = AmortizedExplainer.from_checkpoint(
         Path(ctx.checkpoint).expanduser(),
         ctx.classifier,
@@ -120,7 +117,12 @@ def load_amortized(ctx: MethodContext) -> AmortizedExplainer:
         seed=ctx.optimizer.seed,
     )
     amortized.check_compatible(
-        classifier_spec=ctx.classifier_spec, image_size=ctx.image_size, wave=ctx.wave, levels=ctx.levels, mode=ctx.mode
+        classifier_spec=ctx.classifier_spec,
+        image_size=ctx.image_size,
+        wave=ctx.wave,
+        levels=ctx.levels,
+        mode=ctx.mode,
+        channels=ctx.channels,
     )
     return amortized
 

@@ -24,9 +24,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..classifiers import Classifier
+from ..classifiers import Classifier, input_channels
 from ..data import ImageFolder
 from ..errors import ConfigError, InputError, one_line
+from ..images import to_channels
 from ..io import file_sha256
 from ..optimizer import CartoonX
 from .plan import TeacherMaskPlan, TeacherMaskSettings
@@ -114,6 +115,7 @@ class TeacherMaskModule(pl.LightningModule):
         self.step_progress = step_progress
         self.classifier: Classifier | None = None
         self.explainer: CartoonX | None = None
+        self.channels = 3  # the classifier's colour channels (setup: 1 for a single-channel classifier)
 
     def setup(self, stage: str) -> None:
         if self.classifier is None:
@@ -121,19 +123,23 @@ class TeacherMaskModule(pl.LightningModule):
             device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
             self.classifier = self.settings.load_classifier(device)
             self.explainer = self.settings.build_optimizer(self.classifier)
+            self.channels = input_channels(self.classifier, self.settings.size, device)
         trainable = [name for name, p in self.named_parameters() if p.requires_grad]
         if trainable:  # load_classifier freezes; a trainable parameter would make DDP wrap the module
             raise ConfigError(f"the teacher module must hold no trainable parameter, found {trainable[:3]}")
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> TeacherBatch:
-        """``batch["image"]: (n, 3, S, S)`` -> the optimizer's masks and final numbers."""
+        """``batch["image"]: (n, 3, S, S)`` -> the optimizer's masks and final numbers (a single-channel
+        classifier's on the images' luma)."""
         errors = [e for e in batch["error"] if e]
         if errors:
             raise InputError(errors[0])
         seeds = [int(s) for s in batch["seed"]]
         with torch.enable_grad():  # Trainer.predict runs under no_grad; the optimizer needs gradients
             explanation = self.explainer.explain(
-                batch["image"], seeds=seeds, progress=self.step_progress and self.global_rank == 0
+                to_channels(batch["image"], self.channels),
+                seeds=seeds,
+                progress=self.step_progress and self.global_rank == 0,
             )
         return TeacherBatch(
             ids=list(batch["id"]),

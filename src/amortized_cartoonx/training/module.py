@@ -34,9 +34,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_KIND, META_KEY, NETWORK_KEY, STATE_PREFIX
-from ..classifiers import classifier_identity, load_classifier, normalization_name, weights_digest
+from ..classifiers import classifier_identity, input_channels, load_classifier, normalization_name, weights_digest
 from ..errors import ConfigError, InputError, NonFiniteError
 from ..evaluation.agreement import mask_agreement
+from ..images import to_channels
 from ..mask_logits import logits_to_mask, sigmoid_for_mask
 from ..mask_predictor import MaskPredictor, MaskPredictorConfig, describe_size
 from ..rde import DISTORTIONS, OBFUSCATIONS, RDEObjective, RDEProblem, make_generators, original_logits
@@ -93,7 +94,7 @@ DISTILL_LOSSES: dict[str, Callable[[Tensor, Tensor, float], Tensor]] = {
 }
 _NOISE_STREAMS = {"train": Stream.TRAIN_NOISE, "val": Stream.VAL_NOISE, "test": Stream.TEST_NOISE}
 #: Fields of the network's config that the module decides: the classifier's classes and the module's DWT.
-_DERIVED_NETWORK_FIELDS = ("num_classes", "wave", "levels", "mode")
+_DERIVED_NETWORK_FIELDS = ("num_classes", "wave", "levels", "mode", "in_channels")
 
 #: Where a checkpoint keeps the sparsity gate's state (``l1_gate``), for resuming.
 GATE_KEY = "cartoonx_sparsity_gate"
@@ -213,12 +214,20 @@ class AmortizedCartoonXModule(pl.LightningModule):
         self.classifier = load_classifier(classifier, normalize=normalize)
         self.representation = WaveletRepresentation(wave, levels, mode)
         self.objective = RDEObjective(self.classifier, self.representation, l1_lambda, obfuscation, distortion)
-        probe = torch.zeros(1, 3, image_size, image_size)
+        # a single-channel classifier trains on the images' luma (the batches stay RGB; step() converts them)
+        self.channels = input_channels(self.classifier, image_size)
+        probe = torch.zeros(1, self.channels, image_size, image_size)
         with torch.no_grad():  # logits checked: a classifier that returns a tuple or NaN is one line, here
             num_classes = int(original_logits(self.classifier, probe).shape[-1])
             self.mask_length = self.representation.encode(probe).numel_per_channel()
         self.levels_used = self.representation.levels_for(image_size, image_size)
-        derived = {"num_classes": num_classes, "wave": wave, "levels": self.levels_used, "mode": mode}
+        derived = {
+            "num_classes": num_classes,
+            "wave": wave,
+            "levels": self.levels_used,
+            "mode": mode,
+            "in_channels": self.channels,
+        }
         network = _complete(_network_config(mask_predictor), derived, levels)
         source = None  # the frozen network a tapped encoder reads
         if network.encoder == "classifier":
@@ -242,7 +251,8 @@ class AmortizedCartoonXModule(pl.LightningModule):
 
     # ---- the shared step ---------------------------------------------------------------------------------
     def forward(self, images: Tensor, target: Tensor) -> Coefficients:
-        """The predicted mask in [0, 1] for ``images: (N, 3, H, W)`` and ``target: (N,)``."""
+        """The predicted mask in [0, 1] for ``images: (N, C, H, W)`` (C: the classifier's channels) and
+        ``target: (N,)``."""
         return self.mask_predictor.mask(images, target)
 
     def step(self, batch: dict, stage: str) -> tuple[Tensor, Coefficients, Tensor]:
@@ -251,7 +261,7 @@ class AmortizedCartoonXModule(pl.LightningModule):
         The pieces: the classes to explain (:meth:`explained_classes`), the RDE loss of the predicted mask
         (:meth:`rde_loss`), the distillation term (:meth:`distillation`) and the metrics (:meth:`log_metrics`).
         """
-        images = batch["image"]  # (N, 3, S, S)
+        images = to_channels(batch["image"], self.channels)  # (N, C, S, S): the classifier's channels
         with self.mask_predictor.tapping(self.classifier) as taps:  # the classifier encoder reads this same pass
             problem = self.objective.prepare(images)  # coefficients, noise statistics, logits, predicted class
         problem = dataclasses.replace(problem, target=self.explained_classes(batch, problem.target))
@@ -643,7 +653,7 @@ def _complete(network: MaskPredictorConfig, derived: dict, requested_levels: int
             conflicts.append(f"mask_predictor.{name}={value!r} (the module's: {derived[name]!r})")
     if conflicts:
         raise ConfigError(
-            "the module sets the network's classes and wavelet (from the classifier and its wave, levels and "
-            f"mode); leave them out of mask_predictor: {', '.join(conflicts)}"
+            "the module sets the network's classes, input channels and wavelet (from the classifier and its wave, "
+            f"levels and mode); leave them out of mask_predictor: {', '.join(conflicts)}"
         )
     return dataclasses.replace(network, **derived)
