@@ -214,3 +214,11 @@ def test_the_console_line_says_slower_rather_than_0x_faster():
     from amortized_cartoonx.cli.demo import _speed
 
     assert [_speed(x) for x in (223.4, 2.96, 0.696)] == ["223x faster", "3.0x faster", "1.4x slower"]
+
+
+def test_too_few_training_images_for_a_validation_split_are_refused_before_any_work(tmp_path):
+    """8 images at the default val_fraction left the hashed validation split empty: the fit stopped minutes in."""
+    with pytest.raises(ConfigError, match="0.0625 of 8 training images leaves the val split empty"):
+        DemoConfig(out=str(tmp_path / "o"), train_images=8).validate()
+    DemoConfig(out=str(tmp_path / "o"), train_images=8, val_fraction=0.4, teacher_images=4).validate()
+    assert not (tmp_path / "o").exists()

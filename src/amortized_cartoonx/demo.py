@@ -157,11 +157,29 @@ class DemoConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.train_images < 4:
             raise ConfigError("the explainer needs at least 4 training images (one for validation)")
+        self._check_validation_split()
         if not 0.0 <= self.l1_warmup_fraction <= 1.0:
             raise ConfigError(f"l1_warmup_fraction must be in [0, 1], got {self.l1_warmup_fraction}")
         if not 0 <= self.teacher_images <= self.train_images:
             raise ConfigError(f"teacher_images must be in [0, train_images], got {self.teacher_images}")
         return self
+
+    def _check_validation_split(self) -> None:
+        """Refuse, before any work, training images whose hashed split (the fit's) leaves validation empty:
+        small ``train_images`` with the default ``val_fraction`` did so only at the fit, minutes later."""
+        from .data import split_train_val_test
+
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        names = [f"train-{self.seed + 1}-{i:05d}.png" for i in range(self.train_images)]  # as stage_data writes
+        splits = split_train_val_test(names, self.val_fraction, 0.0, self.seed)
+        needed = ("train", "val") if self.stream_fraction < 1 else ("val",)  # a stream of 1 feeds all training
+        for name in needed:
+            if not splits[name]:
+                raise ConfigError(
+                    f"val_fraction {self.val_fraction} of {self.train_images} training images leaves the {name} "
+                    "split empty (the split hashes the file names): change train_images or val_fraction"
+                )
 
     # ---- paths ------------------------------------------------------------------------------------------
     @property
