@@ -355,3 +355,24 @@ def test_a_folder_stands_for_its_images_in_name_order(tmp_path, spec, pictures, 
     lines = [json.loads(line) for line in (out / "summary.jsonl").read_text().splitlines()]
     assert [Path(line["image"]).name for line in lines] == ["alpha.png", "deep.png", "grey.png", "rgb.png", "rgb.png"]
     assert lines[-1]["png"] == "rgb_1.png"
+
+
+def test_a_target_may_be_a_class_name_of_the_labels_file(tmp_path, spec, pictures, capsys):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("tench, Tinca tinca\ngoldfish, Carassius auratus\ncrane\ncrane\nmaillot, tank suit\n")
+    common = ["--classifier", spec, "--size", "32", "--steps", "1", "--samples", "2", "--labels", str(labels)]
+    out = tmp_path / "named"
+    code, stdout, _ = run(
+        [*pictures[:2], "--out", str(out), *common, "--target", "Goldfish, tench, Tinca tinca"], capsys
+    )
+    assert code == 2  # three classes for two images: a whole line first, then names and indices by commas
+    code, stdout, _ = run([*pictures[:2], "--out", str(out), *common, "--target", " goldfish,4"], capsys)
+    assert code == 0, stdout
+    assert [json.loads(line)["target"] for line in (out / "summary.jsonl").read_text().splitlines()] == [1, 4]
+    code, stdout, _ = run(
+        [pictures[0], "--out", str(tmp_path / "w"), *common, "--target", "tench, Tinca tinca"], capsys
+    )
+    assert code == 0 and json.loads((tmp_path / "w" / "summary.jsonl").read_text())["target"] == 0
+    for target, needle in (("crane", "names 2 classes (2, 3)"), ("carp", "'carp' is neither")):
+        code, _, err = run([pictures[0], "--out", str(tmp_path / "x"), *common, "--target", target], capsys)
+        assert code == 2 and needle in err

@@ -46,7 +46,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--target",
         default=None,
-        help="class to explain: one index for all, or one per image separated by commas (default: the predicted class)",
+        help="class to explain: one index for all, or one per image separated by commas; with --labels also a "
+        "class name (a whole line of the file, or one of its comma-separated names) (default: the predicted class)",
     )
     add_size_arg(p)
     p.add_argument(
@@ -85,20 +86,52 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def parse_targets(text: str | None, num_images: int) -> list[int] | None:
+def parse_targets(text: str | None, num_images: int, labels: list[str] | None = None) -> list[int] | None:
+    """``--target``: one class for every image or one per image (commas), each an index or, with ``labels``,
+    a class name: a whole line of the labels file (names may hold commas: ``tench, Tinca tinca``) or one of its
+    comma-separated names (``goldfish``), compared without case; a name of several classes is refused."""
     from amortized_cartoonx.errors import InputError
 
     if text is None:
         return None
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise InputError(f"--target must be class indices separated by commas, got {text!r}") from None
+    whole = _class_by_name(text, labels, whole_lines_only=True) if labels else None
+    if whole is not None:
+        return [whole] * num_images
+    values = []
+    for part in text.split(","):
+        try:
+            values.append(int(part))
+        except ValueError:
+            index = _class_by_name(part, labels) if labels else None
+            if index is None:
+                names = " or class names of --labels" if labels else " (class names need --labels FILE)"
+                raise InputError(
+                    f"--target takes class indices{names} separated by commas; {part.strip()!r} is neither"
+                ) from None
+            values.append(index)
     if len(values) == 1:
         return values * num_images
     if len(values) != num_images:
         raise InputError(f"--target gives {len(values)} classes for {num_images} images")
     return values
+
+
+def _class_by_name(name: str, labels: list[str], whole_lines_only: bool = False) -> int | None:
+    """The index of the class ``name`` names in ``labels`` (a whole line, else one of a line's comma-separated
+    names; case and outer spaces ignored), or None; an :class:`InputError` for a name of several classes."""
+    from amortized_cartoonx.errors import InputError
+
+    key = name.strip().casefold()
+    if not key:
+        return None
+    found = [i for i, line in enumerate(labels) if line.strip().casefold() == key]
+    if not found and not whole_lines_only:
+        found = [i for i, line in enumerate(labels) if key in (n.strip().casefold() for n in line.split(","))]
+    if len(found) > 1:
+        raise InputError(
+            f"--target {name.strip()!r} names {len(found)} classes ({', '.join(map(str, found))}): give the index"
+        )
+    return found[0] if found else None
 
 
 def output_stems(paths: list[Path]) -> list[str]:
@@ -243,8 +276,8 @@ def run(args: argparse.Namespace) -> int:
     fill_defaults(args, *recorded_settings(checkpoint, args.classifier))
     # (3, H, W) each; fails on a bad file before any work
     images = [load_image(p, args.size, crop=not args.keep_aspect) for p in paths]
-    targets = parse_targets(args.target, len(paths))
     labels = read_class_names(args.labels)
+    targets = parse_targets(args.target, len(paths), labels)
     device = resolve_device(args.device)
     classifier = load_classifier(args.classifier, normalize=args.normalize, device=device)
     channels = resolve_channels(args.channels, classifier, args.size, device)
