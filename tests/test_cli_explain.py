@@ -326,9 +326,12 @@ def test_fit_help_describes_what_it_trains(capsys, monkeypatch):
 
 def test_keep_aspect_explains_each_image_at_its_own_shape(tmp_path, spec, pictures, capsys):
     out = tmp_path / "out"
-    args = [*pictures, "--classifier", spec, "--out", str(out), "--size", "32", "--steps", "2", "--samples", "2"]
+    mixed = [pictures[0], pictures[3], pictures[1], pictures[2]]  # 40x50, 40x40, 40x50, 40x50
+    args = [*mixed, "--classifier", spec, "--out", str(out), "--size", "32", "--steps", "2", "--samples", "2"]
     code, stdout, _ = run([*args, "--keep-aspect", "--batch-size", "2", "--no-progress"], capsys)
     assert code == 0, stdout
+    lines = [json.loads(line) for line in (out / "summary.jsonl").read_text().splitlines()]
+    assert [line["image"] for line in lines] == mixed  # the input order, though rgb and grey ran together
     shapes = {"rgb": (1, 32, 40), "grey": (1, 32, 40), "alpha": (1, 32, 40), "deep": (1, 32, 32)}  # 40x50, 40x40
     for stem, shape in shapes.items():
         saved = load_saved_explanation(out / f"{stem}.safetensors")
@@ -337,12 +340,13 @@ def test_keep_aspect_explains_each_image_at_its_own_shape(tmp_path, spec, pictur
     assert code == 2 and "--keep-aspect is for --method cartoonx or pixel-rde" in err
 
 
-def test_batches_hold_consecutive_images_of_one_shape():
+def test_batches_gather_the_images_of_one_shape():
     from amortized_cartoonx.cli.explain import shape_batches
 
-    images = [torch.zeros(3, 4, w) for w in (4, 4, 4, 6, 4, 4)]
-    assert shape_batches(images, 2) == [(0, 2), (2, 3), (3, 4), (4, 6)]
-    assert shape_batches(images, 8) == [(0, 3), (3, 4), (4, 6)]
+    images = [torch.zeros(3, 4, w) for w in (4, 6, 4, 6, 4, 4, 8)]
+    assert shape_batches(images, 2) == [[0, 2], [4, 5], [1, 3], [6]]
+    assert shape_batches(images, 8) == [[0, 2, 4, 5], [1, 3], [6]]
+    assert shape_batches(images[:1] * 5, 2) == [[0, 1], [2, 3], [4]]  # one size: consecutive runs, as before
     assert shape_batches([], 2) == []
 
 
@@ -355,6 +359,8 @@ def test_a_folder_stands_for_its_images_in_name_order(tmp_path, spec, pictures, 
     lines = [json.loads(line) for line in (out / "summary.jsonl").read_text().splitlines()]
     assert [Path(line["image"]).name for line in lines] == ["alpha.png", "deep.png", "grey.png", "rgb.png", "rgb.png"]
     assert lines[-1]["png"] == "rgb_1.png"
+    code, _, err = run([str(folder), "--classifier", spec, "--out", str(folder), "--steps", "1"], capsys)
+    assert code == 2 and "is an input folder" in err
 
 
 def test_a_target_may_be_a_class_name_of_the_labels_file(tmp_path, spec, pictures, capsys):

@@ -64,13 +64,18 @@ def test_keep_aspect_resizes_the_shorter_side_and_crops_nothing(tmp_path):
     assert load_image(tmp_path / "tall.png", 32, crop=False).shape == (3, 48, 32)
 
 
-@pytest.mark.parametrize("crop", [True, False])
-def test_a_strip_is_refused_before_it_is_resized(tmp_path, crop):
-    # 8 x 400 px at 256: 12800 px long before the crop (8 x 8 million px, allowed by MAX_PIXELS, needed 200 GB)
-    Image.fromarray(np.zeros((8, 400), dtype=np.uint8)).save(tmp_path / "strip.png")
+def test_a_strip_is_cropped_before_it_is_resized_or_refused_whole(tmp_path):
+    # 8 x 400 px at 256: 12800 px long once resized (8 x 8 million px, allowed by MAX_PIXELS, needed 200 GB)
+    pixels = np.zeros((8, 400), dtype=np.uint8)
+    pixels[:, 196:204] = 255  # the centre square is white, the rest black
+    Image.fromarray(pixels).save(tmp_path / "strip.png")
+    square = load_image(tmp_path / "strip.png", 256)
+    assert square.shape == (3, 256, 256) and float(square.min()) == 1.0  # its centre square only
     with pytest.raises(InputError, match=f"12800x256 .* more than {MAX_SIZE} px"):
-        load_image(tmp_path / "strip.png", 256, crop=crop)
-    assert load_image(tmp_path / "strip.png", 16, crop=crop).shape[-2] == 16  # 800 px long: fine
+        load_image(tmp_path / "strip.png", 256, crop=False)
+    assert load_image(tmp_path / "strip.png", 16, crop=False).shape == (3, 16, 800)
+    Image.fromarray(np.zeros((60, 2100), dtype=np.uint8)).save(tmp_path / "pano.png")  # 8960 px at 256: cropped
+    assert load_image(tmp_path / "pano.png", 256).shape == (3, 256, 256)
 
 
 def test_center_crop_keeps_the_centre():
@@ -86,6 +91,11 @@ def test_list_images(tmp_path):
     for name in ("b.png", "a.JPG", "notes.txt"):
         (tmp_path / name).write_bytes(b"x")
     assert [p.name for p in list_images(tmp_path)] == ["a.JPG", "b.png"]
+    (tmp_path / "._b.png").write_bytes(b"\x00\x05\x16\x07")  # macOS metadata beside b.png: not an image
+    (tmp_path / "sub").mkdir()
+    assert [p.name for p in list_images(tmp_path)] == ["a.JPG", "b.png"]
+    with pytest.raises(InputError, match="subfolders are not searched"):
+        list_images(tmp_path / "sub")
 
 
 @pytest.mark.parametrize("size", ["32", 32.0, 2.5, True])

@@ -115,10 +115,14 @@ def load_image(path: str | Path, size: int | None = 256, crop: bool = True) -> T
 def resize_center_crop(x: Tensor, size: int, name: str = "the image") -> Tensor:
     """``(C, H, W) -> (C, size, size)``: shorter side to ``size`` (antialiased bilinear), centre crop.
 
-    Raises:
-        InputError: a longer side above :data:`MAX_SIZE` after the resize (a strip of 8 x 8 million pixels at 256
-            px would need 200 GB before the crop).
+    An image whose longer side would exceed :data:`MAX_SIZE` once resized (a strip of 8 x 8 million pixels at
+    256 px would need 200 GB) has its centre square cut out first, then resized.
     """
+    _, height, width = x.shape
+    if max(height, width) * size / min(height, width) > MAX_SIZE:
+        side = min(height, width)
+        top, left = (height - side) // 2, (width - side) // 2
+        x = x[:, top : top + side, left : left + side]
     x = resize_shorter_side(x, size, name)
     height, width = x.shape[-2:]
     top, left = (height - size) // 2, (width - size) // 2
@@ -169,18 +173,23 @@ def to_channels(images: Tensor, channels: int) -> Tensor:
         return images
     if channels == 3:
         return images.expand(*images.shape[:-3], 3, *images.shape[-2:]).contiguous()
-    weights = torch.tensor(LUMA, dtype=images.dtype, device=images.device).view(3, 1, 1)
-    return (images * weights).sum(dim=-3, keepdim=True).clamp(0.0, 1.0)
+    # summed in float64: in float32 a grey level g came back 1 ulp off g for a quarter of the 8-bit levels
+    weights = torch.tensor(LUMA, dtype=torch.float64, device=images.device).view(3, 1, 1)
+    grey = (images.double() * weights).sum(dim=-3, keepdim=True).clamp(0.0, 1.0)
+    return grey.to(images.dtype)
 
 
 def list_images(folder: str | Path) -> list[Path]:
-    """The image files directly in ``folder``, sorted by name."""
+    """The image files directly in ``folder``, sorted by name; hidden files (``.name``, such as the ``._name``
+    files macOS writes on some drives) are left out, subfolders are not searched."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"not a folder: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = sorted(
+        p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+    )
     if not files:
-        raise InputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+        raise InputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) directly in {folder} (subfolders are not searched)")
     return files
 
 

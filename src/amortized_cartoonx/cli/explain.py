@@ -238,15 +238,13 @@ def image_paths(given: list[str]) -> list[Path]:
     return paths
 
 
-def shape_batches(images: list, batch_size: int) -> list[tuple[int, int]]:
-    """``(lo, hi)`` ranges of at most ``batch_size`` consecutive images of one shape, in order."""
-    ranges: list[tuple[int, int]] = []
-    lo = 0
-    for k in range(1, len(images) + 1):
-        if k == len(images) or k - lo == batch_size or images[k].shape != images[lo].shape:
-            ranges.append((lo, k))
-            lo = k
-    return ranges
+def shape_batches(images: list, batch_size: int) -> list[list[int]]:
+    """The images' indices in batches of at most ``batch_size`` images of one shape: the shapes in the order
+    they first appear, each shape's images in their order (images of one size: consecutive runs)."""
+    groups: dict[tuple, list[int]] = {}
+    for k, image in enumerate(images):
+        groups.setdefault(tuple(image.shape), []).append(k)
+    return [ks[i : i + batch_size] for ks in groups.values() for i in range(0, len(ks), batch_size)]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -267,6 +265,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.keep_aspect and args.method in CHECKPOINT_METHODS:
         raise ConfigError(f"--keep-aspect is for --method cartoonx or pixel-rde: {args.method} explains square images")
+    folders = {Path(p).resolve() for p in args.images if Path(p).is_dir()}
+    if Path(args.out).resolve() in folders:  # the figures (.png) would be images of that folder next time
+        raise ConfigError(f"--out {args.out} is an input folder: its figures would join its images; choose another")
     paths = image_paths(args.images)
     stems = output_stems(paths)
     outputs = [Path(args.out) / f"{s}{suffix}" for s in stems for suffix in (".png", ".safetensors")]
@@ -287,7 +288,6 @@ def run(args: argparse.Namespace) -> int:
 
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)  # what a killed run left half-written (hidden files, never read)
-    lines: list[str] = []
     # what the saved files record beside the explainer's settings: the run's own choices
     run_settings = {
         "classifier": args.classifier,
@@ -301,21 +301,22 @@ def run(args: argparse.Namespace) -> int:
     }
     progress = not args.no_progress
     bar = tqdm(total=len(paths), desc=f"explain ({args.method})", unit="img", disable=not progress)
-    for lo, hi in shape_batches(images, args.batch_size):
-        batch = torch.stack(images[lo:hi]).to(device)
-        target = None if targets is None else targets[lo:hi]
-        seeds = file_seeds([p.name for p in paths[lo:hi]], args.seed)  # the same noise as targets/evaluate
+    lines: dict[int, str] = {}  # summary.jsonl keeps the input order whatever the batches
+    for ks in shape_batches(images, args.batch_size):
+        batch = torch.stack([images[k] for k in ks]).to(device)
+        target = None if targets is None else [targets[k] for k in ks]
+        seeds = file_seeds([paths[k].name for k in ks], args.seed)  # the same noise as targets/evaluate
         explanation = explainer.explain(batch, target, seeds=seeds, progress=progress).cpu()
-        for i, k in enumerate(range(lo, hi)):
+        for i, k in enumerate(ks):
             target_k = int(explanation.target[i])
             name = (labels[target_k] or None) if labels and target_k < len(labels) else None  # "": no name
             files = {"png": f"{stems[k]}.png", "safetensors": f"{stems[k]}.safetensors"}
             record = {"image": str(paths[k]), **files, "target_name": name, **explanation.summary(i), **run_settings}
             explanation.save(out / f"{stems[k]}.safetensors", i, metadata=record)
             save_figure(explanation_figure(images[k], explanation, i, name), out / f"{stems[k]}.png")
-            lines.append(json.dumps({**record, "settings": explanation.settings}, allow_nan=False, default=str))
-        atomic_write_text(out / "summary.jsonl", "\n".join(lines) + "\n")
-        bar.update(hi - lo)
+            lines[k] = json.dumps({**record, "settings": explanation.settings}, allow_nan=False, default=str)
+        atomic_write_text(out / "summary.jsonl", "\n".join(lines[k] for k in sorted(lines)) + "\n")
+        bar.update(len(ks))
         bar.set_postfix(
             prob_obf=f"{float(explanation.prob_obfuscated.mean()):.3f}",
             mask=f"{float(explanation.mask_mean.mean()):.3f}",
