@@ -13,9 +13,11 @@ scene's pixel noise. Variants:
   object's outline colour): a classifier that follows the rule now names the distractor's class.
 
 For each: the accuracy against the decisive object's class, the mean softmax probability of that class, and the
-share of predictions naming the outlined distractor's class (the last variant). The CartoonX masks of this
-benchmark are scored against the decisive object's pixels (``docs/evaluation.md``, localisation): that is a fair
-ground truth when the object removed takes the accuracy to chance and the distractors removed leave it.
+share of predictions naming the first distractor's class. A scene whose distractors could not be placed has none:
+it is left out of that share and of the last variant (the table says how many scenes each row has). The CartoonX
+masks of this benchmark are scored against the decisive object's pixels (``docs/evaluation.md``, localisation):
+that is a fair ground truth when the object removed takes the accuracy to chance and the distractors removed
+leave it.
 Prints a markdown table and one JSON line.
 """
 
@@ -35,6 +37,7 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
 from amortized_cartoonx.classifiers import load_classifier  # noqa: E402
 from amortized_cartoonx.cli.common import plain_text  # noqa: E402
+from amortized_cartoonx.errors import CartoonXError  # noqa: E402
 from amortized_cartoonx.synthetic.dataset import CartoonConfig, SyntheticCartoons  # noqa: E402
 from amortized_cartoonx.synthetic.scenes import Scene, render_scene  # noqa: E402
 
@@ -69,13 +72,19 @@ def render_variant(scene: Scene, config: CartoonConfig, variant: str) -> torch.T
 
 
 def measure(classifier, data: SyntheticCartoons, batch: int = 100) -> dict[str, dict[str, float]]:
-    """Per variant: ``accuracy`` and ``p_label`` (the decisive object's class) and ``names_distractor`` (the
-    share naming the first distractor's class), over every scene of ``data``."""
-    scenes = [data.scene(i) for i in range(len(data))]
-    labels = torch.tensor([s.label for s in scenes])
-    distractor_labels = torch.tensor([s.distractors[0].label for s in scenes])
+    """Per variant: ``accuracy`` and ``p_label`` (the decisive object's class), ``names_distractor`` (the share
+    naming the first distractor's class, over the scenes that have one) and ``scenes`` (the scenes measured:
+    all of ``data``, or those with a distractor for the variant that moves the outline to it)."""
+    all_scenes = [data.scene(i) for i in range(len(data))]
     out: dict[str, dict[str, float]] = {}
     for variant in VARIANTS:
+        needs_distractor = variant == "outline moved to a distractor"
+        scenes = [s for s in all_scenes if s.distractors or not needs_distractor]
+        if not scenes:
+            continue
+        labels = torch.tensor([s.label for s in scenes])
+        has = torch.tensor([bool(s.distractors) for s in scenes])
+        distractor_labels = torch.tensor([s.distractors[0].label if s.distractors else -1 for s in scenes])
         probs = []
         for lo in range(0, len(scenes), batch):
             images = torch.stack([render_variant(s, data.config, variant) for s in scenes[lo : lo + batch]])
@@ -83,21 +92,25 @@ def measure(classifier, data: SyntheticCartoons, batch: int = 100) -> dict[str, 
                 probs.append(torch.softmax(classifier(images).float(), dim=1))
         p = torch.cat(probs)
         predicted = p.argmax(1)
+        named = (predicted == distractor_labels)[has]
         out[variant] = {
             "accuracy": float((predicted == labels).float().mean()),
             "p_label": float(p.gather(1, labels[:, None]).mean()),
-            "names_distractor": float((predicted == distractor_labels).float().mean()),
+            "names_distractor": float(named.float().mean()) if len(named) else float("nan"),
+            "scenes": len(scenes),
         }
     return out
 
 
 def table(results: dict[str, dict[str, float]], chance: float) -> str:
     rows = [
-        f"| image | accuracy (chance {chance:.1%}) | mean p(label) | names the first distractor's class |",
-        "|---|---|---|---|",
+        f"| image | scenes | accuracy (chance {chance:.1%}) | mean p(label) | names the first distractor's class |",
+        "|---|---|---|---|---|",
     ]
     for variant, r in results.items():
-        rows.append(f"| {variant} | {r['accuracy']:.1%} | {r['p_label']:.3f} | {r['names_distractor']:.1%} |")
+        rows.append(
+            f"| {variant} | {r['scenes']} | {r['accuracy']:.1%} | {r['p_label']:.3f} | {r['names_distractor']:.1%} |"
+        )
     return "\n".join(rows)
 
 
@@ -115,7 +128,10 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--count must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    classifier = load_classifier(args.classifier)
+    try:
+        classifier = load_classifier(args.classifier)
+    except CartoonXError as exc:  # e.g. no trained synthetic classifier here: cartoonx train-classifier
+        parser.error(str(exc))
     data = SyntheticCartoons(args.count, size=args.size, seed=args.seed, split="test")
     start = time.perf_counter()
     results = measure(classifier, data)

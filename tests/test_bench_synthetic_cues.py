@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import sys
 from pathlib import Path
 
@@ -65,3 +67,22 @@ def test_the_shares_count_the_object_and_the_first_distractor_per_scene():
         assert abs(r["accuracy"] - expected) < 1e-6 and abs(r["names_distractor"] - expected_distractor) < 1e-6
         assert abs(r["p_label"] - float(sum(p[s.label] for s in scenes) / len(scenes))) < 1e-6
     assert "| as generated |" in bench.table(results, 1 / 8)
+
+
+class _FirstWithoutDistractors(SyntheticCartoons):
+    """Scene 0 lost its distractors (as a scene whose distractors could not be placed)."""
+
+    def scene(self, index: int):
+        scene = super().scene(index)
+        return dataclasses.replace(scene, distractors=[]) if index == 0 else scene
+
+
+def test_a_scene_without_distractors_is_left_out_of_what_needs_one():
+    data = _FirstWithoutDistractors(6, size=32, seed=0, split="test")
+    k = data.scene(1).distractors[0].label
+    results = bench.measure(_Always(k), data, batch=4)
+    assert results["as generated"]["scenes"] == 6 and results["outline moved to a distractor"]["scenes"] == 5
+    named = sum(data.scene(i).distractors[0].label == k for i in range(1, 6)) / 5
+    assert math.isclose(results["as generated"]["names_distractor"], named, abs_tol=1e-6)
+    assert math.isclose(results["outline moved to a distractor"]["names_distractor"], named, abs_tol=1e-6)
+    assert bench.render_variant(data.scene(0), data.config, "as generated").shape == (3, 32, 32)

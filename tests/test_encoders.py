@@ -113,7 +113,7 @@ def test_a_network_that_fails_on_the_probe_or_returns_no_logits_is_one_line():
             assert x.shape[-1] == 224, "Wrong image height!"
             return super().forward(x)
 
-    probe = r"the backbone failed on images of shape \(1, 3, 32, 32\).*a probe image: does the network take this"
+    probe = r"the backbone failed on images of shape \(1, 3, 32, 32\).*a probe image: does the network take 3-channel"
     with pytest.raises(ClassifierError, match=probe):
         find_taps(wrap_classifier(SizeBound()), SIZE, 3, "the backbone")
     with pytest.raises(ClassifierError, match="returned tuple"):

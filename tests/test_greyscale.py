@@ -89,10 +89,10 @@ def test_rgb_becomes_luma_and_greyscale_files_come_back_exactly(tmp_path):
     assert to_channels(rgb, 3) is rgb and to_channels(grey, 1) is grey
     torch.testing.assert_close(to_channels(grey, 3), grey.expand(2, 3, 5, 5))
     assert to_channels(rgb[0], 1).shape == (1, 5, 5)  # one image (C, H, W)
-    pixels = np.random.default_rng(1).integers(0, 256, (12, 12)).astype(np.uint8)
+    pixels = np.arange(256, dtype=np.uint8).reshape(16, 16)  # every 8-bit level
     Image.fromarray(pixels, mode="L").save(tmp_path / "g.png")
     read = to_channels(load_image(tmp_path / "g.png", None), 1)
-    torch.testing.assert_close(read[0], torch.from_numpy(pixels).float() / 255, atol=1e-6, rtol=0)
+    assert torch.equal(read[0], torch.from_numpy(pixels).float() / 255)  # exactly (float32 sums were 1 ulp off)
     with pytest.raises(InputError, match="1 .greyscale. or 3"):
         to_channels(rgb, 2)
     with pytest.raises(InputError, match="expected images"):
@@ -103,6 +103,27 @@ def test_the_probe_finds_the_channels_a_classifier_takes():
     assert input_channels(Classifier(_Grey()), SIZE) == 1
     assert input_channels(Classifier(make_tiny_cnn()), SIZE) == 3
     assert input_channels(Classifier(_Grey(), mean=0.5, std=0.25), SIZE) == 1  # one number serves one channel
+
+
+class _BatchOfOne(_Grey):
+    """A greyscale model exported for batch size 1."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] != 1:
+            raise RuntimeError("expected batch size 1")
+        return super().forward(x)
+
+
+def test_the_probe_sees_a_greyscale_model_of_batch_size_one_as_greyscale():
+    assert input_channels(Classifier(_BatchOfOne()), SIZE) == 1  # its batch size is the preflight's to refuse
+
+
+def test_an_rgb_model_given_greyscale_images_says_what_to_do():
+    with pytest.raises(ClassifierError, match="an RGB classifier takes images .N, 3, H, W.*--channels auto or 3"):
+        original_logits(make_tiny_cnn(), torch.rand(2, 1, SIZE, SIZE))
+    rgb = Classifier(make_tiny_cnn(), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    with pytest.raises(ClassifierError, match="an RGB classifier takes RGB images .--channels auto or 3"):
+        rgb(torch.rand(2, 1, SIZE, SIZE))
 
 
 def test_an_rgb_normalisation_in_front_of_a_greyscale_model_is_named():
@@ -178,7 +199,11 @@ def test_the_amortized_explainer_trains_and_explains_on_greyscale_images(
     # an RGB classifier does not fit a greyscale checkpoint
     rgb = ["explain", str(grey_pictures / "g0.png"), "--out", str(tmp_path / "rgb"), "--method", "amortized"]
     code = main([*rgb, "--classifier", grey_spec, "--checkpoint", str(checkpoint), "--channels", "3"])
-    assert code == 2 and "3-channel images (trained on 1-channel ones)" in capsys.readouterr().err
+    assert (
+        code == 2
+        and "3-channel images (trained on 1-channel ones: a classifier on greyscale images, --channels 1)"
+        in (capsys.readouterr().err)
+    )
 
 
 def test_the_classifier_encoder_reads_a_greyscale_classifier():

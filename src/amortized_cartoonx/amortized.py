@@ -338,7 +338,10 @@ class AmortizedExplainer:
         if obfuscation is not None and obfuscation != meta["obfuscation"]:
             problems.append(f"obfuscation {obfuscation} (trained with {meta['obfuscation']})")
         if channels is not None and channels != self.channels:
-            problems.append(f"{channels}-channel images (trained on {self.channels}-channel ones)")
+            problems.append(
+                f"{channels}-channel images (trained on {self.channels}-channel ones: a classifier on "
+                f"{'greyscale' if self.channels == 1 else 'RGB'} images, --channels {self.channels})"
+            )
         if problems:
             name = Path(self.path).name if self.path else "the checkpoint"
             raise ConfigError(f"{name} does not fit: " + "; ".join(problems))

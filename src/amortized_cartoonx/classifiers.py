@@ -101,7 +101,8 @@ class Classifier(nn.Module):
                 raise ClassifierError(
                     f"the input normalisation of {self.spec} has {max(counts)} channels ({normalization_name(self)}) "
                     f"but the images have {x.shape[1]}: for a single-channel classifier give one mean and std "
-                    "(--normalize none, or Classifier(model, mean=m, std=s) with numbers)"
+                    "(--normalize none, or Classifier(model, mean=m, std=s) with numbers); an RGB classifier takes "
+                    "RGB images (--channels auto or 3)"
                 )
             mean, std = (torch.tensor(v, device=x.device, dtype=x.dtype).view(1, -1, 1, 1) for v in self.normalization)
             x = (x - mean) / std
@@ -203,9 +204,9 @@ def normalization_name(classifier: nn.Module) -> str:
 
 
 def input_channels(classifier: Callable[[Tensor], Tensor], size: int, device: str | torch.device = "cpu") -> int:
-    """The channels of the images ``classifier`` takes: 3 (RGB) when it runs on two ``(3, size, size)`` images,
-    else 1 (greyscale) when it runs on ``(1, size, size)`` ones, else 3 (so the caller's own check reports the
-    RGB failure). One forward pass of two blank images, no gradients.
+    """The channels of the images ``classifier`` takes: 3 (RGB) when it runs on a ``(3, size, size)`` image,
+    else 1 (greyscale) when it runs on a ``(1, size, size)`` one, else 3 (so the caller's own check reports the
+    RGB failure). A forward pass of one blank image (two for a greyscale model), no gradients.
 
     Raises:
         CartoonXError: the package's own errors on the greyscale probe (say, an RGB normalisation in front of a
@@ -216,7 +217,8 @@ def input_channels(classifier: Callable[[Tensor], Tensor], size: int, device: st
     for channels in (3, 1):
         try:
             with torch.no_grad():
-                classify(classifier, torch.zeros(2, channels, size, size, device=device))
+                # one image: a model exported for batch size 1 is found here, and refused by the caller's check
+                classify(classifier, torch.zeros(1, channels, size, size, device=device))
             return channels
         except CartoonXError:
             if channels == 1:

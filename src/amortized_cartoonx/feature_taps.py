@@ -133,7 +133,9 @@ def _probe(
     """:func:`_record` on one zero image ``(1, channels, image_size, image_size)`` in the module's dtype."""
     dtype = input_dtype(module) or torch.float32
     probe = torch.zeros(1, channels, image_size, image_size, device=module_device(module), dtype=dtype)
-    return _record(module, probe, names, role, " (a probe image: does the network take this image size?)")
+    return _record(
+        module, probe, names, role, f" (a probe image: does the network take {channels}-channel images of this size?)"
+    )
 
 
 def collect(outputs: dict[str, Tensor], names: list[str]) -> list[Tensor]:

@@ -505,6 +505,11 @@ def classify_or_explain(
                 "; a single-channel classifier takes greyscale images (N, 1, H, W): "
                 "amortized_cartoonx.images.to_channels(images, 1), or on the command line --channels auto or 1"
             )
+        elif x.ndim == 4 and x.shape[1] == 1 and "to have 3 channels" in str(exc):
+            hint += (
+                "; an RGB classifier takes images (N, 3, H, W): amortized_cartoonx.images.to_channels(images, 3), "
+                "or on the command line --channels auto or 3"
+            )
         raise ClassifierError(
             f"{who or _classifier_name(classifier)} failed on images of shape {tuple(x.shape)} ({x.dtype}, "
             f"{x.device}): {type(exc).__name__}: {one_line(exc)}{hint}"
