@@ -89,12 +89,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def parse_targets(text: str | None, num_images: int, labels: list[str] | None = None) -> list[int] | None:
     """``--target``: one class for every image or one per image (commas), each an index or, with ``labels``,
     a class name: a whole line of the labels file (names may hold commas: ``tench, Tinca tinca``) or one of its
-    comma-separated names (``goldfish``), compared without case; a name of several classes is refused."""
+    comma-separated names (``goldfish``), compared without case; a name of several classes is refused. A number
+    is always an index (a labels file whose line 5 reads ``1`` does not turn ``--target 1`` into class 5)."""
     from amortized_cartoonx.errors import InputError
 
     if text is None:
         return None
-    whole = _class_by_name(text, labels, whole_lines_only=True) if labels else None
+    numbers = all(part.strip().lstrip("-").isdigit() for part in text.split(","))  # indices before names
+    whole = _class_by_name(text, labels, whole_lines_only=True) if labels and not numbers else None
     if whole is not None:
         return [whole] * num_images
     values = []
