@@ -40,7 +40,7 @@ from .classifiers import (
     wrap_classifier,
 )
 from .data import split_train_val_test
-from .errors import ClassifierError, ConfigError, InputError, is_integer, is_real
+from .errors import ClassifierError, ConfigError, is_integer, is_real
 from .explanation import Explanation, measure_mask
 from .io import file_sha256
 from .mask_predictor import MaskPredictor
@@ -375,12 +375,7 @@ class AmortizedExplainer:
 
     def _check_inputs(self, images: Tensor) -> None:
         check_images(images)
-        if images.shape[1] != self.channels:
-            kind = "greyscale" if self.channels == 1 else "RGB"
-            raise InputError(
-                f"the explainer was trained on {kind} images (N, {self.channels}, H, W), got {tuple(images.shape)} "
-                f"(amortized_cartoonx.images.to_channels(images, {self.channels}) converts them)"
-            )
+        self.mask_predictor.check_channels(images)  # before the classifier runs on them
         if self.strict_size:
             self.check_compatible(image_size=tuple(images.shape[-2:]))
 

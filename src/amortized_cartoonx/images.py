@@ -119,7 +119,7 @@ def resize_center_crop(x: Tensor, size: int, name: str = "the image") -> Tensor:
     256 px would need 200 GB) has its centre square cut out first, then resized.
     """
     _, height, width = x.shape
-    if max(height, width) * size / min(height, width) > MAX_SIZE:
+    if max(_shorter_side_to(height, width, size)) > MAX_SIZE:
         side = min(height, width)
         top, left = (height - side) // 2, (width - side) // 2
         x = x[:, top : top + side, left : left + side]
@@ -127,6 +127,12 @@ def resize_center_crop(x: Tensor, size: int, name: str = "the image") -> Tensor:
     height, width = x.shape[-2:]
     top, left = (height - size) // 2, (width - size) // 2
     return x[:, top : top + size, left : left + size].contiguous()
+
+
+def _shorter_side_to(height: int, width: int, size: int) -> tuple[int, int]:
+    """``(h, w)``: ``height x width`` scaled so that its shorter side is ``size`` (the longer rounded)."""
+    scale = size / min(height, width)
+    return max(size, round(height * scale)), max(size, round(width * scale))
 
 
 def resize_shorter_side(x: Tensor, size: int, name: str = "the image") -> Tensor:
@@ -137,8 +143,7 @@ def resize_shorter_side(x: Tensor, size: int, name: str = "the image") -> Tensor
         InputError: a longer side above :data:`MAX_SIZE` (a panorama at a large ``size``).
     """
     _, height, width = x.shape
-    scale = size / min(height, width)
-    new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
+    new_h, new_w = _shorter_side_to(height, width, size)
     if max(new_h, new_w) > MAX_SIZE:
         raise InputError(
             f"{name} would be {new_w}x{new_h} with its shorter side at {size}: more than {MAX_SIZE} px on a side; "

@@ -52,6 +52,7 @@ from torch import Tensor, nn
 
 from .errors import ConfigError, InputError
 from .feature_taps import check_hookable, collect, find_taps, read_taps, recording
+from .images import CHANNELS, to_channels
 from .mask_logits import logits_to_mask
 from .rde import band_statistics, full_precision
 from .wavelets import (
@@ -160,7 +161,7 @@ class MaskPredictorConfig:
         for name in ("width", "decoder_width"):
             if getattr(self, name) % self.groups:
                 raise ConfigError(f"{name} ({getattr(self, name)}) must be a multiple of groups ({self.groups})")
-        if self.in_channels not in (1, 3):
+        if self.in_channels not in CHANNELS:
             raise ConfigError(f"in_channels must be 1 (greyscale) or 3 (RGB), got {self.in_channels}")
         if self.encoder not in ENCODERS:
             raise ConfigError(f"unknown encoder {self.encoder!r}; choose from: {', '.join(ENCODERS)}")
@@ -374,14 +375,21 @@ class MaskPredictor(nn.Module):
         with recording(self.feature_source, set(names)) as outputs:
             yield lambda: collect(outputs, names)
 
+    def check_channels(self, images: Tensor) -> None:
+        """Refuse images that are not ``(N, in_channels, H, W)`` (:class:`InputError`, naming the conversion)."""
+        channels = self.config.in_channels
+        if images.ndim != 4 or images.shape[1] != channels:
+            kind = "RGB" if channels == 3 else "greyscale"
+            raise InputError(
+                f"the mask predictor takes {kind} images (N, {channels}, H, W), got {tuple(images.shape)} "
+                f"(amortized_cartoonx.images.to_channels(images, {channels}) converts them)"
+            )
+
     def forward(self, images: Tensor, target: Tensor, *, taps: list[Tensor] | None = None) -> Coefficients:
         """Mask logits. ``images: (N, C, H, W)`` in [0, 1] with C = ``in_channels``; ``target: (N,)`` class
         indices. ``taps``: the feature maps of a tapped encoder recorded on these images (:meth:`tapping`); None
         reads them with one pass."""
-        channels = self.config.in_channels
-        if images.ndim != 4 or images.shape[1] != channels:
-            kind = "RGB" if channels == 3 else "greyscale"
-            raise InputError(f"the mask predictor takes {kind} images (N, {channels}, H, W), got {tuple(images.shape)}")
+        self.check_channels(images)
         target = torch.as_tensor(target, device=images.device).long().reshape(-1)
         if target.shape[0] != images.shape[0]:
             raise InputError(f"got {target.shape[0]} targets for {images.shape[0]} images")
@@ -467,8 +475,7 @@ class MaskPredictor(nn.Module):
             raise ConfigError(
                 f"the {self.config.encoder} encoder has no network attached: call mask_predictor.attach(...)"
             )
-        if self.config.network_input_channels() != images.shape[1]:  # a backbone reads greyscale as RGB
-            images = images.expand(-1, self.config.network_input_channels(), -1, -1)
+        images = to_channels(images, self.config.network_input_channels())  # a backbone reads greyscale as RGB
         return read_taps(self._features[0], images, list(self.config.taps))
 
     def mask(self, images: Tensor, target: Tensor) -> Coefficients:

@@ -500,15 +500,16 @@ def classify_or_explain(
     except (CartoonXError, torch.cuda.OutOfMemoryError):  # torch.OutOfMemoryError from torch 2.5
         raise
     except Exception as exc:  # the classifier's own error, given the context it lacks
-        if x.ndim == 4 and x.shape[1] == 3 and "to have 1 channels" in str(exc):  # torch's conv message
-            hint += (
-                "; a single-channel classifier takes greyscale images (N, 1, H, W): "
-                "amortized_cartoonx.images.to_channels(images, 1), or on the command line --channels auto or 1"
+        wanted = {3: 1, 1: 3}.get(x.shape[1]) if x.ndim == 4 else None  # the other channel count
+        if wanted and f"to have {wanted} channels" in str(exc):  # torch's conv message
+            kind = (
+                "a single-channel classifier takes greyscale images"
+                if wanted == 1
+                else "an RGB classifier takes images"
             )
-        elif x.ndim == 4 and x.shape[1] == 1 and "to have 3 channels" in str(exc):
             hint += (
-                "; an RGB classifier takes images (N, 3, H, W): amortized_cartoonx.images.to_channels(images, 3), "
-                "or on the command line --channels auto or 3"
+                f"; {kind} (N, {wanted}, H, W): amortized_cartoonx.images.to_channels(images, {wanted}), "
+                f"or on the command line --channels auto or {wanted}"
             )
         raise ClassifierError(
             f"{who or _classifier_name(classifier)} failed on images of shape {tuple(x.shape)} ({x.dtype}, "
