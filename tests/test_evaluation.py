@@ -299,7 +299,7 @@ def test_hook_methods_skip_a_torchscript_classifier(tmp_path, caplog):
     methods, skipped = build_methods(["grad-cam", "random-pixel"], MethodContext(classifier))
     assert list(methods) == ["random-pixel"] and "TorchScript" in skipped["grad-cam"]
     cam = METHODS.get("grad-cam")(MethodContext(wrap_classifier(make_tiny_cnn())))
-    assert cam.settings()["layer"] == "model.features.3"  # the last Conv2d
+    assert cam.settings()["layer"] == "model.features"  # its last feature map: the 4x4 pooled, rectified maps
 
 
 def test_hook_methods_skip_an_exported_program_with_its_reason(tmp_path):
@@ -313,6 +313,94 @@ def test_hook_methods_skip_an_exported_program_with_its_reason(tmp_path):
             METHODS.get(name)(MethodContext(flat))
     methods, skipped = build_methods(["grad-cam", "random-pixel"], MethodContext(flat))
     assert list(methods) == ["random-pixel"] and "exported program" in skipped["grad-cam"]
+
+
+def grad_cam_layer(model: nn.Module, size: int = SIZE) -> str:
+    return METHODS.get("grad-cam")(MethodContext(wrap_classifier(model), image_size=size)).settings()["layer"]
+
+
+def test_grad_cam_hooks_the_rectified_maps_not_the_last_convolution():
+    """Grad-CAM hooked the last nn.Conv2d's raw output, before its BatchNorm and ReLU; the probe that finds the
+    layer leaves the model as it was (train mode, no hooks, parameter gradients on)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),  # 1x1: not a feature map
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    ).train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert grad_cam_layer(model) == "model.5"  # the last ReLU, not the Conv2d model.3
+    assert all(m.training for m in model.modules()) and all(p.requires_grad for p in model.parameters())
+    assert all(not m._forward_hooks for m in model.modules())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # no batch statistics updated
+
+
+def test_grad_cam_hooks_a_resnets_last_stage_and_runs():
+    """On a ResNet the outermost module run once that outputs the last feature map is layer4 (its last block's
+    ReLU runs twice: captum could not hook it), not layer4.1.conv2 (before bn2, the residual add and the ReLU)."""
+    from torchvision.models import resnet18
+
+    torch.manual_seed(0)
+    classifier = wrap_classifier(resnet18(weights=None, num_classes=3).eval())
+    method = METHODS.get("grad-cam")(MethodContext(classifier, image_size=64))
+    assert method.settings()["layer"] == "model.layer4" and method.layer is classifier.model.layer4
+    images = smooth_images(2, size=64)
+    inputs = images.clone().requires_grad_(True)
+    cam = method._attribute(inputs, torch.tensor([0, 2]), seeds=[1, 2]).detach()
+    assert cam.shape == (2, 1, 64, 64) and bool((cam >= 0).all()) and bool(torch.isfinite(cam).all())
+    assert float(cam.amax()) > 0  # a 2x2 map upsampled, not all zero
+    attribution = method.attribute(images, seeds=[1, 2])
+    assert attribution.relevance.shape == (2, 64 * 64) and bool((attribution.relevance >= 0).all())
+
+
+class _RegisteredOutOfOrder(nn.Module):
+    """The block that runs last is registered first: named_modules() order is not execution order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.late = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.early = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU())
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.late(self.early(x)).mean(dim=(2, 3)))
+
+
+class _SharedReLU(nn.Module):
+    """The last feature map comes from a ReLU that also ran before (as in a ResNet block)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        return self.head(self.relu(self.bn2(self.conv2(x))).mean(dim=(2, 3)))
+
+
+def test_grad_cam_layer_follows_execution_order_and_skips_modules_run_twice():
+    assert grad_cam_layer(_RegisteredOutOfOrder()) == "model.late"  # not model.early.0, the last registered Conv2d
+    assert grad_cam_layer(_SharedReLU()) == "model.bn2"  # the shared ReLU runs twice: the map before it
+
+
+def test_grad_cam_is_unavailable_without_a_feature_map_larger_than_one_pixel():
+    model = nn.Sequential(nn.Conv2d(3, 4, 8), nn.ReLU(), nn.Flatten(), nn.Linear(4, 3))  # 8x8 -> 1x1
+    with pytest.raises(MethodUnavailable, match="no layer that outputs a feature map larger than 1x1"):
+        METHODS.get("grad-cam")(MethodContext(wrap_classifier(model), image_size=8))
+    methods, skipped = build_methods(["grad-cam"], MethodContext(wrap_classifier(model), image_size=8))
+    assert not methods and "larger than 1x1" in skipped["grad-cam"]
+    fixed = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))  # 8x8 images only
+    with pytest.raises(MethodUnavailable, match="could not run the classifier.*16, 16"):
+        METHODS.get("grad-cam")(MethodContext(wrap_classifier(fixed), image_size=16))
 
 
 def test_every_baseline_gives_a_relevance_per_position():

@@ -16,8 +16,16 @@ channels (Grad-CAM: its bilinearly upsampled, ReLU'd map). Settings follow the p
   MobileNets and EfficientNet-Lite). Temporary hooks on the rectifiers' outputs, removed after each call, so it
   needs a plain ``nn.Module`` with such modules; on a TorchScript model the hooks would be silently ignored, so
   the method is skipped there with a message.
-- ``grad-cam``: captum ``LayerGradCam`` on the last ``nn.Conv2d`` of the model (found automatically); skipped
-  for a model without one it can hook (TorchScript, torch.export).
+- ``grad-cam``: captum ``LayerGradCam`` on the model's last feature map, as Grad-CAM takes it (the rectified
+  maps of the last convolutional block, not a convolution's raw output before its BatchNorm and activation). The
+  layer is found by running the classifier once on a mid-grey image of the evaluated size and channels, with
+  forward hooks on every module (:func:`last_feature_layer`): the last module, in execution order (not
+  registration order), to output a 4-D map larger than 1x1, among those run once per forward pass (captum
+  cannot hook a module run twice, such as the ReLU a ResNet block reuses). A container and its last child
+  output the same tensor, and the container finishes last, so it is the one chosen: ``layer4`` for a ResNet,
+  ``features`` for a MobileNet or an ``nn.Sequential`` of conv blocks. Skipped for a model without an
+  ``nn.Conv2d`` or such a map, or one it cannot hook (TorchScript, torch.export). The layer's name is in the
+  method's settings (so in the cache key).
 - ``random-pixel``, ``random-wavelet``: a uniform random score per position, from the image's seed: the
   baseline ordering of each representation. They count as masks (the score is in [0, 1]).
 """
@@ -32,9 +40,10 @@ import torch
 from torch import Tensor, nn
 
 from ..classifiers import frozen
+from ..errors import ClassifierError
 from ..feature_taps import flattened_graph, scripted_part
-from ..rde import make_generators
-from ..runtime import synchronize
+from ..rde import classify_or_explain, make_generators
+from ..runtime import module_device, synchronize
 from ..seeding import Stream, stream_seeds
 from ..wavelets import PixelRepresentation, Representation
 from .attribution import (
@@ -174,9 +183,51 @@ class GradCamMethod(GradientMethod):
         return cam.clamp_min(0.0)  # (N, 1, H, W); bilinear interpolation of non-negative values stays >= 0
 
 
-def last_conv(classifier: nn.Module) -> tuple[str, nn.Module]:
-    """The name and module of the last ``nn.Conv2d`` in ``classifier.modules()`` order."""
-    return [(n, m) for n, m in classifier.named_modules() if isinstance(m, nn.Conv2d)][-1]
+def last_feature_layer(classifier: nn.Module, image_size: int, channels: int = 3) -> tuple[str, nn.Module]:
+    """The name and module of Grad-CAM's layer: the last module of ``classifier``, in execution order, whose output
+    is a 4-D feature map larger than 1x1, among the modules run exactly once per forward pass.
+
+    Found by one forward pass, without gradients and in eval mode (:func:`frozen`), of a mid-grey
+    ``(1, channels, image_size, image_size)`` image, with a forward hook on every module (removed afterwards).
+    Hooks fire when a module finishes, so of a container and its last child, which output the same tensor, the
+    container (``layer4`` rather than ``layer4.1`` or its final ReLU) comes last. A module run more than once
+    (a ResNet block's shared ReLU) cannot be hooked by captum, so a map only such a module outputs is passed over
+    for the one before it. The classifier itself is never chosen.
+
+    Raises:
+        MethodUnavailable: the classifier fails on the probe image, or no module run once outputs such a map.
+    """
+    names = {module: name for name, module in classifier.named_modules() if module is not classifier}
+    calls: dict[nn.Module, int] = {}
+    maps: list[nn.Module] = []  # the modules that output a feature map, in the order they finish
+
+    def record(module: nn.Module, _inputs, output) -> None:
+        calls[module] = calls.get(module, 0) + 1
+        if (
+            isinstance(output, Tensor)
+            and output.ndim == 4
+            and output.is_floating_point()
+            and output.shape[-2] * output.shape[-1] > 1
+        ):
+            maps.append(module)
+
+    probe = torch.full((1, channels, image_size, image_size), 0.5, device=module_device(classifier))
+    handles = [module.register_forward_hook(record) for module in names]
+    try:
+        with torch.no_grad(), frozen(classifier):
+            classify_or_explain(classifier, probe)
+    except ClassifierError as exc:
+        raise MethodUnavailable(f"grad-cam could not run the classifier to find its last feature map: {exc}") from exc
+    finally:
+        for handle in handles:
+            handle.remove()
+    once = [module for module in maps if calls[module] == 1]
+    if not once:
+        raise MethodUnavailable(
+            f"grad-cam found no layer that outputs a feature map larger than 1x1 (N, C, H, W) on {channels}-channel "
+            f"{image_size}x{image_size} images and runs once per forward pass; skipped"
+        )
+    return names[once[-1]], once[-1]
 
 
 @METHODS.register("integrated-gradients")
@@ -204,7 +255,7 @@ def _grad_cam(ctx: MethodContext) -> EvaluationMethod:
     problem = hook_problem(ctx.classifier, nn.Conv2d, "grad-cam")
     if problem:
         raise MethodUnavailable(problem)
-    name, layer = last_conv(ctx.classifier)
+    name, layer = last_feature_layer(ctx.classifier, ctx.image_size, ctx.channels)
     return GradCamMethod(ctx.classifier, name, layer)
 
 
@@ -245,4 +296,4 @@ def _random_wavelet(ctx: MethodContext) -> EvaluationMethod:
     return RandomOrdering("random-wavelet", ctx.wavelet(), ctx.classifier)
 
 
-__all__ = ["GradientMethod", "RandomOrdering", "hook_problem", "last_conv"]
+__all__ = ["GradientMethod", "RandomOrdering", "hook_problem", "last_feature_layer"]
