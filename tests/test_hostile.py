@@ -412,7 +412,7 @@ def test_a_classifier_returning_nan_is_refused_with_its_name(tmp_path, spec, inp
         ("load_number", "ClassifierError", "a classifier spec is a string, got int"),
         ("init_mask_list", "InputError", "a mask must be Coefficients or a flat (N, K) tensor, got list"),
         ("init_mask_nan", "InputError", "the mask has NaN or infinite entries"),
-        ("single_logit", "ClassifierError", "torch.cat([torch.zeros_like(z), z], dim=1), whose softmax is sigmoid(z)"),
+        ("single_logit", "ClassifierError", "use the sigmoid link (--link sigmoid; Python: link='sigmoid')"),
         ("inference_mode", "ConfigError", "outside torch.inference_mode()"),
         ("nan_when_measured", "NonFiniteError", "the measured RDE loss of image 0 is nan"),
     ],

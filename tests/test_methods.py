@@ -10,6 +10,7 @@ from amortized_cartoonx.cli.common import (
     CALIBRATION_NAMES,
     DISTORTION_NAMES,
     DWT_DEFAULTS,
+    LINK_NAMES,
     MAX_IMAGE_SIZE,
     OBFUSCATION_NAMES,
     PARAMETRISATION_NAMES,
@@ -19,7 +20,7 @@ from amortized_cartoonx.cli.common import (
 from amortized_cartoonx.evaluation.methods import METHODS, method_names
 from amortized_cartoonx.images import MAX_SIZE
 from amortized_cartoonx.optimizer import PARAMETRISATIONS, PRECISIONS, SCHEDULES
-from amortized_cartoonx.rde import DISTORTIONS, OBFUSCATIONS
+from amortized_cartoonx.rde import DISTORTIONS, LINKS, OBFUSCATIONS
 from amortized_cartoonx.wavelets import DEFAULT_LEVELS, DEFAULT_MODE, DEFAULT_WAVE
 
 
@@ -46,6 +47,7 @@ def test_the_table_is_consistent():
 def test_cli_choices_follow_the_registries():
     assert _choices("explain", "--method") == list(methods.EXPLAIN_METHODS)
     assert sorted(DISTORTION_NAMES) == sorted(DISTORTIONS.names())
+    assert list(LINK_NAMES) == list(LINKS)
     assert sorted(OBFUSCATION_NAMES) == sorted(OBFUSCATIONS.names())
     assert list(SCHEDULE_NAMES) == list(SCHEDULES)
     assert list(PARAMETRISATION_NAMES) == list(PARAMETRISATIONS)
@@ -60,3 +62,4 @@ def test_cli_choices_follow_the_registries():
         assert _choices(command, "--precision") == list(PRECISION_NAMES)
         assert _choices(command, "--distortion") == list(DISTORTION_NAMES)
         assert _choices(command, "--obfuscation") == list(OBFUSCATION_NAMES)
+        assert _choices(command, "--link") == list(LINK_NAMES)

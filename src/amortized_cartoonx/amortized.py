@@ -46,6 +46,7 @@ from .io import file_sha256
 from .mask_predictor import MaskPredictor
 from .optimizer import SCHEDULE_FIELDS, OptimizerConfig, RDEOptimizer
 from .rde import (
+    DEFAULT_LINK,
     RDEObjective,
     RDEProblem,
     as_input_of,
@@ -188,7 +189,12 @@ class AmortizedExplainer:
         levels = int(meta.get("levels_used") or meta["levels"])
         self.representation = WaveletRepresentation(meta["wave"], levels, meta["mode"])
         self.objective = RDEObjective(
-            classifier, self.representation, meta["l1_lambda"], meta["obfuscation"], meta["distortion"]
+            classifier,
+            self.representation,
+            meta["l1_lambda"],
+            meta["obfuscation"],
+            meta["distortion"],
+            meta.get("link", DEFAULT_LINK),
         )
 
     # ---- loading -------------------------------------------------------------------------------------------
@@ -277,12 +283,14 @@ class AmortizedExplainer:
         """The settings that determine the masks (plain values): classifier, image size, DWT, loss."""
         meta = self.meta
         keys = ("classifier", "image_size", "wave", "levels", "mode", "l1_lambda", "distortion", "obfuscation")
+        link = self.objective.link
         return {
             "method": self.method,
             "checkpoint": self.path,
             "checkpoint_sha256": self.checkpoint_sha256,
             "representation": "wavelet",
             **{k: meta[k] for k in keys},
+            **({} if link == DEFAULT_LINK else {"link": link}),  # cache keys of softmax explainers as before
             "normalize": meta["normalize"],
             "measure_samples": self.measure_samples,
             "seed": self.seed,
@@ -309,6 +317,7 @@ class AmortizedExplainer:
         distortion: str | None = None,
         obfuscation: str | None = None,
         channels: int | None = None,
+        link: str | None = None,
     ) -> None:
         """Raise :class:`ConfigError` (one line, naming every mismatch) when a setting differs from training
         (``channels``: the colour channels the classifier takes now)."""
@@ -337,6 +346,10 @@ class AmortizedExplainer:
             problems.append(f"distortion {distortion} (trained with {meta['distortion']})")
         if obfuscation is not None and obfuscation != meta["obfuscation"]:
             problems.append(f"obfuscation {obfuscation} (trained with {meta['obfuscation']})")
+        if link is not None and link != self.objective.link:
+            problems.append(
+                f"the {link} link (trained with the {self.objective.link} link: --link {self.objective.link})"
+            )
         if channels is not None and channels != self.channels:
             problems.append(
                 f"{channels}-channel images (trained on {self.channels}-channel ones: a classifier on "
@@ -397,7 +410,7 @@ class AmortizedExplainer:
         warn_outside_unit_range(images)
         with frozen(self.classifier):
             if target is None:
-                logits = original_logits(self.classifier, images)
+                logits = original_logits(self.classifier, images, self.objective.link)
                 self._check_logits(logits)
                 target = logits.argmax(1)
             else:
@@ -519,9 +532,9 @@ class WarmStartExplainer:
         amortized: the single-pass explainer (its classifier, DWT and loss are used).
         refine_steps: K, the optimizer steps after the prediction; None: the config's ``steps``. 0 returns the
             predicted mask unchanged.
-        config: the optimizer's settings. Its ``l1_lambda`` (when set), ``distortion`` and ``obfuscation`` must be
-            the checkpoint's; its ``seed`` seeds the calibration too when ``explain`` gets no seeds. Default: the
-            ``refine`` schedule (:data:`~amortized_cartoonx.optimizer.SCHEDULES`, chosen by
+        config: the optimizer's settings. Its ``l1_lambda`` (when set), ``distortion``, ``obfuscation`` and
+            ``link`` must be the checkpoint's; its ``seed`` seeds the calibration too when ``explain`` gets no
+            seeds. Default: the ``refine`` schedule (:data:`~amortized_cartoonx.optimizer.SCHEDULES`, chosen by
             ``scripts/bench_amortized.py``) with the amortized explainer's ``seed`` and ``measure_samples``, so that
             0 steps measure as the single pass does. A config that is given is used as it is (``OptimizerConfig()``
             is the paper's 2000 steps at lr 1e-3): :func:`refine_config` turns an exact optimizer's config into
@@ -539,6 +552,7 @@ class WarmStartExplainer:
                 schedule="refine",
                 distortion=meta["distortion"],
                 obfuscation=meta["obfuscation"],
+                link=amortized.objective.link,
                 seed=amortized.seed,
                 measure_samples=amortized.measure_samples,
             )
@@ -546,7 +560,7 @@ class WarmStartExplainer:
         if not is_integer(refine_steps) or refine_steps < 0:
             raise ConfigError(f"refine_steps must be an integer of at least 0, got {refine_steps!r}")
         amortized.check_compatible(
-            l1_lambda=config.l1_lambda, distortion=config.distortion, obfuscation=config.obfuscation
+            l1_lambda=config.l1_lambda, distortion=config.distortion, obfuscation=config.obfuscation, link=config.link
         )
         config = dataclasses.replace(config, l1_lambda=float(amortized.meta["l1_lambda"]), steps=refine_steps)
         self.amortized = amortized

@@ -24,6 +24,7 @@ from .errors import ConfigError, InputError, one_line
 from .feature_taps import check_taps
 from .images import MAX_SIZE as MAX_IMAGE_SIZE
 from .mask_predictor import MaskPredictor, MaskPredictorConfig
+from .rde import LINKS
 from .runtime import module_device
 
 #: Version of the ``checkpoint["cartoonx"]`` settings dict. 2: the network is ``mask_predictor`` (was ``explainer``).
@@ -43,6 +44,8 @@ LEGACY_STATE_PREFIX = "explainer."
 #: Network settings added after checkpoints were first written, with the value a file without them means (the
 #: network it was trained as), so an older file never picks up a newer default.
 ADDED_NETWORK_SETTINGS = {"coefficient_input": False, "aligned_upsampling": False}
+#: Loss settings added later, likewise: every earlier explainer was trained with the softmax link.
+ADDED_SETTINGS = {"link": "softmax"}
 
 #: Sanity caps on what a checkpoint may ask the reader to allocate (a hand-edited file must not ask for 180 GB).
 MAX_NUM_CLASSES = 100_000
@@ -113,7 +116,7 @@ def read_checkpoint(path: str | Path) -> LoadedCheckpoint:
             f"{', '.join(map(str, READABLE_FORMATS))} (a newer file needs a newer amortized-cartoonx)"
         )
     key, prefix = (NETWORK_KEY, STATE_PREFIX) if version >= 2 else (LEGACY_NETWORK_KEY, LEGACY_STATE_PREFIX)
-    meta = {NETWORK_KEY if k == key else k: v for k, v in meta.items()}
+    meta = {**ADDED_SETTINGS, **{NETWORK_KEY if k == key else k: v for k, v in meta.items()}}
     if isinstance(meta.get(NETWORK_KEY), dict):
         meta[NETWORK_KEY] = {**ADDED_NETWORK_SETTINGS, **meta[NETWORK_KEY]}
     _check_settings(path, meta)
@@ -178,6 +181,8 @@ def _check_settings(path: Path, meta: dict) -> None:
         raise InputError(f"{path}: levels {meta['levels']} is outside 1..{MAX_LEVELS}")
     if not math.isfinite(meta["l1_lambda"]) or meta["l1_lambda"] < 0:
         raise InputError(f"{path}: l1_lambda {meta['l1_lambda']} is not a finite number >= 0")
+    if meta["link"] not in LINKS:
+        raise InputError(f"{path}: link {meta['link']!r:.40} is not one of {', '.join(LINKS)}")
     network = meta.get(NETWORK_KEY)
     if not isinstance(network, dict):
         raise InputError(f"{path}: the checkpoint's settings lack the network's config ({NETWORK_KEY!r})")

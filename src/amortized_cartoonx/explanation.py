@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .errors import InputError, NonFiniteError
 from .io import atomic_write
-from .rde import RDEObjective, RDEProblem, first_non_finite, make_generators, rde_loss, target_prob
+from .rde import RDEObjective, RDEProblem, first_non_finite, make_generators, rde_loss
 from .seeding import Stream, stream_seeds
 from .wavelets import Coefficients, grey, image_slice
 
@@ -229,7 +229,7 @@ def measure_mask(
     generators = make_generators(stream_seeds(seeds, Stream.MEASURE), problem.images.device)
     noise = objective.sample_noise(problem, num_samples, generators)
     logits_y = objective.obfuscated_logits(problem, mask, noise)  # (N, L, K)
-    loss = rde_loss(objective.distortion_fn(problem.logits, logits_y, problem.target), mask, objective.l1_lambda)
+    loss = rde_loss(objective.distortion_of(problem, logits_y), mask, objective.l1_lambda)
     bad = first_non_finite(loss.total)
     if bad is not None:  # no NaN passes as a result
         raise NonFiniteError(
@@ -245,6 +245,6 @@ def measure_mask(
         "loss": loss.total,
         "prob_original": problem.prob_original(),
         "prob_masked": objective.masked_target_prob(problem, mask),
-        "prob_obfuscated": target_prob(logits_y, problem.target).mean(1),
+        "prob_obfuscated": objective.target_prob(problem, logits_y).mean(1),
         "image": image,
     }

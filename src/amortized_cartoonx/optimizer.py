@@ -36,6 +36,7 @@ from .rde import (
     OBFUSCATIONS,
     RDEObjective,
     RDEProblem,
+    check_link,
     first_non_finite,
     make_generators,
 )
@@ -54,7 +55,7 @@ from .wavelets import (
 #: Settings added to :class:`OptimizerConfig` after results were first stored (teacher manifests, evaluation and
 #: benchmark caches), with the value every earlier result was computed with. Comparisons and cache keys leave a
 #: setting out at this value (:func:`without_later_defaults`), so older stores and caches stay valid.
-LATER_DEFAULTS: dict[str, object] = {"precision": "fp32", "final_samples": None}
+LATER_DEFAULTS: dict[str, object] = {"precision": "fp32", "final_samples": None, "link": "softmax"}
 
 
 def without_later_defaults(settings: object) -> object:
@@ -159,6 +160,9 @@ class OptimizerConfig:
             (20 for CartoonX, 4 for Pixel RDE).
         obfuscation: noise for the deleted coefficients. Default ``gaussian-adaptive``.
         distortion: distortion measure. Default ``label``.
+        link: how the classifier's outputs become probabilities: ``softmax`` (the paper's; one class per image)
+            or ``sigmoid`` (multi-label: each output its own label's logit; a binary classifier with a single
+            logit); :data:`~amortized_cartoonx.rde.LINKS`. Default ``softmax``.
         chunk_size: noise samples per forward/backward pass. Chunking bounds memory without changing the result
             (the gradients are accumulated). None (default): all L at once on a GPU, cache-sized chunks on a CPU
             (:func:`default_chunk`).
@@ -182,6 +186,7 @@ class OptimizerConfig:
     l1_lambda: float | None = None
     obfuscation: str = "gaussian-adaptive"
     distortion: str = "label"
+    link: str = "softmax"
     chunk_size: int | None = None
     stop_patience: int | None = None
     stop_tolerance: float = 1e-3
@@ -219,6 +224,7 @@ class OptimizerConfig:
         self._check_types()
         OBFUSCATIONS.get(self.obfuscation)
         DISTORTIONS.get(self.distortion)
+        check_link(self.link)
         if self.lr_decay not in LR_DECAYS:
             raise ConfigError(f"unknown lr_decay {self.lr_decay!r}; choose from: {', '.join(LR_DECAYS)}")
         if self.parametrisation not in PARAMETRISATIONS:
@@ -298,7 +304,7 @@ class RDEOptimizer:
         self.classifier = classifier
         self.representation = representation
         self.objective = RDEObjective(
-            classifier, representation, config.l1_lambda, config.obfuscation, config.distortion
+            classifier, representation, config.l1_lambda, config.obfuscation, config.distortion, config.link
         )
 
     def settings(self) -> dict:

@@ -6,7 +6,9 @@ One objective serves the exact optimizer, the amortized explainer's training and
     loss(s) = mean_l d(p(x), p(y_l)) + lambda * mean(s)
 
 per image, with ``h`` the coefficients of ``x`` in a :class:`~amortized_cartoonx.wavelets.Representation`
-``f`` and ``p = softmax(classifier(.))``. The formulas and defaults follow ``docs/algorithm.md`` in the repository.
+``f`` and ``p = softmax(classifier(.))`` (the paper's; ``link="sigmoid"``: ``p_k = sigmoid(z_k)``, one independent
+probability per label, for multi-label and single-logit binary classifiers). The formulas and defaults follow
+``docs/algorithm.md`` in the repository.
 
 Shapes: N images, L noise samples, K classes; coefficients as in :mod:`amortized_cartoonx.wavelets`.
 
@@ -29,6 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import CartoonXError, ClassifierError, ConfigError, InputError, is_real, one_line
@@ -215,40 +218,66 @@ def obfuscate(representation: Representation, coeffs: Coefficients, mask: Coeffi
 # Distortion
 # ---------------------------------------------------------------------------------------------------------
 
-#: ``distortion(logits_x (N, K), logits_y (N, L, K), target (N,)) -> (N, L)``.
-Distortion = Callable[[Tensor, Tensor, Tensor], Tensor]
+#: How logits become probabilities. ``softmax`` (the paper's): one class per image, ``p = softmax(z)``.
+#: ``sigmoid``: multi-label, each output its own label's logit, ``p_k = sigmoid(z_k)`` independently (a
+#: multi-label model, or a binary classifier with a single logit); ``l2`` then compares the vectors of label
+#: probabilities and ``kl`` sums the labels' Bernoulli divergences.
+LINKS = ("softmax", "sigmoid")
+DEFAULT_LINK = "softmax"
+
+#: ``distortion(logits_x (N, K), logits_y (N, L, K), target (N,), link) -> (N, L)``.
+Distortion = Callable[[Tensor, Tensor, Tensor, str], Tensor]
 DISTORTIONS: Registry[Distortion] = Registry("distortion")
 
 
-def target_prob(logits: Tensor, target: Tensor) -> Tensor:
+def check_link(link: object) -> str:
+    """``link`` if it is a name in :data:`LINKS`; else a :class:`ConfigError` naming the choices."""
+    if link not in LINKS:
+        raise ConfigError(f"unknown link {link!r}; choose from: {', '.join(LINKS)}")
+    return link
+
+
+def probabilities(logits: Tensor, link: str = DEFAULT_LINK) -> Tensor:
+    """``p`` of the same shape as ``logits (..., K)``: the softmax over the last dimension, or each entry's sigmoid."""
+    return logits.softmax(-1) if link == "softmax" else logits.sigmoid()
+
+
+def target_prob(logits: Tensor, target: Tensor, link: str = DEFAULT_LINK) -> Tensor:
     """``p_c`` for logits ``(N, K)`` or ``(N, L, K)`` and ``target (N,)``: ``(N,)`` or ``(N, L)``."""
-    probs = logits.softmax(-1)
     index = target.reshape(-1, *([1] * (logits.ndim - 1)))
     index = index.expand(*logits.shape[:-1], 1)
-    return probs.gather(-1, index).squeeze(-1)
+    if link == "sigmoid":  # only the target's logit matters: no sigmoid of the other labels
+        return logits.gather(-1, index).squeeze(-1).sigmoid()
+    return logits.softmax(-1).gather(-1, index).squeeze(-1)
 
 
 @DISTORTIONS.register("label")
-def label_distortion(logits_x: Tensor, logits_y: Tensor, target: Tensor) -> Tensor:
+def label_distortion(logits_x: Tensor, logits_y: Tensor, target: Tensor, link: str = DEFAULT_LINK) -> Tensor:
     """``(p_c(x) - p_c(y))^2`` (the default)."""
-    return (target_prob(logits_x, target).unsqueeze(1) - target_prob(logits_y, target)) ** 2
+    return (target_prob(logits_x, target, link).unsqueeze(1) - target_prob(logits_y, target, link)) ** 2
 
 
 @DISTORTIONS.register("maximize-target")
-def maximize_target_distortion(logits_x: Tensor, logits_y: Tensor, target: Tensor) -> Tensor:
+def maximize_target_distortion(logits_x: Tensor, logits_y: Tensor, target: Tensor, link: str = DEFAULT_LINK) -> Tensor:
     """``(1 - p_c(y))^2``."""
-    return (1.0 - target_prob(logits_y, target)) ** 2
+    return (1.0 - target_prob(logits_y, target, link)) ** 2
 
 
 @DISTORTIONS.register("l2")
-def l2_distortion(logits_x: Tensor, logits_y: Tensor, target: Tensor) -> Tensor:
-    """``||p(x) - p(y)||_2`` over all classes (not squared; the Fig. 7 measure)."""
-    return (logits_x.softmax(-1).unsqueeze(1) - logits_y.softmax(-1)).norm(dim=-1)
+def l2_distortion(logits_x: Tensor, logits_y: Tensor, target: Tensor, link: str = DEFAULT_LINK) -> Tensor:
+    """``||p(x) - p(y)||_2`` over all classes (labels, with the sigmoid link); not squared: the Fig. 7 measure."""
+    return (probabilities(logits_x, link).unsqueeze(1) - probabilities(logits_y, link)).norm(dim=-1)
 
 
 @DISTORTIONS.register("kl")
-def kl_distortion(logits_x: Tensor, logits_y: Tensor, target: Tensor) -> Tensor:
-    """``KL(p(y) || p(x)) = sum_k p_k(y) (log p_k(y) - log p_k(x))``, from log-softmax."""
+def kl_distortion(logits_x: Tensor, logits_y: Tensor, target: Tensor, link: str = DEFAULT_LINK) -> Tensor:
+    """``KL(p(y) || p(x))``: ``sum_k p_k(y) (log p_k(y) - log p_k(x))`` from log-softmax; with the sigmoid link the
+    sum over labels of ``KL(Bernoulli(p_k(y)) || Bernoulli(p_k(x)))``, from log-sigmoids."""
+    if link == "sigmoid":
+        z_y, z_x = logits_y, logits_x.unsqueeze(1)
+        log_py, log_qy = F.logsigmoid(z_y), F.logsigmoid(-z_y)  # log p_k(y), log (1 - p_k(y))
+        kl = log_py.exp() * (log_py - F.logsigmoid(z_x)) + log_qy.exp() * (log_qy - F.logsigmoid(-z_x))
+        return kl.sum(-1)
     log_py = logits_y.log_softmax(-1)
     log_px = logits_x.log_softmax(-1).unsqueeze(1)
     return (log_py.exp() * (log_py - log_px)).sum(-1)
@@ -285,7 +314,8 @@ class RDEProblem:
         coeffs: their coefficients ``h``.
         stats: per-band noise statistics.
         logits: ``(N, K)`` the classifier's logits on the images (no gradient).
-        target: ``(N,)`` the class each image is explained for.
+        target: ``(N,)`` the class (label) each image is explained for.
+        link: how the logits become probabilities (:data:`LINKS`). Default ``softmax``.
     """
 
     images: Tensor
@@ -293,6 +323,7 @@ class RDEProblem:
     stats: NoiseStatistics
     logits: Tensor
     target: Tensor
+    link: str = DEFAULT_LINK
 
     @property
     def num_classes(self) -> int:
@@ -300,7 +331,7 @@ class RDEProblem:
 
     def prob_original(self) -> Tensor:
         """``(N,)``: the probability of the target on the original images."""
-        return target_prob(self.logits, self.target)
+        return target_prob(self.logits, self.target, self.link)
 
 
 class RDEObjective:
@@ -312,6 +343,8 @@ class RDEObjective:
         l1_lambda: weight of the mean of the mask. Default 20 (CartoonX; 4 is Pixel RDE's).
         obfuscation: a name in :data:`OBFUSCATIONS`. Default ``gaussian-adaptive``.
         distortion: a name in :data:`DISTORTIONS`. Default ``label``.
+        link: ``softmax`` (the paper's; one class per image) or ``sigmoid`` (multi-label: each output is its own
+            label's logit, e.g. a binary classifier with one logit); :data:`LINKS`. Default ``softmax``.
     """
 
     def __init__(
@@ -321,6 +354,7 @@ class RDEObjective:
         l1_lambda: float = DEFAULT_LAMBDA["cartoonx"],
         obfuscation: str = "gaussian-adaptive",
         distortion: str = "label",
+        link: str = DEFAULT_LINK,
     ) -> None:
         if not is_real(l1_lambda) or not 0 <= l1_lambda < math.inf:
             raise ConfigError(f"l1_lambda must be a finite number of at least 0, got {l1_lambda!r}")
@@ -331,6 +365,7 @@ class RDEObjective:
         self.distortion = distortion
         self.sample_noise_fn = OBFUSCATIONS.get(obfuscation)
         self.distortion_fn = DISTORTIONS.get(distortion)
+        self.link = check_link(link)
 
     def describe(self) -> dict:
         """The settings, for manifests and checkpoints."""
@@ -339,6 +374,7 @@ class RDEObjective:
             "l1_lambda": self.l1_lambda,
             "obfuscation": self.obfuscation,
             "distortion": self.distortion,
+            "link": self.link,
         }
 
     @torch.no_grad()
@@ -351,12 +387,12 @@ class RDEObjective:
         check_images(images)
         warn_outside_unit_range(images)
         images = images.detach()  # the problem's own: no step's gradient reaches the caller's tensor
-        logits = at_least_float32(original_logits(self.classifier, images))
+        logits = at_least_float32(original_logits(self.classifier, images, self.link))
         target = resolve_target(target, logits)
         with full_precision(images.device):
             coeffs = self.representation.encode(at_least_float32(images))
             stats = band_statistics(coeffs)
-        return RDEProblem(images=images, coeffs=coeffs, stats=stats, logits=logits, target=target)
+        return RDEProblem(images=images, coeffs=coeffs, stats=stats, logits=logits, target=target, link=self.link)
 
     def sample_noise(
         self, problem: RDEProblem, num_samples: int, generators: Sequence[torch.Generator]
@@ -388,7 +424,15 @@ class RDEObjective:
 
     def distortions(self, problem: RDEProblem, mask: Coefficients, noise: Coefficients) -> Tensor:
         """``(N, L)``: the distortion of every obfuscation (with gradient w.r.t. ``mask``)."""
-        return self.distortion_fn(problem.logits, self.obfuscated_logits(problem, mask, noise), problem.target)
+        return self.distortion_of(problem, self.obfuscated_logits(problem, mask, noise))
+
+    def distortion_of(self, problem: RDEProblem, logits_y: Tensor) -> Tensor:
+        """``(N, L)``: the distortion of obfuscations whose logits are ``logits_y: (N, L, K)``."""
+        return self.distortion_fn(problem.logits, logits_y, problem.target, self.link)
+
+    def target_prob(self, problem: RDEProblem, logits: Tensor) -> Tensor:
+        """``(N,)`` or ``(N, L)``: the probability of each image's target under ``logits (N, [L,] K)``."""
+        return target_prob(logits, problem.target, self.link)
 
     def loss(self, problem: RDEProblem, mask: Coefficients, noise: Coefficients) -> RDELoss:
         """The RDE loss per image for ``mask`` under the noise samples ``noise``."""
@@ -399,7 +443,7 @@ class RDEObjective:
         """``(N,)``: the probability of the target on ``clamp(f(s * h))`` (no noise; decoded in float32)."""
         with full_precision(problem.coeffs.device):
             masked = self.representation.decode(_full(problem.coeffs) * _full(mask)).clamp(0.0, 1.0)
-        return target_prob(at_least_float32(classify(self.classifier, masked)), problem.target)
+        return self.target_prob(problem, at_least_float32(classify(self.classifier, masked)))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -474,8 +518,8 @@ def _autocast_on(device_type: str) -> bool:
         return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
-def original_logits(classifier: Callable[[Tensor], Tensor], images: Tensor) -> Tensor:
-    """The classifier's logits ``(N, K)`` on the original ``images``, checked (:func:`check_logits`).
+def original_logits(classifier: Callable[[Tensor], Tensor], images: Tensor, link: str = DEFAULT_LINK) -> Tensor:
+    """The classifier's logits ``(N, K)`` on the original ``images``, checked (:func:`check_logits`, for ``link``).
 
     The classifier gets a copy, so one that edits its input in place (``x.sub_(mean)``) leaves the caller's
     images, and the coefficients computed from them, as they were.
@@ -485,7 +529,7 @@ def original_logits(classifier: Callable[[Tensor], Tensor], images: Tensor) -> T
             names the images' shape, dtype and device) or returns something other than finite logits.
     """
     logits = classify_or_explain(classifier, images.clone())  # a copy: a classifier that edits its input in place
-    check_logits(logits, images.shape[0], classifier)
+    check_logits(logits, images.shape[0], classifier, link)
     return logits
 
 
@@ -528,10 +572,11 @@ def first_non_finite(values: Tensor) -> int | None:
     return int(bad[0, 0]) if len(bad) else None
 
 
-def check_logits(logits: Tensor, num_images: int, classifier: object = None) -> None:
+def check_logits(logits: Tensor, num_images: int, classifier: object = None, link: str = DEFAULT_LINK) -> None:
     """Reject classifier outputs that are not finite logits ``(N, K)`` (checked once, on the original images).
 
-    ``classifier`` (optional) names the culprit in the message (its ``spec`` when it has one).
+    ``classifier`` (optional) names the culprit in the message (its ``spec`` when it has one). With the softmax
+    link ``K`` must be at least 2; with the sigmoid link one logit (a binary classifier) is enough.
     """
     who = _classifier_name(classifier)
     if not isinstance(logits, Tensor) or logits.ndim != 2 or logits.shape[0] != num_images:
@@ -539,20 +584,27 @@ def check_logits(logits: Tensor, num_images: int, classifier: object = None) -> 
         raise ClassifierError(f"{who} returned {shape}; expected logits of shape (N, classes) = ({num_images}, K)")
     if not logits.is_floating_point():
         raise ClassifierError(f"{who} returned {logits.dtype} outputs; expected floating-point logits")
-    if logits.shape[1] < 2:
+    if logits.shape[1] < 1 or (logits.shape[1] < 2 and link == "softmax"):
         raise ClassifierError(
-            f"{who} returned one logit per image; every distortion compares softmax probabilities, which are always "
-            "1 for a single class: return one logit per class (for a binary classifier with logit z: "
-            "torch.cat([torch.zeros_like(z), z], dim=1), whose softmax is sigmoid(z); for a sigmoid output p, "
-            "z = torch.logit(p))"
+            f"{who} returned {logits.shape[1]} logits per image; the softmax link compares softmax probabilities, "
+            "which are always 1 for a single class: for a binary or multi-label classifier whose outputs are "
+            "sigmoid logits, use the sigmoid link (--link sigmoid; Python: link='sigmoid'); for a sigmoid output "
+            "p, return z = torch.logit(p)"
         )
     if not bool(torch.isfinite(logits).all()):
         raise ClassifierError(f"{who} returned NaN or infinite logits for the original images")
-    if logits.shape[1] > 1 and _look_like_probabilities(logits):
+    if link == "softmax" and logits.shape[1] > 1 and _look_like_probabilities(logits):
         warnings.warn(
             f"{who} seems to return probabilities (every row in [0, 1], summing to 1); the RDE loss takes the "
             "softmax of what it returns, and the softmax of probabilities is nearly flat, so the explanation "
             "barely depends on the image: return logits (drop the final softmax)",
+            stacklevel=2,
+        )
+    if link == "sigmoid" and logits.numel() >= 4 and bool(((logits >= 0) & (logits <= 1)).all()):
+        warnings.warn(
+            f"{who} seems to return probabilities (every output in [0, 1]); the sigmoid link takes the sigmoid of "
+            "what it returns, which is nearly flat on [0, 1], so the explanation barely depends on the image: "
+            "return logits (drop the final sigmoid, or torch.logit(p))",
             stacklevel=2,
         )
 

@@ -17,6 +17,7 @@ SCHEDULE_NAMES = ("paper", "fast", "refine")
 PARAMETRISATION_NAMES = ("clamp", "logit")
 PRECISION_NAMES = ("fp32", "bf16")
 DISTORTION_NAMES = ("label", "maximize-target", "l2", "kl")
+LINK_NAMES = ("softmax", "sigmoid")
 OBFUSCATION_NAMES = ("gaussian-adaptive", "zero", "uniform")
 CALIBRATION_NAMES = ("shift", "top-k")
 #: Defaults of ``--size`` and of the DWT options (mirrors of ``wavelets.DEFAULT_WAVE``, ``DEFAULT_LEVELS`` and
@@ -124,6 +125,14 @@ def add_rde_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--distortion", default="label", choices=DISTORTION_NAMES, help="default: label")
     group.add_argument(
+        "--link",
+        default=None,
+        choices=LINK_NAMES,
+        help="how the classifier's outputs become probabilities: softmax (one class per image; the default, or an "
+        "amortized checkpoint's) or sigmoid (multi-label, or a binary classifier with a single logit: each output "
+        "is its own label's logit)",
+    )
+    group.add_argument(
         "--obfuscation", default="gaussian-adaptive", choices=OBFUSCATION_NAMES, help="default: gaussian-adaptive"
     )
     # None: not given (fill_defaults uses a checkpoint's settings, or the defaults)
@@ -193,13 +202,14 @@ def add_progress_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def recorded_settings(checkpoint: str | None, classifier: str | None) -> tuple[dict, str]:
-    """``(settings, source)``: the image size and DWT a checkpoint was trained with (read without Lightning), or
-    the image size a synthetic classifier (``synthetic[:PATH]``) was trained at; ``({}, "")`` for neither."""
+    """``(settings, source)``: the image size, DWT and link a checkpoint was trained with (read without
+    Lightning), or the image size a synthetic classifier (``synthetic[:PATH]``) was trained at; ``({}, "")`` for
+    neither."""
     if checkpoint:
         from amortized_cartoonx.checkpoint import read_checkpoint
 
         meta = read_checkpoint(Path(checkpoint).expanduser()).meta
-        keys = {"size": "image_size", "wavelet": "wave", "levels": "levels", "mode": "mode"}
+        keys = {"size": "image_size", "wavelet": "wave", "levels": "levels", "mode": "mode", "link": "link"}
         return {option: meta[key] for option, key in keys.items()}, f"the checkpoint {Path(checkpoint).name}"
     if classifier and (classifier == "synthetic" or classifier.startswith("synthetic:")):
         from amortized_cartoonx.synthetic.classifier import read_metadata
@@ -215,7 +225,7 @@ def fill_defaults(args: argparse.Namespace, recorded: dict | None = None, source
     """Set ``--size`` and the DWT options the user did not give (None) to ``recorded`` settings (those of
     :func:`recorded_settings`), else to the defaults; logs the recorded ones used. Given values stay as given."""
     recorded = recorded or {}
-    defaults = {"size": DEFAULT_SIZE, **DWT_DEFAULTS}
+    defaults = {"size": DEFAULT_SIZE, **DWT_DEFAULTS, "link": "softmax"}
     taken = []
     for option, default in defaults.items():
         if not hasattr(args, option) or getattr(args, option) is not None:
@@ -268,6 +278,7 @@ def optimizer_config(args: argparse.Namespace, default_schedule: str = "paper"):
         l1_lambda=args.l1_lambda,
         obfuscation=args.obfuscation,
         distortion=args.distortion,
+        link=args.link or "softmax",
         chunk_size=args.chunk_size,
         seed=args.seed,
     ).validate()

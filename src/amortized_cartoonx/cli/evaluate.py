@@ -351,7 +351,7 @@ def run(args: argparse.Namespace) -> int:
     classifier = load_classifier(args.classifier, normalize=args.normalize, device=device)
     channels = resolve_channels(args.channels, classifier, args.size, device)
     if labels is not None:
-        check_class_names(labels, _num_classes(classifier, args.size, channels, device), args.labels)
+        check_class_names(labels, _num_classes(classifier, args.size, channels, device, args.link), args.labels)
     context = MethodContext(
         classifier=classifier,
         classifier_spec=args.classifier,
@@ -383,14 +383,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _num_classes(classifier, size: int, channels: int, device) -> int:
-    """The classifier's number of classes (its logits for one mid-grey image)."""
+def _num_classes(classifier, size: int, channels: int, device, link: str) -> int:
+    """The classifier's number of classes (its logits for one mid-grey image, checked for ``link``)."""
     import torch
 
     from amortized_cartoonx.rde import original_logits
 
     with torch.no_grad():
-        return original_logits(classifier, torch.full((1, channels, size, size), 0.5, device=device)).shape[-1]
+        probe = torch.full((1, channels, size, size), 0.5, device=device)
+        return original_logits(classifier, probe, link).shape[-1]
 
 
 def _table(summary: dict) -> str:

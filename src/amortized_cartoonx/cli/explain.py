@@ -200,6 +200,7 @@ def build_explainer(args: argparse.Namespace, classifier, device, channels: int 
         distortion=args.distortion,
         obfuscation=args.obfuscation,
         channels=channels,
+        link=args.link,
     )
     if args.method == "amortized":
         return amortized
@@ -207,7 +208,7 @@ def build_explainer(args: argparse.Namespace, classifier, device, channels: int 
     return WarmStartExplainer(amortized, refine_steps=args.refine_steps, config=config)
 
 
-def preflight(classifier, explainer, images, targets, device) -> int:
+def preflight(classifier, explainer, images, targets, device, link: str = "softmax") -> int:
     """Fail on what would fail later (classifier output, target range, image size) before any output, once per
     image shape (``images``: a list of ``(C, H, W)``); returns the classifier's number of classes."""
     import torch
@@ -219,7 +220,7 @@ def preflight(classifier, explainer, images, targets, device) -> int:
         for k, image in enumerate(firsts.values()):
             first = image[None].to(device)
             # two copies: a model traced or exported for batch size 1 fails here, not after the first outputs
-            logits = original_logits(classifier, first.repeat(2, 1, 1, 1))[:1]
+            logits = original_logits(classifier, first.repeat(2, 1, 1, 1), link)[:1]
             if targets is not None and k == 0:
                 resolve_target(targets, logits.expand(len(targets), -1))
             representation = getattr(explainer, "representation", None)
@@ -286,7 +287,7 @@ def run(args: argparse.Namespace) -> int:
     channels = resolve_channels(args.channels, classifier, args.size, device)
     images = [to_channels(x, channels) for x in images]
     explainer = build_explainer(args, classifier, device, channels)
-    check_class_names(labels, preflight(classifier, explainer, images, targets, device), args.labels)
+    check_class_names(labels, preflight(classifier, explainer, images, targets, device, args.link), args.labels)
 
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)  # what a killed run left half-written (hidden files, never read)

@@ -32,7 +32,7 @@ from torch import Tensor
 from ..classifiers import frozen
 from ..errors import ConfigError, is_integer, is_real
 from ..optimizer import SCHEDULES, OptimizerConfig
-from ..rde import as_input_of, check_images, original_logits, resolve_target
+from ..rde import DEFAULT_LINK, as_input_of, check_images, original_logits, resolve_target
 from ..registry import Registry
 from ..seeding import check_seeds
 from ..wavelets import Representation, WaveletRepresentation
@@ -83,7 +83,8 @@ class MethodContext:
             for the gradient baselines' hooks).
         classifier_spec: the spec it was loaded from (checked against an amortized checkpoint).
         image_size: side of the square images.
-        optimizer: the exact optimizer's settings (``l1_lambda`` None takes each method's default).
+        optimizer: the exact optimizer's settings (``l1_lambda`` None takes each method's default). Its ``link``
+            is the whole run's: every method and the measure read the classifier's outputs through it.
         wave, levels, mode: the DWT of the wavelet methods.
         checkpoint: the amortized explainer's checkpoint (``amortized``, ``warm``).
         refine_steps: optimizer steps after the amortized mask (``warm``); None: the ``refine`` schedule's.
@@ -144,12 +145,16 @@ class EvaluationMethod:
         kind: :data:`MASK` or :data:`ATTRIBUTION` (decides the pixel map used for ground truth and display).
         representation: where the ranked positions live.
         progress: show the method's own progress bar (optimizer steps), where it has one.
+        link: how the classifier's outputs become probabilities (the run's, set by
+            :func:`~.methods.build_methods`); a method without an explainer of its own reads its default target
+            through it.
     """
 
     name: str = ""
     kind: str = MASK
     representation: Representation
     progress: bool = False
+    link: str = DEFAULT_LINK
 
     def settings(self) -> dict:
         """Every setting that changes this method's result (hashed into the cache key)."""
@@ -179,13 +184,16 @@ class EvaluationMethod:
         raise NotImplementedError
 
 
-def explained_target(classifier: Callable[[Tensor], Tensor], images: Tensor, target: Tensor | None) -> Tensor:
+def explained_target(
+    classifier: Callable[[Tensor], Tensor], images: Tensor, target: Tensor | None, link: str = DEFAULT_LINK
+) -> Tensor:
     """``(N,)``: ``target`` (one class for all or one per image, checked against the classifier's classes, as
     the explainers check it: :func:`~amortized_cartoonx.rde.resolve_target`) or, by default, the class the
-    classifier predicts, in eval mode (:func:`~amortized_cartoonx.classifiers.frozen`: a model left in train mode
-    would predict with batch statistics and update them)."""
+    classifier predicts (the label with the largest logit, with the sigmoid ``link``), in eval mode
+    (:func:`~amortized_cartoonx.classifiers.frozen`: a model left in train mode would predict with batch
+    statistics and update them)."""
     with torch.no_grad(), frozen(classifier):
-        return resolve_target(target, original_logits(classifier, images))
+        return resolve_target(target, original_logits(classifier, images, link))
 
 
 #: name -> ``factory(context) -> EvaluationMethod``; filled by :mod:`.mask_methods` and :mod:`.baselines`.

@@ -97,7 +97,7 @@ class GradientMethod(EvaluationMethod):
         start = time.perf_counter()
         with frozen(self.classifier), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # captum's notes on hooks and input gradients
-            target = explained_target(self.classifier, images, target)
+            target = explained_target(self.classifier, images, target, self.link)
             inputs = images.detach().clone().requires_grad_(True)
             attr = self._attribute(inputs, target, seeds).detach()
         relevance = attr.abs().sum(1).flatten(1)  # (N, H * W)
@@ -276,7 +276,7 @@ class RandomOrdering(EvaluationMethod):
 
     def _compute(self, images: Tensor, target: Tensor | None, seeds: list[int]) -> Attribution:
         start = time.perf_counter()
-        target = explained_target(self.classifier, images, target)
+        target = explained_target(self.classifier, images, target, self.link)
         num_positions = self.representation.encode(images[:1]).numel_per_channel()
         scores = []
         for seed in stream_seeds(seeds, Stream.RANDOM_ORDER):  # on the CPU: the same on every device

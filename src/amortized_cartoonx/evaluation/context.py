@@ -18,7 +18,7 @@ from torch import Tensor
 from ..classifiers import classifier_identity
 from ..errors import InputError
 from ..images import list_images, load_images, to_channels
-from ..rde import RDEObjective
+from ..rde import DEFAULT_LINK, RDEObjective
 from ..seeding import item_seed
 from ..wavelets import Representation
 from .cache import CachedMap, R, ResultCache, Store, cached_map
@@ -67,11 +67,11 @@ class ImageSet:
         return to_channels(images, self.channels).to(self.device)
 
 
-def cache_identity(spec: str, classifier, channels: int = 3) -> dict:
+def cache_identity(spec: str, classifier, channels: int = 3, link: str = DEFAULT_LINK) -> dict:
     """What identifies the classifier in every cache key: its spec, a model file's SHA-256 and the digest of its
     weights (from :func:`~amortized_cartoonx.classifiers.classifier_identity`; a file's absolute path is left
     out, the content identifies it; ``synthetic`` or ``package.module:callable`` may load other weights after a
-    retraining), the input normalisation, and the channels when not RGB."""
+    retraining), the input normalisation, the channels when not RGB and the link when not softmax."""
     identity = classifier_identity(spec, classifier)
     out: dict = {"classifier": identity["classifier"]}
     if identity["classifier_sha256"]:
@@ -82,6 +82,8 @@ def cache_identity(spec: str, classifier, channels: int = 3) -> dict:
     out["normalization"] = list(normalization) if normalization else None
     if channels != 3:  # keyed only when greyscale: the keys of RGB runs stay those of earlier versions
         out["channels"] = channels
+    if link != DEFAULT_LINK:  # likewise: the keys of softmax runs stay those of earlier versions
+        out["link"] = link
     return out
 
 
@@ -95,6 +97,8 @@ class RunContext:
         config: the run's settings.
         cache: the per-image results (``ResultCache(None)`` caches nothing).
         identity: the classifier's part of every cache key (:func:`cache_identity`).
+        link: how the classifier's logits become probabilities (:data:`~amortized_cartoonx.rde.LINKS`), for the
+            measure as for the explainers. Default ``softmax``.
     """
 
     classifier: Callable[[Tensor], Tensor]
@@ -102,6 +106,7 @@ class RunContext:
     config: EvaluationConfig
     cache: ResultCache
     identity: dict
+    link: str = DEFAULT_LINK
 
     @property
     def device(self) -> torch.device:
@@ -118,7 +123,9 @@ class RunContext:
 
     def objective(self, representation: Representation) -> RDEObjective:
         """The evaluation's measure in ``representation``: its obfuscation and distortion, no sparsity term."""
-        return RDEObjective(self.classifier, representation, 0.0, self.config.obfuscation, self.config.distortion)
+        return RDEObjective(
+            self.classifier, representation, 0.0, self.config.obfuscation, self.config.distortion, self.link
+        )
 
     def cached(
         self, store: Store[R], compute: Callable[[list[int]], Sequence[R]], desc: str, count: int | None = None

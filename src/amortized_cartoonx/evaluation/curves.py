@@ -153,6 +153,7 @@ def _repeat_problem(problem: RDEProblem, times: int) -> RDEProblem:
         stats=problem.stats,  # not used by distortions()
         logits=rep(problem.logits),
         target=rep(problem.target),
+        link=problem.link,
     )
 
 

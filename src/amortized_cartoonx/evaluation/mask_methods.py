@@ -72,7 +72,7 @@ class AmortizedMethod(MaskMethod):
 
     def _compute(self, images: Tensor, target: Tensor | None, seeds: list[int]) -> Attribution:
         start = time.perf_counter()
-        target = explained_target(self.explainer.classifier, images, target)
+        target = explained_target(self.explainer.classifier, images, target, self.explainer.objective.link)
         self.explainer.predict_mask(images, target)
         synchronize(images.device)
         seconds = time.perf_counter() - start
@@ -123,6 +123,7 @@ def load_amortized(ctx: MethodContext) -> AmortizedExplainer:
         levels=ctx.levels,
         mode=ctx.mode,
         channels=ctx.channels,
+        link=ctx.optimizer.link,
     )
     return amortized
 

@@ -38,6 +38,7 @@ def build_methods(names: Sequence[str], ctx: MethodContext) -> tuple[dict[str, E
     for name in names:
         try:
             methods[name] = METHODS.get(name)(ctx)
+            methods[name].link = ctx.optimizer.link
         except MethodUnavailable as exc:
             skipped[name] = str(exc)
     return methods, skipped

@@ -495,7 +495,7 @@ def report_markdown(results: EvaluationResults, summary_data: dict, figures: lis
         f"| rates | {len(results.rates)} on [0, 1]: {', '.join(f'{r:g}' for r in results.rates)} |",
         f"| noise draws per rate | {ev['noise_draws']} ({ev['obfuscation']}, the same draws for every method "
         "of a representation) |",
-        f"| distortion | `{ev['distortion']}` (of the softmax probabilities) |",
+        f"| distortion | `{ev['distortion']}` (of the {opt.get('link', 'softmax')} probabilities) |",
         f"| early areas | over r in [0, {ev['early_rate']}] |",
         f"| exact optimizer (cartoonx, pixel-rde) | schedule `{opt.get('schedule', 'paper')}`: {opt['steps']} steps, "
         f"{opt['num_samples']} samples, lr {opt['lr']} ({opt.get('lr_decay', 'constant')}), "

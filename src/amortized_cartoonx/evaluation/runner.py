@@ -107,9 +107,10 @@ class Evaluation:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.cache.root is not None and remove_stale_temporaries(self.cache.root, recursive=True):
             logger.info("removed unfinished cache files of a killed run in %s", self.cache.root)
-        identity = cache_identity(self.context.classifier_spec, self.classifier, self.context.channels)
+        link = self.context.optimizer.link
+        identity = cache_identity(self.context.classifier_spec, self.classifier, self.context.channels, link)
         cache = self.cache.with_contents(images.contents()) if self.cache.root is not None else self.cache
-        return RunContext(self.classifier, images, self.config, cache, identity), methods, skipped
+        return RunContext(self.classifier, images, self.config, cache, identity, link), methods, skipped
 
     def _measure(self, run: RunContext, methods: dict) -> tuple[dict, dict, LambdaPanel]:
         """The cached phases: every method's explanations and curves, then panel (c) (of the shard's images only

@@ -59,6 +59,7 @@ MANIFEST_TYPES: dict[str, tuple[type, ...]] = {
     "seeding": _STR,
     "obfuscation": _STR,
     "distortion": _STR,
+    "link": _STR,
     "size": _INT,
     "levels": _INT,
     "levels_requested": _INT,

@@ -45,6 +45,7 @@ RESULT_FIELDS = (
     "l1_lambda",
     "obfuscation",
     "distortion",
+    "link",
     "stop_patience",
     "stop_tolerance",
     "measure_samples",

@@ -55,7 +55,8 @@ def check_teachers(manifest: dict, settings: dict, mask_length: int) -> None:
         mask_length: K, the mask entries per training image.
 
     Raises:
-        ConfigError: another classifier, input normalisation, image size, wavelet, padding, J or mask length.
+        ConfigError: another classifier, input normalisation, image size, wavelet, padding, J, mask length or
+            link (a manifest without one: softmax).
     """
     problems = []
     recorded, ours = manifest.get("classifier_weights_sha256"), settings.get("classifier_weights_sha256")
@@ -74,6 +75,9 @@ def check_teachers(manifest: dict, settings: dict, mask_length: int) -> None:
     ):
         if key in manifest and manifest[key] != ours:
             problems.append(f"{key} {manifest[key]!r} (training: {ours!r})")
+    recorded, ours = manifest.get("link", "softmax"), settings.get("link", "softmax")
+    if recorded != ours:  # another link is another problem: its masks explain other probabilities
+        problems.append(f"link {recorded!r} (training: {ours!r})")
     if problems:
         raise ConfigError("the teacher masks do not fit this training run: " + "; ".join(problems))
     for key in ("l1_lambda", "distortion", "obfuscation"):

@@ -40,7 +40,15 @@ from ..evaluation.agreement import mask_agreement
 from ..images import to_channels
 from ..mask_logits import logits_to_mask, sigmoid_for_mask
 from ..mask_predictor import MaskPredictor, MaskPredictorConfig, describe_size
-from ..rde import DISTORTIONS, OBFUSCATIONS, RDEObjective, RDEProblem, make_generators, original_logits
+from ..rde import (
+    DISTORTIONS,
+    OBFUSCATIONS,
+    RDEObjective,
+    RDEProblem,
+    check_link,
+    make_generators,
+    original_logits,
+)
 from ..seeding import Stream, step_seeds
 from ..wavelets import Coefficients, WaveletRepresentation, grey
 from .data import MaskPredictorDataModule, check_teachers
@@ -125,6 +133,8 @@ class AmortizedCartoonXModule(pl.LightningModule):
         wave, levels, mode: the DWT (db3, J=5, zero: the paper's). J is capped for small images.
         l1_lambda: the sparsity weight of the RDE loss. Default 20 (the paper's CartoonX default).
         distortion, obfuscation: names in :data:`~amortized_cartoonx.rde.DISTORTIONS` / ``OBFUSCATIONS``.
+        link: ``softmax`` (the paper's; one class per image) or ``sigmoid`` (a multi-label classifier, or a
+            binary one with a single logit; :data:`~amortized_cartoonx.rde.LINKS`). Default ``softmax``.
         num_samples: noise samples L per image and training step. Default 16.
         val_samples: L for validation (default: ``num_samples``).
         distill_weight: weight of the distillation term; 0 (default) trains with the RDE loss alone.
@@ -169,6 +179,7 @@ class AmortizedCartoonXModule(pl.LightningModule):
         l1_lambda: float = 20.0,
         distortion: str = "label",
         obfuscation: str = "gaussian-adaptive",
+        link: str = "softmax",
         num_samples: int = 16,
         val_samples: int | None = None,
         distill_weight: float = 0.0,
@@ -188,6 +199,7 @@ class AmortizedCartoonXModule(pl.LightningModule):
             raise ConfigError(f"unknown distill_loss {distill_loss!r}; choose from: {', '.join(DISTILL_LOSSES)}")
         DISTORTIONS.get(distortion)
         OBFUSCATIONS.get(obfuscation)
+        check_link(link)
         for name, value in (("num_samples", num_samples), ("image_size", image_size)):
             if value < 1:
                 raise ConfigError(f"{name} must be at least 1, got {value}")
@@ -213,12 +225,12 @@ class AmortizedCartoonXModule(pl.LightningModule):
 
         self.classifier = load_classifier(classifier, normalize=normalize)
         self.representation = WaveletRepresentation(wave, levels, mode)
-        self.objective = RDEObjective(self.classifier, self.representation, l1_lambda, obfuscation, distortion)
+        self.objective = RDEObjective(self.classifier, self.representation, l1_lambda, obfuscation, distortion, link)
         # a single-channel classifier trains on the images' luma (the batches stay RGB; step() converts them)
         self.channels = input_channels(self.classifier, image_size)
         probe = torch.zeros(1, self.channels, image_size, image_size)
         with torch.no_grad():  # logits checked: a classifier that returns a tuple or NaN is one line, here
-            num_classes = int(original_logits(self.classifier, probe).shape[-1])
+            num_classes = int(original_logits(self.classifier, probe, link).shape[-1])
             self.mask_length = self.representation.encode(probe).numel_per_channel()
         self.levels_used = self.representation.levels_for(image_size, image_size)
         derived = {
@@ -534,6 +546,7 @@ class AmortizedCartoonXModule(pl.LightningModule):
             "l1_lambda": float(hp.l1_lambda),
             "distortion": hp.distortion,
             "obfuscation": hp.obfuscation,
+            "link": self.objective.link,
             "num_samples": int(hp.num_samples),
             "distill_weight": float(hp.distill_weight),
             NETWORK_KEY: self.mask_predictor.settings(),
