@@ -723,3 +723,17 @@ def test_the_writer_lock_leaves_other_ranks_and_lockless_filesystems_alone(tmp_p
     with pytest.warns(UserWarning, match="cannot lock .*No locks available"):
         with writer_lock(tmp_path):
             pass
+
+
+def test_a_folder_whose_first_run_failed_before_any_mask_takes_new_settings(tmp_path):
+    """A first run that failed at its first batch (a classifier refused, say) left its manifest and no masks:
+    the folder then refused every run with other settings, the corrected one included."""
+    images = make_folder(tmp_path / "images", 2)
+    out = tmp_path / "store"
+    generate_teacher_masks(images, tmp_path / "other", SPEC, **{**SETTINGS, "steps": 9}, **RUN, limit=1)
+    out.mkdir()
+    shutil.copy(tmp_path / "other" / "manifest.json", out)  # the manifest of steps 9, no shard
+    summary = generate_teacher_masks(images, out, SPEC, **SETTINGS, **RUN, limit=1)
+    assert summary.done == 1 and TeacherMaskStore(out).manifest["steps"] == SETTINGS["steps"]
+    with pytest.raises(ConfigError, match="steps"):  # with masks in it, other settings are refused again
+        generate_teacher_masks(images, out, SPEC, **{**SETTINGS, "steps": 9}, **RUN)

@@ -90,6 +90,11 @@ LOCK_NAME = ".writer.lock"
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
 
 
+def _first_process() -> bool:
+    """This is a job's first process (:data:`RANK_VARIABLES` all absent or 0)."""
+    return all(os.environ.get(name, "0") == "0" for name in RANK_VARIABLES)
+
+
 @contextmanager
 def writer_lock(folder: str | Path) -> Iterator[None]:
     """Hold the store's writer lock for the block: a second run into the same folder is refused at once.
@@ -106,7 +111,7 @@ def writer_lock(folder: str | Path) -> Iterator[None]:
     except ImportError:  # pragma: no cover - not on POSIX
         yield
         return
-    if any(os.environ.get(name, "0") != "0" for name in RANK_VARIABLES):
+    if not _first_process():
         yield
         return
     folder = Path(folder)
@@ -159,10 +164,14 @@ class TeacherMaskStore:
     @classmethod
     def create(cls, folder: str | Path, manifest: dict) -> TeacherMaskStore:
         """Open ``folder`` for writing with ``manifest``; refuse a folder made with other settings or written
-        in another format (format 1 seeded images by their position in the folder)."""
+        in another format (format 1 seeded images by their position in the folder). A folder with a manifest
+        but no masks (a first run that failed before its first shard) takes the new manifest: nothing in it
+        was made with the old settings."""
         folder = Path(folder)
         path = folder / MANIFEST
         manifest = {"format_version": FORMAT_VERSION, **manifest}
+        if path.is_file() and _first_process() and not any(folder.glob(SHARD_GLOB)):
+            path.unlink()  # no masks yet: nothing there was made with the old settings
         if path.is_file():
             old = read_manifest(path)
             if old["format_version"] != FORMAT_VERSION:
