@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from amortized_cartoonx.optimizer import OptimizerConfig
+from amortized_cartoonx.optimizer import CartoonX, OptimizerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "tests"
@@ -25,7 +25,7 @@ if str(TESTS) not in sys.path:  # the classifier spec conftest:make_tiny_cnn
 
 # Every Python example of the docs, and the test that runs it: a new example needs a test here.
 EXAMPLES = {
-    "README.md": 1,
+    "README.md": 2,
     "docs/amortized.md": 1,
     "docs/evaluation.md": 1,
     "docs/synthetic.md": 3,
@@ -65,6 +65,17 @@ def test_every_example_has_a_test():
         for doc in ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
     }
     assert {doc: n for doc, n in found.items() if n} == EXAMPLES
+
+
+def test_readme_multi_label_example():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    images = torch.rand(2, 3, 32, 32)
+    namespace = {"CartoonX": CartoonX, "multi_label_model": model, "images": images}
+    substitutions = {'link="sigmoid")': 'link="sigmoid", levels=2, steps=2, num_samples=2)'}
+    explanation = run_example("README.md", 1, substitutions, namespace)["explanation"]
+    assert explanation.target.tolist() == [3, 3]
+    with torch.no_grad():
+        assert torch.allclose(explanation.prob_original, model(images)[:, 3].sigmoid())
 
 
 def test_readme_example(tmp_path):
