@@ -316,7 +316,9 @@ def test_hook_methods_skip_an_exported_program_with_its_reason(tmp_path):
 
 
 def grad_cam_layer(model: nn.Module, size: int = SIZE) -> str:
-    return METHODS.get("grad-cam")(MethodContext(wrap_classifier(model), image_size=size)).settings()["layer"]
+    """The layer's name, with ``#k`` when its k-th run in a forward pass (k > 1) made the map."""
+    settings = METHODS.get("grad-cam")(MethodContext(wrap_classifier(model), image_size=size)).settings()
+    return settings["layer"] + (f"#{settings['call']}" if settings["call"] > 1 else "")
 
 
 def test_grad_cam_hooks_the_rectified_maps_not_the_last_convolution():
@@ -342,8 +344,8 @@ def test_grad_cam_hooks_the_rectified_maps_not_the_last_convolution():
 
 
 def test_grad_cam_hooks_a_resnets_last_stage_and_runs():
-    """On a ResNet the outermost module run once that outputs the last feature map is layer4 (its last block's
-    ReLU runs twice: captum could not hook it), not layer4.1.conv2 (before bn2, the residual add and the ReLU)."""
+    """On a ResNet the outermost module that outputs the last feature map is layer4, not layer4.1.conv2 (before
+    bn2, the residual add and the ReLU); the map is captum's LayerGradCam's on that layer."""
     from torchvision.models import resnet18
 
     torch.manual_seed(0)
@@ -355,6 +357,13 @@ def test_grad_cam_hooks_a_resnets_last_stage_and_runs():
     cam = method._attribute(inputs, torch.tensor([0, 2]), seeds=[1, 2]).detach()
     assert cam.shape == (2, 1, 64, 64) and bool((cam >= 0).all()) and bool(torch.isfinite(cam).all())
     assert float(cam.amax()) > 0  # a 2x2 map upsampled, not all zero
+    from captum.attr import LayerAttribution, LayerGradCam
+
+    reference = LayerGradCam(classifier, classifier.model.layer4).attribute(
+        images.clone().requires_grad_(True), target=torch.tensor([0, 2]), relu_attributions=True
+    )
+    reference = LayerAttribution.interpolate(reference, (64, 64), interpolate_mode="bilinear").detach()
+    assert torch.allclose(cam, reference, atol=1e-6, rtol=1e-5)
     attribution = method.attribute(images, seeds=[1, 2])
     assert attribution.relevance.shape == (2, 64 * 64) and bool((attribution.relevance >= 0).all())
 
@@ -387,9 +396,20 @@ class _SharedReLU(nn.Module):
         return self.head(self.relu(self.bn2(self.conv2(x))).mean(dim=(2, 3)))
 
 
-def test_grad_cam_layer_follows_execution_order_and_skips_modules_run_twice():
+def test_grad_cam_layer_follows_execution_order_and_hooks_a_shared_module_at_its_last_run():
     assert grad_cam_layer(_RegisteredOutOfOrder()) == "model.late"  # not model.early.0, the last registered Conv2d
-    assert grad_cam_layer(_SharedReLU()) == "model.bn2"  # the shared ReLU runs twice: the map before it
+    assert grad_cam_layer(_SharedReLU()) == "model.relu#2"  # the rectified maps, from the shared ReLU's second run
+    torch.manual_seed(0)
+    model = _SharedReLU().eval()
+    method = METHODS.get("grad-cam")(MethodContext(wrap_classifier(model), image_size=SIZE))
+    images = smooth_images(2)
+    cam = method._attribute(images.clone().requires_grad_(True), torch.tensor([1, 2]), seeds=[1, 2]).detach()
+    # by hand: the second ReLU's maps and the gradient of the target logits w.r.t. them
+    maps = torch.relu(model.bn2(model.conv2(torch.relu(model.bn1(model.conv1(images)))))).detach().requires_grad_()
+    logits = model.head(maps.mean(dim=(2, 3)))
+    (grads,) = torch.autograd.grad(logits[[0, 1], [1, 2]].sum(), maps)
+    expected = (grads.mean(dim=(2, 3), keepdim=True) * maps).sum(1, keepdim=True).clamp_min(0).detach()
+    assert torch.allclose(cam, expected, atol=1e-6)  # SIZE x SIZE maps: no upsampling
 
 
 def test_grad_cam_is_unavailable_without_a_feature_map_larger_than_one_pixel():

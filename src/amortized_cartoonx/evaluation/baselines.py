@@ -1,4 +1,4 @@
-"""Baselines of the evaluation: gradient attributions through captum, and random orderings.
+"""Baselines of the evaluation: gradient attributions (through captum, Grad-CAM our own), and random orderings.
 
 Importing this module registers their factories in :data:`~.attribution.METHODS`.
 
@@ -16,16 +16,18 @@ channels (Grad-CAM: its bilinearly upsampled, ReLU'd map). Settings follow the p
   MobileNets and EfficientNet-Lite). Temporary hooks on the rectifiers' outputs, removed after each call, so it
   needs a plain ``nn.Module`` with such modules; on a TorchScript model the hooks would be silently ignored, so
   the method is skipped there with a message.
-- ``grad-cam``: captum ``LayerGradCam`` on the model's last feature map, as Grad-CAM takes it (the rectified
-  maps of the last convolutional block, not a convolution's raw output before its BatchNorm and activation). The
-  layer is found by running the classifier once on a mid-grey image of the evaluated size and channels, with
-  forward hooks on every module (:func:`last_feature_layer`): the last module, in execution order (not
-  registration order), to output a 4-D map larger than 1x1, among those run once per forward pass (captum
-  cannot hook a module run twice, such as the ReLU a ResNet block reuses). A container and its last child
+- ``grad-cam``: Grad-CAM (Selvaraju et al.) on the model's last feature map, as Grad-CAM takes it (the
+  rectified maps of the last convolutional block, not a convolution's raw output before its BatchNorm and
+  activation): ``relu(sum_k w_k A_k)`` with ``w_k`` the spatial mean of the target logit's gradient w.r.t. map
+  ``A_k``, upsampled bilinearly. The layer is found by running the classifier once on a mid-grey image of the
+  evaluated size and channels, with forward hooks on every module (:func:`last_feature_layer`): the last output,
+  in execution order (not registration order), that is a 4-D map larger than 1x1. A container and its last child
   output the same tensor, and the container finishes last, so it is the one chosen: ``layer4`` for a ResNet,
-  ``features`` for a MobileNet or an ``nn.Sequential`` of conv blocks. Skipped for a model without an
-  ``nn.Conv2d`` or such a map, or one it cannot hook (TorchScript, torch.export). The layer's name is in the
-  method's settings (so in the cache key).
+  ``features`` for a MobileNet or an ``nn.Sequential`` of conv blocks. A module run more than once per forward
+  pass (EfficientNet-Lite's ``_swish``, applied to the stem and the head) is hooked at the call that made the map
+  (captum's ``LayerGradCam`` cannot do that, so the method is written here; it equals captum's where captum
+  runs). Skipped for a model without an ``nn.Conv2d`` or such a map, or one it cannot hook (TorchScript,
+  torch.export). The layer's name and call are in the method's settings (so in the cache key).
 - ``random-pixel``, ``random-wavelet``: a uniform random score per position, from the image's seed: the
   baseline ordering of each representation. They count as masks (the score is in [0, 1]).
 """
@@ -37,6 +39,7 @@ import warnings
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..classifiers import frozen
@@ -171,35 +174,49 @@ class GuidedBackpropMethod(GradientMethod):
 
 
 class GradCamMethod(GradientMethod):
-    def __init__(self, classifier, layer_name: str, layer: nn.Module) -> None:
-        super().__init__("grad-cam", classifier, {"layer": layer_name, "upsample": "bilinear"})
+    """Grad-CAM on the output of ``layer``'s ``call``-th run in a forward pass (1: the first)."""
+
+    def __init__(self, classifier, layer_name: str, layer: nn.Module, call: int = 1) -> None:
+        super().__init__("grad-cam", classifier, {"layer": layer_name, "call": call, "upsample": "bilinear"})
         self.layer = layer
+        self.call = call
 
     def _attribute(self, inputs: Tensor, target: Tensor, seeds: Sequence[int]) -> Tensor:
-        from captum.attr import LayerAttribution, LayerGradCam
-
-        cam = LayerGradCam(self.classifier, self.layer).attribute(inputs, target=target, relu_attributions=True)
-        cam = LayerAttribution.interpolate(cam, tuple(inputs.shape[-2:]), interpolate_mode="bilinear")
+        outputs: list[Tensor] = []
+        handle = self.layer.register_forward_hook(lambda module, args, output: outputs.append(output))
+        try:
+            with torch.enable_grad():
+                logits = self.classifier(inputs)
+        finally:
+            handle.remove()
+        if len(outputs) < self.call:
+            raise MethodUnavailable(
+                f"grad-cam's layer ran {len(outputs)} time(s) in this forward pass, not {self.call} as in the probe"
+            )
+        maps = outputs[self.call - 1]  # (N, C, h, w)
+        chosen = logits.gather(1, target.reshape(-1, 1).to(logits.device)).sum()
+        (grads,) = torch.autograd.grad(chosen, maps)
+        cam = (grads.mean(dim=(2, 3), keepdim=True) * maps).sum(1, keepdim=True).clamp_min(0.0)
+        cam = F.interpolate(cam, size=tuple(inputs.shape[-2:]), mode="bilinear", align_corners=False)
         return cam.clamp_min(0.0)  # (N, 1, H, W); bilinear interpolation of non-negative values stays >= 0
 
 
-def last_feature_layer(classifier: nn.Module, image_size: int, channels: int = 3) -> tuple[str, nn.Module]:
-    """The name and module of Grad-CAM's layer: the last module of ``classifier``, in execution order, whose output
-    is a 4-D feature map larger than 1x1, among the modules run exactly once per forward pass.
+def last_feature_layer(classifier: nn.Module, image_size: int, channels: int = 3) -> tuple[str, nn.Module, int]:
+    """Grad-CAM's layer: the name and module of ``classifier`` whose output, in execution order, is the last 4-D
+    feature map larger than 1x1, and which of its runs in a forward pass made it (1: the first).
 
     Found by one forward pass, without gradients and in eval mode (:func:`frozen`), of a mid-grey
     ``(1, channels, image_size, image_size)`` image, with a forward hook on every module (removed afterwards).
     Hooks fire when a module finishes, so of a container and its last child, which output the same tensor, the
-    container (``layer4`` rather than ``layer4.1`` or its final ReLU) comes last. A module run more than once
-    (a ResNet block's shared ReLU) cannot be hooked by captum, so a map only such a module outputs is passed over
-    for the one before it. The classifier itself is never chosen.
+    container (``layer4`` rather than ``layer4.1`` or its final ReLU) comes last. The classifier itself is never
+    chosen.
 
     Raises:
-        MethodUnavailable: the classifier fails on the probe image, or no module run once outputs such a map.
+        MethodUnavailable: the classifier fails on the probe image, or no module outputs such a map.
     """
     names = {module: name for name, module in classifier.named_modules() if module is not classifier}
     calls: dict[nn.Module, int] = {}
-    maps: list[nn.Module] = []  # the modules that output a feature map, in the order they finish
+    maps: list[tuple[nn.Module, int]] = []  # (module, its run) of each feature map, in the order they finish
 
     def record(module: nn.Module, _inputs, output) -> None:
         calls[module] = calls.get(module, 0) + 1
@@ -209,7 +226,7 @@ def last_feature_layer(classifier: nn.Module, image_size: int, channels: int = 3
             and output.is_floating_point()
             and output.shape[-2] * output.shape[-1] > 1
         ):
-            maps.append(module)
+            maps.append((module, calls[module]))
 
     probe = torch.full((1, channels, image_size, image_size), 0.5, device=module_device(classifier))
     handles = [module.register_forward_hook(record) for module in names]
@@ -221,13 +238,13 @@ def last_feature_layer(classifier: nn.Module, image_size: int, channels: int = 3
     finally:
         for handle in handles:
             handle.remove()
-    once = [module for module in maps if calls[module] == 1]
-    if not once:
+    if not maps:
         raise MethodUnavailable(
             f"grad-cam found no layer that outputs a feature map larger than 1x1 (N, C, H, W) on {channels}-channel "
-            f"{image_size}x{image_size} images and runs once per forward pass; skipped"
+            f"{image_size}x{image_size} images; skipped"
         )
-    return names[once[-1]], once[-1]
+    module, call = maps[-1]
+    return names[module], module, call
 
 
 @METHODS.register("integrated-gradients")
@@ -255,8 +272,8 @@ def _grad_cam(ctx: MethodContext) -> EvaluationMethod:
     problem = hook_problem(ctx.classifier, nn.Conv2d, "grad-cam")
     if problem:
         raise MethodUnavailable(problem)
-    name, layer = last_feature_layer(ctx.classifier, ctx.image_size, ctx.channels)
-    return GradCamMethod(ctx.classifier, name, layer)
+    name, layer, call = last_feature_layer(ctx.classifier, ctx.image_size, ctx.channels)
+    return GradCamMethod(ctx.classifier, name, layer, call)
 
 
 # ---------------------------------------------------------------------------------------------------------
