@@ -304,6 +304,7 @@ def run(args: argparse.Namespace) -> dict:
         l1_lambda=meta["l1_lambda"],
         distortion=meta["distortion"],
         obfuscation=meta["obfuscation"],
+        link=amortized.objective.link,  # the checkpoint's: the exact baseline and the refinement explain the same
         chunk_size=args.chunk_size,
         measure_samples=args.measure_samples,
         seed=args.seed,

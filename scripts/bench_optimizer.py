@@ -60,7 +60,13 @@ def paired_rounds(fns: dict, device: torch.device, repeats: int) -> dict[str, li
 
 
 def bare_pass(
-    classifier, batch: int, size: int, device: torch.device, precision: str = "fp32", per_pass: int | None = None
+    classifier,
+    batch: int,
+    size: int,
+    device: torch.device,
+    precision: str = "fp32",
+    per_pass: int | None = None,
+    link: str = "softmax",
 ):
     """A function that runs the classifier forward+backward on ``batch`` random images (gradient w.r.t. the input;
     the classifier under bf16 autocast for ``precision="bf16"``, as the optimizer runs it), in passes of at most
@@ -75,7 +81,8 @@ def bare_pass(
             x.grad = None
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 logits = classifier(x)
-            logits.float().softmax(-1)[:, 0].sum().backward()
+            probs = logits.float().softmax(-1) if link == "softmax" else logits.float().sigmoid()
+            probs[:, 0].sum().backward()
 
     return step
 
@@ -111,6 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=plain_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--classifier", required=True)
     p.add_argument("--method", default="cartoonx", choices=("cartoonx", "pixel-rde"))
+    p.add_argument(
+        "--link",
+        default="softmax",
+        choices=("softmax", "sigmoid"),
+        help="sigmoid: a multi-label or single-logit classifier",
+    )
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--batch", default="1,4", help="comma-separated B values")
     p.add_argument("--samples", default="16,64", help="comma-separated L values")
@@ -189,9 +202,11 @@ def bench(args: argparse.Namespace, batches: list[int], samples: list[int], prec
                 gen = torch.Generator().manual_seed(0)
                 images = torch.rand(b, 3, args.size, args.size, generator=gen).to(device)
                 cls = PixelRDE if args.method == "pixel-rde" else CartoonX
-                settings = dict(num_samples=L, measure_samples=1, precision=precision, chunk_size=args.chunk_size)
+                settings = dict(
+                    num_samples=L, measure_samples=1, precision=precision, chunk_size=args.chunk_size, link=args.link
+                )
                 chunk = args.chunk_size or default_chunk(L, images)  # the optimizer's samples per pass
-                bare_fn = bare_pass(classifier, b * L, args.size, device, precision, per_pass=b * chunk)
+                bare_fn = bare_pass(classifier, b * L, args.size, device, precision, per_pass=b * chunk, link=args.link)
                 steps, others = step_rounds(
                     cls(classifier, **settings), images, args.steps, args.warmup, args.repeats, {"bare": bare_fn}
                 )

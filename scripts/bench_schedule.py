@@ -174,6 +174,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--measure-samples", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--levels", type=int, default=5)
+    p.add_argument(
+        "--link",
+        default="softmax",
+        choices=("softmax", "sigmoid"),
+        help="sigmoid: a multi-label or single-logit classifier",
+    )
     p.add_argument("--paper-steps", type=int, default=2000)
     p.add_argument("--candidates", default="fast,constant-0.02,cosine-0.05,cosine-0.1,cosine-0.2")
     p.add_argument("--steps", default="25,50,100,200", help="step budgets of the candidates")
@@ -188,7 +194,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def bench(args: argparse.Namespace) -> int:
-    base = {"num_samples": args.samples, "measure_samples": args.measure_samples, "seed": args.seed}
+    base = {"num_samples": args.samples, "measure_samples": args.measure_samples, "seed": args.seed, "link": args.link}
     paper_config = OptimizerConfig(schedule="paper", steps=args.paper_steps, **base).validate()
     budgets = step_budgets(args.steps)
     configs = candidate_configs(args.candidates, budgets, base)  # all checked before anything runs

@@ -42,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=plain_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--classifier", required=True)
     p.add_argument("--method", default="cartoonx", choices=("cartoonx", "pixel-rde"))
+    p.add_argument(
+        "--link",
+        default="softmax",
+        choices=("softmax", "sigmoid"),
+        help="sigmoid: a multi-label or single-logit classifier",
+    )
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--samples", type=int, default=64)
@@ -77,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     cls = PixelRDE if args.method == "pixel-rde" else CartoonX
-    explainer = cls(classifier, num_samples=args.samples, measure_samples=1, precision=args.precision)
+    explainer = cls(classifier, num_samples=args.samples, measure_samples=1, precision=args.precision, link=args.link)
     first = seconds(lambda: explainer.explain(images, steps=2), device)
     short = min(seconds(lambda: explainer.explain(images, steps=2), device) for _ in range(2))
     long = min(seconds(lambda: explainer.explain(images, steps=2 + args.steps), device) for _ in range(2))
