@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -103,7 +104,7 @@ def test_one_logit_needs_the_sigmoid_link_and_an_unknown_link_is_named():
         check_logits(torch.randn(2, 1), 2)
     check_logits(torch.randn(2, 1), 2, link="sigmoid")
     with pytest.warns(UserWarning, match="every output in .0, 1."):
-        check_logits(torch.rand(4, 3), 4, link="sigmoid")
+        check_logits(torch.tensor([[0.01, 0.99], [0.97, 0.5], [0.2, 0.02], [0.6, 0.99]]), 4, link="sigmoid")
     with pytest.raises(ConfigError, match="unknown link 'logistic'; choose from: softmax, sigmoid"):
         OptimizerConfig(link="logistic").validate()
     with pytest.raises(ConfigError, match="unknown link"):
@@ -229,3 +230,38 @@ def test_a_checkpoint_without_a_link_reads_as_softmax_and_a_bad_link_is_refused(
     torch.save(checkpoint, tmp_path / "bad.ckpt")
     with pytest.raises(InputError, match="link 'probit' is not one of softmax, sigmoid"):
         read_checkpoint(tmp_path / "bad.ckpt")
+
+
+def test_the_evaluation_measures_the_explained_label_with_the_sigmoid_link():
+    """l2 over every label mostly measured the labels not explained: two masks, one keeping the target label's
+    evidence and one the other label's, were measured alike."""
+    from amortized_cartoonx.evaluation.config import EvaluationConfig
+
+    assert EvaluationConfig().for_link("softmax").distortion == "l2"  # Fig. 7's, as before
+    assert EvaluationConfig().for_link("sigmoid").distortion == "label-l2"
+    assert EvaluationConfig(distortion="kl").for_link("sigmoid").distortion == "kl"  # a choice stays
+    zx = torch.tensor([[4.0, 4.0, -3.0]])
+    own, other = torch.tensor([[[4.0, -2.0, -3.0]]]), torch.tensor([[[-2.0, 4.0, -3.0]]])  # label 0 kept / lost
+    measure = DISTORTIONS.get("label-l2")
+    assert float(measure(zx, own, torch.tensor([0]), "sigmoid")) < 1e-6
+    assert float(measure(zx, other, torch.tensor([0]), "sigmoid")) > 0.8  # sigmoid(4) - sigmoid(-2) = 0.86
+    l2 = DISTORTIONS.get("l2")
+    assert torch.allclose(l2(zx, own, torch.tensor([0]), "sigmoid"), l2(zx, other, torch.tensor([0]), "sigmoid"))
+
+
+def test_messages_for_single_logit_classifiers():
+    from amortized_cartoonx.cli.common import check_class_names
+    from amortized_cartoonx.errors import InputError
+    from amortized_cartoonx.rde import resolve_target
+
+    with pytest.raises(InputError, match=r"one output \(a single-logit classifier: target 0\)"):
+        resolve_target(1, torch.zeros(2, 1))
+    with pytest.raises(ConfigError, match="each output is one label"):  # ["negative", "positive"] for one logit
+        check_class_names(["negative", "positive"], 1, "labels.txt", link="sigmoid")
+    check_class_names(["positive"], 1, "labels.txt", link="sigmoid")
+    # weak logits all in [0, 1] are not taken for probabilities; saturated ones are
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_logits(torch.full((8, 1), 0.6), 8, link="sigmoid")
+    with pytest.warns(UserWarning, match="probabilities"):
+        check_logits(torch.tensor([[0.99], [0.01], [0.6], [0.7], [0.98], [0.5], [0.4], [0.3]]), 8, link="sigmoid")

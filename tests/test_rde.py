@@ -163,7 +163,7 @@ def test_distortion_values():
 
 
 def test_unknown_names_list_the_valid_ones():
-    with pytest.raises(ConfigError, match="choose from: label, maximize-target, l2, kl"):
+    with pytest.raises(ConfigError, match="choose from: label, maximize-target, l2, label-l2, kl"):
         DISTORTIONS.get("l3")
     with pytest.raises(ConfigError, match="unknown obfuscation"):
         RDEObjective(lambda x: x, PixelRepresentation(), obfuscation="blur")

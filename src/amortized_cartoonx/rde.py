@@ -269,6 +269,13 @@ def l2_distortion(logits_x: Tensor, logits_y: Tensor, target: Tensor, link: str 
     return (probabilities(logits_x, link).unsqueeze(1) - probabilities(logits_y, link)).norm(dim=-1)
 
 
+@DISTORTIONS.register("label-l2")
+def label_l2_distortion(logits_x: Tensor, logits_y: Tensor, target: Tensor, link: str = DEFAULT_LINK) -> Tensor:
+    """``|p_c(x) - p_c(y)|``: the ``l2`` measure restricted to the target; the evaluation's measure with the
+    sigmoid link, where ``l2`` over all labels would mostly measure the labels not explained."""
+    return (target_prob(logits_x, target, link).unsqueeze(1) - target_prob(logits_y, target, link)).abs()
+
+
 @DISTORTIONS.register("kl")
 def kl_distortion(logits_x: Tensor, logits_y: Tensor, target: Tensor, link: str = DEFAULT_LINK) -> Tensor:
     """``KL(p(y) || p(x))``: ``sum_k p_k(y) (log p_k(y) - log p_k(x))`` from log-softmax; with the sigmoid link the
@@ -584,12 +591,14 @@ def check_logits(logits: Tensor, num_images: int, classifier: object = None, lin
         raise ClassifierError(f"{who} returned {shape}; expected logits of shape (N, classes) = ({num_images}, K)")
     if not logits.is_floating_point():
         raise ClassifierError(f"{who} returned {logits.dtype} outputs; expected floating-point logits")
-    if logits.shape[1] < 1 or (logits.shape[1] < 2 and link == "softmax"):
+    if logits.shape[1] < 1:
+        raise ClassifierError(f"{who} returned no logits (shape {tuple(logits.shape)}); expected (N, classes)")
+    if logits.shape[1] < 2 and link == "softmax":
         raise ClassifierError(
-            f"{who} returned {logits.shape[1]} logits per image; the softmax link compares softmax probabilities, "
-            "which are always 1 for a single class: for a binary or multi-label classifier whose outputs are "
-            "sigmoid logits, use the sigmoid link (--link sigmoid; Python: link='sigmoid'); for a sigmoid output "
-            "p, return z = torch.logit(p)"
+            f"{who} returned one logit per image; the softmax link compares softmax probabilities, which are "
+            "always 1 for a single class: for a binary or multi-label classifier whose outputs are sigmoid "
+            "logits, use the sigmoid link (--link sigmoid; Python: link='sigmoid'); for a sigmoid output p, "
+            "return z = torch.logit(p)"
         )
     if not bool(torch.isfinite(logits).all()):
         raise ClassifierError(f"{who} returned NaN or infinite logits for the original images")
@@ -600,13 +609,22 @@ def check_logits(logits: Tensor, num_images: int, classifier: object = None, lin
             "barely depends on the image: return logits (drop the final softmax)",
             stacklevel=2,
         )
-    if link == "sigmoid" and logits.numel() >= 4 and bool(((logits >= 0) & (logits <= 1)).all()):
+    if link == "sigmoid" and _look_like_sigmoid_outputs(logits):
         warnings.warn(
             f"{who} seems to return probabilities (every output in [0, 1]); the sigmoid link takes the sigmoid of "
             "what it returns, which is nearly flat on [0, 1], so the explanation barely depends on the image: "
             "return logits (drop the final sigmoid, or torch.logit(p))",
             stacklevel=2,
         )
+
+
+def _look_like_sigmoid_outputs(logits: Tensor) -> bool:
+    """At least 8 outputs, all in [0, 1] and a quarter of them within 0.05 of 0 or 1: saturated probabilities.
+    (Weak logits all in [0, 1] are possible; logits that many near 0 and 1 and none outside are not.)"""
+    values = logits.detach().float()
+    if values.numel() < 8 or not bool(((values >= 0) & (values <= 1)).all()):
+        return False
+    return float(((values < 0.05) | (values > 0.95)).float().mean()) >= 0.25
 
 
 def _look_like_probabilities(logits: Tensor) -> bool:
@@ -637,7 +655,8 @@ def resolve_target(target: Tensor | Sequence[int] | int | None, logits: Tensor) 
     bad = (target < 0) | (target >= num_classes)
     if bad.any():
         raise InputError(
-            f"target class {int(target[bad][0])} is out of range: the classifier has {num_classes} classes"
+            f"target class {int(target[bad][0])} is out of range: the classifier has "
+            + (f"{num_classes} classes" if num_classes > 1 else "one output (a single-logit classifier: target 0)")
         )
     return target
 

@@ -16,7 +16,7 @@ from typing import NoReturn
 SCHEDULE_NAMES = ("paper", "fast", "refine")
 PARAMETRISATION_NAMES = ("clamp", "logit")
 PRECISION_NAMES = ("fp32", "bf16")
-DISTORTION_NAMES = ("label", "maximize-target", "l2", "kl")
+DISTORTION_NAMES = ("label", "maximize-target", "l2", "label-l2", "kl")
 LINK_NAMES = ("softmax", "sigmoid")
 OBFUSCATION_NAMES = ("gaussian-adaptive", "zero", "uniform")
 CALIBRATION_NAMES = ("shift", "top-k")
@@ -238,8 +238,17 @@ def fill_defaults(args: argparse.Namespace, recorded: dict | None = None, source
         logger.info("%s (from %s)", ", ".join(taken), source or "recorded settings")
 
 
-def check_class_names(labels: list[str] | None, num_classes: int, path: str | None) -> None:
-    """Warn (one line) when a ``--labels`` file names another number of classes than the classifier has."""
+def check_class_names(labels: list[str] | None, num_classes: int, path: str | None, link: str = "softmax") -> None:
+    """Warn (one line) when a ``--labels`` file names another number of classes than the classifier has; refuse it
+    with the sigmoid link, where each output is one label (a binary classifier's negative class has no output)."""
+    if labels is not None and len(labels) != num_classes and link == "sigmoid":
+        from amortized_cartoonx.errors import ConfigError
+
+        raise ConfigError(
+            f"--labels {path} names {len(labels)} labels, the classifier has {num_classes} outputs: with the sigmoid "
+            "link each output is one label, line k names output k (a single-logit classifier: one line, its "
+            "positive label)"
+        )
     if labels is not None and len(labels) != num_classes:
         logger.warning(
             "--labels %s names %d classes, the classifier has %d classes: the names may not fit the classes",

@@ -351,7 +351,9 @@ def run(args: argparse.Namespace) -> int:
     classifier = load_classifier(args.classifier, normalize=args.normalize, device=device)
     channels = resolve_channels(args.channels, classifier, args.size, device)
     if labels is not None:
-        check_class_names(labels, _num_classes(classifier, args.size, channels, device, args.link), args.labels)
+        check_class_names(
+            labels, _num_classes(classifier, args.size, channels, device, args.link), args.labels, args.link
+        )
     context = MethodContext(
         classifier=classifier,
         classifier_spec=args.classifier,

@@ -47,7 +47,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--target",
         default=None,
         help="class to explain: one index for all, or one per image separated by commas; with --labels also a "
-        "class name (a whole line of the file, or one of its comma-separated names) (default: the predicted class)",
+        "class name (a whole line of the file, or one of its comma-separated names) (default: the predicted class; "
+        "with --link sigmoid the label of the largest logit)",
     )
     add_size_arg(p)
     p.add_argument(
@@ -287,7 +288,9 @@ def run(args: argparse.Namespace) -> int:
     channels = resolve_channels(args.channels, classifier, args.size, device)
     images = [to_channels(x, channels) for x in images]
     explainer = build_explainer(args, classifier, device, channels)
-    check_class_names(labels, preflight(classifier, explainer, images, targets, device, args.link), args.labels)
+    check_class_names(
+        labels, preflight(classifier, explainer, images, targets, device, args.link), args.labels, args.link
+    )
 
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(out)  # what a killed run left half-written (hidden files, never read)

@@ -3,7 +3,7 @@ and of its sanity checks."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..errors import ConfigError, is_integer
 from ..ground_truth import DEFAULT_OUTLINE_RADIUS
@@ -50,7 +50,9 @@ class EvaluationConfig:
         noise_draws: noise draws per rate (averaged). Default 8.
         early_rate: the "early" areas integrate over [0, early_rate]. Default 0.2.
         seed: the global seed; image seeds are derived from it and the file names.
-        distortion: the evaluation's distortion. Default ``l2`` (Fig. 7's ``||p(x) - p(y)||_2``).
+        distortion: the evaluation's distortion. None (default): ``l2`` (Fig. 7's ``||p(x) - p(y)||_2``) for a
+            softmax classifier, ``label-l2`` (``|p_c(x) - p_c(y)|``, the explained label's) for the sigmoid link
+            (:meth:`for_link`; ``l2`` over all labels would mostly measure the labels not explained).
         obfuscation: the evaluation's noise. Default ``gaussian-adaptive`` (Fig. 7's).
         lambdas: panel (c) grid per method (``cartoonx``, ``pixel-rde``); empty to skip the panel.
         lambda_steps: optimizer steps of panel (c); None: the main optimizer's.
@@ -74,7 +76,7 @@ class EvaluationConfig:
     noise_draws: int = 8
     early_rate: float = 0.2
     seed: int = 0
-    distortion: str = "l2"
+    distortion: str | None = None
     obfuscation: str = "gaussian-adaptive"
     lambdas: dict[str, tuple[float, ...]] = field(default_factory=lambda: dict(DEFAULT_LAMBDAS))
     lambda_steps: int | None = None
@@ -86,6 +88,12 @@ class EvaluationConfig:
     progress: bool = True
     sanity: SanityConfig = field(default_factory=SanityConfig)
     shard: tuple[int, int] | None = None
+
+    def for_link(self, link: str) -> EvaluationConfig:
+        """This config with its distortion resolved for the classifier's ``link`` (see ``distortion``)."""
+        if self.distortion is not None:
+            return self
+        return replace(self, distortion="l2" if link == "softmax" else "label-l2")
 
     def validate(self) -> EvaluationConfig:
         if not self.methods:
@@ -117,7 +125,8 @@ class EvaluationConfig:
                 raise ConfigError(
                     "a shard's results go to the cache, where the report's run reads them: keep the cache on"
                 )
-        DISTORTIONS.get(self.distortion)
+        if self.distortion is not None:
+            DISTORTIONS.get(self.distortion)
         OBFUSCATIONS.get(self.obfuscation)
         for method, grid in self.lambdas.items():
             if method not in LAMBDA_METHODS:

@@ -187,6 +187,7 @@ DISTORTION_LABELS = {
     "l2": r"distortion $\|p(x) - p(y)\|_2$",
     "label": r"distortion $(p_c(x) - p_c(y))^2$",
     "maximize-target": r"distortion $(1 - p_c(y))^2$",
+    "label-l2": r"distortion $|p_c(x) - p_c(y)|$",
     "kl": r"distortion $\mathrm{KL}(p(y) \| p(x))$",
 }
 

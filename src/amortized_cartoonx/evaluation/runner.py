@@ -78,7 +78,7 @@ class Evaluation:
         self.classifier = classifier
         self.images_dir = Path(images_dir)
         self.out_dir = Path(out_dir)
-        self.config = config.validate()
+        self.config = config.for_link(context.optimizer.link).validate()
         self.context = context
         self.device = torch.device(device)
         self.class_names = class_names
