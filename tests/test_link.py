@@ -190,6 +190,20 @@ def test_fit_explain_and_evaluate_a_binary_single_logit_classifier(tmp_path, spe
     assert main([*fit, *split, *steps, "--model.link", "sigmoid"]) == 0, capsys.readouterr().err
     (checkpoint,) = (tmp_path / "checkpoints").rglob("last.ckpt")
     assert torch.load(checkpoint, weights_only=True)["cartoonx"]["link"] == "sigmoid"
+    # a resume names the checkpoint's link, as it names its classifier
+    resume = [
+        *fit,
+        *split,
+        "--trainer.max_steps",
+        "3",
+        "--trainer.val_check_interval",
+        "1",
+        "--ckpt_path",
+        str(checkpoint),
+    ]
+    assert main(resume) == 2
+    assert "was trained with the sigmoid link, but the config names 'softmax'" in capsys.readouterr().err
+    assert main([*resume, "--model.link", "sigmoid"]) == 0, capsys.readouterr().err
     common = ["--classifier", classifier, "--checkpoint", str(checkpoint), "--no-progress"]
     out = tmp_path / "warm"
     explain = ["explain", str(pictures / "p0.png"), "--out", str(out), "--method", "warm", *common]

@@ -129,7 +129,8 @@ def check_resume_checkpoint(config: object) -> None:
     from ..checkpoint import read_checkpoint
 
     # validated: a readable cartoonx checkpoint, tensors and plain values only
-    hparams = read_checkpoint(ckpt_path).hyper_parameters
+    loaded = read_checkpoint(ckpt_path)
+    hparams = loaded.hyper_parameters
     model = _option(config, "model")
     if "_class_path" in hparams:
         raise ConfigError(f"--ckpt_path {ckpt_path} names a model class; resuming takes the class cartoonx fit trains")
@@ -145,6 +146,12 @@ def check_resume_checkpoint(config: object) -> None:
                 f"--ckpt_path {ckpt_path} was trained with {name} {value!r}, but the config names {given[name]!r}: "
                 f"resume with the same {name} ({options[name]}; a checkpoint never chooses the code that is imported)"
             )
+    link = _option(model, "link") or "softmax"
+    if link != loaded.meta["link"]:  # the resumed run would train the checkpoint's loss under another name
+        raise ConfigError(
+            f"--ckpt_path {ckpt_path} was trained with the {loaded.meta['link']} link, but the config names "
+            f"{link!r}: resume with --model.link {loaded.meta['link']}"
+        )
 
 
 def check_trainer_limits(settings: dict) -> None:
