@@ -216,7 +216,8 @@ def test_fit_explain_and_evaluate_a_binary_single_logit_classifier(tmp_path, spe
     assert set(json.loads((tmp_path / "eval" / "summary.json").read_text())["methods"]) == set(methods.split(","))
     explain[explain.index(str(out))] = str(tmp_path / "softmax")
     assert main([*explain, "--link", "softmax"]) == 2
-    assert "the softmax link (trained with the sigmoid link: --link sigmoid)" in capsys.readouterr().err
+    needle = "the softmax link (trained with the sigmoid link: --link sigmoid; Python: link='sigmoid')"
+    assert needle in capsys.readouterr().err
 
 
 def test_teacher_masks_of_another_link_are_refused_and_old_manifests_are_softmax():

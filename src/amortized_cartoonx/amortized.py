@@ -348,7 +348,8 @@ class AmortizedExplainer:
             problems.append(f"obfuscation {obfuscation} (trained with {meta['obfuscation']})")
         if link is not None and link != self.objective.link:
             problems.append(
-                f"the {link} link (trained with the {self.objective.link} link: --link {self.objective.link})"
+                f"the {link} link (trained with the {self.objective.link} link: --link {self.objective.link}; "
+                f"Python: link={self.objective.link!r})"
             )
         if channels is not None and channels != self.channels:
             problems.append(
