@@ -37,7 +37,7 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 
 from amortized_cartoonx.allocator import tune_cpu_allocator  # noqa: E402
 from amortized_cartoonx.classifiers import load_classifier  # noqa: E402
-from amortized_cartoonx.cli.common import nonnegative_int, plain_text, positive_int  # noqa: E402
+from amortized_cartoonx.cli.common import add_link_arg, nonnegative_int, plain_text, positive_int  # noqa: E402
 from amortized_cartoonx.errors import CartoonXError, one_line  # noqa: E402
 from amortized_cartoonx.optimizer import PRECISIONS, CartoonX, PixelRDE, default_chunk  # noqa: E402
 from amortized_cartoonx.runtime import resolve_device, synchronize  # noqa: E402
@@ -118,12 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=plain_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--classifier", required=True)
     p.add_argument("--method", default="cartoonx", choices=("cartoonx", "pixel-rde"))
-    p.add_argument(
-        "--link",
-        default="softmax",
-        choices=("softmax", "sigmoid"),
-        help="sigmoid: a multi-label or single-logit classifier",
-    )
+    add_link_arg(p)
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--batch", default="1,4", help="comma-separated B values")
     p.add_argument("--samples", default="16,64", help="comma-separated L values")

@@ -52,7 +52,7 @@ from exact_cache import cached_results, classifier_key  # noqa: E402  (scripts/e
 
 from amortized_cartoonx.allocator import tune_cpu_allocator  # noqa: E402
 from amortized_cartoonx.classifiers import load_classifier  # noqa: E402
-from amortized_cartoonx.cli.common import plain_text  # noqa: E402
+from amortized_cartoonx.cli.common import add_link_arg, plain_text  # noqa: E402
 from amortized_cartoonx.errors import CartoonXError, ConfigError, InputError, one_line  # noqa: E402
 from amortized_cartoonx.images import list_images, load_images  # noqa: E402
 from amortized_cartoonx.optimizer import LR_DECAYS, PRECISIONS, SCHEDULES, CartoonX, OptimizerConfig  # noqa: E402
@@ -174,12 +174,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--measure-samples", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--levels", type=int, default=5)
-    p.add_argument(
-        "--link",
-        default="softmax",
-        choices=("softmax", "sigmoid"),
-        help="sigmoid: a multi-label or single-logit classifier",
-    )
+    add_link_arg(p)
     p.add_argument("--paper-steps", type=int, default=2000)
     p.add_argument("--candidates", default="fast,constant-0.02,cosine-0.05,cosine-0.1,cosine-0.2")
     p.add_argument("--steps", default="25,50,100,200", help="step budgets of the candidates")

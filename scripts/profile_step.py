@@ -25,7 +25,7 @@ from bench_optimizer import bare_pass  # noqa: E402  (scripts/bench_optimizer.py
 
 from amortized_cartoonx.allocator import tune_cpu_allocator  # noqa: E402
 from amortized_cartoonx.classifiers import load_classifier  # noqa: E402
-from amortized_cartoonx.cli.common import plain_text  # noqa: E402
+from amortized_cartoonx.cli.common import add_link_arg, plain_text  # noqa: E402
 from amortized_cartoonx.optimizer import CartoonX, PixelRDE, default_chunk  # noqa: E402
 from amortized_cartoonx.runtime import resolve_device, synchronize  # noqa: E402
 
@@ -42,12 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=plain_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--classifier", required=True)
     p.add_argument("--method", default="cartoonx", choices=("cartoonx", "pixel-rde"))
-    p.add_argument(
-        "--link",
-        default="softmax",
-        choices=("softmax", "sigmoid"),
-        help="sigmoid: a multi-label or single-logit classifier",
-    )
+    add_link_arg(p)
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--samples", type=int, default=64)

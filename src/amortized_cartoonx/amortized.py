@@ -283,14 +283,13 @@ class AmortizedExplainer:
         """The settings that determine the masks (plain values): classifier, image size, DWT, loss."""
         meta = self.meta
         keys = ("classifier", "image_size", "wave", "levels", "mode", "l1_lambda", "distortion", "obfuscation")
-        link = self.objective.link
         return {
             "method": self.method,
             "checkpoint": self.path,
             "checkpoint_sha256": self.checkpoint_sha256,
             "representation": "wavelet",
             **{k: meta[k] for k in keys},
-            **({} if link == DEFAULT_LINK else {"link": link}),  # cache keys of softmax explainers as before
+            "link": self.objective.link,  # keys leave it out at softmax (LATER_DEFAULTS): earlier caches stay valid
             "normalize": meta["normalize"],
             "measure_samples": self.measure_samples,
             "seed": self.seed,

@@ -87,6 +87,19 @@ def add_classifier_args(parser: argparse.ArgumentParser, required: bool = True) 
     )
 
 
+def add_link_arg(parser: argparse.ArgumentParser | argparse._ArgumentGroup, from_checkpoint: bool = False) -> None:
+    """``--link softmax|sigmoid``; with ``from_checkpoint`` its default is None (:func:`fill_defaults` takes an
+    amortized checkpoint's, else softmax)."""
+    default = "the default, or an amortized checkpoint's" if from_checkpoint else "the default"
+    parser.add_argument(
+        "--link",
+        default=None if from_checkpoint else "softmax",
+        choices=LINK_NAMES,
+        help=f"how the classifier's outputs become probabilities: softmax (one class per image; {default}) or "
+        "sigmoid (multi-label, or a binary classifier with a single logit: each output is its own label's logit)",
+    )
+
+
 def add_rde_args(parser: argparse.ArgumentParser) -> None:
     """The exact optimizer's options (defaults: the paper's)."""
     group = parser.add_argument_group("RDE optimizer (defaults: the paper's)")
@@ -124,14 +137,7 @@ def add_rde_args(parser: argparse.ArgumentParser) -> None:
         "tensor cores); the DWT, the noise, the loss and the final measurement stay float32",
     )
     group.add_argument("--distortion", default="label", choices=DISTORTION_NAMES, help="default: label")
-    group.add_argument(
-        "--link",
-        default=None,
-        choices=LINK_NAMES,
-        help="how the classifier's outputs become probabilities: softmax (one class per image; the default, or an "
-        "amortized checkpoint's) or sigmoid (multi-label, or a binary classifier with a single logit: each output "
-        "is its own label's logit)",
-    )
+    add_link_arg(group, from_checkpoint=True)
     group.add_argument(
         "--obfuscation", default="gaussian-adaptive", choices=OBFUSCATION_NAMES, help="default: gaussian-adaptive"
     )
@@ -241,7 +247,9 @@ def fill_defaults(args: argparse.Namespace, recorded: dict | None = None, source
 def check_class_names(labels: list[str] | None, num_classes: int, path: str | None, link: str = "softmax") -> None:
     """Warn (one line) when a ``--labels`` file names another number of classes than the classifier has; refuse it
     with the sigmoid link, where each output is one label (a binary classifier's negative class has no output)."""
-    if labels is not None and len(labels) != num_classes and link == "sigmoid":
+    if labels is None or len(labels) == num_classes:
+        return
+    if link == "sigmoid":
         from amortized_cartoonx.errors import ConfigError
 
         raise ConfigError(
@@ -249,13 +257,12 @@ def check_class_names(labels: list[str] | None, num_classes: int, path: str | No
             "link each output is one label, line k names output k (a single-logit classifier: one line, its "
             "positive label)"
         )
-    if labels is not None and len(labels) != num_classes:
-        logger.warning(
-            "--labels %s names %d classes, the classifier has %d classes: the names may not fit the classes",
-            path,
-            len(labels),
-            num_classes,
-        )
+    logger.warning(
+        "--labels %s names %d classes, the classifier has %d classes: the names may not fit the classes",
+        path,
+        len(labels),
+        num_classes,
+    )
 
 
 def plain_text(doc: str | None) -> str:
@@ -287,7 +294,7 @@ def optimizer_config(args: argparse.Namespace, default_schedule: str = "paper"):
         l1_lambda=args.l1_lambda,
         obfuscation=args.obfuscation,
         distortion=args.distortion,
-        link=args.link or "softmax",
+        link=args.link,  # set by fill_defaults
         chunk_size=args.chunk_size,
         seed=args.seed,
     ).validate()

@@ -71,7 +71,8 @@ def cache_identity(spec: str, classifier, channels: int = 3, link: str = DEFAULT
     """What identifies the classifier in every cache key: its spec, a model file's SHA-256 and the digest of its
     weights (from :func:`~amortized_cartoonx.classifiers.classifier_identity`; a file's absolute path is left
     out, the content identifies it; ``synthetic`` or ``package.module:callable`` may load other weights after a
-    retraining), the input normalisation, the channels when not RGB and the link when not softmax."""
+    retraining), the input normalisation, the channels when not RGB, and the link (left out of the hash at
+    softmax, like every :data:`~amortized_cartoonx.optimizer.LATER_DEFAULTS` setting)."""
     identity = classifier_identity(spec, classifier)
     out: dict = {"classifier": identity["classifier"]}
     if identity["classifier_sha256"]:
@@ -82,8 +83,7 @@ def cache_identity(spec: str, classifier, channels: int = 3, link: str = DEFAULT
     out["normalization"] = list(normalization) if normalization else None
     if channels != 3:  # keyed only when greyscale: the keys of RGB runs stay those of earlier versions
         out["channels"] = channels
-    if link != DEFAULT_LINK:  # likewise: the keys of softmax runs stay those of earlier versions
-        out["link"] = link
+    out["link"] = link
     return out
 
 
