@@ -16,6 +16,23 @@ warnings.filterwarnings("ignore", message="pkg_resources is deprecated")
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
+def tiny_fit_command(images: Path, classifier: str, monkeypatch: pytest.MonkeyPatch, here: Path) -> list[str]:
+    """``cartoonx fit`` arguments for ``configs/tiny.yaml`` on the image folder ``images``, 2 steps, validating at
+    each: half of the images for validation, with a split seed that leaves both halves non-empty. Runs in
+    ``here`` (checkpoints/ and logs/), with LightningCLI's command line emptied and wandb off."""
+    from amortized_cartoonx.data import split_train_val_test
+
+    monkeypatch.chdir(here)
+    monkeypatch.setattr("sys.argv", ["cartoonx"])  # LightningCLI compares its args with the command line
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    ids = sorted(p.name for p in images.iterdir())
+    seed = next(k for k in range(100) if all(split_train_val_test(ids, 0.5, 0.0, k)[s] for s in ("train", "val")))
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    fit = ["fit", "--config", str(config), "--data.images", str(images), "--model.classifier", classifier]
+    split = ["--data.val_fraction", "0.5", "--data.split_seed", str(seed)]
+    return [*fit, *split, "--trainer.max_steps", "2", "--trainer.val_check_interval", "1"]
+
+
 class TinyCNN(nn.Module):
     """A small convolutional classifier over [0, 1] images of any size (5 classes by default)."""
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,13 +14,12 @@ from torch import nn
 
 from amortized_cartoonx.classifiers import Classifier, input_channels
 from amortized_cartoonx.cli import main
-from amortized_cartoonx.data import split_train_val_test
 from amortized_cartoonx.errors import ClassifierError, InputError
 from amortized_cartoonx.explanation import load_saved_explanation
 from amortized_cartoonx.images import LUMA, load_image, to_channels
 from amortized_cartoonx.rde import original_logits
 
-from .conftest import make_tiny_cnn
+from .conftest import make_tiny_cnn, tiny_fit_command
 
 SIZE = 32
 #: A greyscale classifier that reads only the top-left quadrant: class 1's logit rises with its brightness.
@@ -177,16 +174,8 @@ def test_the_amortized_explainer_trains_and_explains_on_greyscale_images(
 ):
     """fit (scratch encoder), explain --method warm and evaluate amortized for a single-channel classifier; an
     RGB classifier is refused by the greyscale checkpoint."""
-    monkeypatch.chdir(tmp_path)  # checkpoints/ and logs/
-    monkeypatch.setattr(sys, "argv", ["cartoonx"])  # LightningCLI compares its args with the command line
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    config = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
-    fit = ["fit", "--config", config, "--data.images", str(grey_pictures), "--model.classifier", grey_spec]
-    ids = sorted(p.name for p in grey_pictures.iterdir())
-    seed = next(k for k in range(100) if all(split_train_val_test(ids, 0.5, 0.0, k)[s] for s in ("train", "val")))
-    split = ["--data.val_fraction", "0.5", "--data.split_seed", str(seed)]
-    steps = ["--trainer.max_steps", "2", "--trainer.val_check_interval", "1"]
-    assert main([*fit, *split, *steps]) == 0, capsys.readouterr().err
+    fit = tiny_fit_command(grey_pictures, grey_spec, monkeypatch, tmp_path)
+    assert main(fit) == 0, capsys.readouterr().err
     (checkpoint,) = (tmp_path / "checkpoints").rglob("last.ckpt")
     common = ["--classifier", grey_spec, "--checkpoint", str(checkpoint), "--no-progress"]
     out = tmp_path / "warm"

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import sys
 import textwrap
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,13 +13,14 @@ from PIL import Image
 from torch import nn
 
 from amortized_cartoonx.cli import main
-from amortized_cartoonx.data import split_train_val_test
 from amortized_cartoonx.errors import ClassifierError, ConfigError
 from amortized_cartoonx.explanation import load_saved_explanation
 from amortized_cartoonx.optimizer import CartoonX, OptimizerConfig, result_settings
 from amortized_cartoonx.rde import DISTORTIONS, RDEObjective, check_logits, target_prob
 from amortized_cartoonx.teacher_masks.files import manifest_differences
 from amortized_cartoonx.wavelets import WaveletRepresentation
+
+from .conftest import tiny_fit_command
 
 SIZE = 32
 #: Two multi-label models on RGB images: label 0 rises with the top-left quadrant's brightness, label 1 with the
@@ -175,32 +174,15 @@ def test_explain_with_the_sigmoid_link_explains_each_label_where_it_looks(tmp_pa
 def test_fit_explain_and_evaluate_a_binary_single_logit_classifier(tmp_path, spec, pictures, capsys, monkeypatch):
     """fit with --model.link sigmoid; explain and evaluate take the link from the checkpoint; another link is
     refused by it, and by the teacher masks of another link."""
-    monkeypatch.chdir(tmp_path)  # checkpoints/ and logs/
-    monkeypatch.setattr(sys, "argv", ["cartoonx"])  # LightningCLI compares its args with the command line
-    monkeypatch.setenv("WANDB_MODE", "disabled")
     classifier = f"{spec}:one_logit"
-    config = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
-    fit = ["fit", "--config", config, "--data.images", str(pictures), "--model.classifier", classifier]
-    ids = sorted(p.name for p in pictures.iterdir())
-    seed = next(k for k in range(100) if all(split_train_val_test(ids, 0.5, 0.0, k)[s] for s in ("train", "val")))
-    split = ["--data.val_fraction", "0.5", "--data.split_seed", str(seed)]
-    steps = ["--trainer.max_steps", "2", "--trainer.val_check_interval", "1"]
-    assert main([*fit, *split, *steps]) == 2  # one logit, softmax link: refused before any training
+    fit = tiny_fit_command(pictures, classifier, monkeypatch, tmp_path)
+    assert main(fit) == 2  # one logit, softmax link: refused before any training
     assert "--link sigmoid" in capsys.readouterr().err
-    assert main([*fit, *split, *steps, "--model.link", "sigmoid"]) == 0, capsys.readouterr().err
+    assert main([*fit, "--model.link", "sigmoid"]) == 0, capsys.readouterr().err
     (checkpoint,) = (tmp_path / "checkpoints").rglob("last.ckpt")
     assert torch.load(checkpoint, weights_only=True)["cartoonx"]["link"] == "sigmoid"
     # a resume names the checkpoint's link, as it names its classifier
-    resume = [
-        *fit,
-        *split,
-        "--trainer.max_steps",
-        "3",
-        "--trainer.val_check_interval",
-        "1",
-        "--ckpt_path",
-        str(checkpoint),
-    ]
+    resume = [*fit, "--trainer.max_steps", "3", "--ckpt_path", str(checkpoint)]  # the last max_steps counts
     assert main(resume) == 2
     assert "was trained with the sigmoid link, but the config names 'softmax'" in capsys.readouterr().err
     assert main([*resume, "--model.link", "sigmoid"]) == 0, capsys.readouterr().err
