@@ -379,7 +379,7 @@ def test_a_target_may_be_a_class_name_of_the_labels_file(tmp_path, spec, picture
         [pictures[0], "--out", str(tmp_path / "w"), *common, "--target", "tench, Tinca tinca"], capsys
     )
     assert code == 0 and json.loads((tmp_path / "w" / "summary.jsonl").read_text())["target"] == 0
-    from amortized_cartoonx.cli.explain import parse_targets
+    from amortized_cartoonx.cli.common import parse_targets
 
     assert parse_targets("1", 2, ["7", "3", "1"]) == [1, 1]  # a number is an index, even when a line reads it
     for target, needle in (("crane", "names 2 classes (2, 3)"), ("carp", "'carp' is neither")):

@@ -988,3 +988,87 @@ def test_the_recorded_command_names_the_device_auto_chose(tmp_path):
     command = json.loads((out / "summary.json").read_text())["settings"]["command"]
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert command.endswith(f" --device {expected}") and command in (out / "report.md").read_text()
+
+
+# ---- the explained class: --target, --target-file ------------------------------------------------------------------
+def test_given_targets_are_explained_measured_and_cached_apart_from_the_predicted_ones(tmp_path, count_explains):
+    images_dir = write_folder(tmp_path / "images", 3)
+    ids = sorted(p.name for p in images_dir.iterdir())
+    out = tmp_path / "out"
+    predicted = make_run(images_dir, out, ["cartoonx"]).run()
+    chosen = {name: (int(t) + 1) % 5 for name, t in zip(ids, predicted.methods["cartoonx"].targets, strict=True)}
+    count_explains.clear()
+    given = make_run(images_dir, out, ["cartoonx"], target={**chosen, "not-in-the-run.png": 4}).run()
+    assert count_explains == {"cartoonx": 3}  # another key: nothing served from the predicted classes' cache
+    assert given.methods["cartoonx"].targets.tolist() == [chosen[i] for i in ids]
+    assert given.computed["lambda"] == {"cartoonx": 2}  # panel (c) explains the given class too (2 lambdas)
+    assert given.settings["evaluation"]["target"] == chosen  # the run's images only
+    probability = given.methods["cartoonx"].scalars["prob_original"]  # of the explained class
+    assert not np.allclose(probability, predicted.methods["cartoonx"].scalars["prob_original"])
+    data = write_report(given, out)
+    assert data["settings"]["evaluation"]["target"] == chosen
+    assert "| explained class | given per image" in (out / "report.md").read_text()
+
+    count_explains.clear()
+    again = make_run(images_dir, out, ["cartoonx"], target=dict(chosen, **{"not-in-the-run.png": 4})).run()
+    assert count_explains == {} and again.computed["curves"] == {"cartoonx": 0}
+    one = make_run(images_dir, out, ["cartoonx"], target=2, limit=2).run()
+    assert one.methods["cartoonx"].targets.tolist() == [2, 2] and count_explains == {"cartoonx": 2}
+    assert "| explained class | class 2, in every image |" in write_report_text(one, tmp_path / "one")
+
+
+def write_report_text(results, out: Path) -> str:
+    write_report(results, out)
+    return (out / "report.md").read_text()
+
+
+def test_targets_without_an_image_or_with_a_bad_class_are_refused_before_any_work(tmp_path, count_explains):
+    images_dir = write_folder(tmp_path / "images", 3)
+    with pytest.raises(InputError, match="no class for 2 of the 3 images"):
+        make_run(images_dir, tmp_path / "out", ["random-pixel"], target={"im0.png": 1}).run()
+    for bad in (-1, True, 1.5, {"im0.png": -2}, {"im0.png": "cat"}):
+        with pytest.raises(ConfigError, match="target"):
+            make_run(images_dir, tmp_path / "out", ["random-pixel"], target=bad)
+    assert count_explains == {}
+
+
+def test_the_command_line_reads_a_target_or_a_target_file(tmp_path, capsys):
+    images_dir = write_folder(tmp_path / "images", 3)
+    ids = sorted(p.name for p in images_dir.iterdir())
+    labels = tmp_path / "labels.txt"
+    labels.write_text("tench, Tinca tinca\ngoldfish\nshark\nhen\nostrich\n")
+    base = ["evaluate", "--classifier", "tests.conftest:make_tiny_cnn", "--images", str(images_dir), "--size"]
+    base += [str(SIZE), "--methods", "random-pixel", "--rates", "3", "--noise-draws", "1", "--lambdas", "--examples"]
+    base += ["0", "--no-progress", "--device", "cpu", "--labels", str(labels)]
+
+    def targets(out: Path, *extra: str) -> list[int]:
+        assert main([*base, "--out", str(out), *extra]) == 0, capsys.readouterr().err
+        return json.loads((out / "summary.json").read_text())["settings"]["evaluation"]["target"]
+
+    assert targets(tmp_path / "a", "--target", "tench, Tinca tinca") == 0
+    assert targets(tmp_path / "b", "--target", "3,goldfish,4") == dict(zip(ids, [3, 1, 4], strict=True))
+    text = tmp_path / "targets.csv"
+    text.write_text(f"# file,class\n{ids[0]},tench, Tinca tinca\n\nsub/{ids[1]}\t2\n{ids[2]},hen\n")
+    assert targets(tmp_path / "c", "--target-file", str(text)) == dict(zip(ids, [0, 2, 3], strict=True))
+    as_json = tmp_path / "targets.json"
+    as_json.write_text(json.dumps({ids[0]: 4, ids[1]: "ostrich", ids[2]: "1"}))
+    assert targets(tmp_path / "d", "--target-file", str(as_json)) == dict(zip(ids, [4, 4, 1], strict=True))
+
+    refused = {
+        ("--target", "1,2"): "--target gives 2 classes for 3 images",
+        ("--target", "7"): "the classifier has 5 classes (0-4); the targets name 7",
+        ("--target", "zebra"): "'zebra' is neither",
+        ("--target-file", str(tmp_path / "none.csv")): "--target-file not found",
+    }
+    bad_lines = {"x.csv": (f"{ids[0]}\n", "line 1: expected NAME,CLASS"), "y.csv": (f"{ids[0]},zebra\n", "'zebra'")}
+    bad_lines |= {"z.csv": (f"{ids[0]},1\n{ids[0]},2\n", "given twice"), "w.json": ("[1, 2]", "a JSON object")}
+    bad_lines |= {"v.csv": (f"{ids[0]},1\n", "no class for 2 of the 3 images")}
+    for name, (content, message) in bad_lines.items():
+        (tmp_path / name).write_text(content)
+        refused[("--target-file", str(tmp_path / name))] = message
+    for extra, message in refused.items():
+        assert main([*base, "--out", str(tmp_path / "refused"), *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err, (extra, err)
+    with pytest.raises(SystemExit):  # one or the other
+        main([*base, "--out", str(tmp_path / "e"), "--target", "1", "--target-file", str(text)])

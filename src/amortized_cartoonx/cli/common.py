@@ -265,6 +265,114 @@ def check_class_names(labels: list[str] | None, num_classes: int, path: str | No
     )
 
 
+def parse_targets(text: str | None, num_images: int, labels: list[str] | None = None) -> list[int] | None:
+    """``--target``: one class for every image or one per image (commas), each an index or, with ``labels``,
+    a class name: a whole line of the labels file (names may hold commas: ``tench, Tinca tinca``) or one of its
+    comma-separated names (``goldfish``), compared without case; a name of several classes is refused. A number
+    is always an index (a labels file whose line 5 reads ``1`` does not turn ``--target 1`` into class 5)."""
+    from amortized_cartoonx.errors import InputError
+
+    if text is None:
+        return None
+    numbers = all(part.strip().lstrip("-").isdigit() for part in text.split(","))  # indices before names
+    whole = class_by_name(text, labels, whole_lines_only=True) if labels and not numbers else None
+    if whole is not None:
+        return [whole] * num_images
+    values = []
+    for part in text.split(","):
+        try:
+            values.append(int(part))
+        except ValueError:
+            index = class_by_name(part, labels) if labels else None
+            if index is None:
+                names = " or class names of --labels" if labels else " (class names need --labels FILE)"
+                raise InputError(
+                    f"--target takes class indices{names} separated by commas; {part.strip()!r} is neither"
+                ) from None
+            values.append(index)
+    if len(values) == 1:
+        return values * num_images
+    if len(values) != num_images:
+        raise InputError(f"--target gives {len(values)} classes for {num_images} images")
+    return values
+
+
+def class_by_name(name: str, labels: list[str], whole_lines_only: bool = False, option: str = "--target") -> int | None:
+    """The index of the class ``name`` names in ``labels`` (a whole line, else one of a line's comma-separated
+    names; case and outer spaces ignored), or None; an :class:`InputError` for a name of several classes."""
+    from amortized_cartoonx.errors import InputError
+
+    key = name.strip().casefold()
+    if not key:
+        return None
+    found = [i for i, line in enumerate(labels) if line.strip().casefold() == key]
+    if not found and not whole_lines_only:
+        found = [i for i, line in enumerate(labels) if key in (n.strip().casefold() for n in line.split(","))]
+    if len(found) > 1:
+        raise InputError(
+            f"{option} {name.strip()!r} names {len(found)} classes ({', '.join(map(str, found))}): give the index"
+        )
+    return found[0] if found else None
+
+
+def read_target_file(path: str | Path, labels: list[str] | None = None) -> dict[str, int]:
+    """``--target-file``: image file name -> class, from a JSON object (``{"cat.jpg": 281, ...}``) or a text file
+    of lines ``NAME,CLASS`` or ``NAME<TAB>CLASS`` (split at the first tab, else at the first comma, so class names
+    may hold commas; blank lines and lines starting with ``#`` are skipped). A class is an index or, with
+    ``labels``, a class name as ``--target`` reads it; a name with a folder counts by its file name.
+
+    Raises:
+        InputError: a missing or unreadable file, a line or entry that is not a name and a class, a class that is
+            neither an index nor a name of ``labels``, or one file name given twice.
+    """
+    import json
+
+    from amortized_cartoonx.errors import InputError
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InputError(f"--target-file not found: {path}")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise InputError(f"--target-file {path} is not UTF-8 text") from None
+    where = f"--target-file {path}"
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{where} is not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise InputError(f"{where}: expected a JSON object of image file names to classes")
+        items = [(str(k), v, f"{where}, entry {k!r}") for k, v in data.items()]
+    else:
+        items = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            name, sep, value = line.partition("\t") if "\t" in line else line.partition(",")
+            if not sep or not name.strip() or not value.strip():
+                raise InputError(f"{where}, line {number}: expected NAME,CLASS (or NAME<TAB>CLASS), got {line!r}")
+            items.append((name.strip(), value.strip(), f"{where}, line {number}"))
+    targets: dict[str, int] = {}
+    for name, value, place in items:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise InputError(f"{place}: a class is an index or a class name, got {value!r}")
+        text_value = str(value).strip()
+        if text_value.isdigit():
+            index = int(text_value)
+        else:
+            index = class_by_name(text_value, labels, option="--target-file") if labels else None
+            if index is None:
+                names = "an index or a class name of --labels" if labels else "an index (class names need --labels)"
+                raise InputError(f"{place}: the class {text_value!r} is not {names}")
+        key = Path(name).name
+        if key in targets:
+            raise InputError(f"{place}: {key!r} is given twice")
+        targets[key] = index
+    return targets
+
+
 def plain_text(doc: str | None) -> str:
     """A module docstring as plain text for ``--help``: ``code`` and :role:`~a.b.name` markup removed."""
 

@@ -5,6 +5,7 @@ Reproduces the paper's quantitative evaluation (Fig. 7) on any classifier: for e
 randomising the rest with adaptive Gaussian noise, (b) when randomising the top fraction r instead,
 (c) for CartoonX and Pixel RDE, distortion against mean mask over a grid of lambda; areas under the
 curves, seconds per explanation, and ground-truth localisation when DIR has ground_truth.safetensors.
+Every method explains the class the classifier predicts, or the one --target or --target-file gives.
 
 Writes DIR/curves.csv, DIR/summary.json, DIR/rate_distortion.png, DIR/examples.png, DIR/report.md, and a
 per-image cache DIR/cache/ so an interrupted run resumes and new methods reuse the others' results. With
@@ -71,7 +72,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--batch-size", type=positive_int, default=4, help="images explained and measured together (default 4)"
     )
-    p.add_argument("--labels", default=None, metavar="FILE", help="class names, one per line (for the figures)")
+    p.add_argument(
+        "--labels", default=None, metavar="FILE", help="class names, one per line (for the figures and --target)"
+    )
+    tg = p.add_mutually_exclusive_group()
+    tg.add_argument(
+        "--target",
+        default=None,
+        help="the class every method explains: one index for all images, or one per image separated by commas (in "
+        "file-name order, after --limit); with --labels also a class name (default: the predicted class; with "
+        "--link sigmoid the label of the largest logit)",
+    )
+    tg.add_argument(
+        "--target-file",
+        default=None,
+        metavar="FILE",
+        help='the class to explain in each image: a JSON object {"image.jpg": class, ...} or lines NAME,CLASS '
+        "(e.g. the true labels; a class is an index or, with --labels, a name); every image evaluated needs one",
+    )
     p.add_argument(
         "--shard",
         default=None,
@@ -321,6 +339,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--size must be at least 8, got {args.size}")
     # the J used at this size (said once when capped), so the report, summary.json and the cache keys record it
     args.levels = WaveletRepresentation(args.wavelet, args.levels, args.mode).levels_for(args.size, args.size)
+    labels = read_class_names(args.labels)
+    target = evaluation_target(args, [p.name for p in (images[: args.limit] if args.limit else images)], labels)
     config = EvaluationConfig(
         methods=methods,
         limit=args.limit,
@@ -329,6 +349,7 @@ def run(args: argparse.Namespace) -> int:
         noise_draws=args.noise_draws,
         early_rate=args.early_rate,
         seed=args.seed,
+        target=target,
         lambdas=parse_lambdas(args.lambdas),
         lambda_steps=args.lambda_steps,
         lambda_limit=args.lambda_limit,
@@ -340,7 +361,6 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         shard=parse_shard(args.shard),
     ).validate()
-    labels = read_class_names(args.labels)
     optimizer = optimizer_config(args)
     baselines = BaselineConfig(
         ig_steps=args.ig_steps, smoothgrad_samples=args.smoothgrad_samples, smoothgrad_std=args.smoothgrad_std
@@ -350,10 +370,11 @@ def run(args: argparse.Namespace) -> int:
         command += f" --device {device.type}"
     classifier = load_classifier(args.classifier, normalize=args.normalize, device=device)
     channels = resolve_channels(args.channels, classifier, args.size, device)
-    if labels is not None:
-        check_class_names(
-            labels, _num_classes(classifier, args.size, channels, device, args.link), args.labels, args.link
-        )
+    if labels is not None or target is not None:
+        num_classes = _num_classes(classifier, args.size, channels, device, args.link)
+        if labels is not None:
+            check_class_names(labels, num_classes, args.labels, args.link)
+        check_target_range(target, num_classes)
     context = MethodContext(
         classifier=classifier,
         classifier_spec=args.classifier,
@@ -383,6 +404,35 @@ def run(args: argparse.Namespace) -> int:
     print(_table(summary))
     print(f"wrote {args.out}/report.md, curves.csv, summary.json, {', '.join(summary['figures'])}")
     return 0
+
+
+def evaluation_target(args: argparse.Namespace, names: list[str], labels: list[str] | None):
+    """:attr:`~amortized_cartoonx.evaluation.config.EvaluationConfig.target` from ``--target`` or
+    ``--target-file`` for the evaluated images ``names``: None (the predicted class), one class for all, or file
+    name -> class."""
+    from .common import parse_targets, read_target_file
+
+    if args.target_file is not None:
+        return read_target_file(args.target_file, labels)
+    values = parse_targets(args.target, len(names), labels)
+    if values is None:
+        return None
+    if len(set(values)) == 1:
+        return values[0]
+    return dict(zip(names, values, strict=True))
+
+
+def check_target_range(target, num_classes: int) -> None:
+    """An :class:`~amortized_cartoonx.errors.InputError` for a given class the classifier does not have."""
+    from amortized_cartoonx.errors import InputError
+
+    given = [] if target is None else list(target.values()) if isinstance(target, dict) else [target]
+    beyond = sorted({v for v in given if not 0 <= v < num_classes})
+    if beyond:
+        raise InputError(
+            f"the classifier has {num_classes} classes (0-{num_classes - 1}); the targets name "
+            f"{', '.join(map(str, beyond))}"
+        )
 
 
 def _num_classes(classifier, size: int, channels: int, device, link: str) -> int:

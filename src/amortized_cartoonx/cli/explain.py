@@ -22,6 +22,7 @@ from .common import (
     add_rde_args,
     add_size_arg,
     nonnegative_int,
+    parse_targets,
     plain_text,
     positive_int,
 )
@@ -85,56 +86,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_device_arg(p)
     add_rde_args(p)
     p.set_defaults(run=run)
-
-
-def parse_targets(text: str | None, num_images: int, labels: list[str] | None = None) -> list[int] | None:
-    """``--target``: one class for every image or one per image (commas), each an index or, with ``labels``,
-    a class name: a whole line of the labels file (names may hold commas: ``tench, Tinca tinca``) or one of its
-    comma-separated names (``goldfish``), compared without case; a name of several classes is refused. A number
-    is always an index (a labels file whose line 5 reads ``1`` does not turn ``--target 1`` into class 5)."""
-    from amortized_cartoonx.errors import InputError
-
-    if text is None:
-        return None
-    numbers = all(part.strip().lstrip("-").isdigit() for part in text.split(","))  # indices before names
-    whole = _class_by_name(text, labels, whole_lines_only=True) if labels and not numbers else None
-    if whole is not None:
-        return [whole] * num_images
-    values = []
-    for part in text.split(","):
-        try:
-            values.append(int(part))
-        except ValueError:
-            index = _class_by_name(part, labels) if labels else None
-            if index is None:
-                names = " or class names of --labels" if labels else " (class names need --labels FILE)"
-                raise InputError(
-                    f"--target takes class indices{names} separated by commas; {part.strip()!r} is neither"
-                ) from None
-            values.append(index)
-    if len(values) == 1:
-        return values * num_images
-    if len(values) != num_images:
-        raise InputError(f"--target gives {len(values)} classes for {num_images} images")
-    return values
-
-
-def _class_by_name(name: str, labels: list[str], whole_lines_only: bool = False) -> int | None:
-    """The index of the class ``name`` names in ``labels`` (a whole line, else one of a line's comma-separated
-    names; case and outer spaces ignored), or None; an :class:`InputError` for a name of several classes."""
-    from amortized_cartoonx.errors import InputError
-
-    key = name.strip().casefold()
-    if not key:
-        return None
-    found = [i for i, line in enumerate(labels) if line.strip().casefold() == key]
-    if not found and not whole_lines_only:
-        found = [i for i, line in enumerate(labels) if key in (n.strip().casefold() for n in line.split(","))]
-    if len(found) > 1:
-        raise InputError(
-            f"--target {name.strip()!r} names {len(found)} classes ({', '.join(map(str, found))}): give the index"
-        )
-    return found[0] if found else None
 
 
 def output_stems(paths: list[Path]) -> list[str]:

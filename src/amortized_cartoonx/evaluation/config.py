@@ -50,6 +50,10 @@ class EvaluationConfig:
         noise_draws: noise draws per rate (averaged). Default 8.
         early_rate: the "early" areas integrate over [0, early_rate]. Default 0.2.
         seed: the global seed; image seeds are derived from it and the file names.
+        target: the class every method explains. None (default): the class the classifier predicts for the image
+            (with the sigmoid link, the label of the largest logit); an int: that class for every image; a dict:
+            image file name -> class, with an entry for every image of the run (entries for other files are
+            ignored), e.g. the true labels or, for a multi-label classifier, the label to explain in each image.
         distortion: the evaluation's distortion. None (default): ``l2`` (Fig. 7's ``||p(x) - p(y)||_2``) for a
             softmax classifier, ``label-l2`` (``|p_c(x) - p_c(y)|``, the explained label's) for the sigmoid link
             (:meth:`for_link`; ``l2`` over all labels would mostly measure the labels not explained).
@@ -76,6 +80,7 @@ class EvaluationConfig:
     noise_draws: int = 8
     early_rate: float = 0.2
     seed: int = 0
+    target: int | dict[str, int] | None = None
     distortion: str | None = None
     obfuscation: str = "gaussian-adaptive"
     lambdas: dict[str, tuple[float, ...]] = field(default_factory=lambda: dict(DEFAULT_LAMBDAS))
@@ -115,6 +120,7 @@ class EvaluationConfig:
         if self.examples < 0:
             raise ConfigError(f"examples must be at least 0, got {self.examples}")
         self.sanity.validate()
+        check_target(self.target)
         if self.shard is not None:
             if len(self.shard) != 2 or not all(is_integer(v) for v in self.shard):
                 raise ConfigError(f"shard is (k, n), two integers, got {self.shard!r}")
@@ -134,3 +140,18 @@ class EvaluationConfig:
             if any(v < 0 for v in grid):
                 raise ConfigError(f"lambdas must be at least 0, got {list(grid)} for {method}")
         return self
+
+
+def check_target(target: object) -> None:
+    """Raise a :class:`ConfigError` unless ``target`` is None, a class index or a dict of file names to class
+    indices (:attr:`EvaluationConfig.target`)."""
+    if target is None:
+        return
+    if isinstance(target, dict):
+        bad = [(k, v) for k, v in target.items() if not isinstance(k, str) or not is_integer(v) or v < 0]
+        if bad:
+            key, value = bad[0]
+            raise ConfigError(f"target maps image file names to class indices (>= 0), got {key!r}: {value!r}")
+        return
+    if not is_integer(target) or target < 0:
+        raise ConfigError(f"target is a class index (>= 0), a dict of file names to classes, or None; got {target!r}")

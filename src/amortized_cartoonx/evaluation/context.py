@@ -67,6 +67,16 @@ class ImageSet:
         return to_channels(images, self.channels).to(self.device)
 
 
+def check_targets(target: int | dict[str, int] | None, ids: Sequence[str]) -> None:
+    """Raise an :class:`InputError` when ``target`` (:attr:`~.config.EvaluationConfig.target`) is a mapping
+    without an entry for one of the image ``ids``."""
+    if isinstance(target, dict):
+        missing = [i for i in ids if i not in target]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise InputError(f"the targets name no class for {len(missing)} of the {len(ids)} images: {shown}")
+
+
 def cache_identity(spec: str, classifier, channels: int = 3, link: str = DEFAULT_LINK) -> dict:
     """What identifies the classifier in every cache key: its spec, a model file's SHA-256 and the digest of its
     weights (from :func:`~amortized_cartoonx.classifiers.classifier_identity`; a file's absolute path is left
@@ -120,6 +130,27 @@ class RunContext:
         """The per-image seeds of the images at ``indices``."""
         ids = self.ids
         return [item_seed(ids[i], self.config.seed) for i in indices]
+
+    def targets(self, indices: Sequence[int]) -> Tensor | None:
+        """``(len(indices),)`` the classes to explain in the images at ``indices`` (``config.target``), or None:
+        the class the classifier predicts."""
+        target = self.config.target
+        if target is None:
+            return None
+        ids = self.ids
+        values = [target[ids[i]] for i in indices] if isinstance(target, dict) else [target] * len(indices)
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    def target_identity(self) -> str | int | dict[str, int]:
+        """``config.target`` in a cache key: ``"predicted"`` (the default), the class, or the whole given mapping
+        (so runs with another ``limit`` on the same labels share their results; editing one label recomputes
+        every image)."""
+        target = self.config.target
+        if target is None:
+            return "predicted"
+        if isinstance(target, dict):
+            return {str(k): int(v) for k, v in sorted(target.items())}
+        return int(target)
 
     def objective(self, representation: Representation) -> RDEObjective:
         """The evaluation's measure in ``representation``: its obfuscation and distortion, no sparsity term."""

@@ -93,7 +93,7 @@ def explanation_key(run: RunContext, method: EvaluationMethod) -> str:
             **run.identity,
             "image_size": run.images.size,
             "seed": run.config.seed,
-            "target": "predicted",
+            "target": run.target_identity(),
             "device": run.device.type,
         }
     )
@@ -109,15 +109,17 @@ def explain_images(
     """Every image's :class:`ExplainedImage` under ``method`` (cached under ``key``).
 
     Args:
-        targets: image id -> the class to explain; None: the class the classifier predicts (the run's rule).
+        targets: image id -> the class to explain; None: the run's rule (``config.target``, by default the class the
+            classifier predicts).
         count: only the first ``count`` images of the run (all by default).
     """
     ids = run.ids
 
     def compute(indices: list[int]) -> list[ExplainedImage]:
-        target = None
         if targets is not None:
             target = torch.tensor([targets[ids[i]] for i in indices], device=run.device)
+        else:
+            target = run.targets(indices)
         att = method.attribute(run.images.load(indices), target, seeds=run.seeds(indices))
         return [
             ExplainedImage(

@@ -108,6 +108,7 @@ def lambda_key(run: RunContext, optimizer) -> str:
             "eval_distortion": cfg.distortion,
             "eval_obfuscation": cfg.obfuscation,
             "device": run.device.type,
+            **({} if run.config.target is None else {"target": run.target_identity()}),
         }
     )
 

@@ -474,6 +474,15 @@ def sanity_markdown(sanity: dict, figure: bool = True) -> list[str]:
     return lines
 
 
+def _target_text(target, link: str) -> str:
+    """The report's words for ``settings["evaluation"]["target"]``."""
+    if target == "predicted":
+        return "the classifier's prediction" + (" (the label of the largest logit)" if link == "sigmoid" else "")
+    if isinstance(target, dict):
+        return f"given per image ({len(set(target.values()))} different classes; summary.json lists them)"
+    return f"class {target}, in every image"
+
+
 def report_markdown(results: EvaluationResults, summary_data: dict, figures: list[str]) -> str:
     s = results.settings
     ev = s["evaluation"]
@@ -507,6 +516,7 @@ def report_markdown(results: EvaluationResults, summary_data: dict, figures: lis
         f"| baselines | IG {s['baselines']['ig_steps']} steps; SmoothGrad {s['baselines']['smoothgrad_samples']} "
         f"samples, std {s['baselines']['smoothgrad_std']} |",
         f"| seed | {ev['seed']} |",
+        f"| explained class | {_target_text(ev.get('target', 'predicted'), opt.get('link', 'softmax'))} |",
     ]
     if s.get("checkpoint"):
         lines.append(f"| amortized checkpoint | `{s['checkpoint']}` (warm start: {s['refine_steps']} steps) |")

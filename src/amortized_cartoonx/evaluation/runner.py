@@ -35,7 +35,7 @@ from ..io import remove_stale_temporaries
 from .attribution import MethodContext
 from .cache import ResultCache
 from .config import EvaluationConfig
-from .context import ImageSet, RunContext, cache_identity
+from .context import ImageSet, RunContext, cache_identity, check_targets
 from .curves import curve_key, measure_curves, rate_grid
 from .explanations import ExplainedImage, explain_images, explanation_key
 from .lambdas import LambdaPanel, lambda_panel
@@ -97,6 +97,7 @@ class Evaluation:
         images = ImageSet.from_folder(
             self.images_dir, self.context.image_size, self.device, self.config.limit, self.context.channels
         )
+        check_targets(self.config.target, images.ids)
         methods, skipped = build_methods(self.config.methods, self.context)
         for name, reason in skipped.items():
             logger.warning("skipping %s: %s", name, reason)
@@ -195,6 +196,16 @@ class Evaluation:
             sanity=sanity,
         )
 
+    def _target_setting(self) -> str | int | dict[str, int]:
+        """``config.target`` for the records: ``"predicted"``, the class, or the classes of this run's images."""
+        target = self.config.target
+        if target is None:
+            return "predicted"
+        if isinstance(target, dict):
+            ids = ImageSet.from_folder(self.images_dir, self.context.image_size, self.device, self.config.limit).ids
+            return {i: int(target[i]) for i in ids if i in target}
+        return int(target)
+
     def settings(self) -> dict:
         """The run's settings as plain values (for summary.json and report.md)."""
         ctx = self.context
@@ -204,7 +215,10 @@ class Evaluation:
             "image_size": ctx.image_size,
             "channels": ctx.channels,
             "device": str(self.device),
-            "evaluation": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.config).items()},
+            "evaluation": {
+                **{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.config).items()},
+                "target": self._target_setting(),
+            },
             "optimizer": asdict(ctx.optimizer),
             "dwt": {"wave": ctx.wave, "levels": ctx.levels, "mode": ctx.mode},
             "baselines": asdict(ctx.baselines),
