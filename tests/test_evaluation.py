@@ -1072,3 +1072,50 @@ def test_the_command_line_reads_a_target_or_a_target_file(tmp_path, capsys):
         assert message in err, (extra, err)
     with pytest.raises(SystemExit):  # one or the other
         main([*base, "--out", str(tmp_path / "e"), "--target", "1", "--target-file", str(text)])
+
+
+# ---- paired comparisons ----------------------------------------------------------------------------------------------
+def test_the_sign_test_and_the_paired_difference():
+    from amortized_cartoonx.evaluation.results import paired_difference, sign_test
+
+    assert sign_test(0, 0) == 1.0 and sign_test(5, 5) == 1.0
+    assert sign_test(0, 5) == pytest.approx(2 / 32) and sign_test(5, 0) == sign_test(0, 5)
+    assert sign_test(1, 9) == pytest.approx(2 * 11 / 1024)
+    lower = paired_difference([0.1, 0.2, 0.3, np.nan, 0.5], [0.2, 0.2, 0.1, 0.4, 0.6], lower_is_better=True)
+    assert lower["n"] == 4 and lower["mean"] == pytest.approx((-0.1 + 0.0 + 0.2 - 0.1) / 4)
+    assert (lower["better"], lower["worse"]) == (2, 1) and lower["p"] == pytest.approx(1.0)
+    higher = paired_difference([0.1, 0.2, 0.3, 0.4, 0.5], [0.2, 0.2, 0.1, 0.4, 0.6], lower_is_better=False)
+    assert (higher["better"], higher["worse"]) == (1, 2)
+    with pytest.raises(ValueError, match="one per image"):
+        paired_difference([0.1], [0.1, 0.2], True)
+
+
+def test_the_report_pairs_every_method_with_cartoonx_on_the_same_images(tmp_path):
+    from amortized_cartoonx.evaluation.report import paired_summary
+
+    images_dir = write_folder(tmp_path / "images", 3)
+    results = make_run(images_dir, tmp_path / "out", ["random-pixel", "cartoonx", "smoothgrad"], lambdas={}).run()
+    data = write_report(results, tmp_path / "out")
+    paired = data["paired"]
+    assert paired["reference"] == "cartoonx" and list(paired["methods"]) == ["random-pixel", "smoothgrad"]
+    areas = {n: r.areas(results.rates, 0.2) for n, r in results.methods.items()}
+    for name, entry in paired["methods"].items():
+        diff = areas[name]["area_keep"] - areas["cartoonx"]["area_keep"]
+        assert entry["area_keep"]["mean"] == pytest.approx(diff.mean())
+        assert entry["area_keep"]["better"] == int((diff < 0).sum())  # (a): lower is better
+        diff_b = areas[name]["area_randomise"] - areas["cartoonx"]["area_randomise"]
+        assert entry["area_randomise"]["better"] == int((diff_b > 0).sum())  # (b): higher is better
+        assert entry["area_keep"]["n"] == 3 and set(entry) == {
+            "area_keep",
+            "area_keep_early",
+            "area_randomise",
+            "area_randomise_early",
+        }
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "## Paired with CartoonX on the same images" in report and "| SmoothGrad | " in report
+    alone = make_run(images_dir, tmp_path / "out", ["random-pixel", "smoothgrad"], lambdas={}).run()
+    assert paired_summary(alone)["reference"] == "random-pixel"  # without cartoonx: the first method
+    assert paired_summary(make_run(images_dir, tmp_path / "out", ["smoothgrad"], lambdas={}).run()) is None
+    assert "## Paired" not in write_report_text(
+        make_run(images_dir, tmp_path / "o", ["smoothgrad"]).run(), tmp_path / "o"
+    )

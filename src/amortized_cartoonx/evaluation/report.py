@@ -5,8 +5,9 @@
   ``curve`` is ``keep`` (a), ``randomise`` (b) or ``lambda`` (c; then ``r`` is the image's mask mean and
   ``lambda`` the sparsity weight).
 - ``summary.json``: per method the mean and standard error over images of each area, of the seconds per
-  explanation and, with ground truth, of each localisation metric (and the chance levels); panel (c) per lambda;
-  the sanity checks; the settings.
+  explanation and, with ground truth, of each localisation metric (and the chance levels); each method's areas
+  paired with the reference method's on the same images (:func:`paired_summary`); panel (c) per lambda; the
+  sanity checks; the settings.
 - ``rate_distortion.png``: the three panels of the paper's Fig. 7 (mean curve, band = +-1 standard error).
 - ``examples.png``: the first images, one column per method (explanation image or heat map).
 - ``ground_truth.png`` (with ground truth): per example image, each method's detail-coefficient energy map with
@@ -31,7 +32,7 @@ from matplotlib.figure import Figure
 from ..io import atomic_write_text
 from ..methods import method_info, title
 from ..plotting import image_array, save_figure
-from .results import EvaluationResults, mean_se
+from .results import EvaluationResults, mean_se, paired_difference
 
 AREA_KEYS = ("area_keep", "area_keep_early", "area_randomise", "area_randomise_early")
 #: The ground-truth tables of report.md: (metric, column title, chance-level region or None), on the pixel
@@ -98,6 +99,34 @@ def lambda_summary(results: EvaluationResults) -> dict[str, list[dict]]:
     return out
 
 
+#: The method the others are paired with in the report, when it ran: the exact optimizer.
+PAIRED_REFERENCE = "cartoonx"
+
+
+def paired_summary(results: EvaluationResults) -> dict | None:
+    """Each method's areas against the reference method's on the same images (the paired differences, how many
+    images each side wins, the sign test: :func:`~.results.paired_difference`), or None with a single method.
+
+    The reference is :data:`PAIRED_REFERENCE` when it ran, else the first method. Pairing removes what the
+    images have in common (some images are hard for every method), so a difference far smaller than the two
+    methods' standard errors can still be clear.
+    """
+    names = list(results.methods)
+    if len(names) < 2:
+        return None
+    reference = PAIRED_REFERENCE if PAIRED_REFERENCE in results.methods else names[0]
+    early = results.settings["evaluation"]["early_rate"]
+    areas = {name: res.areas(results.rates, early) for name, res in results.methods.items()}
+    out = {}
+    for name in names:
+        if name != reference:
+            out[name] = {
+                key: paired_difference(areas[name][key], areas[reference][key], key.startswith("area_keep"))
+                for key in AREA_KEYS
+            }
+    return {"reference": reference, "methods": out}
+
+
 def summary(results: EvaluationResults) -> dict:
     """The content of ``summary.json``."""
     early = results.settings["evaluation"]["early_rate"]
@@ -123,6 +152,7 @@ def summary(results: EvaluationResults) -> dict:
         "early_rate": early,
         "methods": methods,
         "skipped": results.skipped,
+        "paired": paired_summary(results),
         "lambda_panel": lambda_summary(results),
         "computed_this_run": results.computed,
         "settings": results.settings,
@@ -474,6 +504,30 @@ def sanity_markdown(sanity: dict, figure: bool = True) -> list[str]:
     return lines
 
 
+def paired_markdown(paired: dict) -> list[str]:
+    """report.md's table of each method's areas against the reference's on the same images."""
+    ref = title(paired["reference"])
+    lines = [
+        "",
+        f"## Paired with {ref} on the same images",
+        "",
+        f"Per image, the method's area minus {ref}'s (mean ± standard error over images); wins: the images on which "
+        f"the method is better than {ref} (lower (a), higher (b)) and on which it is worse; p: the two-sided sign "
+        "test of the two counts (images where both are equal left out). Pairing removes what the images share, "
+        "so it separates methods whose areas' error bars above overlap.",
+        "",
+        "| method | Δ area (a) | wins / losses (a) | p (a) | Δ area (b) | wins / losses (b) | p (b) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, entry in paired["methods"].items():
+        cells = []
+        for key in ("area_keep", "area_randomise"):
+            e = entry[key]
+            cells += [f"{e['mean']:+.4f} ± {e['se']:.4f}", f"{e['better']} / {e['worse']}", f"{e['p']:.2g}"]
+        lines.append(f"| {title(name)} | {' | '.join(cells)} |")
+    return lines
+
+
 def _target_text(target, link: str) -> str:
     """The report's words for ``settings["evaluation"]["target"]``."""
     if target == "predicted":
@@ -544,6 +598,8 @@ def report_markdown(results: EvaluationResults, summary_data: dict, figures: lis
         lines.append(
             f"| {title(name)} | {e['representation']} | {' | '.join(cells)} | {_fmt(e['seconds_per_explanation'], 3)} |"
         )
+    if summary_data.get("paired"):
+        lines += paired_markdown(summary_data["paired"])
     if results.has_ground_truth:
         lines += ground_truth_markdown(methods, summary_data.get("ground_truth_chance", {}), ev)
     if "sanity" in summary_data:

@@ -25,6 +25,34 @@ def mean_se(values: Sequence[float]) -> dict[str, float | int]:
     return {"mean": float(arr.mean()), "se": se, "n": int(arr.size)}
 
 
+def sign_test(better: int, worse: int) -> float:
+    """The two-sided exact sign test's p-value for ``better`` against ``worse`` paired outcomes (ties left out):
+    the chance, if either outcome had probability 1/2, of a split at least this uneven; 1.0 without outcomes."""
+    n = better + worse
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(better, worse) + 1)) / 2.0**n
+    return float(min(1.0, 2.0 * tail))
+
+
+def paired_difference(values: Sequence[float], reference: Sequence[float], lower_is_better: bool) -> dict:
+    """``values`` against ``reference`` on the same images (pairs with a non-finite value left out).
+
+    Returns:
+        ``{"mean", "se", "n"}`` of the differences ``values - reference`` (:func:`mean_se`), ``better`` and
+        ``worse``: images on which ``values`` beats or loses to ``reference`` (lower or higher, by
+        ``lower_is_better``; equal values count as neither), and ``p``: the :func:`sign_test` of the two counts.
+    """
+    a, b = np.asarray(values, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired values need one per image each, got {a.shape} and {b.shape}")
+    finite = np.isfinite(a) & np.isfinite(b)
+    diff = (a - b)[finite]
+    wins = int((diff < 0).sum() if lower_is_better else (diff > 0).sum())
+    losses = int((diff > 0).sum() if lower_is_better else (diff < 0).sum())
+    return {**mean_se(diff.tolist()), "better": wins, "worse": losses, "p": sign_test(wins, losses)}
+
+
 @dataclass
 class MethodResults:
     """One method's per-image results (images in the run's order).
