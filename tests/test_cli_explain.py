@@ -385,3 +385,19 @@ def test_a_target_may_be_a_class_name_of_the_labels_file(tmp_path, spec, picture
     for target, needle in (("crane", "names 2 classes (2, 3)"), ("carp", "'carp' is neither")):
         code, _, err = run([pictures[0], "--out", str(tmp_path / "x"), *common, "--target", target], capsys)
         assert code == 2 and needle in err
+
+
+def test_a_target_file_gives_each_image_its_class_by_file_name(tmp_path, spec, pictures, capsys):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("tench, Tinca tinca\ngoldfish\nshark\nhen\nostrich\n")
+    common = ["--classifier", spec, "--size", "32", "--steps", "1", "--samples", "2", "--labels", str(labels)]
+    names = [Path(p).name for p in pictures[:2]]
+    targets = tmp_path / "targets.csv"
+    targets.write_text(f"{names[1]},hen\n{names[0]},tench, Tinca tinca\nunused.png,2\n")
+    out = tmp_path / "out"
+    code, stdout, _ = run([*pictures[:2], "--out", str(out), *common, "--target-file", str(targets)], capsys)
+    assert code == 0, stdout
+    assert [json.loads(line)["target"] for line in (out / "summary.jsonl").read_text().splitlines()] == [0, 3]
+    targets.write_text(f"{names[1]},hen\n")
+    code, _, err = run([*pictures[:2], "--out", str(tmp_path / "x"), *common, "--target-file", str(targets)], capsys)
+    assert code == 2 and f"names no class for 1 of the 2 images: {names[0]}" in err

@@ -44,12 +44,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--method", default="cartoonx", choices=EXPLAIN_METHODS, help="default: cartoonx")
     add_classifier_args(p)
-    p.add_argument(
+    tg = p.add_mutually_exclusive_group()
+    tg.add_argument(
         "--target",
         default=None,
         help="class to explain: one index for all, or one per image separated by commas; with --labels also a "
         "class name (a whole line of the file, or one of its comma-separated names) (default: the predicted class; "
         "with --link sigmoid the label of the largest logit)",
+    )
+    tg.add_argument(
+        "--target-file",
+        default=None,
+        metavar="FILE",
+        help='the class to explain in each image by its file name: a JSON object {"image.jpg": class, ...} or '
+        "lines NAME,CLASS (as cartoonx evaluate reads it); every image needs one",
     )
     add_size_arg(p)
     p.add_argument(
@@ -86,6 +94,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_device_arg(p)
     add_rde_args(p)
     p.set_defaults(run=run)
+
+
+def file_targets(path: str, images: list[Path], labels: list[str] | None) -> list[int]:
+    """``--target-file``: each image's class by its file name (:func:`~.common.read_target_file`).
+
+    Raises:
+        InputError: an image without an entry, or two images of one file name (in different folders).
+    """
+    from amortized_cartoonx.errors import InputError
+
+    from .common import read_target_file
+
+    mapping = read_target_file(path, labels)
+    names = [p.name for p in images]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise InputError(f"--target-file names images by file name, and {twice[0]!r} is the name of two inputs")
+    missing = [n for n in names if n not in mapping]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise InputError(f"--target-file {path} names no class for {len(missing)} of the {len(names)} images: {shown}")
+    return [mapping[n] for n in names]
 
 
 def output_stems(paths: list[Path]) -> list[str]:
@@ -233,7 +263,8 @@ def run(args: argparse.Namespace) -> int:
     # (3, H, W) each; fails on a bad file before any work
     images = [load_image(p, args.size, crop=not args.keep_aspect) for p in paths]
     labels = read_class_names(args.labels)
-    targets = parse_targets(args.target, len(paths), labels)
+    targets = file_targets(args.target_file, paths, labels) if args.target_file else None
+    targets = parse_targets(args.target, len(paths), labels) if targets is None else targets
     device = resolve_device(args.device)
     classifier = load_classifier(args.classifier, normalize=args.normalize, device=device)
     channels = resolve_channels(args.channels, classifier, args.size, device)
