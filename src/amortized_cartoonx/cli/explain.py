@@ -103,6 +103,7 @@ def file_targets(path: str, images: list[Path], labels: list[str] | None) -> lis
         InputError: an image without an entry, or two images of one file name (in different folders).
     """
     from amortized_cartoonx.errors import InputError
+    from amortized_cartoonx.evaluation.context import check_targets
 
     from .common import read_target_file
 
@@ -111,10 +112,7 @@ def file_targets(path: str, images: list[Path], labels: list[str] | None) -> lis
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise InputError(f"--target-file names images by file name, and {twice[0]!r} is the name of two inputs")
-    missing = [n for n in names if n not in mapping]
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise InputError(f"--target-file {path} names no class for {len(missing)} of the {len(names)} images: {shown}")
+    check_targets(mapping, names, f"--target-file {path}")
     return [mapping[n] for n in names]
 
 

@@ -67,14 +67,14 @@ class ImageSet:
         return to_channels(images, self.channels).to(self.device)
 
 
-def check_targets(target: int | dict[str, int] | None, ids: Sequence[str]) -> None:
+def check_targets(target: int | dict[str, int] | None, ids: Sequence[str], source: str = "the target mapping") -> None:
     """Raise an :class:`InputError` when ``target`` (:attr:`~.config.EvaluationConfig.target`) is a mapping
-    without an entry for one of the image ``ids``."""
+    without an entry for one of the image ``ids``; ``source`` names the mapping in the message."""
     if isinstance(target, dict):
         missing = [i for i in ids if i not in target]
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            raise InputError(f"the targets name no class for {len(missing)} of the {len(ids)} images: {shown}")
+            raise InputError(f"{source} names no class for {len(missing)} of the {len(ids)} images: {shown}")
 
 
 def cache_identity(spec: str, classifier, channels: int = 3, link: str = DEFAULT_LINK) -> dict:
@@ -141,15 +141,19 @@ class RunContext:
         values = [target[ids[i]] for i in indices] if isinstance(target, dict) else [target] * len(indices)
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
-    def target_identity(self) -> str | int | dict[str, int]:
-        """``config.target`` in a cache key: ``"predicted"`` (the default), the class, or the whole given mapping
-        (so runs with another ``limit`` on the same labels share their results; editing one label recomputes
-        every image)."""
+    def target_identity(self, run_images_only: bool = False) -> str | int | dict[str, int]:
+        """``config.target`` as plain values: ``"predicted"`` (the default), the class, or the given mapping.
+
+        Args:
+            run_images_only: the mapping's entries for the run's images only (for the records). Default False:
+                the whole mapping, as the cache keys take it (so runs with another ``limit`` on the same labels
+                share their results; editing one label recomputes every image).
+        """
         target = self.config.target
         if target is None:
             return "predicted"
         if isinstance(target, dict):
-            return {str(k): int(v) for k, v in sorted(target.items())}
+            return {str(k): int(target[k]) for k in (self.ids if run_images_only else sorted(target))}
         return int(target)
 
     def objective(self, representation: Representation) -> RDEObjective:

@@ -188,7 +188,7 @@ class Evaluation:
             examples=examples.pictures,
             example_images=examples.images,
             example_targets=examples.targets,
-            settings=self.settings(),
+            settings=self.settings(run),
             computed=self.computed,
             has_ground_truth=bool(ground_truth.metrics),
             ground_truth_chance=ground_truth.chance,
@@ -196,18 +196,8 @@ class Evaluation:
             sanity=sanity,
         )
 
-    def _target_setting(self) -> str | int | dict[str, int]:
-        """``config.target`` for the records: ``"predicted"``, the class, or the classes of this run's images."""
-        target = self.config.target
-        if target is None:
-            return "predicted"
-        if isinstance(target, dict):
-            ids = ImageSet.from_folder(self.images_dir, self.context.image_size, self.device, self.config.limit).ids
-            return {i: int(target[i]) for i in ids if i in target}
-        return int(target)
-
-    def settings(self) -> dict:
-        """The run's settings as plain values (for summary.json and report.md)."""
+    def settings(self, run: RunContext) -> dict:
+        """The settings of ``run`` as plain values (for summary.json and report.md)."""
         ctx = self.context
         return {
             "images_dir": str(self.images_dir),
@@ -217,7 +207,7 @@ class Evaluation:
             "device": str(self.device),
             "evaluation": {
                 **{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.config).items()},
-                "target": self._target_setting(),
+                "target": run.target_identity(run_images_only=True),
             },
             "optimizer": asdict(ctx.optimizer),
             "dwt": {"wave": ctx.wave, "levels": ctx.levels, "mode": ctx.mode},
