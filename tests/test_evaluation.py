@@ -1074,6 +1074,31 @@ def test_the_command_line_reads_a_target_or_a_target_file(tmp_path, capsys):
         main([*base, "--out", str(tmp_path / "e"), "--target", "1", "--target-file", str(text)])
 
 
+def test_the_command_line_sets_the_curves_distortion_apart_from_the_optimizers(tmp_path, capsys):
+    images_dir = write_folder(tmp_path / "images", 2)
+    base = ["evaluate", "--classifier", "tests.conftest:make_tiny_cnn", "--images", str(images_dir), "--size"]
+    base += [str(SIZE), "--methods", "random-pixel", "--rates", "3", "--noise-draws", "2", "--lambdas", "--examples"]
+    base += ["0", "--no-progress", "--device", "cpu", "--out", str(tmp_path / "out"), "--target", "1"]
+
+    def run(*extra: str) -> tuple[dict, str]:
+        assert main([*base, *extra]) == 0, capsys.readouterr().err
+        summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+        return summary, (tmp_path / "out" / "report.md").read_text()
+
+    default, report = run()
+    assert default["settings"]["evaluation"]["distortion"] == "l2" and "| distortion | `l2`" in report
+    chosen, report = run("--curve-distortion", "label-l2")  # the same folder: the cache keys on the measure
+    assert chosen["settings"]["evaluation"]["distortion"] == "label-l2" and "| distortion | `label-l2`" in report
+    assert chosen["settings"]["optimizer"]["distortion"] == default["settings"]["optimizer"]["distortion"]
+    area = chosen["methods"]["random-pixel"]["area_keep"]["mean"]
+    assert area != pytest.approx(default["methods"]["random-pixel"]["area_keep"]["mean"])
+    for name in ("hinge", "maximize-target"):  # unknown; not 0 for the image itself
+        with pytest.raises(SystemExit):
+            main([*base, "--curve-distortion", name])
+    with pytest.raises(ConfigError, match="must be 0 when nothing is randomised"):
+        EvaluationConfig(distortion="maximize-target").validate()
+
+
 # ---- paired comparisons ----------------------------------------------------------------------------------------------
 def test_the_sign_test_and_the_paired_difference():
     from amortized_cartoonx.evaluation.results import paired_difference, sign_test

@@ -38,6 +38,9 @@ from .common import (
 
 logger = logging.getLogger(__name__)
 
+#: The distortions the curves can measure: those that are 0 when nothing is randomised (y = x).
+CURVE_DISTORTIONS = ("l2", "label-l2", "kl", "label")
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from amortized_cartoonx.methods import ALL_METHODS, DEFAULT_METHODS
@@ -109,6 +112,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "comma separated, rising from 0 to 1 (e.g. 0,0.01,0.05,0.2,1)",
     )
     ev.add_argument("--noise-draws", type=positive_int, default=8, help="noise draws averaged per rate (default 8)")
+    ev.add_argument(
+        "--curve-distortion",
+        default=None,
+        choices=CURVE_DISTORTIONS,
+        help="what the curves measure (default: l2, Fig. 7's ||p(x) - p(y)||_2, with --link softmax; label-l2, "
+        "the explained label's |p_c(x) - p_c(y)|, with --link sigmoid); --distortion is the optimizer's loss",
+    )
     ev.add_argument("--early-rate", type=positive_float, default=0.2, help="early areas over [0, R] (default 0.2)")
     ev.add_argument(
         "--max-batch", type=positive_int, default=128, help="classifier inputs per forward pass (default 128)"
@@ -347,6 +357,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         rates=rates,
         noise_draws=args.noise_draws,
+        distortion=args.curve_distortion,
         early_rate=args.early_rate,
         seed=args.seed,
         target=target,

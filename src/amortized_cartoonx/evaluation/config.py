@@ -133,6 +133,11 @@ class EvaluationConfig:
                 )
         if self.distortion is not None:
             DISTORTIONS.get(self.distortion)
+            if self.distortion == "maximize-target":
+                raise ConfigError(
+                    "the curves' distortion must be 0 when nothing is randomised, which 'maximize-target' "
+                    "((1 - p_c(y))^2) is not; measure with l2, label-l2, kl or label"
+                )
         OBFUSCATIONS.get(self.obfuscation)
         for method, grid in self.lambdas.items():
             if method not in LAMBDA_METHODS:
