@@ -262,3 +262,17 @@ def test_messages_for_single_logit_classifiers():
         check_logits(torch.full((8, 1), 0.6), 8, link="sigmoid")
     with pytest.warns(UserWarning, match="probabilities"):
         check_logits(torch.tensor([[0.99], [0.01], [0.6], [0.7], [0.98], [0.5], [0.4], [0.3]]), 8, link="sigmoid")
+
+
+def test_figures_and_reports_call_a_sigmoid_output_a_label(spec):
+    from amortized_cartoonx.evaluation.report import _target_text
+    from amortized_cartoonx.plotting import explanation_figure
+
+    classifier = __import__(spec).two_labels()
+    image = torch.rand(1, 3, SIZE, SIZE)
+    config = OptimizerConfig(steps=1, num_samples=2)
+    explanation = CartoonX(classifier, levels=2, config=config, link="sigmoid").explain(image, target=1)
+    for link, word in (("sigmoid", "label 1"), ("softmax", "class 1")):
+        assert explanation_figure(image[0], explanation, 0, link=link).axes[0].get_title().startswith(word)
+        assert _target_text(1, link) == f"{word}, in every image"
+    assert explanation_figure(image[0], explanation, 0, "cars", "sigmoid").axes[0].get_title().startswith("cars (1)")

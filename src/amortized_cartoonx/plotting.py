@@ -27,6 +27,11 @@ def image_array(img: Tensor) -> np.ndarray:
     return img.expand(3, -1, -1).permute(1, 2, 0).numpy() if img.shape[0] == 1 else img.permute(1, 2, 0).numpy()
 
 
+def target_word(link: str) -> str:
+    """What one output of the classifier is called: a "class" (softmax) or a "label" (sigmoid, multi-label)."""
+    return "label" if link == "sigmoid" else "class"
+
+
 def _show(ax, img: Tensor, title: str, cmap: str | None = None, vmin: float = 0.0, vmax: float = 1.0) -> None:
     """Show ``(C, H, W)`` (C = 1 or 3) on ``ax``."""
     img = img.detach().float().cpu()
@@ -38,16 +43,19 @@ def _show(ax, img: Tensor, title: str, cmap: str | None = None, vmin: float = 0.
     ax.axis("off")
 
 
-def explanation_figure(image: Tensor, explanation: Explanation, index: int, class_name: str | None = None) -> Figure:
+def explanation_figure(
+    image: Tensor, explanation: Explanation, index: int, class_name: str | None = None, link: str = "softmax"
+) -> Figure:
     """The input (with the explained class and its probability), the explanation in grey, and the mask.
 
     Args:
         image: ``(3, H, W)`` the input in [0, 1].
         explanation: a batch of explanations; ``index`` picks the image.
         class_name: the explained class's name, if known.
+        link: the classifier's link; with ``sigmoid`` an unnamed target is a "label", not a "class".
     """
     target = int(explanation.target[index])
-    label = f"{class_name} ({target})" if class_name else f"class {target}"
+    label = f"{class_name} ({target})" if class_name else f"{target_word(link)} {target}"
     mask = explanation.mask.select(index)
     # mask panels: low-pass, then the detail levels from coarse to fine (mean over the 3 orientations)
     panels = [("mask: low-pass" if mask.levels else "mask", mask.lowpass[0])]

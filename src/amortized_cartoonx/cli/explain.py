@@ -299,7 +299,7 @@ def run(args: argparse.Namespace) -> int:
             files = {"png": f"{stems[k]}.png", "safetensors": f"{stems[k]}.safetensors"}
             record = {"image": str(paths[k]), **files, "target_name": name, **explanation.summary(i), **run_settings}
             explanation.save(out / f"{stems[k]}.safetensors", i, metadata=record)
-            save_figure(explanation_figure(images[k], explanation, i, name), out / f"{stems[k]}.png")
+            save_figure(explanation_figure(images[k], explanation, i, name, args.link), out / f"{stems[k]}.png")
             lines[k] = json.dumps({**record, "settings": explanation.settings}, allow_nan=False, default=str)
         atomic_write_text(out / "summary.jsonl", "\n".join(lines[k] for k in sorted(lines)) + "\n")
         bar.update(len(ks))

@@ -31,7 +31,7 @@ from matplotlib.figure import Figure
 
 from ..io import atomic_write_text
 from ..methods import method_info, title
-from ..plotting import image_array, save_figure
+from ..plotting import image_array, save_figure, target_word
 from .results import EvaluationResults, mean_se, paired_difference
 
 AREA_KEYS = ("area_keep", "area_keep_early", "area_randomise", "area_randomise_early")
@@ -298,9 +298,10 @@ def examples_figure(results: EvaluationResults, class_names: list[str] | None = 
     fig = Figure(figsize=(1.9 * cols, 2.0 * rows + 0.3))
     axes = np.atleast_2d(fig.subplots(rows, cols, squeeze=False))
     first = names[0]
+    word = target_word(results.settings.get("optimizer", {}).get("link", "softmax"))
     for r in range(rows):
         target = results.example_targets[first][r]
-        label = class_names[target] if class_names and target < len(class_names) else f"class {target}"
+        label = class_names[target] if class_names and target < len(class_names) else f"{word} {target}"
         axes[r, 0].imshow(image_array(results.example_images[r]), interpolation="nearest")
         axes[r, 0].set_title(f"{results.ids[r]}\n{label}", fontsize=6)
         for c, name in enumerate(names, start=1):
@@ -534,7 +535,7 @@ def _target_text(target, link: str) -> str:
         return "the classifier's prediction" + (" (the label of the largest logit)" if link == "sigmoid" else "")
     if isinstance(target, dict):
         return f"given per image ({len(set(target.values()))} different classes; summary.json lists them)"
-    return f"class {target}, in every image"
+    return f"{target_word(link)} {target}, in every image"
 
 
 def report_markdown(results: EvaluationResults, summary_data: dict, figures: list[str]) -> str:
