@@ -120,6 +120,7 @@ def test_tiny_demo_runs_end_to_end_and_reuses_its_outputs(tmp_path, monkeypatch)
     store = TeacherMaskStore(cfg.teachers_dir)  # teachers for the first teacher_images training images only
     assert sorted(store.ids()) == sorted(p.name for p in cfg.train_dir.glob("*.png"))[: cfg.teacher_images]
     assert f"{cfg.teacher_images} of them with exact CartoonX teacher masks" in report
+    assert "## Paired with CartoonX on the same images" in report and "| Warm-started CartoonX | " in report
 
     again = run_demo(cfg)  # everything exists: every stage is reused
     assert all(again["run"]["stages"]["reused"].values()), again["run"]["stages"]

@@ -66,7 +66,8 @@ def report_markdown(
     cfg: DemoConfig, classifier: dict, teachers: dict, fast: dict, summary: dict, times: StageTimes
 ) -> str:
     """``report.md``: the settings, the fast paths (:func:`amortized_figures`), every method's localisation and
-    rate-distortion areas (the evaluation's ``summary``), the figures and the stage times."""
+    rate-distortion areas (the evaluation's ``summary``), each method's areas paired with exact CartoonX's on the
+    same images, the figures and the stage times."""
     lines = [
         "# cartoonx demo: the synthetic cartoon benchmark",
         "",
@@ -125,6 +126,10 @@ def report_markdown(
         )
     for name, reason in summary.get("skipped", {}).items():
         lines.append(f"\nSkipped {name}: {reason}")
+    if summary.get("paired"):  # each method against exact CartoonX, image by image
+        from .evaluation.report import paired_markdown
+
+        lines += paired_markdown(summary["paired"])
     lines += [
         "",
         "![rate-distortion](evaluation/rate_distortion.png)",
