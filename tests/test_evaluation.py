@@ -1115,6 +1115,15 @@ def test_the_sign_test_and_the_paired_difference():
         paired_difference([0.1], [0.1, 0.2], True)
 
 
+def test_holms_adjustment_steps_down_and_keeps_the_order():
+    from amortized_cartoonx.evaluation.results import holm
+
+    # sorted 0.01, 0.02, 0.04, 0.3 -> 4 * 0.01, 3 * 0.02, max(0.06, 2 * 0.04), max(0.08, 0.3)
+    assert holm([0.04, 0.01, 0.3, 0.02]) == pytest.approx([0.08, 0.04, 0.3, 0.06])
+    assert holm([0.03, 0.02]) == pytest.approx([0.04, 0.04])  # never below an earlier step's
+    assert holm([0.5, 0.9, 0.7]) == [1.0, 1.0, 1.0] and holm([0.2]) == [0.2] and holm([]) == []
+
+
 def test_the_report_pairs_every_method_with_cartoonx_on_the_same_images(tmp_path):
     from amortized_cartoonx.evaluation.report import paired_summary
 
@@ -1130,6 +1139,7 @@ def test_the_report_pairs_every_method_with_cartoonx_on_the_same_images(tmp_path
         assert entry["area_keep"]["better"] == int((diff < 0).sum())  # (a): lower is better
         diff_b = areas[name]["area_randomise"] - areas["cartoonx"]["area_randomise"]
         assert entry["area_randomise"]["better"] == int((diff_b > 0).sum())  # (b): higher is better
+        assert entry["area_keep"]["p"] <= entry["area_keep"]["p_holm"] <= min(1.0, 2 * entry["area_keep"]["p"])
         assert entry["area_keep"]["n"] == 3 and set(entry) == {
             "area_keep",
             "area_keep_early",

@@ -32,7 +32,7 @@ from matplotlib.figure import Figure
 from ..io import atomic_write_text
 from ..methods import method_info, title
 from ..plotting import image_array, save_figure, target_word
-from .results import EvaluationResults, mean_se, paired_difference
+from .results import EvaluationResults, holm, mean_se, paired_difference
 
 AREA_KEYS = ("area_keep", "area_keep_early", "area_randomise", "area_randomise_early")
 #: The ground-truth tables of report.md: (metric, column title, chance-level region or None), on the pixel
@@ -124,6 +124,9 @@ def paired_summary(results: EvaluationResults) -> dict | None:
                 key: paired_difference(areas[name][key], areas[reference][key], key.startswith("area_keep"))
                 for key in AREA_KEYS
             }
+    for key in AREA_KEYS:  # each area's tests of every method against the reference form one family
+        for entry, p in zip(out.values(), holm([entry[key]["p"] for entry in out.values()]), strict=True):
+            entry[key]["p_holm"] = p
     return {"reference": reference, "methods": out}
 
 
@@ -514,8 +517,9 @@ def paired_markdown(paired: dict) -> list[str]:
         "",
         f"Per image, the method's area minus {ref}'s (mean ± standard error over images); wins: the images on which "
         f"the method is better than {ref} (lower (a), higher (b)) and on which it is worse; p: the two-sided sign "
-        "test of the two counts (images where both are equal left out). Pairing removes what the images share, "
-        "so it separates methods whose areas' error bars above overlap.",
+        "test of the two counts (images where both are equal left out), adjusted by Holm's method for the "
+        f"{len(paired['methods'])} methods compared in each column (summary.json: `p_holm`, and the unadjusted "
+        "`p`). Pairing removes what the images share, so it separates methods whose areas' error bars overlap.",
         "",
         "| method | Δ area (a) | wins / losses (a) | p (a) | Δ area (b) | wins / losses (b) | p (b) |",
         "| --- | --- | --- | --- | --- | --- | --- |",
@@ -524,7 +528,7 @@ def paired_markdown(paired: dict) -> list[str]:
         cells = []
         for key in ("area_keep", "area_randomise"):
             e = entry[key]
-            cells += [f"{e['mean']:+.4f} ± {e['se']:.4f}", f"{e['better']} / {e['worse']}", f"{e['p']:.2g}"]
+            cells += [f"{e['mean']:+.4f} ± {e['se']:.4f}", f"{e['better']} / {e['worse']}", f"{e['p_holm']:.2g}"]
         lines.append(f"| {title(name)} | {' | '.join(cells)} |")
     return lines
 

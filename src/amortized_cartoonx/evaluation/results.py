@@ -35,6 +35,18 @@ def sign_test(better: int, worse: int) -> float:
     return float(min(1.0, 2.0 * tail))
 
 
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of ``p_values`` for testing them together (in their order): the family-wise
+    error stays at the level used, whatever the tests' dependence. The k-th smallest p becomes the largest of
+    ``(m - j) * p_(j)`` over j <= k (m tests, j from 0), capped at 1."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted, running = [1.0] * len(p_values), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * float(p_values[i])))
+        adjusted[i] = running
+    return adjusted
+
+
 def paired_difference(values: Sequence[float], reference: Sequence[float], lower_is_better: bool) -> dict:
     """``values`` against ``reference`` on the same images (pairs with a non-finite value left out).
 
