@@ -1017,6 +1017,25 @@ def test_given_targets_are_explained_measured_and_cached_apart_from_the_predicte
     assert "| explained class | class 2, in every image |" in write_report_text(one, tmp_path / "one")
 
 
+def test_deterministic_methods_explain_once_for_every_seed_and_are_measured_per_seed(tmp_path, count_explains):
+    images_dir = write_folder(tmp_path / "images", 3)
+    out = tmp_path / "out"
+    methods = ["integrated-gradients", "guided-backprop", "grad-cam", "smoothgrad"]
+    first = make_run(images_dir, out, methods, lambdas={}).run()
+    count_explains.clear()
+    other = make_run(images_dir, out, methods, lambdas={}, seed=1).run()
+    assert count_explains == {"smoothgrad": 3}  # the seeded method only
+    assert other.computed["curves"] == dict.fromkeys(methods, 3)  # the curves' noise draws follow the seed
+    assert not np.allclose(first.methods["grad-cam"].keep, other.methods["grad-cam"].keep)
+    # the claim behind the shared key: with other seeds a deterministic method gives the same explanation
+    built, _ = build_methods(methods, MethodContext(wrap_classifier(make_tiny_cnn()), image_size=SIZE))
+    images = smooth_images(2)
+    for name, method in built.items():
+        a, b = method.attribute(images, seeds=[0, 1]), method.attribute(images, seeds=[7, 8])
+        assert method.seeded == (name == "smoothgrad")
+        assert torch.equal(a.relevance, b.relevance) != method.seeded, name
+
+
 def write_report_text(results, out: Path) -> str:
     write_report(results, out)
     return (out / "report.md").read_text()

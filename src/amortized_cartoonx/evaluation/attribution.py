@@ -148,6 +148,9 @@ class EvaluationMethod:
         link: how the classifier's outputs become probabilities (the run's, set by
             :func:`~.methods.build_methods`); a method without an explainer of its own reads its default target
             through it.
+        seeded: whether the result depends on the seeds. False for a method deterministic given the image and
+            the target (Integrated Gradients, Guided Backprop, Grad-CAM): its cached explanations then serve
+            runs with any ``seed`` (the curves, whose noise draws are seeded, are measured per seed).
     """
 
     name: str = ""
@@ -155,6 +158,7 @@ class EvaluationMethod:
     representation: Representation
     progress: bool = False
     link: str = DEFAULT_LINK
+    seeded: bool = True
 
     def settings(self) -> dict:
         """Every setting that changes this method's result (hashed into the cache key)."""

@@ -109,6 +109,8 @@ class GradientMethod(EvaluationMethod):
 
 
 class IntegratedGradientsMethod(GradientMethod):
+    seeded = False  # deterministic: its explanations serve every --seed
+
     def __init__(self, classifier, steps: int, internal_batch: int) -> None:
         super().__init__("integrated-gradients", classifier, {"steps": steps, "baseline": "zeros"})
         self.steps = steps
@@ -153,6 +155,8 @@ RECTIFIERS = (nn.ReLU, nn.ReLU6)
 
 
 class GuidedBackpropMethod(GradientMethod):
+    seeded = False  # deterministic: its explanations serve every --seed
+
     def __init__(self, classifier) -> None:
         super().__init__("guided-backprop", classifier, {"rectifiers": [r.__name__ for r in RECTIFIERS]})
 
@@ -175,6 +179,8 @@ class GuidedBackpropMethod(GradientMethod):
 
 class GradCamMethod(GradientMethod):
     """Grad-CAM on the output of ``layer``'s ``call``-th run in a forward pass (1: the first)."""
+
+    seeded = False  # deterministic: its explanations serve every --seed
 
     def __init__(self, classifier, layer_name: str, layer: nn.Module, call: int = 1) -> None:
         super().__init__("grad-cam", classifier, {"layer": layer_name, "call": call, "upsample": "bilinear"})

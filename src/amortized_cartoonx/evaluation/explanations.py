@@ -85,14 +85,15 @@ class ExplanationStore:
 
 
 def explanation_key(run: RunContext, method: EvaluationMethod) -> str:
-    """The cache key of ``method``'s explanations: its settings, the classifier, the images and the seed."""
+    """The cache key of ``method``'s explanations: its settings, the classifier, the images and the seed (for a
+    method whose result depends on it: :attr:`~.attribution.EvaluationMethod.seeded`)."""
     return settings_hash(
         {
             "kind": "explanation",
             **method.settings(),
             **run.identity,
             "image_size": run.images.size,
-            "seed": run.config.seed,
+            **({"seed": run.config.seed} if method.seeded else {}),
             "target": run.target_identity(),
             "device": run.device.type,
         }
